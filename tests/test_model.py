@@ -1,0 +1,208 @@
+"""
+Guards model.py: the KV-cache sampler against the textbook sampler, ragged batches against one
+prompt at a time, seeding, sequence_logprobs against a hand computation, masks, hidden states,
+checkpoints, and the one-to-one mapping onto Hugging Face's GPT-2 parameter names.
+
+Run: python -m pytest tests/test_model.py
+
+The agreement tests run in float64 so that float rounding can never flip an argmax: what they
+check is the algorithm (positions, masks, cache columns), not the arithmetic precision.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import (GPT, GPTConfig, KVCache, generate, generate_naive, get_config, left_pad,
+                   load_checkpoint, padded_mask, save_checkpoint, sequence_logprobs)
+
+PAD = 99
+
+
+def random_model(seed=0, std=0.3, block_size=256, dtype=torch.float64):
+    """A small random GPT with large weights, so positions and attention really matter
+    (with GPT-2's 0.02 init the output is nearly the same token at every position)."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(block_size=block_size, vocab_size=100, n_layer=2, n_head=2, n_embd=32))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, std)
+    return model.to(dtype).eval()
+
+
+def prompts_of(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 96, (n,), generator=g).tolist() for n in lengths]
+
+
+def test_greedy_cache_equals_full_recompute_over_100_tokens():
+    model = random_model()
+    prompt = prompts_of([9])[0]
+    tokens, logp, lengths = generate(model, [prompt], 120, stop_tokens=(), pad_id=PAD,
+                                     temperature=0)
+    ref, ref_logp = generate_naive(model, prompt, 120, stop_tokens=(), temperature=0)
+    assert len(ref) == 120 and lengths.tolist() == [120]
+    assert tokens[0].tolist() == ref
+    assert torch.allclose(logp[0], torch.tensor(ref_logp, dtype=logp.dtype), atol=1e-6)
+    assert len(set(ref)) > 5  # the test is only meaningful if the output is not one repeated token
+
+
+def test_ragged_batch_equals_each_prompt_alone():
+    model = random_model(1)
+    prompts = prompts_of([3, 11, 1, 7, 16], seed=1)
+    stop = (5, 17)  # two common-ish stop tokens, so some rows stop early and some do not
+    tokens, logp, lengths = generate(model, prompts, 40, stop_tokens=stop, pad_id=PAD,
+                                     temperature=0)
+    for b, p in enumerate(prompts):
+        ref, ref_logp = generate_naive(model, p, 40, stop_tokens=stop, temperature=0)
+        n = len(ref)
+        assert lengths[b].item() == n
+        assert tokens[b, :n].tolist() == ref
+        assert (tokens[b, n:] == PAD).all()  # padding after the stop, nothing else
+        assert torch.allclose(logp[b, :n], torch.tensor(ref_logp, dtype=logp.dtype), atol=1e-6)
+        assert (logp[b, n:] == 0).all()
+
+
+def test_stop_token_ends_a_row_and_is_kept():
+    model = random_model(2)
+    prompt = prompts_of([5], seed=2)[0]
+    free, _ = generate_naive(model, prompt, 30, stop_tokens=(), temperature=0)
+    stop_tok = free[10]  # a token the model emits at step 10 (maybe earlier too)
+    first = free.index(stop_tok)
+    tokens, _, lengths = generate(model, [prompt, prompt], 30, stop_tokens=(stop_tok,),
+                                  pad_id=PAD, temperature=0)
+    assert lengths.tolist() == [first + 1, first + 1]
+    assert tokens[0, first].item() == stop_tok
+    assert tokens[0, :first + 1].tolist() == free[:first + 1]
+
+
+def test_sampling_with_cache_equals_naive_sampling_same_generator():
+    model = random_model(3)
+    prompt = prompts_of([6], seed=3)[0]
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    tokens, _, lengths = generate(model, [prompt], 50, stop_tokens=(), pad_id=PAD,
+                                  temperature=0.8, top_k=20, generator=g1)
+    ref, _ = generate_naive(model, prompt, 50, stop_tokens=(), temperature=0.8, top_k=20,
+                            generator=g2)
+    assert tokens[0].tolist() == ref
+
+
+def test_same_seed_same_samples_other_seed_other_samples():
+    model = random_model(4)
+    prompts = prompts_of([4, 8, 2], seed=4)
+
+    def run(seed):
+        g = torch.Generator().manual_seed(seed)
+        return generate(model, prompts, 30, stop_tokens=(), pad_id=PAD, temperature=1.0,
+                        generator=g)[0]
+
+    assert torch.equal(run(0), run(0))
+    assert not torch.equal(run(0), run(1))
+
+
+def test_top_k_1_is_greedy_and_banned_tokens_never_appear():
+    model = random_model(5)
+    prompts = prompts_of([5, 9], seed=5)
+    greedy = generate(model, prompts, 25, (), PAD, temperature=0)[0]
+    top1 = generate(model, prompts, 25, (), PAD, temperature=1.0, top_k=1,
+                    generator=torch.Generator().manual_seed(0))[0]
+    assert torch.equal(greedy, top1)
+    banned = tuple(set(greedy.flatten().tolist()))[:3]
+    out = generate(model, prompts, 25, (), PAD, temperature=1.5,
+                   generator=torch.Generator().manual_seed(0), banned_tokens=banned)[0]
+    assert not torch.isin(out, torch.tensor(banned)).any()
+
+
+def test_sequence_logprobs_matches_hand_computation():
+    model = random_model(6)
+    prompts = prompts_of([3, 7, 1], seed=6)
+    completions = prompts_of([5, 2, 9], seed=7)
+    total, per_tok = sequence_logprobs(model, prompts, completions, pad_id=PAD, per_token=True)
+    for b, (p, c) in enumerate(zip(prompts, completions)):
+        # by hand: run the unpadded sequence alone, sum log-softmax at each completion token
+        seq = torch.tensor([p + c])
+        logits = model(seq)[0]
+        hand = [F.log_softmax(logits[len(p) - 1 + i], -1)[c[i]].item() for i in range(len(c))]
+        assert math.isclose(total[b].item(), sum(hand), abs_tol=1e-9)
+        assert torch.allclose(per_tok[b, :len(c)], torch.tensor(hand, dtype=per_tok.dtype))
+        assert (per_tok[b, len(c):] == 0).all()
+    # the pad id is invisible: another pad token gives the same numbers
+    assert torch.allclose(total, sequence_logprobs(model, prompts, completions, pad_id=3))
+
+
+def test_sequence_logprobs_has_gradients_only_through_completion_terms():
+    model = random_model(8, dtype=torch.float32).train()
+    p, c = prompts_of([4], seed=8)[0], prompts_of([3], seed=9)[0]
+    total = sequence_logprobs(model, [p], [c], pad_id=PAD)
+    total.sum().backward()
+    assert model.transformer.wte.weight.grad.abs().sum() > 0
+
+
+def test_explicit_causal_mask_and_positions_equal_defaults():
+    model = random_model(9)
+    idx = torch.tensor(prompts_of([12, 12], seed=10))
+    base, h = model(idx, return_hidden=True)
+    mask = torch.ones(12, 12, dtype=torch.bool).tril().view(1, 1, 12, 12)
+    pos = torch.arange(12).expand(2, 12)
+    assert torch.allclose(model(idx, pos=pos, mask=mask), base)
+    assert torch.allclose(model.lm_head(h), base)  # hidden is what the head reads
+
+
+def test_chunked_prefill_with_cache_equals_one_forward():
+    model = random_model(10)
+    idx = torch.tensor(prompts_of([20], seed=11))
+    full = model(idx)
+    cache = KVCache(model.config, 1, 20, "cpu", torch.float64)
+    a = model(idx[:, :8], cache=cache)
+    b = model(idx[:, 8:], cache=cache)  # default mask: sees the cached 8 columns + causal
+    assert cache.pos == 20
+    assert torch.allclose(torch.cat([a, b], 1), full)
+
+
+def test_left_pad_positions_and_mask():
+    idx, pos, valid = left_pad([[1, 2, 3], [4]], PAD, "cpu")
+    assert idx.tolist() == [[1, 2, 3], [PAD, PAD, 4]]
+    assert pos.tolist() == [[0, 1, 2], [0, 0, 0]]
+    m = padded_mask(valid, 3)[:, 0]
+    # row 1: the real token (col 2) sees only itself; the pad queries see only themselves
+    assert m[1].tolist() == [[True, False, False], [False, True, False], [False, False, True]]
+    assert m[0].tolist() == [[True, False, False], [True, True, False], [True, True, True]]
+
+
+def test_checkpoint_roundtrip_gives_identical_logits(tmp_path):
+    model = random_model(11, dtype=torch.float32)
+    path = str(tmp_path / "ckpt.pt")
+    save_checkpoint(path, model, "arith-char-v1", extra={"step": 3})
+    loaded, ckpt = load_checkpoint(path)
+    idx = torch.tensor(prompts_of([15], seed=12))
+    assert torch.equal(model(idx), loaded.eval()(idx))
+    assert ckpt["tokenizer"] == "arith-char-v1" and ckpt["extra"] == {"step": 3}
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(str(tmp_path / "missing.pt"))
+
+
+def test_parameter_names_map_onto_huggingface_gpt2():
+    cfg = get_config("tiny")
+    model = GPT(cfg)
+    names = set(model.state_dict())
+    expected = {"transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight",
+                "transformer.ln_f.bias", "lm_head.weight"}
+    for i in range(cfg.n_layer):
+        for part in ["ln_1.weight", "ln_1.bias", "ln_2.weight", "ln_2.bias",
+                     "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
+                     "attn.c_proj.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
+                     "mlp.c_proj.weight", "mlp.c_proj.bias"]:
+            expected.add(f"transformer.h.{i}.{part}")
+    assert names == expected
+    # HF's Conv1D stores (in, out); ours is nn.Linear (out, in): a transpose, nothing more
+    assert model.state_dict()["transformer.h.0.attn.c_attn.weight"].shape == \
+        (3 * cfg.n_embd, cfg.n_embd)
+    assert model.lm_head.weight is model.transformer.wte.weight  # tied
+
+
+def test_unknown_preset_names_the_choices():
+    with pytest.raises(ValueError, match="tiny"):
+        get_config("huge")
