@@ -112,8 +112,9 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, nh, Tk, hs), the prefix included
         if mask is None:
-            # plain causal attention over a fresh sequence: the fused kernels' fast path
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            # plain causal attention (a fresh sequence), or one new token that may see the whole
+            # cache (T == 1): the fused kernels' fast path, no mask tensor needed
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # mask (B, 1, T, Tk)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
@@ -192,7 +193,7 @@ class GPT(nn.Module):
             pos = torch.arange(start, start + T, device=idx.device)
         if cache is None and T > self.config.block_size:
             raise ValueError(f"sequence of length {T} exceeds block_size {self.config.block_size}")
-        if mask is None and start > 0:
+        if mask is None and start > 0 and T > 1:
             # new tokens see the whole cache and each other causally
             causal = torch.ones(T, start + T, dtype=torch.bool, device=idx.device).tril(start)
             mask = causal.view(1, 1, T, start + T)
@@ -266,7 +267,7 @@ def _pick(logits, temperature, top_k, generator):
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(model, prompts, max_new_tokens, stop_tokens, pad_id, temperature=1.0, top_k=None,
              generator=None, banned_tokens=()):
     """Sample continuations of a batch of ragged prompts with the KV cache.
@@ -290,7 +291,8 @@ def generate(model, prompts, max_new_tokens, stop_tokens, pad_id, temperature=1.
     dtype = next(model.parameters()).dtype
     cache = KVCache(model.config, B, T0 + max_new_tokens, device, dtype)
     valid = torch.cat([valid, torch.ones(B, max_new_tokens, dtype=torch.bool, device=device)], 1)
-    stop = torch.tensor(list(stop_tokens), device=device)
+    stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
+    ragged = bool((~valid).any())  # without padding, decoding needs no mask at all
     banned = torch.tensor(list(banned_tokens), dtype=torch.long, device=device)
 
     tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
@@ -310,11 +312,12 @@ def generate(model, prompts, max_new_tokens, stop_tokens, pad_id, temperature=1.
         tokens[:, t] = torch.where(done, pad_id, tok)
         logp[:, t] = torch.where(done, 0.0, lp)
         lengths += (~done).long()
-        done |= torch.isin(tok, stop)
+        done |= (tok[:, None] == stop).any(1)
         # one sync every 16 tokens to stop early when every row is finished
         if t == max_new_tokens - 1 or (t % 16 == 15 and bool(done.all())):
             break
-        mask = padded_mask(valid[:, :T0 + t + 1], 1)
+        # the new token is the last column, so it may see every real column before it
+        mask = valid[:, None, None, :T0 + t + 1] if ragged else None  # (B, 1, 1, Tk)
         logits = model(tok[:, None], pos=next_pos[:, None], mask=mask, cache=cache)[:, -1]
         next_pos = next_pos + 1
     return tokens, logp, lengths

@@ -1,0 +1,332 @@
+"""
+STaR, the Self-Taught Reasoner: a model learns to reason by fine-tuning on its own rationales.
+
+Follows Zelikman, Wu, Mu, Goodman 2022, "STaR: Bootstrapping Reasoning With Reasoning"
+(arXiv 2203.14465), Algorithm 1. Each iteration n:
+  1. sample a rationale and answer for every problem of D with M(n-1);
+  2. keep those the outcome verifier accepts;
+  3. rationalize: for the failures, sample again with the answer given as a hint; keep the
+     verified ones and store them WITHOUT the hint;
+  4. M(n) = fine-tune the starting model on what was kept (the paper restarts each iteration),
+     with more steps each iteration;
+  5. evaluate on held-out problems.
+
+Run: python train.py --method star           (python train.py --help for the ablation flags)
+The supervised stage alone (the model trained on the worked examples P): python train.py --method sft
+
+Deliberate departures from the paper:
+1. The model is a tiny GPT trained from scratch, so it cannot be few-shot prompted (the paper
+   notes GPT-2 could not bootstrap from few-shot prompts either). The starting model M0 is a
+   model fine-tuned on a small set P of problems with gold rationales.
+2. M0 must know what a hint looks like to rationalize, so P is taught in both forms: the plain
+   prompt, and the prompt with its answer as a hint ("H: 881"). Every iteration's fine-tuning
+   set is P (both forms) plus what was kept, so no iteration forgets the hint format.
+3. Learning rate: linear warm-up then cosine decay to a tenth (the paper: 100 warm-up steps,
+   then constant); a from-scratch model converges better with the decay.
+4. Fine-tuning restarts from M0, not from a pretrained model, since M0 is our "pretrained" model.
+   --continue-training continues from M(n-1) instead (the ablation the paper argues against).
+"""
+
+import json
+import math
+import os
+import random
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from model import autocast, generate, load_checkpoint, save_checkpoint, sequence_logprobs  # noqa: F401
+from tasks import EOT, EOTH, PAD, SOT, decode, encode
+
+# -----------------------------------------------------------------------------
+# Examples and batches
+
+def make_example(task, p, completion, hint=False):
+    """(prompt ids, completion ids + end-of-text) for one problem and one completion text."""
+    return encode(task.prompt(p, hint=hint)), encode(completion) + [EOT]
+
+
+def gold_examples(task, problems, with_hints=True):
+    """P's worked examples; with their hinted copies, so the model learns the hint format."""
+    out = [make_example(task, p, task.gold_completion(p)) for p in problems]
+    if with_hints:
+        out += [make_example(task, p, task.gold_completion(p), hint=True) for p in problems]
+    return out
+
+
+def collate(examples, device):
+    """Right-padded (B, T) ids and targets; the prompt and the padding get target -1 (ignored),
+    so the loss covers the whole completion and nothing else (STaR's released code began the
+    mask at the last ':' and so skipped most of the scratchpad: a pitfall we avoid)."""
+    T = max(len(p) + len(c) for p, c in examples) - 1
+    idx = torch.full((len(examples), T), PAD, dtype=torch.long)
+    tgt = torch.full((len(examples), T), -1, dtype=torch.long)
+    for b, (p, c) in enumerate(examples):
+        seq = torch.tensor(p + c, dtype=torch.long)
+        idx[b, :len(seq) - 1] = seq[:-1]
+        tgt[b, len(p) - 1:len(seq) - 1] = seq[len(p):]
+    return idx.to(device), tgt.to(device)
+
+
+def lr_at(step, steps, lr, warmup):
+    """Linear warm-up, then cosine decay to lr/10."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    frac = (step - warmup) / max(1, steps - warmup)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def finetune(model, examples, steps, lr, batch_size, seed, desc="fine-tune"):
+    """Supervised fine-tuning on (prompt, completion) examples; returns the last losses' mean."""
+    if not examples:
+        raise ValueError("nothing to fine-tune on: the example set is empty")
+    device = next(model.parameters()).device
+    opt = model.configure_optimizer(lr)
+    rng = random.Random(seed)
+    model.train()
+    losses = []
+    bar = tqdm(range(steps), desc=desc, leave=False, dynamic_ncols=True)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, lr, warmup=min(100, steps // 10 + 1))
+        idx, tgt = collate([examples[rng.randrange(len(examples))] for _ in range(batch_size)],
+                           device)
+        with autocast(str(device)):
+            logits = model(idx)  # (B, T, V)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), tgt.view(-1),
+                               ignore_index=-1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
+    model.eval()
+    return sum(losses[-20:]) / len(losses[-20:])
+
+
+# -----------------------------------------------------------------------------
+# Sampling and evaluation
+
+def max_new_tokens(task, problems, block_size, prompt_len):
+    """Room for the longest gold completion of these problems, with slack for a wordy model."""
+    longest = max(len(task.gold_completion(p)) for p in problems) + 1
+    return max(1, min(int(longest * 1.25) + 8, block_size - prompt_len))
+
+
+def sample(model, task, problems, hint=False, n=1, temperature=0.0, batch_size=256, seed=0,
+           desc="sample"):
+    """n completions per problem (texts, end-of-text stripped), in problem order, and the number
+    of tokens generated. Problems are batched by difficulty so that lengths are similar."""
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    jobs = sorted(((p.difficulty, i, j) for i, p in enumerate(problems) for j in range(n)))
+    texts = [[None] * n for _ in problems]
+    n_tokens = 0
+    bar = tqdm(range(0, len(jobs), batch_size), desc=desc, leave=False, dynamic_ncols=True)
+    for start in bar:
+        chunk = jobs[start:start + batch_size]
+        prompts = [encode(task.prompt(problems[i], hint=hint)) for _, i, _ in chunk]
+        max_new = max_new_tokens(task, [problems[i] for _, i, _ in chunk],
+                                 model.config.block_size, max(len(q) for q in prompts))
+        with autocast(str(device)):
+            tokens, _, lengths = generate(model, prompts, max_new, stop_tokens=(EOT,),
+                                          pad_id=PAD, temperature=temperature, generator=gen,
+                                          banned_tokens=(SOT, EOTH, PAD))
+        tokens, lengths = tokens.tolist(), lengths.tolist()
+        n_tokens += sum(lengths)
+        for (_, i, j), row, n_tok in zip(chunk, tokens, lengths):
+            row = row[:n_tok]
+            texts[i][j] = decode(row[:-1] if row and row[-1] == EOT else row)
+    return texts, n_tokens
+
+
+def evaluate(model, task, problems, batch_size=256):
+    """Greedy accuracy per difficulty, overall accuracy, and the completions."""
+    texts, _ = sample(model, task, problems, temperature=0.0, batch_size=batch_size,
+                      desc="evaluate")
+    texts = [t[0] for t in texts]
+    right = [task.check(p, t) for p, t in zip(problems, texts)]
+    by_diff = {}
+    for p, ok in zip(problems, right):
+        by_diff.setdefault(p.difficulty, []).append(ok)
+    acc = {d: sum(v) / len(v) for d, v in sorted(by_diff.items())}
+    return acc, sum(right) / len(right), texts
+
+
+# -----------------------------------------------------------------------------
+# Run bookkeeping: atomic writes, so an interrupted run never leaves half a file
+
+def write_atomic(path, text):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def read_jsonl(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def append_jsonl(path, row):
+    """Append one row by rewriting the file atomically (files here are a few rows long)."""
+    rows = read_jsonl(path) + [row]
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+# -----------------------------------------------------------------------------
+# M0: the model trained on the worked examples P (the starting point, and the P-only baseline)
+
+def train_start_model(model, task, P, args, desc="SFT on P"):
+    """Fine-tune a fresh model on P's gold rationales (with hinted copies); returns the loss."""
+    return finetune(model, gold_examples(task, P), args.steps, args.lr, args.batch_size,
+                    seed=args.seed, desc=desc)
+
+
+def direct_examples(task, problems):
+    """Question -> answer with no rationale: the paper's direct-answer baseline."""
+    return [make_example(task, p, task.completion([], p.answer)) for p in problems]
+
+
+# -----------------------------------------------------------------------------
+# The STaR loop (Algorithm 1)
+
+def iteration_steps(args, n):
+    """Fine-tuning steps of iteration n (1-based): they grow each iteration, as in the paper."""
+    return int(round(args.star_steps * args.step_growth ** (n - 1)))
+
+
+def keep_verified(task, problems, texts):
+    """(kept examples, indices of solved problems): only completions the verifier accepts."""
+    kept, solved = [], set()
+    for i, (p, ts) in enumerate(zip(problems, texts)):
+        for t in ts:
+            if task.check(p, t):
+                kept.append(make_example(task, p, t))  # the prompt WITHOUT any hint
+                solved.add(i)
+    return kept, solved
+
+
+def star_iteration(prev, start_path, task, P, D, args, n, device):
+    """One iteration: generate, keep, rationalize, fine-tune. Returns (model, stats)."""
+    seed = args.seed * 1000 + n  # derived from the iteration alone, so a resumed run matches
+    # 1-2. rationales from M(n-1), kept when the final answer checks out
+    texts, n_tok = sample(prev, task, D, n=args.samples, temperature=args.temperature,
+                          batch_size=args.sample_batch_size, seed=seed, desc=f"iter {n}: generate")
+    kept, solved = keep_verified(task, D, texts)
+    n_generated = len(kept)
+    # 3. rationalization: the failures again, with the answer as a hint; saved without it
+    failed = [p for i, p in enumerate(D) if i not in solved]
+    if args.rationalize and failed:
+        hinted, n_tok_h = sample(prev, task, failed, hint=True, n=args.samples,
+                                 temperature=args.temperature, batch_size=args.sample_batch_size,
+                                 seed=seed + 500, desc=f"iter {n}: rationalize")
+        kept += keep_verified(task, failed, hinted)[0]
+        n_tok += n_tok_h
+    # 4. fine-tune from the start model (restart, as the paper) or from M(n-1)
+    model = load_checkpoint(start_path, device)[0] if args.restart else prev
+    steps = iteration_steps(args, n)
+    loss = finetune(model, gold_examples(task, P) + kept, steps, args.lr, args.batch_size,
+                    seed=seed, desc=f"iter {n}: fine-tune")
+    stats = {"kept_generated": n_generated, "kept_rationalized": len(kept) - n_generated,
+             "solved_D": len(solved) / len(D), "train_steps": steps, "train_loss": loss,
+             "sampled_tokens": n_tok}
+    return model, kept, stats
+
+
+# -----------------------------------------------------------------------------
+# The driver: logs every iteration and resumes an interrupted run where it stopped
+
+def sample_lines(task, problems, texts, k=8):
+    """A few test problems with the model's completions, for a person to read."""
+    out = []
+    for p, t in list(zip(problems, texts))[:k]:
+        verdict = "right" if task.check(p, t) else "wrong"
+        out.append(f"{task.prompt(p)}{t}\n[{verdict}; gold answer {p.answer}]\n")
+    return out
+
+
+def run(args, task, P, D, test, out, device, new_model):
+    """Iteration 0 trains M0 on P (this is all of --method sft); iterations 1.. are STaR.
+
+    Everything an iteration produced (checkpoint, kept data, samples) is written atomically
+    before its row is appended to metrics.jsonl; that row is the commit point. Started again on
+    the same folder, the run continues after the last committed iteration.
+    """
+    metrics = os.path.join(out, "metrics.jsonl")
+    done = {r["iteration"] for r in read_jsonl(metrics) if r.get("kind") == "iteration"}
+    start_path = os.path.join(out, "start.pt")
+    ckpt = lambda n: os.path.join(out, f"model_iter{n}.pt")  # noqa: E731
+
+    def commit(n, model, stats, t0, kept=None):
+        acc, overall, texts = evaluate(model, task, test, args.sample_batch_size)
+        save_checkpoint(ckpt(n), model, "arith-char-v1", extra={"iteration": n})
+        if kept is not None:
+            rows = [{"prompt": decode(p), "completion": decode(c[:-1])} for p, c in kept]
+            write_atomic(os.path.join(out, f"kept_iter{n}.jsonl"),
+                         "".join(json.dumps(r) + "\n" for r in rows))
+        write_atomic(os.path.join(out, f"samples_iter{n}.txt"),
+                     "\n".join(sample_lines(task, test, texts)))
+        row = {"kind": "iteration", "iteration": n, "accuracy": overall,
+               "accuracy_by_difficulty": {str(d): a for d, a in acc.items()},
+               **stats, "wall_s": round(time.time() - t0, 1)}
+        append_jsonl(metrics, row)  # the commit point
+        if n > 0 and os.path.exists(ckpt(n - 1)):
+            os.remove(ckpt(n - 1))  # only the newest iteration's model is kept (and M0)
+        tqdm.write(f"iteration {n}: accuracy {overall:.3f} | " +
+                   " ".join(f"{d}:{a:.2f}" for d, a in acc.items()) +
+                   (f" | kept {stats['kept_generated']}+{stats['kept_rationalized']}"
+                    if n > 0 else ""))
+        return model
+
+    if 0 not in done:
+        t0 = time.time()
+        torch.manual_seed(args.seed)
+        model = new_model()
+        steps, loss = 0, None  # a given --checkpoint is M0 as it is
+        if not args.checkpoint:
+            steps, loss = args.steps, train_start_model(model, task, P, args)
+        save_checkpoint(start_path, model, "arith-char-v1", extra={"iteration": 0})
+        prev = commit(0, model, {"train_steps": steps, "train_loss": loss}, t0)
+    else:
+        last = max(done)
+        prev = load_checkpoint(ckpt(last), device)[0].eval()
+        tqdm.write(f"resuming {out} after iteration {last}")
+
+    for n in range(1, args.iterations + 1):
+        if n in done:
+            continue
+        t0 = time.time()
+        model, kept, stats = star_iteration(prev, start_path, task, P, D, args, n, device)
+        prev = commit(n, model, stats, t0, kept)
+
+    if args.iterations > 0 and getattr(args, "direct_baseline", False):
+        run_direct_baseline(args, task, P, D, test, out, new_model)
+    return prev
+
+
+def run_direct_baseline(args, task, P, D, test, out, new_model):
+    """The paper's baseline: the same network trained on question/answer pairs (P and D) with no
+    rationales, from scratch, for as many steps as M0 plus every STaR iteration together."""
+    metrics = os.path.join(out, "metrics.jsonl")
+    if any(r.get("kind") == "direct" for r in read_jsonl(metrics)):
+        return
+    t0 = time.time()
+    steps = args.steps + sum(iteration_steps(args, n) for n in range(1, args.iterations + 1))
+    torch.manual_seed(args.seed)
+    model = new_model()
+    loss = finetune(model, direct_examples(task, P + D), steps, args.lr, args.batch_size,
+                    seed=args.seed, desc="direct-answer baseline")
+    acc, overall, _ = evaluate(model, task, test, args.sample_batch_size)
+    append_jsonl(metrics, {"kind": "direct", "accuracy": overall,
+                           "accuracy_by_difficulty": {str(d): a for d, a in acc.items()},
+                           "train_steps": steps, "train_loss": loss,
+                           "wall_s": round(time.time() - t0, 1)})
+    tqdm.write(f"direct-answer baseline: accuracy {overall:.3f} | " +
+               " ".join(f"{d}:{a:.2f}" for d, a in acc.items()))

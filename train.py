@@ -1,0 +1,291 @@
+"""
+The one command line: python train.py --method {sft,star} [--task T] [--preset P] [flags]
+
+  python train.py --method sft --task addition     # the model trained on worked examples P
+  python train.py --method star                    # STaR on addition (the README's main command)
+  python train.py --method star --no-rationalize   # the ablation of the paper's Figure 4
+  python train.py --method star --preset gpu       # the GPU experiment (one H100)
+
+Each run writes out/<run>/: config.json (every resolved setting), metrics.jsonl (a row per
+iteration), model checkpoints, samples_iter<n>.txt, accuracy.png and summary.md. Started again on
+the same folder, a run continues after its last finished iteration. This file only parses flags,
+builds the data and writes the report; the methods live in their own files.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+
+import torch
+
+import star
+from model import GPT, PRESETS, autodetect_device, get_config
+from tasks import TASKS, encode, get_task, sample_problems
+
+METHODS = {"sft": star, "star": star}
+
+# Run sizes per preset: "tiny" fits a 2-core CPU in minutes, "gpu" one H100 in well under 10.
+# Every one of them can be overridden by its flag.
+RUN_DEFAULTS = {
+    "tiny": dict(n_train=200, n_unlabeled=600, n_test=300, steps=1500, batch_size=32, lr=2e-3,
+                 iterations=4, star_steps=400, sample_batch_size=300),
+    "small": dict(n_train=300, n_unlabeled=2000, n_test=500, steps=3000, batch_size=64, lr=1e-3,
+                  iterations=6, star_steps=800, sample_batch_size=500),
+    "gpu": dict(n_train=300, n_unlabeled=10000, n_test=2000, steps=3000, batch_size=256,
+                lr=1e-3, iterations=8, star_steps=1000, sample_batch_size=2048),
+}
+TASK_DEFAULTS = {  # (train difficulties, test difficulties) when the flags are not given
+    "addition": ("1-5", "1-6"),
+    "expression": ("1-4", "1-5"),
+    "countdown": ("2-4", "2-4"),
+}
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """Bad input: one line naming the bad value and the valid choices, exit code 2."""
+        sys.stderr.write(f"train.py: error: {message}\n")
+        sys.exit(2)
+
+
+def positive(cast):
+    def check(text):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number")
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{text!r} must be greater than 0")
+        return value
+    check.__name__ = f"positive {cast.__name__}"
+    return check
+
+
+def non_negative_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more")
+    return value
+
+
+def get_parser():
+    p = Parser(description="Self-taught reasoning from scratch: one command for every method.")
+    # what to run
+    p.add_argument("--method", default="star", choices=sorted(METHODS),
+                   help="sft: train on the worked examples P only; star: STaR on top of it")
+    p.add_argument("--task", default="addition", choices=sorted(TASKS), help="task family")
+    p.add_argument("--preset", default="tiny", choices=list(PRESETS),
+                   help="model and run size: tiny (CPU, minutes), small, gpu (one H100)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                   help="auto picks cuda, then mps, then cpu")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training forward")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of data and sampling")
+    p.add_argument("--out", default=None, help="output folder (default out/<method>-<task>)")
+    p.add_argument("--checkpoint", default=None,
+                   help="start from this model instead of training M0 on P")
+    # data
+    p.add_argument("--n-train", type=positive(int), help="size of P, problems with gold rationales")
+    p.add_argument("--n-unlabeled", type=positive(int),
+                   help="size of D, problems with answers but no rationales (STaR)")
+    p.add_argument("--n-test", type=positive(int), help="held-out test problems")
+    p.add_argument("--train-difficulty", default=None,
+                   help="difficulties of P and D, e.g. 1-5 or 1,2,4 (addition: digits)")
+    p.add_argument("--test-difficulty", default=None, help="difficulties of the test set")
+    # optimisation
+    p.add_argument("--steps", type=positive(int), help="fine-tuning steps on P (M0)")
+    p.add_argument("--batch-size", type=positive(int), help="examples per training step")
+    p.add_argument("--lr", type=positive(float), help="peak learning rate")
+    p.add_argument("--sample-batch-size", type=positive(int), help="prompts per sampling batch")
+    # STaR
+    p.add_argument("--iterations", type=non_negative_int, help="STaR iterations after M0")
+    p.add_argument("--samples", type=positive(int), default=1,
+                   help="rationales sampled per problem per iteration (the paper: 1)")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="sampling temperature; 0 is greedy (the paper's choice)")
+    p.add_argument("--no-rationalize", dest="rationalize", action="store_false",
+                   help="skip rationalization (the paper's ablation)")
+    p.add_argument("--continue-training", dest="restart", action="store_false",
+                   help="fine-tune from M(n-1) instead of restarting from M0 each iteration")
+    p.add_argument("--star-steps", type=positive(int),
+                   help="fine-tuning steps of the first STaR iteration")
+    p.add_argument("--step-growth", type=positive(float), default=1.2,
+                   help="steps multiply by this every iteration (the paper: +20%%)")
+    p.add_argument("--direct-baseline", action="store_true",
+                   help="also train the direct-answer baseline (no rationales, same steps)")
+    return p
+
+
+def parse_difficulties(text, task, flag):
+    """'1-5' or '1,2,4' -> a tuple of difficulties the task has."""
+    try:
+        if "-" in text:
+            lo, hi = (int(x) for x in text.split("-"))
+            values = tuple(range(lo, hi + 1))
+        else:
+            values = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        values = ()
+    valid = task.difficulties
+    if not values or any(v not in valid for v in values):
+        raise ValueError(f"{flag} {text!r} is not valid for {task.name}: "
+                         f"choose within {min(valid)}-{max(valid)}, e.g. 1-3 or 1,3")
+    return values
+
+
+def resolve(args, parser):
+    """Fill preset defaults, check what argparse cannot, and build the data."""
+    for k, v in RUN_DEFAULTS[args.preset].items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    if args.method == "sft":
+        args.iterations = 0
+    if args.temperature < 0:
+        parser.error(f"argument --temperature: {args.temperature} must be 0 or more")
+    if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
+        parser.error(f"argument --checkpoint: no file at {args.checkpoint!r}")
+    if args.device == "auto":
+        args.device = autodetect_device()
+    elif args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("argument --device: cuda is not available here; choose auto or cpu")
+    elif args.device == "mps" and not torch.backends.mps.is_available():
+        parser.error("argument --device: mps is not available here; choose auto or cpu")
+    task = get_task(args.task)
+    train_d, test_d = TASK_DEFAULTS.get(args.task, (None, None))
+    try:
+        args.train_difficulty = parse_difficulties(args.train_difficulty or train_d, task,
+                                                   "--train-difficulty")
+        args.test_difficulty = parse_difficulties(args.test_difficulty or test_d, task,
+                                                  "--test-difficulty")
+    except ValueError as e:
+        parser.error(str(e))
+    if args.out is None:
+        suffix = "" if args.rationalize or args.method == "sft" else "-norat"
+        args.out = os.path.join("out", f"{args.method}-{args.task}{suffix}")
+    return task
+
+
+def build_data(task, args):
+    """Test set first; P and D are drawn so that no test question appears in them."""
+    test = sample_problems(task, args.n_test, args.test_difficulty, seed=args.seed * 3 + 1)
+    held_out = frozenset(p.question for p in test)
+    P = sample_problems(task, args.n_train, args.train_difficulty, seed=args.seed * 3 + 2,
+                        exclude=held_out)
+    D = sample_problems(task, args.n_unlabeled, args.train_difficulty, seed=args.seed * 3 + 3,
+                        exclude=held_out)
+    return P, D, test
+
+
+def block_size_for(task, problems, preset_size):
+    """A block that holds the longest hinted prompt plus a wordy completion, in 64s."""
+    longest = max(len(encode(task.prompt(p, hint=True) + task.gold_completion(p)))
+                  for p in problems)
+    need = int(longest * 1.25) + 16
+    return max(preset_size, -(-need // 64) * 64)
+
+
+# -----------------------------------------------------------------------------
+# Report: plot and summary table
+
+def summary_table(rows, difficulties):
+    head = "| model | " + " | ".join(f"d={d}" for d in difficulties) + \
+        " | all | kept (gen+rat) | steps | wall s |"
+    lines = [head, "|" + "---|" * (len(difficulties) + 5)]
+    for r in rows:
+        name = f"iteration {r['iteration']}" if r["kind"] == "iteration" else "direct answer"
+        if r.get("iteration") == 0:
+            name = "iteration 0 (P only)"
+        acc = r["accuracy_by_difficulty"]
+        kept = f"{r['kept_generated']}+{r['kept_rationalized']}" if "kept_generated" in r else "-"
+        lines.append(f"| {name} | " + " | ".join(f"{acc.get(str(d), float('nan')):.3f}"
+                                                  for d in difficulties) +
+                     f" | {r['accuracy']:.3f} | {kept} | {r['train_steps']} | {r['wall_s']} |")
+    return "\n".join(lines)
+
+
+def plot(out, rows, difficulties, title):
+    """STaR's Figure 4: test accuracy per difficulty across iterations; the run with and without
+    rationalization side by side when both folders exist. Iteration 0 alone: one bar chart."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    runs = [(title, rows)]
+    twin = out[:-len("-norat")] if out.endswith("-norat") else out + "-norat"
+    if os.path.exists(os.path.join(twin, "metrics.jsonl")):
+        twin_rows = star.read_jsonl(os.path.join(twin, "metrics.jsonl"))
+        with_rat, without = (rows, twin_rows) if twin.endswith("-norat") else (twin_rows, rows)
+        runs = [("with rationalization", with_rat), ("without rationalization", without)]
+    fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4), squeeze=False)
+    for ax, (name, rs) in zip(axes[0], runs):
+        its = [r for r in rs if r["kind"] == "iteration"]
+        if len(its) == 1:
+            acc = its[0]["accuracy_by_difficulty"]
+            ax.bar([str(d) for d in difficulties], [acc.get(str(d), 0) for d in difficulties])
+            ax.set_xlabel("difficulty")
+        else:
+            for i, d in enumerate(difficulties):
+                color = plt.cm.viridis(i / max(1, len(difficulties) - 1))
+                ax.plot([r["iteration"] for r in its],
+                        [r["accuracy_by_difficulty"].get(str(d), float("nan")) for r in its],
+                        marker="o", color=color, label=f"{d}")
+            ax.set_xlabel("STaR iteration")
+            ax.legend(title="difficulty", fontsize=8)
+        ax.set_ylim(0, 1.02)
+        ax.set_ylabel("test accuracy (greedy)")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "accuracy.png"), dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    task = resolve(args, parser)
+    P, D, test = build_data(task, args)
+    cfg = get_config(args.preset, block_size=block_size_for(
+        task, P + D + test, PRESETS[args.preset].block_size))
+
+    # a folder that holds another run's results is never mixed with this one's
+    os.makedirs(args.out, exist_ok=True)
+    config = {k: v for k, v in vars(args).items()}
+    config["model"] = asdict(cfg)
+    cfg_path = os.path.join(args.out, "config.json")
+    if os.path.exists(cfg_path):
+        old = json.load(open(cfg_path))
+        same = {k: v for k, v in old.items() if k not in ("iterations", "device")} == \
+            {k: v for k, v in json.loads(json.dumps(config)).items()
+             if k not in ("iterations", "device")}
+        if not same:
+            parser.error(f"argument --out: {args.out!r} holds a run with other settings; "
+                         f"choose another --out or delete it")
+    star.write_atomic(cfg_path, json.dumps(config, indent=2))
+
+    print(f"{args.method} on {args.task}: P={len(P)} D={len(D)} test={len(test)} "
+          f"| model {args.preset} ({cfg.n_layer}x{cfg.n_embd}, block {cfg.block_size}) "
+          f"on {args.device} | out {args.out}")
+
+    def new_model():
+        if args.checkpoint:
+            return star.load_checkpoint(args.checkpoint, args.device)[0]
+        return GPT(cfg).to(args.device)
+
+    t0 = time.time()
+    METHODS[args.method].run(args, task, P, D, test, args.out, args.device, new_model)
+    rows = star.read_jsonl(os.path.join(args.out, "metrics.jsonl"))
+    table = summary_table(rows, args.test_difficulty)
+    star.write_atomic(os.path.join(args.out, "summary.md"),
+                      f"# {args.method} on {args.task}\n\n{table}\n")
+    plot(args.out, rows, args.test_difficulty, f"{args.method} on {args.task}")
+    print(f"\n{table}\n\ndone in {time.time() - t0:.0f}s; results in {args.out}/ "
+          f"(summary.md, accuracy.png, metrics.jsonl)")
+
+
+if __name__ == "__main__":
+    main()
