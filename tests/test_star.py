@@ -1,0 +1,145 @@
+"""
+Guards star.py: the STaR loop end to end on a tiny model; rationalized examples are stored
+without their hint; nothing the verifier rejects is trained on; restart vs continue start from
+the right weights; a run interrupted mid-iteration and resumed writes the same metrics as one
+that never stopped.
+
+Run: python -m pytest tests/test_star.py   (CPU, about half a minute)
+
+The loop-logic tests replace sampling and fine-tuning with stand-ins (monkeypatch), so they
+check what the loop does with samples, not what a tiny model happens to generate.
+"""
+
+import json
+import os
+
+import pytest
+import torch
+
+import star
+import train
+from model import GPT, get_config
+from tasks import decode, get_task, sample_problems
+
+TINY_RUN = ["--task", "addition", "--n-train", "16", "--n-unlabeled", "12", "--n-test", "12",
+            "--steps", "30", "--star-steps", "8", "--iterations", "2", "--batch-size", "8",
+            "--train-difficulty", "1-2", "--test-difficulty", "1-2", "--sample-batch-size", "64"]
+
+
+def metrics_without_time(out):
+    rows = star.read_jsonl(os.path.join(out, "metrics.jsonl"))
+    return [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]
+
+
+def test_star_runs_end_to_end_and_writes_its_outputs(tmp_path):
+    out = str(tmp_path / "run")
+    train.main(["--method", "star", "--out", out, "--direct-baseline"] + TINY_RUN)
+    rows = star.read_jsonl(os.path.join(out, "metrics.jsonl"))
+    assert [r["iteration"] for r in rows if r["kind"] == "iteration"] == [0, 1, 2]
+    assert [r["kind"] for r in rows].count("direct") == 1
+    assert rows[2]["train_steps"] == round(8 * 1.2)  # steps grow per iteration
+    for name in ["config.json", "summary.md", "accuracy.png", "start.pt", "model_iter2.pt",
+                 "kept_iter1.jsonl", "samples_iter2.txt"]:
+        assert os.path.exists(os.path.join(out, name)), name
+    assert not os.path.exists(os.path.join(out, "model_iter1.pt"))  # only the newest is kept
+    assert json.load(open(os.path.join(out, "config.json")))["method"] == "star"
+
+
+@pytest.fixture
+def loop_setup(tmp_path):
+    """A task, P, D, a start checkpoint of a tiny model, and args as train.py resolves them."""
+    task = get_task("addition")
+    P = sample_problems(task, 4, [1, 2], seed=0)
+    D = sample_problems(task, 10, [1, 2], seed=1)
+    args = train.get_parser().parse_args(TINY_RUN)
+    train.resolve(args, train.get_parser())
+    torch.manual_seed(0)
+    model = GPT(get_config("tiny", n_layer=1, n_embd=32, n_head=2))
+    start = str(tmp_path / "start.pt")
+    star.save_checkpoint(start, model, "arith-char-v1")
+    return task, P, D, args, model, start
+
+
+def fake_sampler(task, right_without_hint, right_with_hint):
+    """Stand-in for star.sample: gold completions for the chosen problems, wrong ones else."""
+    def sample(model, task_, problems, hint=False, n=1, **kw):
+        texts = []
+        for i, p in enumerate(problems):
+            ok = (right_with_hint if hint else right_without_hint)(i, p)
+            wrong = task.completion(task.rationale(p), str(int(p.answer) + 1))
+            texts.append([task.gold_completion(p) if ok else wrong] * n)
+        return texts, 0
+    return sample
+
+
+def test_rationalized_examples_are_saved_without_the_hint(loop_setup, monkeypatch):
+    task, P, D, args, model, start = loop_setup
+    # the model solves nothing alone and everything with the hint
+    monkeypatch.setattr(star, "sample", fake_sampler(task, lambda i, p: False, lambda i, p: True))
+    seen = {}
+    monkeypatch.setattr(star, "finetune", lambda m, ex, *a, **k: seen.setdefault("ex", ex) and 0.0)
+    _, kept, stats = star.star_iteration(model, start, task, P, D, args, 1, "cpu")
+    assert stats["kept_generated"] == 0 and stats["kept_rationalized"] == len(D)
+    prompts = {decode(p) for p, _ in kept}
+    assert prompts == {task.prompt(p) for p in D}  # the plain prompt, never the hinted one
+    assert not any("H:" in s for s in prompts)
+
+
+def test_rejected_samples_never_enter_the_training_set(loop_setup, monkeypatch):
+    task, P, D, args, model, start = loop_setup
+    monkeypatch.setattr(star, "sample", fake_sampler(task, lambda i, p: i % 2 == 0,
+                                                     lambda i, p: i % 3 == 0))
+    seen = {}
+    monkeypatch.setattr(star, "finetune", lambda m, ex, *a, **k: seen.setdefault("ex", ex) and 0.0)
+    _, kept, stats = star.star_iteration(model, start, task, P, D, args, 1, "cpu")
+    by_prompt = {task.prompt(p, hint=h): p for p in D + P for h in (False, True)}
+    for p_ids, c_ids in seen["ex"]:  # every example fine-tuned on: P's gold and the kept ones
+        problem = by_prompt[decode(p_ids)]
+        assert task.check(problem, decode(c_ids[:-1])), decode(p_ids) + decode(c_ids)
+    assert stats["kept_generated"] == 5  # D's even indices
+    # rationalization only saw the 5 failures, and kept those at indices 0 and 3 of them
+    assert stats["kept_rationalized"] == 2
+
+
+@pytest.mark.parametrize("restart", [True, False])
+def test_restart_and_continue_start_from_the_right_weights(loop_setup, monkeypatch, restart):
+    task, P, D, args, model, start = loop_setup
+    args.restart = restart
+    prev = star.load_checkpoint(start)[0]
+    with torch.no_grad():
+        for p in prev.parameters():
+            p.add_(1.0)  # M(n-1) differs from M0
+    monkeypatch.setattr(star, "sample", fake_sampler(task, lambda i, p: True, lambda i, p: True))
+    got = {}
+
+    def record(m, ex, *a, **k):
+        got["w"] = m.transformer.wte.weight.detach().clone()
+        return 0.0
+    monkeypatch.setattr(star, "finetune", record)
+    star.star_iteration(prev, start, task, P, D, args, 1, "cpu")
+    want = (model if restart else prev).transformer.wte.weight
+    assert torch.equal(got["w"], want)
+
+
+def test_resume_after_interruption_gives_the_same_metrics(tmp_path, monkeypatch):
+    ref = str(tmp_path / "uninterrupted")
+    train.main(["--method", "star", "--out", ref] + TINY_RUN)
+
+    out = str(tmp_path / "interrupted")
+    real_finetune = star.finetune
+    calls = {"n": 0}
+
+    def dies_in_iteration_2(model, examples, steps, *a, desc="", **k):
+        if desc.startswith("iter 2"):
+            calls["n"] += 1
+            raise KeyboardInterrupt  # Ctrl-C in the middle of iteration 2
+        return real_finetune(model, examples, steps, *a, desc=desc, **k)
+
+    monkeypatch.setattr(star, "finetune", dies_in_iteration_2)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(["--method", "star", "--out", out] + TINY_RUN)
+    assert calls["n"] == 1
+    assert [r["iteration"] for r in metrics_without_time(out)] == [0, 1]
+    monkeypatch.setattr(star, "finetune", real_finetune)
+    train.main(["--method", "star", "--out", out] + TINY_RUN)  # started again: resumes
+    assert metrics_without_time(out) == metrics_without_time(ref)

@@ -1,0 +1,53 @@
+"""
+Guards train.py's command line: bad input gets one line naming the bad value and the valid
+choices, exit code 2, no traceback; a run folder is never mixed with another run's settings.
+
+Run: python -m pytest tests/test_train.py
+"""
+
+import subprocess
+import sys
+
+import pytest
+
+import train
+
+BAD_INPUT = [  # (arguments, words the one-line error must contain)
+    (["--method", "magic"], ["magic", "sft", "star"]),
+    (["--task", "poetry"], ["poetry", "addition", "countdown", "expression"]),
+    (["--preset", "huge"], ["huge", "tiny", "gpu"]),
+    (["--n-train", "0"], ["--n-train", "'0'", "greater than 0"]),
+    (["--steps", "-5"], ["--steps", "'-5'", "greater than 0"]),
+    (["--n-test", "ten"], ["--n-test", "'ten'"]),
+    (["--checkpoint", "no/such/model.pt"], ["--checkpoint", "no/such/model.pt"]),
+    (["--train-difficulty", "0-40"], ["--train-difficulty", "0-40", "1-12"]),
+    (["--temperature", "-1"], ["--temperature", "-1"]),
+]
+
+
+@pytest.mark.parametrize("argv,words", BAD_INPUT)
+def test_bad_input_is_one_line_exit_2(argv, words, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        train.main(argv + ["--out", str(tmp_path / "run")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err  # one line
+    for w in words:
+        assert w in err, (w, err)
+
+
+def test_bad_input_from_the_shell_has_no_traceback():
+    r = subprocess.run([sys.executable, "train.py", "--method", "magic"], capture_output=True,
+                       text=True)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_a_folder_with_other_settings_is_refused(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    small = ["--method", "sft", "--out", out, "--n-train", "4", "--n-test", "4", "--steps", "2",
+             "--train-difficulty", "1", "--test-difficulty", "1"]
+    train.main(small)
+    with pytest.raises(SystemExit) as e:
+        train.main(small[:-1] + ["2"])  # same folder, another test set
+    assert e.value.code == 2 and "--out" in capsys.readouterr().err
