@@ -30,17 +30,17 @@ METHODS = {"sft": star, "star": star}
 # Run sizes per preset: "tiny" fits a 2-core CPU in minutes, "gpu" one H100 in well under 10.
 # Every one of them can be overridden by its flag.
 RUN_DEFAULTS = {
-    "tiny": dict(n_train=200, n_unlabeled=600, n_test=300, steps=1500, batch_size=32, lr=2e-3,
+    "tiny": dict(n_train=300, n_unlabeled=600, n_test=300, steps=1500, batch_size=32, lr=2e-3,
                  iterations=4, star_steps=400, sample_batch_size=300),
     "small": dict(n_train=300, n_unlabeled=2000, n_test=500, steps=3000, batch_size=64, lr=1e-3,
                   iterations=6, star_steps=800, sample_batch_size=500),
     "gpu": dict(n_train=300, n_unlabeled=10000, n_test=2000, steps=3000, batch_size=256,
                 lr=1e-3, iterations=8, star_steps=1000, sample_batch_size=2048),
 }
-TASK_DEFAULTS = {  # (train difficulties, test difficulties) when the flags are not given
-    "addition": ("1-5", "1-6"),
-    "expression": ("1-4", "1-5"),
-    "countdown": ("2-4", "2-4"),
+TASK_DEFAULTS = {  # (train, test) difficulties when the flags are not given: CPU, then GPU
+    "addition": {"cpu": ("1-5", "1-6"), "gpu": ("1-8", "1-10")},
+    "expression": {"cpu": ("1-4", "1-5"), "gpu": ("1-6", "1-8")},
+    "countdown": {"cpu": ("2-4", "2-4"), "gpu": ("2-5", "2-5")},
 }
 
 
@@ -156,7 +156,9 @@ def resolve(args, parser):
     elif args.device == "mps" and not torch.backends.mps.is_available():
         parser.error("argument --device: mps is not available here; choose auto or cpu")
     task = get_task(args.task)
-    train_d, test_d = TASK_DEFAULTS.get(args.task, (None, None))
+    every = f"{min(task.difficulties)}-{max(task.difficulties)}"  # a new task's default
+    train_d, test_d = TASK_DEFAULTS.get(args.task, {}).get(
+        "gpu" if args.preset == "gpu" else "cpu", (every, every))
     try:
         args.train_difficulty = parse_difficulties(args.train_difficulty or train_d, task,
                                                    "--train-difficulty")
