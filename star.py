@@ -330,3 +330,64 @@ def run_direct_baseline(args, task, P, D, test, out, new_model):
                            "wall_s": round(time.time() - t0, 1)})
     tqdm.write(f"direct-answer baseline: accuracy {overall:.3f} | " +
                " ".join(f"{d}:{a:.2f}" for d, a in acc.items()))
+
+
+# -----------------------------------------------------------------------------
+# Report: plot and summary table
+
+def summary_table(rows, difficulties):
+    head = "| model | " + " | ".join(f"d={d}" for d in difficulties) + \
+        " | all | kept (gen+rat) | steps | wall s |"
+    lines = [head, "|" + "---|" * (len(difficulties) + 5)]
+    for r in rows:
+        name = f"iteration {r['iteration']}" if r["kind"] == "iteration" else "direct answer"
+        if r.get("iteration") == 0:
+            name = "iteration 0 (P only)"
+        acc = r["accuracy_by_difficulty"]
+        kept = f"{r['kept_generated']}+{r['kept_rationalized']}" if "kept_generated" in r else "-"
+        lines.append(f"| {name} | " + " | ".join(f"{acc.get(str(d), float('nan')):.3f}"
+                                                  for d in difficulties) +
+                     f" | {r['accuracy']:.3f} | {kept} | {r['train_steps']} | {r['wall_s']} |")
+    return "\n".join(lines)
+
+
+def plot(out, rows, difficulties, title):
+    """STaR's Figure 4: test accuracy per difficulty across iterations; the run with and without
+    rationalization side by side when both folders exist. Iteration 0 alone: one bar chart."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    runs = [(title, rows)]
+    twin = out[:-len("-norat")] if out.endswith("-norat") else out + "-norat"
+    if os.path.exists(os.path.join(twin, "metrics.jsonl")):
+        twin_rows = read_jsonl(os.path.join(twin, "metrics.jsonl"))
+        with_rat, without = (rows, twin_rows) if twin.endswith("-norat") else (twin_rows, rows)
+        runs = [("with rationalization", with_rat), ("without rationalization", without)]
+    fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4), squeeze=False)
+    for ax, (name, rs) in zip(axes[0], runs):
+        its = [r for r in rs if r["kind"] == "iteration"]
+        if len(its) == 1:
+            acc = its[0]["accuracy_by_difficulty"]
+            ax.bar([str(d) for d in difficulties], [acc.get(str(d), 0) for d in difficulties])
+            ax.set_xlabel("difficulty")
+        else:
+            for i, d in enumerate(difficulties):
+                color = plt.cm.viridis(i / max(1, len(difficulties) - 1))
+                ax.plot([r["iteration"] for r in its],
+                        [r["accuracy_by_difficulty"].get(str(d), float("nan")) for r in its],
+                        marker="o", color=color, label=f"{d}")
+            ax.set_xlabel("STaR iteration")
+            ax.legend(title="difficulty", fontsize=8)
+        ax.set_ylim(0, 1.02)
+        ax.set_ylabel("test accuracy (greedy)")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "accuracy.png"), dpi=110)
+    plt.close(fig)
+
+
+def report(args, rows):
+    """The summary table (returned) and accuracy.png, from the run's metrics rows."""
+    plot(args.out, rows, args.test_difficulty, f"{args.method} on {args.task}")
+    return summary_table(rows, args.test_difficulty)

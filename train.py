@@ -22,20 +22,25 @@ from dataclasses import asdict
 import torch
 
 import star
+import vstar
 from model import GPT, PRESETS, autodetect_device, get_config
 from tasks import TASKS, encode, get_task, sample_problems
 
-METHODS = {"sft": star, "star": star}
+METHODS = {"sft": star, "star": star, "vstar": vstar}
+DEFAULT_TASK = {"sft": "addition", "star": "addition", "vstar": "expression"}
 
 # Run sizes per preset: "tiny" fits a 2-core CPU in minutes, "gpu" one H100 in well under 10.
 # Every one of them can be overridden by its flag.
 RUN_DEFAULTS = {
     "tiny": dict(n_train=300, n_unlabeled=600, n_test=300, steps=1500, batch_size=32, lr=2e-3,
-                 iterations=4, star_steps=400, sample_batch_size=300),
+                 iterations=4, star_steps=400, sample_batch_size=300, verifier_steps=300,
+                 eval_samples=16),
     "small": dict(n_train=300, n_unlabeled=2000, n_test=500, steps=3000, batch_size=64, lr=1e-3,
-                  iterations=6, star_steps=800, sample_batch_size=500),
+                  iterations=6, star_steps=800, sample_batch_size=500, verifier_steps=1000,
+                  eval_samples=32),
     "gpu": dict(n_train=300, n_unlabeled=10000, n_test=2000, steps=3000, batch_size=256,
-                lr=1e-3, iterations=8, star_steps=1000, sample_batch_size=2048),
+                lr=1e-3, iterations=8, star_steps=1000, sample_batch_size=2048,
+                verifier_steps=2000, eval_samples=64),
 }
 TASK_DEFAULTS = {  # (train, test) difficulties when the flags are not given: CPU, then GPU
     "addition": {"cpu": ("1-5", "1-6"), "gpu": ("1-8", "1-10")},
@@ -79,7 +84,8 @@ def get_parser():
     # what to run
     p.add_argument("--method", default="star", choices=sorted(METHODS),
                    help="sft: train on the worked examples P only; star: STaR on top of it")
-    p.add_argument("--task", default="addition", choices=sorted(TASKS), help="task family")
+    p.add_argument("--task", default=None, choices=sorted(TASKS),
+                   help="task family (default: addition; expression for vstar)")
     p.add_argument("--preset", default="tiny", choices=list(PRESETS),
                    help="model and run size: tiny (CPU, minutes), small, gpu (one H100)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
@@ -104,10 +110,11 @@ def get_parser():
     p.add_argument("--sample-batch-size", type=positive(int), help="prompts per sampling batch")
     # STaR
     p.add_argument("--iterations", type=non_negative_int, help="STaR iterations after M0")
-    p.add_argument("--samples", type=positive(int), default=1,
-                   help="rationales sampled per problem per iteration (the paper: 1)")
-    p.add_argument("--temperature", type=float, default=0.0,
-                   help="sampling temperature; 0 is greedy (the paper's choice)")
+    p.add_argument("--samples", type=positive(int), default=None,
+                   help="samples per problem per iteration (STaR: 1, as the paper; V-STaR: 8)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="sampling temperature; 0 is greedy (STaR's default, as the paper; "
+                        "V-STaR: 0.7)")
     p.add_argument("--no-rationalize", dest="rationalize", action="store_false",
                    help="skip rationalization (the paper's ablation)")
     p.add_argument("--continue-training", dest="restart", action="store_false",
@@ -118,6 +125,15 @@ def get_parser():
                    help="steps multiply by this every iteration (the paper: +20%%)")
     p.add_argument("--direct-baseline", action="store_true",
                    help="also train the direct-answer baseline (no rationales, same steps)")
+    # V-STaR
+    p.add_argument("--beta", type=positive(float), default=0.1,
+                   help="DPO's beta (the DPO paper's default 0.1; V-STaR gives none)")
+    p.add_argument("--verifier-steps", type=positive(int), help="training steps of each verifier")
+    p.add_argument("--verifier-lr", type=positive(float), default=1e-4,
+                   help="learning rate of the verifiers")
+    p.add_argument("--eval-samples", type=positive(int),
+                   help="samples per held-out problem for pass@k, best-of-k, majority@k "
+                        "(a power of 2)")
     return p
 
 
@@ -140,11 +156,18 @@ def parse_difficulties(text, task, flag):
 
 def resolve(args, parser):
     """Fill preset defaults, check what argparse cannot, and build the data."""
-    for k, v in RUN_DEFAULTS[args.preset].items():
+    vstar_run = args.method == "vstar"
+    method_defaults = dict(task=DEFAULT_TASK[args.method], samples=8 if vstar_run else 1,
+                           temperature=0.7 if vstar_run else 0.0)
+    if vstar_run:
+        method_defaults["iterations"] = 2 if args.preset == "tiny" else 3  # the paper: T = 3
+    for k, v in {**RUN_DEFAULTS[args.preset], **method_defaults}.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
     if args.method == "sft":
         args.iterations = 0
+    if args.eval_samples & (args.eval_samples - 1):
+        parser.error(f"argument --eval-samples: {args.eval_samples} is not a power of 2")
     if args.temperature < 0:
         parser.error(f"argument --temperature: {args.temperature} must be 0 or more")
     if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
@@ -191,61 +214,6 @@ def block_size_for(task, problems, preset_size):
     return max(preset_size, -(-need // 64) * 64)
 
 
-# -----------------------------------------------------------------------------
-# Report: plot and summary table
-
-def summary_table(rows, difficulties):
-    head = "| model | " + " | ".join(f"d={d}" for d in difficulties) + \
-        " | all | kept (gen+rat) | steps | wall s |"
-    lines = [head, "|" + "---|" * (len(difficulties) + 5)]
-    for r in rows:
-        name = f"iteration {r['iteration']}" if r["kind"] == "iteration" else "direct answer"
-        if r.get("iteration") == 0:
-            name = "iteration 0 (P only)"
-        acc = r["accuracy_by_difficulty"]
-        kept = f"{r['kept_generated']}+{r['kept_rationalized']}" if "kept_generated" in r else "-"
-        lines.append(f"| {name} | " + " | ".join(f"{acc.get(str(d), float('nan')):.3f}"
-                                                  for d in difficulties) +
-                     f" | {r['accuracy']:.3f} | {kept} | {r['train_steps']} | {r['wall_s']} |")
-    return "\n".join(lines)
-
-
-def plot(out, rows, difficulties, title):
-    """STaR's Figure 4: test accuracy per difficulty across iterations; the run with and without
-    rationalization side by side when both folders exist. Iteration 0 alone: one bar chart."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    runs = [(title, rows)]
-    twin = out[:-len("-norat")] if out.endswith("-norat") else out + "-norat"
-    if os.path.exists(os.path.join(twin, "metrics.jsonl")):
-        twin_rows = star.read_jsonl(os.path.join(twin, "metrics.jsonl"))
-        with_rat, without = (rows, twin_rows) if twin.endswith("-norat") else (twin_rows, rows)
-        runs = [("with rationalization", with_rat), ("without rationalization", without)]
-    fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4), squeeze=False)
-    for ax, (name, rs) in zip(axes[0], runs):
-        its = [r for r in rs if r["kind"] == "iteration"]
-        if len(its) == 1:
-            acc = its[0]["accuracy_by_difficulty"]
-            ax.bar([str(d) for d in difficulties], [acc.get(str(d), 0) for d in difficulties])
-            ax.set_xlabel("difficulty")
-        else:
-            for i, d in enumerate(difficulties):
-                color = plt.cm.viridis(i / max(1, len(difficulties) - 1))
-                ax.plot([r["iteration"] for r in its],
-                        [r["accuracy_by_difficulty"].get(str(d), float("nan")) for r in its],
-                        marker="o", color=color, label=f"{d}")
-            ax.set_xlabel("STaR iteration")
-            ax.legend(title="difficulty", fontsize=8)
-        ax.set_ylim(0, 1.02)
-        ax.set_ylabel("test accuracy (greedy)")
-        ax.set_title(name)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "accuracy.png"), dpi=110)
-    plt.close(fig)
-
-
 def main(argv=None):
     parser = get_parser()
     args = parser.parse_args(argv)
@@ -281,10 +249,9 @@ def main(argv=None):
     t0 = time.time()
     METHODS[args.method].run(args, task, P, D, test, args.out, args.device, new_model)
     rows = star.read_jsonl(os.path.join(args.out, "metrics.jsonl"))
-    table = summary_table(rows, args.test_difficulty)
+    table = METHODS[args.method].report(args, rows)
     star.write_atomic(os.path.join(args.out, "summary.md"),
                       f"# {args.method} on {args.task}\n\n{table}\n")
-    plot(args.out, rows, args.test_difficulty, f"{args.method} on {args.task}")
     print(f"\n{table}\n\ndone in {time.time() - t0:.0f}s; results in {args.out}/ "
           f"(summary.md, accuracy.png, metrics.jsonl)")
 

@@ -1,0 +1,400 @@
+"""
+V-STaR: keep the wrong solutions too, and train a verifier on them with DPO.
+
+Follows Hosseini, Yuan, Malkin, Courville, Sordoni, Agarwal 2024, "V-STaR: Training Verifiers
+for Self-Taught Reasoners" (arXiv 2402.06457), Algorithm 1:
+
+    D_GEN <- P (gold);  G_SFT <- SFT(base, D_GEN)
+    for n = 1..T:
+        S <- k samples per problem of P and D from the current generator, labelled right/wrong
+        D_GEN <- D_GEN + the right ones;   D_VER <- D_VER + all of them
+        G_n <- SFT(base, D_GEN)                       (restart from the base every iteration)
+    V <- DPO(init = G_SFT, reference = G_SFT, pairs (right, wrong) of the same problem in
+             D_VER, where P's gold solutions count as right)
+    test time: sample candidates from G_T, answer with the one V scores highest.
+
+Run: python train.py --method vstar          (expression task by default)
+
+Evaluation draws n samples per held-out problem once, and computes from them, for k = 1, 2, 4,
+.., n, the unbiased estimates of pass@k (an oracle bound), best-of-k with each verifier, and
+majority@k; plus greedy accuracy. See pass_at_k, best_of_k and majority_at_k below.
+
+Deliberate departures from the paper:
+1. The generator's samples are drawn from G_(n-1) and G_n is fine-tuned after them (the paper
+   indexes it the other way round); the test-time generator G_T is trained on every right
+   sample, the last iteration's included.
+2. The base model is a fresh, seeded GPT (there is no pretrained model); G_SFT is trained on P.
+3. The verifier's score is log V(y|x) as in the paper; the paper does not say summed or
+   length-normalised, so both are computed and reported ("dpo" and "dpo-mean").
+4. The comparison ORM (a scalar head on G_SFT's last hidden state, binary cross-entropy on
+   right/wrong) is trained on exactly the same labelled samples.
+"""
+
+import json
+import math
+import os
+import random
+import time
+from itertools import product
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import star
+from model import autocast, load_checkpoint, save_checkpoint, sequence_logprobs
+from tasks import EOT, PAD, encode
+
+# -----------------------------------------------------------------------------
+# Unbiased estimators over n samples of one problem
+
+
+def pass_at_k(n, c, k):
+    """P(at least one of k samples drawn without replacement from n, c right, is right).
+    Chen et al. 2021: 1 - C(n-c, k) / C(n, k)."""
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def best_of_k(scores, correct, k):
+    """P(the top-scored of k samples drawn without replacement from n is right).
+
+    Sorted by score, highest first, with rightness a_0..a_(n-1): sum_i C(n-i-1, k-1) a_i / C(n, k)
+    (V-STaR, section 4). Ties: the verifier picks uniformly among tied top candidates, which is
+    exactly the same formula with each a_i replaced by the mean rightness of its tie group.
+    """
+    n = len(scores)
+    order = sorted(range(n), key=lambda i: -scores[i])
+    a = [float(correct[i]) for i in order]
+    i = 0
+    while i < n:  # average rightness within each group of equal scores
+        j = i
+        while j + 1 < n and scores[order[j + 1]] == scores[order[i]]:
+            j += 1
+        mean = sum(a[i:j + 1]) / (j + 1 - i)
+        a[i:j + 1] = [mean] * (j + 1 - i)
+        i = j + 1
+    return sum(math.comb(n - i - 1, k - 1) * a[i] for i in range(n - k + 1)) / math.comb(n, k)
+
+
+def majority_at_k(answers, right_answer, k):
+    """P(majority vote over k samples drawn without replacement from n is right), exactly.
+
+    answers: the n canonical answers (None = unparsable). An unparsable answer never gets a
+    vote; a subset with no parsable answer is wrong. Ties between the top answers are broken
+    uniformly at random, so a tie of t answers credits 1/t. Counted over all k-subsets by
+    dynamic programming over answer groups: for every j (votes for the right answer), count the
+    ways the other groups stay below j, or tie at exactly j (tracking how many tie).
+    """
+    n = len(answers)
+    groups = {}
+    for a in answers:
+        if a is not None:
+            groups[a] = groups.get(a, 0) + 1
+    c = groups.pop(right_answer, 0)
+    n_none = n - c - sum(groups.values())
+    others = list(groups.values())
+    total = 0.0
+    for j in range(1, min(c, k) + 1):
+        # ways[m][t]: choose m samples among the other groups, each with < j or == j votes,
+        # t of them with exactly j
+        ways = [[0] * (len(others) + 1) for _ in range(k + 1)]
+        ways[0][0] = 1
+        for g in others:
+            new = [[0] * (len(others) + 1) for _ in range(k + 1)]
+            for m in range(k + 1):
+                for t in range(len(others) + 1):
+                    if ways[m][t] == 0:
+                        continue
+                    for x in range(0, min(g, j) + 1):
+                        if m + x <= k:
+                            new[m + x][t + (x == j)] += ways[m][t] * math.comb(g, x)
+            ways = new
+        for m in range(k - j + 1):
+            rest = k - j - m  # filled with unparsable samples, which do not vote
+            if rest > n_none:
+                continue
+            for t in range(len(others) + 1):
+                if ways[m][t]:
+                    total += math.comb(c, j) * ways[m][t] * math.comb(n_none, rest) / (t + 1)
+    return total / math.comb(n, k)
+
+
+# -----------------------------------------------------------------------------
+# The DPO loss and the verifiers
+
+
+def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta):
+    """-log sigmoid(beta * [(log pi(y+) - log ref(y+)) - (log pi(y-) - log ref(y-))]).
+
+    Rafailov et al. 2023, eq. 7, with summed completion log-probs. Returns (mean loss, the
+    implicit rewards of chosen and rejected, the share of pairs ranked right)."""
+    r_chosen = beta * (pi_chosen - ref_chosen)
+    r_rejected = beta * (pi_rejected - ref_rejected)
+    loss = -F.logsigmoid(r_chosen - r_rejected).mean()
+    return loss, r_chosen.detach(), r_rejected.detach(), (r_chosen > r_rejected).float().mean()
+
+
+class ORM(nn.Module):
+    """Outcome reward model: the generator's network with a scalar head reading the last hidden
+    state of the completion (its end-of-text token). Trained with binary cross-entropy."""
+
+    def __init__(self, gpt):
+        super().__init__()
+        self.gpt = gpt
+        self.head = nn.Linear(gpt.config.n_embd, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, prompts, completions):
+        device = self.head.weight.device
+        seqs = [p + c for p, c in zip(prompts, completions)]
+        T = max(len(s) for s in seqs)
+        idx = torch.full((len(seqs), T), PAD, dtype=torch.long)
+        for b, s in enumerate(seqs):
+            idx[b, :len(s)] = torch.tensor(s)
+        last = torch.tensor([len(s) - 1 for s in seqs], device=device)
+        _, h = self.gpt(idx.to(device), return_hidden=True)  # (B, T, C)
+        return self.head(h[torch.arange(len(seqs), device=device), last].float()).squeeze(-1)
+
+
+def pairs_of(labelled):
+    """(prompt, right completion, wrong completion) for every right x wrong pair of a problem."""
+    by_prompt = {}
+    for prompt, completion, ok in labelled:
+        by_prompt.setdefault(tuple(prompt), ([], []))[0 if ok else 1].append(completion)
+    return [(list(p), r, w) for p, (rights, wrongs) in by_prompt.items()
+            for r, w in product(rights, wrongs)]
+
+
+def train_dpo(sft_path, labelled, args, device):
+    """The DPO verifier: starts from G_SFT, reference G_SFT; pairs sampled each step."""
+    pairs = pairs_of(labelled)
+    if not pairs:
+        raise ValueError("no (right, wrong) pair of the same problem: DPO has nothing to learn")
+    policy = load_checkpoint(sft_path, device)[0].train()
+    ref = load_checkpoint(sft_path, device)[0].eval()
+    opt = policy.configure_optimizer(args.verifier_lr, weight_decay=0.0)
+    rng = random.Random(args.seed)
+    bar = tqdm(range(args.verifier_steps), desc="DPO verifier", leave=False, dynamic_ncols=True)
+    accs = []
+    for step in bar:
+        batch = [pairs[rng.randrange(len(pairs))] for _ in range(args.batch_size)]
+        prompts = [p for p, _, _ in batch] * 2
+        completions = [r for _, r, _ in batch] + [w for _, _, w in batch]
+        with autocast(str(device)):
+            pi = sequence_logprobs(policy, prompts, completions, PAD)  # (2B,)
+            with torch.no_grad():
+                rf = sequence_logprobs(ref, prompts, completions, PAD)
+        B = len(batch)
+        loss, _, _, acc = dpo_loss(pi[:B], pi[B:], rf[:B], rf[B:], args.beta)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+        opt.step()
+        accs.append(acc.item())
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}", pair_acc=f"{sum(accs[-20:]) / len(accs[-20:]):.2f}")
+    return policy.eval(), len(pairs)
+
+
+def train_orm(sft_path, labelled, args, device):
+    """The comparison verifier: G_SFT with a scalar head, BCE on the same labelled samples."""
+    orm = ORM(load_checkpoint(sft_path, device)[0]).to(device).train()
+    opt = torch.optim.AdamW(orm.parameters(), lr=args.verifier_lr, weight_decay=0.0)
+    rng = random.Random(args.seed + 1)
+    bar = tqdm(range(args.verifier_steps), desc="ORM verifier", leave=False, dynamic_ncols=True)
+    for step in bar:
+        batch = [labelled[rng.randrange(len(labelled))] for _ in range(2 * args.batch_size)]
+        with autocast(str(device)):
+            logits = orm([p for p, _, _ in batch], [c for _, c, _ in batch])
+        y = torch.tensor([float(ok) for _, _, ok in batch], device=logits.device)
+        loss = F.binary_cross_entropy_with_logits(logits.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    return orm.eval()
+
+
+@torch.no_grad()
+def scores(verifier, prompts, completions, kind, batch_size=256):
+    """Verifier scores: 'dpo' = log V(y|x) summed, 'dpo-mean' = per completion token, 'orm' =
+    the head's logit."""
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        p, c = prompts[i:i + batch_size], completions[i:i + batch_size]
+        if kind == "orm":
+            out += verifier(p, c).float().tolist()
+        else:
+            s = sequence_logprobs(verifier, p, c, PAD).float()
+            if kind == "dpo-mean":
+                s = s / torch.tensor([len(x) for x in c], device=s.device)
+            out += s.tolist()
+    return out
+
+
+# -----------------------------------------------------------------------------
+# The generator loop, the verifiers, the evaluation
+
+
+def label(task, problems, texts):
+    """(prompt ids, completion ids + end-of-text, right?) for every sample of every problem."""
+    return [(encode(task.prompt(p)), encode(t) + [EOT], task.check(p, t))
+            for p, ts in zip(problems, texts) for t in ts]
+
+
+def save_labelled(path, rows):
+    star.write_atomic(path, "".join(
+        json.dumps({"prompt": p, "completion": c, "right": ok}) + "\n" for p, c, ok in rows))
+
+
+def load_labelled(path):
+    return [(r["prompt"], r["completion"], r["right"]) for r in star.read_jsonl(path)]
+
+
+def curves(task, problems, texts, verifier_scores, ks):
+    """Mean over problems of pass@k, best-of-k per verifier, majority@k, for each k."""
+    res = {"k": ks, "pass@k": [], "majority@k": []}
+    res.update({f"best-of-k {name}": [] for name in verifier_scores})
+    for k in ks:
+        row = {key: 0.0 for key in res if key != "k"}
+        for i, (p, ts) in enumerate(zip(problems, texts)):
+            right = [task.check(p, t) for t in ts]
+            row["pass@k"] += pass_at_k(len(ts), sum(right), k)
+            answers = [task.extract_answer(t) for t in ts]
+            gold = next((a for a, ok in zip(answers, right) if ok), "\0no right answer")
+            row["majority@k"] += majority_at_k(answers, gold, k)
+            for name, s in verifier_scores.items():
+                row[f"best-of-k {name}"] += best_of_k(s[i], right, k)
+        for key in row:
+            res[key].append(row[key] / len(problems))
+    return res
+
+
+def pair_accuracy(task, problems, texts, s):
+    """Share of held-out (right, wrong) pairs of the same problem the verifier ranks right."""
+    good = total = 0
+    for p, ts, sc in zip(problems, texts, s):
+        right = [task.check(p, t) for t in ts]
+        for a, b in product(range(len(ts)), repeat=2):
+            if right[a] and not right[b]:
+                total += 1
+                good += sc[a] > sc[b]
+    return good / total if total else float("nan")
+
+
+def run(args, task, P, D, test, out, device, new_model):
+    metrics = os.path.join(out, "metrics.jsonl")
+    rows = star.read_jsonl(metrics)
+    done = {r["iteration"] for r in rows if r.get("kind") == "iteration"}
+    gen_path = lambda n: os.path.join(out, f"generator_iter{n}.pt")  # noqa: E731
+    lab_path = lambda n: os.path.join(out, f"labelled_iter{n}.jsonl")  # noqa: E731
+    gold = star.gold_examples(task, P, with_hints=False)
+
+    def sft_from_base(examples, n):
+        """G = SFT(base, examples): a fresh seeded model each time, as the paper restarts."""
+        torch.manual_seed(args.seed)
+        model = new_model()
+        loss = star.finetune(model, examples, args.steps, args.lr, args.batch_size,
+                             seed=args.seed * 1000 + n, desc=f"generator {n}: SFT")
+        return model, loss
+
+    def commit(n, model, stats, t0):
+        acc, overall, _ = star.evaluate(model, task, test, args.sample_batch_size)
+        save_checkpoint(gen_path(n), model, "arith-char-v1", extra={"iteration": n})
+        star.append_jsonl(metrics, {"kind": "iteration", "iteration": n, "accuracy": overall,
+                                    "accuracy_by_difficulty": {str(d): a for d, a in acc.items()},
+                                    **stats, "wall_s": round(time.time() - t0, 1)})
+        tqdm.write(f"generator {n}: greedy accuracy {overall:.3f}")
+
+    if 0 not in done:  # G_SFT: the generator's start, the verifier's start and its reference
+        t0 = time.time()
+        model, loss = sft_from_base(gold, 0)
+        commit(0, model, {"train_steps": args.steps, "train_loss": loss}, t0)
+    for n in range(1, args.iterations + 1):
+        if n in done:
+            continue
+        t0 = time.time()
+        gen = load_checkpoint(gen_path(n - 1), device)[0].eval()
+        texts, _ = star.sample(gen, task, P + D, n=args.samples, temperature=args.temperature,
+                               batch_size=args.sample_batch_size, seed=args.seed * 1000 + n,
+                               desc=f"generator {n}: sample")
+        labelled = label(task, P + D, texts)
+        save_labelled(lab_path(n), labelled)  # D_VER grows by every sample, right or wrong
+        right = [(p, c) for i in range(1, n + 1) for p, c, ok in load_labelled(lab_path(i)) if ok]
+        model, loss = sft_from_base(gold + right, n)  # D_GEN = P + every right sample so far
+        commit(n, model, {"train_steps": args.steps, "train_loss": loss,
+                          "samples_right": sum(ok for _, _, ok in labelled) / len(labelled),
+                          "d_gen": len(gold) + len(right)}, t0)
+
+    if any(r.get("kind") == "eval" for r in rows):
+        return
+    t0 = time.time()
+    # D_VER: every labelled sample, and P's gold solutions, which count as right (the paper)
+    d_ver = [(p, c, True) for p, c in gold] + \
+        [x for n in range(1, args.iterations + 1) for x in load_labelled(lab_path(n))]
+    dpo, n_pairs = train_dpo(gen_path(0), d_ver, args, device)
+    orm = train_orm(gen_path(0), d_ver, args, device)
+    save_checkpoint(os.path.join(out, "verifier_dpo.pt"), dpo, "arith-char-v1")
+
+    # test time: n samples per held-out problem from the final generator, drawn once
+    gen = load_checkpoint(gen_path(args.iterations), device)[0].eval()
+    texts, _ = star.sample(gen, task, test, n=args.eval_samples, temperature=args.temperature,
+                           batch_size=args.sample_batch_size, seed=args.seed * 1000 + 999,
+                           desc="test samples")
+    prompts = [encode(task.prompt(p)) for p, ts in zip(test, texts) for _ in ts]
+    comps = [encode(t) + [EOT] for ts in texts for t in ts]
+    verifier_scores = {}
+    for name, v in [("dpo", dpo), ("dpo-mean", dpo), ("orm", orm)]:
+        flat = scores(v, prompts, comps, name)
+        verifier_scores[name] = [flat[i * args.eval_samples:(i + 1) * args.eval_samples]
+                                 for i in range(len(test))]
+    ks = [2 ** i for i in range(int(math.log2(args.eval_samples)) + 1)]
+    res = curves(task, test, texts, verifier_scores, ks)
+    greedy = [r for r in star.read_jsonl(metrics) if r.get("kind") == "iteration"][-1]["accuracy"]
+    row = {"kind": "eval", "greedy": greedy, "n": args.eval_samples, "pairs": n_pairs,
+           "d_ver": len(d_ver), **res,
+           **{f"pair_acc {name}": pair_accuracy(task, test, texts, s)
+              for name, s in verifier_scores.items()},
+           "wall_s": round(time.time() - t0, 1)}
+    star.append_jsonl(metrics, row)
+
+
+def report(args, rows):
+    """The table (generator per iteration, then accuracy against k) and vstar.png."""
+    lines = ["| generator | greedy accuracy | right samples | D_GEN | steps | wall s |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.get("kind") == "iteration":
+            name = "G_SFT (P only)" if r["iteration"] == 0 else f"iteration {r['iteration']}"
+            lines.append(f"| {name} | {r['accuracy']:.3f} | {r.get('samples_right', float('nan')):.3f} "
+                         f"| {r.get('d_gen', '-')} | {r['train_steps']} | {r['wall_s']} |")
+    ev = next((r for r in rows if r.get("kind") == "eval"), None)
+    if ev is None:
+        return "\n".join(lines)
+    keys = [k for k in ev if k.startswith("pass@") or k.startswith("best-of") or k == "majority@k"]
+    lines += ["", "| k | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for i, k in enumerate(ev["k"]):
+        lines.append(f"| {k} | " + " | ".join(f"{ev[key][i]:.3f}" for key in keys) + " |")
+    lines += ["", f"greedy {ev['greedy']:.3f}; held-out pair accuracy: " +
+              ", ".join(f"{k[9:]} {ev[k]:.3f}" for k in ev if k.startswith("pair_acc")) +
+              f"; {ev['pairs']} training pairs from {ev['d_ver']} labelled samples"]
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for key in keys:
+        ax.plot(ev["k"], ev[key], marker="o", label=key, ls="--" if key == "pass@k" else "-")
+    ax.axhline(ev["greedy"], color="gray", ls=":", label="greedy")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("k (samples per problem)")
+    ax.set_ylabel("held-out accuracy")
+    ax.set_title(f"V-STaR on {args.task}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(args.out, "vstar.png"), dpi=110)
+    plt.close(fig)
+    return "\n".join(lines)
