@@ -37,11 +37,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model import autocast, generate, load_checkpoint, save_checkpoint, sequence_logprobs  # noqa: F401
+from model import autocast, generate, load_checkpoint, save_checkpoint
 from tasks import EOT, EOTH, PAD, SOT, decode, encode
 
 # -----------------------------------------------------------------------------
 # Examples and batches
+
 
 def make_example(task, p, completion, hint=False):
     """(prompt ids, completion ids + end-of-text) for one problem and one completion text."""
@@ -78,11 +79,13 @@ def lr_at(step, steps, lr, warmup):
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
-def finetune(model, examples, steps, lr, batch_size, seed, desc="fine-tune"):
-    """Supervised fine-tuning on (prompt, completion) examples; returns the last losses' mean."""
+def finetune(model, examples, steps, lr, batch_size, seed, desc="fine-tune", compile=False):
+    """Supervised fine-tuning on (prompt, completion) examples; returns the last losses' mean.
+    compile=True runs the forward through torch.compile (shapes vary, so dynamic=True)."""
     if not examples:
         raise ValueError("nothing to fine-tune on: the example set is empty")
     device = next(model.parameters()).device
+    forward = torch.compile(model, dynamic=True) if compile else model
     opt = model.configure_optimizer(lr)
     rng = random.Random(seed)
     model.train()
@@ -94,7 +97,7 @@ def finetune(model, examples, steps, lr, batch_size, seed, desc="fine-tune"):
         idx, tgt = collate([examples[rng.randrange(len(examples))] for _ in range(batch_size)],
                            device)
         with autocast(str(device)):
-            logits = model(idx)  # (B, T, V)
+            logits = forward(idx)  # (B, T, V)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), tgt.view(-1),
                                ignore_index=-1)
         opt.zero_grad(set_to_none=True)
@@ -186,7 +189,7 @@ def append_jsonl(path, row):
 def train_start_model(model, task, P, args, desc="SFT on P"):
     """Fine-tune a fresh model on P's gold rationales (with hinted copies); returns the loss."""
     return finetune(model, gold_examples(task, P), args.steps, args.lr, args.batch_size,
-                    seed=args.seed, desc=desc)
+                    seed=args.seed, desc=desc, compile=args.compile)
 
 
 def direct_examples(task, problems):
@@ -233,7 +236,7 @@ def star_iteration(prev, start_path, task, P, D, args, n, device):
     model = load_checkpoint(start_path, device)[0] if args.restart else prev
     steps = iteration_steps(args, n)
     loss = finetune(model, gold_examples(task, P) + kept, steps, args.lr, args.batch_size,
-                    seed=seed, desc=f"iter {n}: fine-tune")
+                    seed=seed, desc=f"iter {n}: fine-tune", compile=args.compile)
     stats = {"kept_generated": n_generated, "kept_rationalized": len(kept) - n_generated,
              "solved_D": len(solved) / len(D), "train_steps": steps, "train_loss": loss,
              "sampled_tokens": n_tok}
@@ -322,7 +325,7 @@ def run_direct_baseline(args, task, P, D, test, out, new_model):
     torch.manual_seed(args.seed)
     model = new_model()
     loss = finetune(model, direct_examples(task, P + D), steps, args.lr, args.batch_size,
-                    seed=args.seed, desc="direct-answer baseline")
+                    seed=args.seed, desc="direct-answer baseline", compile=args.compile)
     acc, overall, _ = evaluate(model, task, test, args.sample_batch_size)
     append_jsonl(metrics, {"kind": "direct", "accuracy": overall,
                            "accuracy_by_difficulty": {str(d): a for d, a in acc.items()},
@@ -351,7 +354,7 @@ def summary_table(rows, difficulties):
     return "\n".join(lines)
 
 
-def plot(out, rows, difficulties, title):
+def plot(out, rows, difficulties, title, trained=()):
     """STaR's Figure 4: test accuracy per difficulty across iterations; the run with and without
     rationalization side by side when both folders exist. Iteration 0 alone: one bar chart."""
     import matplotlib
@@ -375,8 +378,10 @@ def plot(out, rows, difficulties, title):
                 color = plt.cm.viridis(i / max(1, len(difficulties) - 1))
                 ax.plot([r["iteration"] for r in its],
                         [r["accuracy_by_difficulty"].get(str(d), float("nan")) for r in its],
-                        marker="o", color=color, label=f"{d}")
+                        marker="o", color=color,
+                        label=f"{d}" if d in trained else f"{d} (never trained on)")
             ax.set_xlabel("STaR iteration")
+            ax.set_xticks([r["iteration"] for r in its])
             ax.legend(title="difficulty", fontsize=8)
         ax.set_ylim(0, 1.02)
         ax.set_ylabel("test accuracy (greedy)")
@@ -389,5 +394,6 @@ def plot(out, rows, difficulties, title):
 
 def report(args, rows):
     """The summary table (returned) and accuracy.png, from the run's metrics rows."""
-    plot(args.out, rows, args.test_difficulty, f"{args.method} on {args.task}")
+    plot(args.out, rows, args.test_difficulty, f"{args.method} on {args.task}",
+         args.train_difficulty)
     return summary_table(rows, args.test_difficulty)

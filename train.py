@@ -23,7 +23,7 @@ import torch
 
 import star
 import vstar
-from model import GPT, PRESETS, autodetect_device, get_config
+from model import GPT, PRESETS, autodetect_device, get_config, load_checkpoint
 from tasks import TASKS, encode, get_task, sample_problems
 
 METHODS = {"sft": star, "star": star, "vstar": vstar}
@@ -243,7 +243,7 @@ def main(argv=None):
 
     def new_model():
         if args.checkpoint:
-            return star.load_checkpoint(args.checkpoint, args.device)[0]
+            return load_checkpoint(args.checkpoint, args.device)[0]
         return GPT(cfg).to(args.device)
 
     t0 = time.time()

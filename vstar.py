@@ -298,7 +298,8 @@ def run(args, task, P, D, test, out, device, new_model):
         torch.manual_seed(args.seed)
         model = new_model()
         loss = star.finetune(model, examples, args.steps, args.lr, args.batch_size,
-                             seed=args.seed * 1000 + n, desc=f"generator {n}: SFT")
+                             seed=args.seed * 1000 + n, desc=f"generator {n}: SFT",
+                             compile=args.compile)
         return model, loss
 
     def commit(n, model, stats, t0):
