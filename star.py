@@ -366,7 +366,7 @@ def plot(out, rows, difficulties, title, trained=()):
         twin_rows = read_jsonl(os.path.join(twin, "metrics.jsonl"))
         with_rat, without = (rows, twin_rows) if twin.endswith("-norat") else (twin_rows, rows)
         runs = [("with rationalization", with_rat), ("without rationalization", without)]
-    fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(runs), figsize=(5.5 * len(runs) + 1.5, 4), squeeze=False)
     for ax, (name, rs) in zip(axes[0], runs):
         its = [r for r in rs if r["kind"] == "iteration"]
         if len(its) == 1:
@@ -382,7 +382,9 @@ def plot(out, rows, difficulties, title, trained=()):
                         label=f"{d}" if d in trained else f"{d} (never trained on)")
             ax.set_xlabel("STaR iteration")
             ax.set_xticks([r["iteration"] for r in its])
-            ax.legend(title="difficulty", fontsize=8)
+            if ax is axes[0][-1]:  # one legend, outside the data
+                ax.legend(title="difficulty", fontsize=8, loc="center left",
+                          bbox_to_anchor=(1.02, 0.5))
         ax.set_ylim(0, 1.02)
         ax.set_ylabel("test accuracy (greedy)")
         ax.set_title(name)

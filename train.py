@@ -161,6 +161,9 @@ def resolve(args, parser):
                            temperature=0.7 if vstar_run else 0.0)
     if vstar_run:
         method_defaults["iterations"] = 2 if args.preset == "tiny" else 3  # the paper: T = 3
+        # V-STaR's SFT set is a whole training set with gold solutions, not STaR's small P:
+        # with P = 300 the tiny generator memorised it (4% greedy on held-out expressions)
+        method_defaults["n_train"] = 2000
     for k, v in {**RUN_DEFAULTS[args.preset], **method_defaults}.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
