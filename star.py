@@ -12,7 +12,7 @@ Follows Zelikman, Wu, Mu, Goodman 2022, "STaR: Bootstrapping Reasoning With Reas
   5. evaluate on held-out problems.
 
 Run: python train.py --method star           (python train.py --help for the ablation flags)
-The supervised stage alone (the model trained on the worked examples P): python train.py --method sft
+The supervised stage alone (the model trained on worked examples P): python train.py --method sft
 
 Deliberate departures from the paper:
 1. The model is a tiny GPT trained from scratch, so it cannot be few-shot prompted (the paper

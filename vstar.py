@@ -194,7 +194,8 @@ def train_dpo(sft_path, labelled, args, device):
         opt.step()
         accs.append(acc.item())
         if step % 10 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}", pair_acc=f"{sum(accs[-20:]) / len(accs[-20:]):.2f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}",
+                            pair_acc=f"{sum(accs[-20:]) / len(accs[-20:]):.2f}")
     return policy.eval(), len(pairs)
 
 
@@ -370,8 +371,9 @@ def report(args, rows):
     for r in rows:
         if r.get("kind") == "iteration":
             name = "G_SFT (P only)" if r["iteration"] == 0 else f"iteration {r['iteration']}"
-            lines.append(f"| {name} | {r['accuracy']:.3f} | {r.get('samples_right', float('nan')):.3f} "
-                         f"| {r.get('d_gen', '-')} | {r['train_steps']} | {r['wall_s']} |")
+            right = r.get("samples_right", float("nan"))
+            lines.append(f"| {name} | {r['accuracy']:.3f} | {right:.3f} | {r.get('d_gen', '-')} "
+                         f"| {r['train_steps']} | {r['wall_s']} |")
     ev = next((r for r in rows if r.get("kind") == "eval"), None)
     if ev is None:
         return "\n".join(lines)
