@@ -232,9 +232,10 @@ def main(argv=None):
     cfg_path = os.path.join(args.out, "config.json")
     if os.path.exists(cfg_path):
         old = json.load(open(cfg_path))
-        same = {k: v for k, v in old.items() if k not in ("iterations", "device")} == \
-            {k: v for k, v in json.loads(json.dumps(config)).items()
-             if k not in ("iterations", "device")}
+        # settings that only add rows (more iterations, the baseline) or move the run may change
+        free = ("iterations", "device", "direct_baseline")
+        same = {k: v for k, v in old.items() if k not in free} == \
+            {k: v for k, v in json.loads(json.dumps(config)).items() if k not in free}
         if not same:
             parser.error(f"argument --out: {args.out!r} holds a run with other settings; "
                          f"choose another --out or delete it")
