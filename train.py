@@ -83,7 +83,8 @@ def get_parser():
     p = Parser(description="Self-taught reasoning from scratch: one command for every method.")
     # what to run
     p.add_argument("--method", default="star", choices=sorted(METHODS),
-                   help="sft: train on the worked examples P only; star: STaR on top of it")
+                   help="sft: train on the worked examples P only; star: STaR on top of it; "
+                        "vstar: V-STaR (generator iterations, DPO verifier, best-of-k)")
     p.add_argument("--task", default=None, choices=sorted(TASKS),
                    help="task family (default: addition; expression for vstar)")
     p.add_argument("--preset", default="tiny", choices=list(PRESETS),
