@@ -228,7 +228,7 @@ def main(argv=None):
 
     # a folder that holds another run's results is never mixed with this one's
     os.makedirs(args.out, exist_ok=True)
-    config = {k: v for k, v in vars(args).items()}
+    config = dict(vars(args))
     config["model"] = asdict(cfg)
     cfg_path = os.path.join(args.out, "config.json")
     if os.path.exists(cfg_path):

@@ -255,32 +255,30 @@ def load_labelled(path):
     return [(r["prompt"], r["completion"], r["right"]) for r in star.read_jsonl(path)]
 
 
-def curves(task, problems, texts, verifier_scores, ks):
-    """Mean over problems of pass@k, best-of-k per verifier, majority@k, for each k."""
+def curves(right, answers, golds, verifier_scores, ks):
+    """Mean over problems of pass@k, best-of-k per verifier, majority@k, for each k.
+    right[i], answers[i]: each sample's label and canonical answer for problem i; golds[i]: the
+    answer that counts as right (any right sample's)."""
     res = {"k": ks, "pass@k": [], "majority@k": []}
     res.update({f"best-of-k {name}": [] for name in verifier_scores})
     for k in ks:
         row = {key: 0.0 for key in res if key != "k"}
-        for i, (p, ts) in enumerate(zip(problems, texts)):
-            right = [task.check(p, t) for t in ts]
-            row["pass@k"] += pass_at_k(len(ts), sum(right), k)
-            answers = [task.extract_answer(t) for t in ts]
-            gold = next((a for a, ok in zip(answers, right) if ok), "\0no right answer")
-            row["majority@k"] += majority_at_k(answers, gold, k)
+        for i, (r, a, gold) in enumerate(zip(right, answers, golds)):
+            row["pass@k"] += pass_at_k(len(r), sum(r), k)
+            row["majority@k"] += majority_at_k(a, gold, k)
             for name, s in verifier_scores.items():
-                row[f"best-of-k {name}"] += best_of_k(s[i], right, k)
+                row[f"best-of-k {name}"] += best_of_k(s[i], r, k)
         for key in row:
-            res[key].append(row[key] / len(problems))
+            res[key].append(row[key] / len(right))
     return res
 
 
-def pair_accuracy(task, problems, texts, s):
+def pair_accuracy(right, s):
     """Share of held-out (right, wrong) pairs of the same problem the verifier ranks right."""
     good = total = 0
-    for p, ts, sc in zip(problems, texts, s):
-        right = [task.check(p, t) for t in ts]
-        for a, b in product(range(len(ts)), repeat=2):
-            if right[a] and not right[b]:
+    for r, sc in zip(right, s):
+        for a, b in product(range(len(r)), repeat=2):
+            if r[a] and not r[b]:
                 total += 1
                 good += sc[a] > sc[b]
     return good / total if total else float("nan")
@@ -348,18 +346,24 @@ def run(args, task, P, D, test, out, device, new_model):
                            desc="test samples")
     prompts = [encode(task.prompt(p)) for p, ts in zip(test, texts) for _ in ts]
     comps = [encode(t) + [EOT] for ts in texts for t in ts]
-    verifier_scores = {}
-    for name, v in [("dpo", dpo), ("dpo-mean", dpo), ("orm", orm)]:
-        flat = scores(v, prompts, comps, name)
-        verifier_scores[name] = [flat[i * args.eval_samples:(i + 1) * args.eval_samples]
-                                 for i in range(len(test))]
-    ks = [2 ** i for i in range(int(math.log2(args.eval_samples)) + 1)]
-    res = curves(task, test, texts, verifier_scores, ks)
+    flat_sum = scores(dpo, prompts, comps, "dpo")
+    flat = {"dpo": flat_sum,  # "dpo-mean" as scores() defines it, without a second pass:
+            "dpo-mean": [s / len(c) for s, c in zip(flat_sum, comps)],
+            "orm": scores(orm, prompts, comps, "orm")}
+    n = args.eval_samples
+    verifier_scores = {name: [f[i * n:(i + 1) * n] for i in range(len(test))]
+                       for name, f in flat.items()}
+    # every sample labelled once; the estimators reuse the labels for every k and verifier
+    right = [[task.check(p, t) for t in ts] for p, ts in zip(test, texts)]
+    answers = [[task.extract_answer(t) for t in ts] for ts in texts]
+    golds = [next((a for a, ok in zip(ans, r) if ok), "\0no right answer")
+             for ans, r in zip(answers, right)]
+    ks = [2 ** i for i in range(int(math.log2(n)) + 1)]
+    res = curves(right, answers, golds, verifier_scores, ks)
     greedy = [r for r in star.read_jsonl(metrics) if r.get("kind") == "iteration"][-1]["accuracy"]
     row = {"kind": "eval", "greedy": greedy, "n": args.eval_samples, "pairs": n_pairs,
            "d_ver": len(d_ver), **res,
-           **{f"pair_acc {name}": pair_accuracy(task, test, texts, s)
-              for name, s in verifier_scores.items()},
+           **{f"pair_acc {name}": pair_accuracy(right, s) for name, s in verifier_scores.items()},
            "wall_s": round(time.time() - t0, 1)}
     star.append_jsonl(metrics, row)
 
