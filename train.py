@@ -21,13 +21,16 @@ from dataclasses import asdict
 
 import torch
 
+import quiet_star
+import search
 import star
 import vstar
 from model import GPT, PRESETS, autodetect_device, get_config, load_checkpoint
 from tasks import TASKS, encode, get_task, sample_problems
 
-METHODS = {"sft": star, "star": star, "vstar": vstar}
-DEFAULT_TASK = {"sft": "addition", "star": "addition", "vstar": "expression"}
+METHODS = {"sft": star, "star": star, "vstar": vstar, "search": search, "quiet_star": quiet_star}
+DEFAULT_TASK = {"sft": "addition", "star": "addition", "vstar": "expression",
+                "search": "countdown", "quiet_star": "addition"}
 
 # Run sizes per preset: "tiny" fits a 2-core CPU in minutes, "gpu" one H100 in well under 10.
 # Every one of them can be overridden by its flag.
@@ -84,7 +87,8 @@ def get_parser():
     # what to run
     p.add_argument("--method", default="star", choices=sorted(METHODS),
                    help="sft: train on the worked examples P only; star: STaR on top of it; "
-                        "vstar: V-STaR (generator iterations, DPO verifier, best-of-k)")
+                        "vstar: V-STaR (generator iterations, DPO verifier, best-of-k); "
+                        "search: test-time search at equal compute; quiet_star: Quiet-STaR")
     p.add_argument("--task", default=None, choices=sorted(TASKS),
                    help="task family (default: addition; expression for vstar)")
     p.add_argument("--preset", default="tiny", choices=list(PRESETS),
@@ -135,6 +139,10 @@ def get_parser():
     p.add_argument("--eval-samples", type=positive(int),
                    help="samples per held-out problem for pass@k, best-of-k, majority@k "
                         "(a power of 2)")
+    # search (flags of search.py only: keep them in this group)
+    # --- end of search flags
+    # Quiet-STaR (flags of quiet_star.py only: keep them in this group)
+    # --- end of Quiet-STaR flags
     return p
 
 
@@ -165,6 +173,10 @@ def resolve(args, parser):
         # V-STaR's SFT set is a whole training set with gold solutions, not STaR's small P:
         # with P = 300 the tiny generator memorised it (4% greedy on held-out expressions)
         method_defaults["n_train"] = 2000
+    # a method's own run sizes: module-level DEFAULTS = {preset: {flag: value}} (e.g. search.py)
+    for k, v in getattr(METHODS[args.method], "DEFAULTS", {}).get(args.preset, {}).items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
     for k, v in {**RUN_DEFAULTS[args.preset], **method_defaults}.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
