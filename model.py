@@ -33,6 +33,7 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -255,26 +256,44 @@ def padded_mask(valid, T_new):
 # -----------------------------------------------------------------------------
 # Sampling
 
-def _pick(logits, temperature, top_k, generator):
-    """Next token ids (B,) from logits (B, V): greedy when temperature == 0."""
+def _pick(logits, temperature, top_k, u):
+    """Next token ids (B,) from logits (B, V): greedy when temperature == 0.
+
+    Sampling uses the Gumbel-max trick, argmax(logits / temperature + g) with g = -log(-log u)
+    and u uniform: the same distribution as softmax sampling, but driven by noise u (B, V)
+    drawn up front, so that each row can own its random stream (see generate's seeds)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = F.softmax(logits.float(), dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return (logits - torch.log(-torch.log(u))).argmax(dim=-1)
+
+
+def _noise(B, T, V, temperature, generator, seeds, device):
+    """Uniform noise (B, T, V) for T sampling steps; row b from its own seed when seeds given,
+    so a row's sample does not depend on the other rows of its batch, or on its process."""
+    if temperature == 0:
+        return None
+    if seeds is None:
+        return torch.rand(B, T, V, generator=generator, device=device)
+    return torch.stack([torch.rand(T, V, device=device,
+                                   generator=torch.Generator(device).manual_seed(s))
+                        for s in seeds])
 
 
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens, stop_tokens, pad_id, temperature=1.0, top_k=None,
-             generator=None, banned_tokens=()):
+             generator=None, banned_tokens=(), seeds=None):
     """Sample continuations of a batch of ragged prompts with the KV cache.
 
     prompts: list of B token lists (any lengths). stop_tokens: ids that end a row (end-of-text,
     or also the newline to sample one reasoning step); the stop token is kept in the output.
     banned_tokens: ids never sampled (e.g. thought tokens and the pad).
+    generator: a torch.Generator for the batch's noise; or seeds: one int per row, each row's
+    noise then comes from its own generator (what star.sample uses, so that a problem's samples
+    are the same whatever batch or process it lands in).
     Returns (tokens, logp, lengths):
       tokens (B, max_new_tokens) long, pad_id after each row's stop;
       logp (B, max_new_tokens) float, the model's log-prob of each sampled token at temperature 1
@@ -300,13 +319,15 @@ def generate(model, prompts, max_new_tokens, stop_tokens, pad_id, temperature=1.
     done = torch.zeros(B, dtype=torch.bool, device=device)
     lengths = torch.zeros(B, dtype=torch.long, device=device)
     next_pos = pos[:, -1] + 1  # (B,) position id of each row's next token
+    V = model.config.vocab_size
+    u = _noise(B, max_new_tokens, V, temperature, generator, seeds, device)  # (B, T, V)
 
     logits = model(idx, pos=pos, mask=padded_mask(valid[:, :T0], T0), cache=cache)[:, -1]
     for t in range(max_new_tokens):
         logits = logits.float()
         if len(banned):
             logits[:, banned] = float("-inf")
-        tok = _pick(logits, temperature, top_k, generator)  # (B,)
+        tok = _pick(logits, temperature, top_k, None if u is None else u[:, t])  # (B,)
         lp = F.log_softmax(logits, dim=-1).gather(1, tok[:, None]).squeeze(1)  # (B,)
         # rows that already stopped write padding; no host sync needed for that
         tokens[:, t] = torch.where(done, pad_id, tok)
@@ -333,12 +354,13 @@ def generate_naive(model, prompt, max_new_tokens, stop_tokens, temperature=1.0, 
     """
     device = next(model.parameters()).device
     idx = torch.tensor([prompt], dtype=torch.long, device=device)
+    u = _noise(1, max_new_tokens, model.config.vocab_size, temperature, generator, None, device)
     out, out_logp = [], []
-    for _ in range(max_new_tokens):
+    for t in range(max_new_tokens):
         logits = model(idx)[:, -1].float()  # (1, V)
         if banned_tokens:
             logits[:, list(banned_tokens)] = float("-inf")
-        tok = _pick(logits, temperature, top_k, generator)
+        tok = _pick(logits, temperature, top_k, None if u is None else u[:, t])
         out.append(int(tok))
         out_logp.append(float(F.log_softmax(logits, dim=-1)[0, tok]))
         if out[-1] in stop_tokens:
@@ -408,10 +430,12 @@ def save_checkpoint(path, model, tokenizer, extra=None):
     model = getattr(model, "_orig_mod", model)  # a torch.compile'd model saves its original
     ckpt = {"config": asdict(model.config), "model": model.state_dict(),
             "tokenizer": tokenizer, "extra": extra or {}}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    if is_main():  # torchrun: one process writes, the others wait and may then read it
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = path + ".tmp"
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)
+    barrier()
 
 
 def load_checkpoint(path, device="cpu"):
@@ -422,3 +446,33 @@ def load_checkpoint(path, device="cpu"):
     model = GPT(GPTConfig(**ckpt["config"]))
     model.load_state_dict(ckpt["model"])
     return model.to(device), ckpt
+
+
+# -----------------------------------------------------------------------------
+# More than one process (torchrun, see train.py): with a single process each of these is a no-op
+
+def rank_world():
+    """(this process's rank, number of processes): (0, 1) unless torchrun started a group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main():
+    """Only the main process writes files and prints."""
+    return rank_world()[0] == 0
+
+
+def barrier():
+    if rank_world()[1] > 1:
+        dist.barrier()
+
+
+def all_gather(obj):
+    """Every process's obj (any picklable object), in rank order; [obj] with one process."""
+    world = rank_world()[1]
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out

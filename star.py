@@ -37,7 +37,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model import autocast, generate, load_checkpoint, save_checkpoint
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from model import (all_gather, autocast, barrier, generate, is_main, load_checkpoint, rank_world,
+                   save_checkpoint)
 from tasks import EOT, EOTH, PAD, SOT, decode, encode
 
 # -----------------------------------------------------------------------------
@@ -79,6 +82,20 @@ def lr_at(step, steps, lr, warmup):
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
+def batch_loss(forward, batch, device):
+    """Mean token loss of a global batch of examples. Under torchrun every process holds the
+    same global batch and computes on its share of it; DistributedDataParallel then averages
+    the gradients, so a step equals the single-process step on the whole batch."""
+    rank, world = rank_world()
+    n_targets = sum(len(c) for _, c in batch)  # the loss is the mean over these tokens
+    idx, tgt = collate(batch[rank::world], device)  # this process's share (all of it: 1)
+    with autocast(str(device)):
+        logits = forward(idx)  # (B, T, V)
+    # each process sums its share's token losses; DDP averages over processes, hence * world
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), tgt.view(-1),
+                           ignore_index=-1, reduction="sum") * world / n_targets
+
+
 def finetune(model, examples, steps, lr, batch_size, seed, desc="fine-tune", compile=False):
     """Supervised fine-tuning on (prompt, completion) examples; returns the last losses' mean.
     compile=True runs the forward through torch.compile (shapes vary, so dynamic=True)."""
@@ -86,20 +103,18 @@ def finetune(model, examples, steps, lr, batch_size, seed, desc="fine-tune", com
         raise ValueError("nothing to fine-tune on: the example set is empty")
     device = next(model.parameters()).device
     forward = torch.compile(model, dynamic=True) if compile else model
+    if rank_world()[1] > 1:  # torchrun: gradients averaged across processes
+        forward = DDP(forward)
     opt = model.configure_optimizer(lr)
-    rng = random.Random(seed)
+    rng = random.Random(seed)  # the same batches in every process
     model.train()
     losses = []
     bar = tqdm(range(steps), desc=desc, leave=False, dynamic_ncols=True)
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup=min(100, steps // 10 + 1))
-        idx, tgt = collate([examples[rng.randrange(len(examples))] for _ in range(batch_size)],
-                           device)
-        with autocast(str(device)):
-            logits = forward(idx)  # (B, T, V)
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), tgt.view(-1),
-                               ignore_index=-1)
+        batch = [examples[rng.randrange(len(examples))] for _ in range(batch_size)]
+        loss = batch_loss(forward, batch, device)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -120,15 +135,22 @@ def max_new_tokens(task, problems, block_size, prompt_len):
     return max(1, min(int(longest * 1.25) + 8, block_size - prompt_len))
 
 
+def row_seed(seed, i, j):
+    """The sampling seed of sample j of problem i: the same whatever batch or process it is in."""
+    return hash((seed, i, j)) % 2 ** 63  # a tuple of ints hashes the same in every run
+
+
 def sample(model, task, problems, hint=False, n=1, temperature=0.0, batch_size=256, seed=0,
            desc="sample"):
     """n completions per problem (texts, end-of-text stripped), in problem order, and the number
-    of tokens generated. Problems are batched by difficulty so that lengths are similar."""
+    of tokens generated. Problems are batched by difficulty so that lengths are similar.
+    Under torchrun each process samples the problems i with i % processes == rank, and every
+    process gets back all the texts."""
     device = next(model.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(seed)
-    jobs = sorted(((p.difficulty, i, j) for i, p in enumerate(problems) for j in range(n)))
-    texts = [[None] * n for _ in problems]
-    n_tokens = 0
+    rank, world = rank_world()
+    jobs = sorted((p.difficulty, i, j) for i, p in enumerate(problems) for j in range(n)
+                  if i % world == rank)
+    done, n_tokens = [], 0
     bar = tqdm(range(0, len(jobs), batch_size), desc=desc, leave=False, dynamic_ncols=True)
     for start in bar:
         chunk = jobs[start:start + batch_size]
@@ -137,14 +159,20 @@ def sample(model, task, problems, hint=False, n=1, temperature=0.0, batch_size=2
                                  model.config.block_size, max(len(q) for q in prompts))
         with autocast(str(device)):
             tokens, _, lengths = generate(model, prompts, max_new, stop_tokens=(EOT,),
-                                          pad_id=PAD, temperature=temperature, generator=gen,
-                                          banned_tokens=(SOT, EOTH, PAD))
+                                          pad_id=PAD, temperature=temperature,
+                                          banned_tokens=(SOT, EOTH, PAD),
+                                          seeds=[row_seed(seed, i, j) for _, i, j in chunk])
         tokens, lengths = tokens.tolist(), lengths.tolist()
         n_tokens += sum(lengths)
         for (_, i, j), row, n_tok in zip(chunk, tokens, lengths):
             row = row[:n_tok]
-            texts[i][j] = decode(row[:-1] if row and row[-1] == EOT else row)
-    return texts, n_tokens
+            done.append((i, j, decode(row[:-1] if row and row[-1] == EOT else row)))
+    texts = [[None] * n for _ in problems]
+    shares = all_gather((done, n_tokens))  # torchrun: every process's share; else just ours
+    for share, _ in shares:
+        for i, j, text in share:
+            texts[i][j] = text
+    return texts, sum(n for _, n in shares)
 
 
 def evaluate(model, task, problems, batch_size=256):
@@ -164,10 +192,12 @@ def evaluate(model, task, problems, batch_size=256):
 # Run bookkeeping: atomic writes, so an interrupted run never leaves half a file
 
 def write_atomic(path, text):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    if is_main():  # torchrun: one process writes, the others wait and may then read it
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    barrier()
 
 
 def read_jsonl(path):
@@ -280,7 +310,7 @@ def run(args, task, P, D, test, out, device, new_model):
                "accuracy_by_difficulty": {str(d): a for d, a in acc.items()},
                **stats, "wall_s": round(time.time() - t0, 1)}
         append_jsonl(metrics, row)  # the commit point
-        if n > 0 and os.path.exists(ckpt(n - 1)):
+        if n > 0 and os.path.exists(ckpt(n - 1)) and is_main():
             os.remove(ckpt(n - 1))  # only the newest iteration's model is kept (and M0)
         tqdm.write(f"iteration {n}: accuracy {overall:.3f} | " +
                    " ".join(f"{d}:{a:.2f}" for d, a in acc.items()) +

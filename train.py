@@ -19,13 +19,15 @@ import sys
 import time
 from dataclasses import asdict
 
+if int(os.environ.get("RANK", "0")) > 0:  # torchrun's other processes: no progress bars
+    os.environ["TQDM_DISABLE"] = "1"  # (tqdm reads it when it is first imported)
 import torch
 
 import quiet_star
 import search
 import star
 import vstar
-from model import GPT, PRESETS, autodetect_device, get_config, load_checkpoint
+from model import GPT, PRESETS, autodetect_device, get_config, is_main, load_checkpoint, rank_world
 from tasks import TASKS, encode, get_task, sample_problems
 
 METHODS = {"sft": star, "star": star, "vstar": vstar, "search": search, "quiet_star": quiet_star}
@@ -140,8 +142,45 @@ def get_parser():
                    help="samples per held-out problem for pass@k, best-of-k, majority@k "
                         "(a power of 2)")
     # search (flags of search.py only: keep them in this group)
+    p.add_argument("--budgets", default=None,
+                   help="search: budgets N, e.g. 1,2,4,8,16 (samples of best-of-N and the "
+                        "votes, beams of beam search, simulations of MCTS)")
+    p.add_argument("--beam-width", type=positive(int), default=4,
+                   help="search: M, each of the N/M surviving beams is repeated M times")
+    p.add_argument("--mcts-children", type=positive(int), default=4,
+                   help="search: steps sampled when MCTS expands a node (duplicates merged)")
+    p.add_argument("--mcts-c", type=float, default=1.0,
+                   help="search: UCT's exploration constant c")
+    p.add_argument("--rollouts", type=positive(int), default=None,
+                   help="search: Math-Shepherd rollouts per step prefix (the PRM's labels)")
     # --- end of search flags
     # Quiet-STaR (flags of quiet_star.py only: keep them in this group)
+    p.add_argument("--base-steps", type=positive(int), default=None,
+                   help="Quiet-STaR: training steps of the base language model (from scratch)")
+    p.add_argument("--continue-lr", type=positive(float), default=None,
+                   help="Quiet-STaR: peak learning rate after the base (both arms)")
+    p.add_argument("--seq-len", type=positive(int), default=None,
+                   help="Quiet-STaR: tokens per training sequence (whole lines, padded)")
+    p.add_argument("--thought-len", type=non_negative_int, default=None,
+                   help="Quiet-STaR: sampled tokens per thought, between start and end tokens")
+    p.add_argument("--n-true", type=positive(int), default=None,
+                   help="Quiet-STaR: true tokens teacher-forced after a thought (reward, loss)")
+    p.add_argument("--n-thoughts", type=positive(int), default=None,
+                   help="Quiet-STaR: thoughts sampled per position (the reward's baseline)")
+    p.add_argument("--think-stride", type=positive(int), default=1,
+                   help="Quiet-STaR: think at every k-th position in training (1: every token)")
+    p.add_argument("--thought-temperature", type=positive(float), default=1.0,
+                   help="Quiet-STaR: sampling temperature of training thoughts")
+    p.add_argument("--base-weight", type=float, default=0.5,
+                   help="Quiet-STaR: weight of the base next-token NLL (the code: 0.5)")
+    p.add_argument("--mixed-weight", type=float, default=0.5,
+                   help="Quiet-STaR: weight of the mixed NLL over the n_true tokens (0.5)")
+    p.add_argument("--reinforce-weight", type=float, default=1.0,
+                   help="Quiet-STaR: weight of REINFORCE on the thought tokens")
+    p.add_argument("--meta-lr-mult", type=positive(float), default=100.0,
+                   help="Quiet-STaR: start/end-of-thought embeddings learn this much faster")
+    p.add_argument("--eval-every", type=positive(int), default=None,
+                   help="Quiet-STaR: steps between evaluations (the metrics rows)")
     # --- end of Quiet-STaR flags
     return p
 
@@ -230,10 +269,28 @@ def block_size_for(task, problems, preset_size):
     return max(preset_size, -(-need // 64) * 64)
 
 
+def init_distributed(args, parser):
+    """torchrun --nproc_per_node=N train.py ...: join the process group torchrun set up (one
+    process per GPU, nccl; or per CPU slot, gloo). Only rank 0 prints, shows bars, writes files."""
+    import torch.distributed as dist
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if args.device.startswith("cuda"):
+        args.device = f"cuda:{local_rank}"
+        torch.cuda.set_device(args.device)
+    dist.init_process_group(backend="nccl" if args.device.startswith("cuda") else "gloo")
+    if args.batch_size < dist.get_world_size():
+        parser.error(f"argument --batch-size: {args.batch_size} is fewer than the "
+                     f"{dist.get_world_size()} processes that share each batch")
+    if not is_main():
+        sys.stdout = open(os.devnull, "w")  # (progress bars are off: see the imports)
+
+
 def main(argv=None):
     parser = get_parser()
     args = parser.parse_args(argv)
     task = resolve(args, parser)
+    if "LOCAL_RANK" in os.environ:  # started by torchrun
+        init_distributed(args, parser)
     P, D, test = build_data(task, args)
     cfg = get_config(args.preset, block_size=block_size_for(
         task, P + D + test, PRESETS[args.preset].block_size))
@@ -256,7 +313,7 @@ def main(argv=None):
 
     print(f"{args.method} on {args.task}: P={len(P)} D={len(D)} test={len(test)} "
           f"| model {args.preset} ({cfg.n_layer}x{cfg.n_embd}, block {cfg.block_size}) "
-          f"on {args.device} | out {args.out}")
+          f"on {args.device} x {rank_world()[1]} | out {args.out}")
 
     def new_model():
         if args.checkpoint:
@@ -265,6 +322,11 @@ def main(argv=None):
 
     t0 = time.time()
     METHODS[args.method].run(args, task, P, D, test, args.out, args.device, new_model)
+    if rank_world()[1] > 1:  # torchrun: the work is done; rank 0 alone writes the report
+        main_process = is_main()
+        torch.distributed.destroy_process_group()
+        if not main_process:
+            return
     rows = star.read_jsonl(os.path.join(args.out, "metrics.jsonl"))
     table = METHODS[args.method].report(args, rows)
     star.write_atomic(os.path.join(args.out, "summary.md"),
