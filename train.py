@@ -331,8 +331,9 @@ def main(argv=None):
     table = METHODS[args.method].report(args, rows)
     star.write_atomic(os.path.join(args.out, "summary.md"),
                       f"# {args.method} on {args.task}\n\n{table}\n")
+    plots = ", ".join(sorted(f for f in os.listdir(args.out) if f.endswith(".png")))
     print(f"\n{table}\n\ndone in {time.time() - t0:.0f}s; results in {args.out}/ "
-          f"(summary.md, accuracy.png, metrics.jsonl)")
+          f"(summary.md, metrics.jsonl, {plots})")
 
 
 if __name__ == "__main__":

@@ -43,7 +43,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import star
-from model import autocast, load_checkpoint, save_checkpoint, sequence_logprobs
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from model import all_gather, autocast, load_checkpoint, rank_world, save_checkpoint, sequence_logprobs
 from tasks import EOT, PAD, encode
 
 # -----------------------------------------------------------------------------
@@ -175,19 +177,23 @@ def train_dpo(sft_path, labelled, args, device):
     policy = load_checkpoint(sft_path, device)[0].train()
     ref = load_checkpoint(sft_path, device)[0].eval()
     opt = policy.configure_optimizer(args.verifier_lr, weight_decay=0.0)
+    rank, world = rank_world()
+    forward = DDP(policy) if world > 1 else policy  # torchrun: each process takes a share
     rng = random.Random(args.seed)
     bar = tqdm(range(args.verifier_steps), desc="DPO verifier", leave=False, dynamic_ncols=True)
     accs = []
     for step in bar:
         batch = [pairs[rng.randrange(len(pairs))] for _ in range(args.batch_size)]
-        prompts = [p for p, _, _ in batch] * 2
-        completions = [r for _, r, _ in batch] + [w for _, _, w in batch]
+        share = batch[rank::world]  # all of it with one process
+        prompts = [p for p, _, _ in share] * 2
+        completions = [r for _, r, _ in share] + [w for _, _, w in share]
         with autocast(str(device)):
-            pi = sequence_logprobs(policy, prompts, completions, PAD)  # (2B,)
+            pi = sequence_logprobs(forward, prompts, completions, PAD)  # (2B,)
             with torch.no_grad():
                 rf = sequence_logprobs(ref, prompts, completions, PAD)
-        B = len(batch)
+        B = len(share)
         loss, _, _, acc = dpo_loss(pi[:B], pi[B:], rf[:B], rf[B:], args.beta)
+        loss = loss * B * world / len(batch)  # DDP averages: the global batch's mean
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
@@ -203,14 +209,18 @@ def train_orm(sft_path, labelled, args, device):
     """The comparison verifier: G_SFT with a scalar head, BCE on the same labelled samples."""
     orm = ORM(load_checkpoint(sft_path, device)[0]).to(device).train()
     opt = torch.optim.AdamW(orm.parameters(), lr=args.verifier_lr, weight_decay=0.0)
+    rank, world = rank_world()
+    forward = DDP(orm) if world > 1 else orm  # torchrun: each process takes a share
     rng = random.Random(args.seed + 1)
     bar = tqdm(range(args.verifier_steps), desc="ORM verifier", leave=False, dynamic_ncols=True)
     for step in bar:
         batch = [labelled[rng.randrange(len(labelled))] for _ in range(2 * args.batch_size)]
+        share = batch[rank::world]
         with autocast(str(device)):
-            logits = orm([p for p, _, _ in batch], [c for _, c, _ in batch])
-        y = torch.tensor([float(ok) for _, _, ok in batch], device=logits.device)
-        loss = F.binary_cross_entropy_with_logits(logits.float(), y)
+            logits = forward([p for p, _, _ in share], [c for _, c, _ in share])
+        y = torch.tensor([float(ok) for _, _, ok in share], device=logits.device)
+        loss = F.binary_cross_entropy_with_logits(logits.float(), y, reduction="sum") * \
+            world / len(batch)  # DDP averages: the global batch's mean
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -222,18 +232,20 @@ def train_orm(sft_path, labelled, args, device):
 @torch.no_grad()
 def scores(verifier, prompts, completions, kind, batch_size=256):
     """Verifier scores: 'dpo' = log V(y|x) summed, 'dpo-mean' = per completion token, 'orm' =
-    the head's logit."""
-    out = []
-    for i in range(0, len(prompts), batch_size):
+    the head's logit. Under torchrun each process scores every world-th batch."""
+    rank, world = rank_world()
+    mine = {}
+    for i in range(rank * batch_size, len(prompts), world * batch_size):
         p, c = prompts[i:i + batch_size], completions[i:i + batch_size]
         if kind == "orm":
-            out += verifier(p, c).float().tolist()
+            mine[i] = verifier(p, c).float().tolist()
         else:
             s = sequence_logprobs(verifier, p, c, PAD).float()
             if kind == "dpo-mean":
                 s = s / torch.tensor([len(x) for x in c], device=s.device)
-            out += s.tolist()
-    return out
+            mine[i] = s.tolist()
+    batches = {i: s for share in all_gather(mine) for i, s in share.items()}
+    return [x for i in sorted(batches) for x in batches[i]]
 
 
 # -----------------------------------------------------------------------------
