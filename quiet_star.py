@@ -1,9 +1,542 @@
-"""Quiet-STaR (being written: issue 6)."""
+"""
+Quiet-STaR: the model thinks after every token, and learns which thoughts help predict the text.
+
+Follows Zelikman, Harik, Shao, Jayasiri, Haber, Goodman 2024, "Quiet-STaR: Language Models Can
+Teach Themselves to Think Before Speaking" (arXiv 2403.09629), Algorithm 1 and the official code
+(ezelikman/quiet-star). For every position t of a training sequence, in parallel:
+  1. think: append <|startofthought|>, sample thought_len tokens, append <|endofthought|>
+     (one forward pass per token for all positions at once, reusing the KV cache; the attention
+     mask lets each thought see its real prefix x[:t+1] and its own earlier thought tokens only);
+  2. talk: a mixing head weighs the next-token prediction with the thought against the one
+     without it, and the next n_true real tokens are teacher-forced after the thought;
+  3. learn: the reward of a thought is the log-likelihood of those n_true tokens with it, minus
+     the mean over the thoughts sampled at the same position (negatives clamped to 0);
+     loss = w_base * NLL(base) + w_mixed * NLL(mixed) + beta * REINFORCE(sampled thought tokens).
+
+The text is arithmetic with no written steps ("37+486=523\n" lines), so the answer digits are
+tokens that need computation to predict: the hard tokens. A base language model is trained on it
+from scratch; Quiet-STaR continues from it, and so does the comparison (the same base, the same
+batches and steps, plain next-token loss, no thoughts).
+
+Run: python train.py --method quiet_star          (python train.py --help: thought flags)
+Test: python -m pytest tests/test_quiet_star.py
+
+Deliberate departures from the paper and its code:
+1. A tiny GPT trained from scratch on arithmetic text, not Mistral-7B on OpenWebMath.
+2. Meta-token learning rate: the code stores the start/end embeddings divided by 100 so that
+   Adam moves them 100x faster. model.py's embedding is one tensor, so instead the change Adam
+   made to those two rows is multiplied by --meta-lr-mult after every step (the same effect).
+3. Thought log-probs for REINFORCE are taken at the sampling temperature (the code uses 3).
+4. The evaluation thinks greedily (deterministic thoughts), so "greedy answer accuracy" can be
+   read exactly from teacher-forced argmaxes: greedy decoding is right iff every answer token
+   is the argmax given the right prefix. generate() is the token-by-token decoder it equals.
+5. The gradient flows through the thought's keys and values as in the code; model.KVCache
+   writes in place, which autograd refuses once a written slice was read, so ConcatCache below
+   grows by concatenation instead.
+"""
+
+import copy
+import os
+import random
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import star
+from model import GPT, autocast, get_config, load_checkpoint, save_checkpoint
+from tasks import EOT, EOTH, NEWLINE, PAD, SOT, decode, encode, sample_problems
+
+# Run sizes per preset (train.py fills the flags still unset from here, then from its own).
+DEFAULTS = {
+    "tiny": dict(base_steps=2000, steps=150, batch_size=32, lr=2e-3, continue_lr=5e-4,
+                 n_test=240, seq_len=48, thought_len=4, n_true=2, n_thoughts=2, think_stride=2,
+                 eval_every=50,
+                 train_difficulty="2-3", test_difficulty="2-3"),
+    "small": dict(base_steps=3000, steps=500, batch_size=32, lr=1e-3, continue_lr=3e-4,
+                  n_test=500, seq_len=64, thought_len=6, n_true=4, n_thoughts=2, think_stride=1,
+                  eval_every=100,
+                  train_difficulty="2-4", test_difficulty="2-4"),
+    "gpu": dict(base_steps=5000, steps=2000, batch_size=64, lr=1e-3, continue_lr=3e-4,
+                n_test=2000, seq_len=128, thought_len=12, n_true=4, n_thoughts=2,
+                think_stride=1, eval_every=200, train_difficulty="2-5", test_difficulty="2-5"),
+}
+BANNED = (SOT, EOTH, EOT, PAD)  # never sampled as a thought token nor emitted as text
+
+# -----------------------------------------------------------------------------
+# The text: arithmetic lines packed into sequences; the answer tokens are the hard ones
+
+
+def line(p):
+    return f"{p.question}={p.answer}\n"
+
+
+def pack(problems, T):
+    """Whole lines packed into rows of T+1 tokens (inputs are [:T], targets [1:]), right-padded.
+
+    Returns (seqs (N, T+1) long, ans (N, T+1) long): ans is the index of the problem whose answer
+    token sits at that column (its digits and the newline that ends it: the model must also know
+    how long the answer is), -1 elsewhere. A line is never split across rows.
+    """
+    rows, ans, cur, cur_ans = [], [], [], []
+    for i, p in enumerate(problems):
+        ids = encode(line(p))
+        if len(ids) > T + 1:
+            raise ValueError(f"line {line(p)!r} is longer than the sequence ({T + 1})")
+        if len(cur) + len(ids) > T + 1:
+            rows.append(cur), ans.append(cur_ans)
+            cur, cur_ans = [], []
+        n_q = len(p.question) + 1  # "a+b=" is context; what follows is the answer
+        cur += ids
+        cur_ans += [-1] * n_q + [i] * (len(ids) - n_q)
+    rows.append(cur), ans.append(cur_ans)
+    seqs = torch.full((len(rows), T + 1), PAD, dtype=torch.long)
+    where = torch.full((len(rows), T + 1), -1, dtype=torch.long)
+    for b, (r, a) in enumerate(zip(rows, ans)):
+        seqs[b, :len(r)], where[b, :len(a)] = torch.tensor(r), torch.tensor(a)
+    return seqs, where
+
+
+def train_batch(task, args, step, held_out):
+    """batch_size rows of fresh problems, drawn from a seed derived from the step (so a resumed
+    run sees the same batches); test questions never appear."""
+    seed = args.seed * 1_000_003 + step
+    n = args.batch_size * ((args.seq_len + 1) // 6 + 1)  # more than fit (a line is >= 6)
+    seqs, _ = pack(sample_problems(task, n, args.train_difficulty, seed, exclude=held_out),
+                   args.seq_len)
+    return seqs[:args.batch_size]
+
+
+def targets(seqs):
+    """Next-token targets of seqs[:, :-1], with padding ignored (-1)."""
+    y = seqs[:, 1:].clone()
+    y[y == PAD] = -1
+    return y
+
+# -----------------------------------------------------------------------------
+# The pieces: meta-tokens, the mixing head, a cache that keeps gradients, the thought mask
+
+
+def init_meta_tokens(model):
+    """Start and end of thought start as the embedding of a pause: the paper uses "---"; in a
+    character vocabulary that is "-"."""
+    with torch.no_grad():
+        wte = model.transformer.wte.weight
+        wte[SOT] = wte[encode("-")[0]]
+        wte[EOTH] = wte[encode("-")[0]]
+
+
+class MixingHead(nn.Module):
+    """w = MLP([h_base, h_thought]); mixed = (1 - w) h_base + w h_thought, before the LM head.
+    The last layer starts at zero, so w = 0 and the model starts exactly as the base model."""
+
+    def __init__(self, n_embd):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(2 * n_embd, n_embd), nn.ReLU(),
+                                 nn.Linear(n_embd, n_embd), nn.ReLU(), nn.Linear(n_embd, 1))
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+
+    def forward(self, h_base, h_thought):
+        w = self.mlp(torch.cat([h_base, h_thought], dim=-1))  # (..., 1), unbounded as in the code
+        return (1 - w) * h_base + w * h_thought, w.squeeze(-1)
+
+
+class ConcatCache:
+    """A KV cache for training: the same interface as model.KVCache (update, pos), but it grows
+    by concatenation, so the thought tokens' gradients flow into the keys they attend to."""
+
+    def __init__(self, n_layer):
+        self.k, self.v, self.pos = [None] * n_layer, [None] * n_layer, 0
+
+    def update(self, layer, k, v):
+        if self.k[layer] is not None:
+            k, v = torch.cat([self.k[layer], k], 2), torch.cat([self.v[layer], v], 2)
+        self.k[layer], self.v[layer] = k, v
+        return k, v
+
+    def repeat_rows(self, n):
+        """Each row n times (row b -> rows b*n .. b*n+n-1): n thoughts share one pass 0."""
+        self.k = [k.repeat_interleave(n, 0) for k in self.k]
+        self.v = [v.repeat_interleave(n, 0) for v in self.v]
+
+
+def thought_mask(T, at, k):
+    """Attention mask (1, 1, P, T + P*k) of pass k >= 1 (the official code's diagonal mask).
+
+    The cache holds the T real tokens, then P columns per earlier pass (one per thinking position
+    at[i]). The query of thought i sees the real columns 0..at[i] and, in every pass, only its
+    own column: T + P*m + i.
+    """
+    P = len(at)
+    real = torch.arange(T, device=at.device)[None, :] <= at[:, None]  # (P, T)
+    own = torch.eye(P, dtype=torch.bool, device=at.device).repeat(1, k)  # (P, P*k)
+    return torch.cat([real, own], dim=1)[None, None]
+
+
+def pick(logits, temperature, generator):
+    """(token, its log-prob) per row from logits (..., V) with the meta-tokens banned; greedy at
+    temperature 0. The log-prob is at the sampling temperature (1 when greedy)."""
+    logits = logits.float().clone()
+    logits[..., list(BANNED)] = float("-inf")
+    logp = F.log_softmax(logits / (temperature or 1.0), dim=-1)
+    if temperature == 0:
+        tok = logits.argmax(-1)
+    else:
+        flat = logp.exp().reshape(-1, logp.size(-1))
+        tok = torch.multinomial(flat, 1, generator=generator).view(logits.shape[:-1])
+    return tok, logp.gather(-1, tok[..., None]).squeeze(-1)
+
+# -----------------------------------------------------------------------------
+# Thinking in parallel (training, evaluation) and one position at a time (the reference)
+
+
+def think(model, head, seqs, at, thought_len, n_true, n_thoughts=1, temperature=1.0,
+          generator=None):
+    """Thoughts after the positions `at` of every row, all at once, then n_true talk tokens.
+
+    seqs: (B, T+1) tokens (the model reads [:, :T]; the extra column is the last talk target).
+    Pass 0 is the real text. Pass 1 feeds <|startofthought|> at every position; passes
+    2..thought_len+1 feed the sampled thought tokens; then <|endofthought|>, then the true tokens
+    x[t+1], .., x[t+n_true-1] (teacher forcing). Each pass adds P cache columns and advances the
+    position ids by one, so a thought at position t is exactly the text x[:t+1] + thought.
+    Returns a dict, rows b*n_thoughts + j for the j-th thought of row b:
+      base_logits (B, T, V): pass 0;  thoughts, thought_logp (B*n, P, thought_len);
+      mixed_logits (B*n, P, n_true, V) predicting talk_targets (B, P, n_true), -1 past the end;
+      w (B*n, P, n_true) the mixing weights;  pass_logits: every pass's logits (for the tests).
+    """
+    B, T = seqs.size(0), seqs.size(1) - 1
+    x = seqs[:, :T]
+    cache = ConcatCache(model.config.n_layer)
+    base_logits, h0 = model(x, cache=cache, return_hidden=True)  # (B, T, V), (B, T, C)
+    cache.repeat_rows(n_thoughts)
+    h0 = h0.repeat_interleave(n_thoughts, 0)  # (B*n, T, C)
+    P = len(at)
+    # talk token j at thought i predicts seqs[at+j+1] from base hidden h0[at+j]: valid if at+j < T
+    col = at[:, None] + torch.arange(n_true, device=at.device)[None]  # (P, n_true)
+    ok = col < T
+    talk_targets = targets(seqs)[:, col.clamp(max=T - 1)].masked_fill(~ok, -1)  # (B, P, n_true)
+    talk_inputs = seqs[:, (col + 1).clamp(max=T)]  # (B, P, n_true): x[at+j+1], forced after j
+
+    inp = torch.full((B * n_thoughts, P), SOT, dtype=torch.long, device=seqs.device)
+    thoughts, thought_logp, mixed, ws, pass_logits = [], [], [], [], []
+    for k in range(1, thought_len + n_true + 2):
+        logits, h = model(inp, pos=at + k, mask=thought_mask(T, at, k), cache=cache,
+                          return_hidden=True)  # (B*n, P, V), (B*n, P, C)
+        pass_logits.append(logits)
+        if k <= thought_len:  # this pass predicts thought token k: sample it
+            inp, lp = pick(logits, temperature, generator)
+            thoughts.append(inp), thought_logp.append(lp)
+        elif k == thought_len + 1:  # the end of thought is forced, never sampled
+            inp = torch.full_like(inp, EOTH)
+        else:  # talk token j: mix with the base hidden state at t + j, then force x[t+j+1]
+            j = k - thought_len - 2
+            hb = h0[:, col[:, j].clamp(max=T - 1)]  # (B*n, P, C)
+            m, w = head(hb, h)
+            mixed.append(model.lm_head(m)), ws.append(w)
+            inp = talk_inputs[:, :, j].repeat_interleave(n_thoughts, 0)
+    empty = torch.zeros(B * n_thoughts, P, 0, device=seqs.device)
+    return dict(base_logits=base_logits, talk_targets=talk_targets, pass_logits=pass_logits,
+                thoughts=torch.stack(thoughts, -1) if thoughts else empty.long(),
+                thought_logp=torch.stack(thought_logp, -1) if thoughts else empty,
+                mixed_logits=torch.stack(mixed, 2), w=torch.stack(ws, -1))
+
+
+@torch.no_grad()
+def think_naive(model, head, prefix, thought_len, future=(), temperature=0.0, generator=None):
+    """The textbook version for one position: the prefix, then the thought, recomputed from
+    scratch for every token, no cache, no mask. future: the true tokens after the prefix to
+    teacher-force (n_true - 1 of them). Returns (thought, thought_logp, mixed_logits (n_true, V),
+    w (n_true,)); think() must agree with it at every position."""
+    dev = next(model.parameters()).device
+    seq = list(prefix) + [SOT]
+    thought, logps = [], []
+    for _ in range(thought_len):
+        tok, lp = pick(model(torch.tensor([seq], device=dev))[0, -1], temperature, generator)
+        thought.append(int(tok)), logps.append(float(lp))
+        seq.append(int(tok))
+    talk = seq + [EOTH] + list(future)
+    h_thought = model(torch.tensor([talk], device=dev), return_hidden=True)[1][0, -1 - len(future):]
+    plain = list(prefix) + list(future)
+    h_base = model(torch.tensor([plain], device=dev), return_hidden=True)[1][0, len(prefix) - 1:]
+    m, w = head(h_base, h_thought)
+    return thought, logps, model.lm_head(m), w
+
+
+@torch.no_grad()
+def generate(model, head, prompt, max_new_tokens, thought_len, stop=NEWLINE, temperature=0.0,
+             generator=None):
+    """Text with a thought before every new token; the meta-tokens are never emitted as text.
+    Returns (tokens, thoughts, w): the thought and mixing weight behind each token."""
+    idx, thoughts, ws = list(prompt), [], []
+    for _ in range(max_new_tokens):
+        thought, _, logits, w = think_naive(model, head, idx, thought_len, (), temperature,
+                                            generator)
+        tok = int(pick(logits[-1], temperature, generator)[0])
+        idx.append(tok), thoughts.append(thought), ws.append(float(w[-1]))
+        if tok == stop:
+            break
+    return idx[len(prompt):], thoughts, ws
+
+# -----------------------------------------------------------------------------
+# The loss (the paper's equation for the REINFORCE gradient, and the two language-model terms)
+
+
+def talk_logp(out, n_thoughts):
+    """log p(talk target) under the mixed prediction (B*n, P, n_true), 0 where there is none."""
+    tgt = out["talk_targets"].repeat_interleave(n_thoughts, 0)  # (B*n, P, n_true)
+    logp = F.log_softmax(out["mixed_logits"].float(), -1).gather(-1, tgt.clamp(min=0)[..., None])
+    return logp.squeeze(-1) * (tgt >= 0), tgt >= 0
+
+
+def quiet_star_loss(out, seqs, n_thoughts, args):
+    """(loss, stats): w_base * base NLL + w_mixed * mixed NLL + beta * REINFORCE."""
+    y = targets(seqs)
+    V = out["base_logits"].size(-1)
+    nll_base = F.cross_entropy(out["base_logits"].float().reshape(-1, V), y.reshape(-1),
+                               ignore_index=-1)
+    logp, valid = talk_logp(out, n_thoughts)  # (B*n, P, n_true)
+    nll_mixed = -logp.sum() / valid.sum().clamp(min=1)
+    # reward: how much more likely the true continuation is with this thought than with the
+    # average thought at the same position; only better-than-average thoughts are pushed up
+    r = logp.detach().sum(-1).view(-1, n_thoughts, logp.size(1))  # (B, n, P)
+    adv = (r - r.mean(1, keepdim=True)).clamp(min=0).view(-1, logp.size(1))  # (B*n, P)
+    has = valid[..., 0].float()  # positions with at least one true token to predict
+    # REINFORCE on the sampled thought tokens only: -adv * log p(thought); the forced start/end
+    # tokens and the teacher-forced text carry no policy gradient
+    reinforce = -(adv * out["thought_logp"].sum(-1) * has).sum() / has.sum().clamp(min=1)
+    loss = args.base_weight * nll_base + args.mixed_weight * nll_mixed + \
+        args.reinforce_weight * reinforce
+    return loss, {"nll_base": nll_base.item(), "nll_mixed": nll_mixed.item(),
+                  "reward": (adv * has).sum().item() / has.sum().clamp(min=1).item()}
+
+# -----------------------------------------------------------------------------
+# Evaluation: NLL of the answer tokens and greedy answer accuracy, with and without thoughts
+
+
+@torch.no_grad()
+def evaluate(model, head, data, problems, args, batch_size=64):
+    """With head=None the plain model; else greedy thoughts at every position (n_true=1).
+    Returns answer-token NLL, greedy answer accuracy (all answer tokens right) overall and per
+    difficulty, and for a thinking model the mean mixing weight and its pass-0 answer NLL."""
+    seqs_all, ans_all = data
+    device = next(model.parameters()).device
+    tot = {"nll": 0.0, "nll_nothought": 0.0, "w": 0.0, "n": 0}
+    wrong = set()
+    for s in range(0, len(seqs_all), batch_size):
+        seqs, ans = seqs_all[s:s + batch_size].to(device), ans_all[s:s + batch_size, 1:]
+        y = targets(seqs)  # (B, T)
+        T = y.size(1)
+        with autocast(str(device)):
+            if head is None:
+                logits = model(seqs[:, :T])
+            else:
+                out = think(model, head, seqs, torch.arange(T, device=device),
+                            args.thought_len, 1, temperature=0.0)
+                logits, w = out["mixed_logits"][:, :, 0], out["w"][:, :, 0]  # (B, T, V)
+        logp = F.log_softmax(logits.float(), -1).gather(-1, y.clamp(min=0)[..., None])[..., 0]
+        hard = (ans >= 0).to(device)
+        tot["nll"] -= logp[hard].sum().item()
+        tot["n"] += int(hard.sum())
+        if head is not None:
+            lp0 = F.log_softmax(out["base_logits"].float(), -1).gather(-1, y.clamp(min=0)[..., None])
+            tot["nll_nothought"] -= lp0[..., 0][hard].sum().item()
+            tot["w"] += w.float()[hard].sum().item()
+        miss = (logits.argmax(-1) != y).cpu() & (ans >= 0)
+        wrong.update(ans[miss].tolist())
+    by_diff = {}
+    for i, p in enumerate(problems):
+        by_diff.setdefault(p.difficulty, []).append(i not in wrong)
+    res = {"answer_nll": tot["nll"] / tot["n"],
+           "accuracy": 1 - len(wrong) / len(problems),
+           "accuracy_by_difficulty": {str(d): sum(v) / len(v) for d, v in sorted(by_diff.items())}}
+    if head is not None:
+        res["answer_nll_nothought"] = tot["nll_nothought"] / tot["n"]
+        res["mixing_weight"] = tot["w"] / tot["n"]
+    return res
+
+
+def sample_lines(model, head, problems, thought_len, k=6):
+    """A few test lines generated with thoughts, each answer token shown with the thought that
+    came before it, for a person to read."""
+    out = []
+    for p in problems[:k]:
+        prompt = encode(f"{p.question}=")
+        toks, thoughts, ws = generate(model, head, prompt, len(p.answer) + 2, thought_len)
+        text = decode(toks)
+        verdict = "right" if text == p.answer + "\n" else "wrong"
+        out.append(f"{p.question}={text.rstrip()}   [{verdict}; gold {p.answer}]")
+        for tok, th, w in zip(toks, thoughts, ws):
+            out.append(f"    thought {decode(th)!r} (w={w:+.3f}) -> {decode([tok])!r}")
+    return "\n".join(out) + "\n"
+
+# -----------------------------------------------------------------------------
+# Training: the base model, then Quiet-STaR and the equal-compute continuation side by side
+
+
+def lm_step(model, opt, seqs, lr):
+    for g in opt.param_groups:
+        g["lr"] = lr
+    y = targets(seqs)
+    with autocast(str(seqs.device)):
+        logits = model(seqs[:, :-1])
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1),
+                           ignore_index=-1)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss.item()
+
+
+def quiet_star_step(model, head, opt, seqs, lr, step, args):
+    for g in opt.param_groups:
+        g["lr"] = lr
+    gen = torch.Generator(device=seqs.device).manual_seed(args.seed * 7919 + step)
+    at = torch.arange(0, args.seq_len, args.think_stride, device=seqs.device)
+    with autocast(str(seqs.device)):
+        out = think(model, head, seqs, at, args.thought_len, args.n_true, args.n_thoughts,
+                    args.thought_temperature, gen)
+    loss, stats = quiet_star_loss(out, seqs, args.n_thoughts, args)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(head.parameters()), 1.0)
+    wte = model.transformer.wte.weight
+    before = wte[[SOT, EOTH]].detach().clone()
+    opt.step()
+    with torch.no_grad():  # departure 2: the meta-tokens move meta_lr_mult times as far
+        wte[[SOT, EOTH]] = before + args.meta_lr_mult * (wte[[SOT, EOTH]] - before)
+    return stats
 
 
 def run(args, task, P, D, test, out, device, new_model):
-    raise NotImplementedError("quiet_star.py is being written")
+    """Stage 1 trains the base LM (row kind "base"); stage 2 trains Quiet-STaR and the plain
+    continuation on the same batches, one "eval" row every eval_every steps (the commit point:
+    checkpoints are written first). Started again on the same folder, it resumes from the last
+    row. P, D and test from train.py are not used: the data here is packed arithmetic text."""
+    metrics = os.path.join(out, "metrics.jsonl")
+    rows = star.read_jsonl(metrics)
+    need = args.seq_len + args.thought_len + args.n_true + 2
+    cfg = get_config(args.preset, block_size=max(need, get_config(args.preset).block_size))
+    problems = sample_problems(task, args.n_test, args.test_difficulty, seed=args.seed * 3 + 1)
+    held_out = frozenset(p.question for p in problems)
+    data = pack(problems, args.seq_len)
+    path = lambda arm, step: os.path.join(out, f"{arm}_step{step}.pt")  # noqa: E731
+    cont_lr = lambda s: star.lr_at(s, args.steps, args.continue_lr, warmup=args.steps // 10 + 1)  # noqa
+
+    if not any(r["kind"] == "base" for r in rows):  # stage 1: the base language model
+        t0 = time.time()
+        torch.manual_seed(args.seed)
+        base = GPT(cfg).to(device)
+        opt = base.configure_optimizer(args.lr)
+        bar = tqdm(range(args.base_steps), desc="base LM", leave=False, dynamic_ncols=True)
+        for s in bar:
+            loss = lm_step(base, opt, train_batch(task, args, -1 - s, held_out).to(device),
+                           star.lr_at(s, args.base_steps, args.lr, warmup=100))
+            if s % 20 == 0:
+                bar.set_postfix(loss=f"{loss:.3f}")
+        base.eval()
+        save_checkpoint(path("base", 0), base, "arith-char-v1")
+        quiet, head = copy.deepcopy(base), MixingHead(cfg.n_embd).to(device)
+        init_meta_tokens(quiet)
+        row = {"kind": "base", "step": 0, "base_steps": args.base_steps,
+               "plain": evaluate(base, None, data, problems, args),
+               "quiet": evaluate(quiet, head, data, problems, args),
+               "wall_s": round(time.time() - t0, 1)}
+        star.append_jsonl(metrics, row)
+        rows.append(row)
+        tqdm.write(f"base LM: answer NLL {row['plain']['answer_nll']:.3f}, accuracy "
+                   f"{row['plain']['accuracy']:.3f} (with the zero mixing head: "
+                   f"{row['quiet']['answer_nll']:.3f}, {row['quiet']['accuracy']:.3f})")
+
+    # stage 2: both arms start from the base, or from the last committed step
+    done = max([r["step"] for r in rows if r["kind"] == "eval"], default=0)
+    plain, ck = load_checkpoint(path("base" if done == 0 else "plain", done), device)
+    quiet, ckq = load_checkpoint(path("base" if done == 0 else "quiet", done), device)
+    head = MixingHead(cfg.n_embd).to(device)
+    if done == 0:
+        init_meta_tokens(quiet)
+    opt_p = plain.configure_optimizer(args.continue_lr)
+    opt_q = quiet.configure_optimizer(args.continue_lr)
+    opt_q.add_param_group({"params": list(head.parameters()), "weight_decay": 0.0})
+    if done > 0:
+        head.load_state_dict(ckq["extra"]["head"])
+        opt_q.load_state_dict(ckq["extra"]["opt"])
+        opt_p.load_state_dict(ck["extra"]["opt"])
+        tqdm.write(f"resuming {out} after step {done}")
+    plain.train(), quiet.train()
+    t0, stats = time.time(), []
+    bar = tqdm(range(done, args.steps), desc="Quiet-STaR", leave=False, dynamic_ncols=True)
+    for s in bar:
+        seqs = train_batch(task, args, s, held_out).to(device)
+        lm_step(plain, opt_p, seqs, cont_lr(s))  # the same batch, no thoughts
+        stats.append(quiet_star_step(quiet, head, opt_q, seqs, cont_lr(s), s, args))
+        if s % 5 == 0:
+            bar.set_postfix(mixed=f"{stats[-1]['nll_mixed']:.3f}",
+                            base=f"{stats[-1]['nll_base']:.3f}")
+        if (s + 1) % args.eval_every and s + 1 != args.steps:
+            continue
+        plain.eval(), quiet.eval()
+        # checkpoints carry their step in the name: one written just before an interruption
+        # is never mistaken for the last committed one
+        save_checkpoint(path("plain", s + 1), plain, "arith-char-v1",
+                        extra={"opt": opt_p.state_dict()})
+        save_checkpoint(path("quiet", s + 1), quiet, "arith-char-v1",
+                        extra={"head": head.state_dict(), "opt": opt_q.state_dict()})
+        star.write_atomic(os.path.join(out, f"samples_step{s + 1}.txt"),
+                          sample_lines(quiet, head, problems, args.thought_len))
+        mean = {k: sum(d[k] for d in stats) / len(stats) for k in stats[0]}
+        row = {"kind": "eval", "step": s + 1, "tokens_seen": (s + 1) * args.batch_size *
+               args.seq_len, "plain": evaluate(plain, None, data, problems, args),
+               "quiet": evaluate(quiet, head, data, problems, args),
+               "train": mean, "wall_s": round(time.time() - t0, 1)}
+        star.append_jsonl(metrics, row)  # the commit point
+        for arm in ("plain", "quiet"):  # only the newest committed models are kept (and base)
+            if done > 0 and os.path.exists(path(arm, done)):
+                os.remove(path(arm, done))
+        done = s + 1
+        tqdm.write(f"step {s + 1}: answer NLL {row['quiet']['answer_nll']:.3f} with thoughts "
+                   f"vs {row['plain']['answer_nll']:.3f} without | accuracy "
+                   f"{row['quiet']['accuracy']:.3f} vs {row['plain']['accuracy']:.3f} | "
+                   f"w {row['quiet']['mixing_weight']:+.3f}")
+        plain.train(), quiet.train()
+        t0, stats = time.time(), []
+    return quiet, head
+
+# -----------------------------------------------------------------------------
+# Report: the plot of both measures over training, and the table
 
 
 def report(args, rows):
-    raise NotImplementedError("quiet_star.py is being written")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = sorted(rows, key=lambda r: r["step"])
+    steps = [r["step"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, label in ((axes[0], "answer_nll", "answer-token NLL (nats)"),
+                           (axes[1], "accuracy", "greedy answer accuracy")):
+        ax.plot(steps, [r["quiet"][key] for r in rows], marker="o",
+                label=f"Quiet-STaR ({args.thought_len}-token thoughts)")
+        ax.plot(steps, [r["plain"][key] for r in rows], marker="s",
+                label="base continued, no thoughts (same steps, same tokens)")
+        ax.set_xlabel("steps after the base model")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[1].set_ylim(0, 1.02)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Quiet-STaR on {args.task} text (held-out answers)")
+    fig.tight_layout()
+    fig.savefig(os.path.join(args.out, "accuracy.png"), dpi=110)
+    plt.close(fig)
+    lines = ["| step | NLL, thoughts | NLL, no thoughts | NLL change | acc, thoughts | "
+             "acc, no thoughts | mixing w | wall s |", "|" + "---|" * 8]
+    for r in rows:
+        q, p = r["quiet"], r["plain"]
+        lines.append(f"| {r['step']} | {q['answer_nll']:.4f} | {p['answer_nll']:.4f} | "
+                     f"{100 * (q['answer_nll'] / p['answer_nll'] - 1):+.1f}% | "
+                     f"{q['accuracy']:.3f} | {p['accuracy']:.3f} | {q['mixing_weight']:+.3f} | "
+                     f"{r['wall_s']} |")
+    return "\n".join(lines)

@@ -1,0 +1,216 @@
+"""
+Guards quiet_star.py: thoughts generated for every position in parallel equal thoughts generated
+one position at a time (token for token, log-probs within 1e-5); the thought mask entry by
+entry; the zero-initialised mixing head leaves the base model's predictions unchanged; the
+REINFORCE term sends no gradient to forced tokens; the reward against a hand computation;
+generation never emits meta-tokens; a run resumed after an interruption equals an uninterrupted
+one.
+
+Run: python -m pytest tests/test_quiet_star.py
+"""
+
+import argparse
+import json
+import os
+
+import pytest
+import torch
+
+import quiet_star as qs
+import star
+import train
+from model import GPT, GPTConfig
+from tasks import EOTH, PAD, SOT, encode, get_task, sample_problems
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64)).eval()
+
+
+def random_head(n_embd, seed=1):
+    """A mixing head whose last layer is NOT zero, so the thought really changes predictions."""
+    torch.manual_seed(seed)
+    head = qs.MixingHead(n_embd)
+    for p in head.mlp[-1].parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    return head
+
+
+def arithmetic_rows(n=4, T=16):
+    seqs, ans = qs.pack(sample_problems(get_task("addition"), 3 * n, [1, 2], seed=0), T)
+    return seqs[:n], ans[:n]
+
+
+def loss_args(**kw):
+    return argparse.Namespace(**{"base_weight": 0.5, "mixed_weight": 0.5,
+                                 "reinforce_weight": 1.0, **kw})
+
+
+@pytest.mark.parametrize("stride", [1, 3])
+def test_parallel_thoughts_equal_one_position_at_a_time(stride):
+    model, head = tiny_model(), random_head(32)
+    seqs, _ = arithmetic_rows()
+    T, L, n_true = seqs.size(1) - 1, 3, 2
+    at = torch.arange(0, T, stride)
+    with torch.no_grad():
+        out = qs.think(model, head, seqs, at, L, n_true, temperature=0.0)
+    checked = 0
+    for b in range(seqs.size(0)):
+        for i, t in enumerate(at.tolist()):
+            future = seqs[b, t + 1:min(t + n_true, T)].tolist()  # what think() teacher-forces
+            thought, logp, mixed, w = qs.think_naive(model, head, seqs[b, :t + 1].tolist(), L,
+                                                     future)
+            assert thought == out["thoughts"][b, i].tolist(), (b, t)
+            assert torch.allclose(torch.tensor(logp), out["thought_logp"][b, i], atol=1e-5)
+            valid = len(future) + 1  # talk tokens whose base position exists (t + j < T)
+            assert torch.allclose(mixed, out["mixed_logits"][b, i, :valid], atol=1e-5)
+            assert torch.allclose(w, out["w"][b, i, :valid], atol=1e-5)
+            checked += 1
+    assert checked == seqs.size(0) * len(at)
+    # the meta-tokens are never sampled inside a thought
+    assert not torch.isin(out["thoughts"], torch.tensor([SOT, EOTH, PAD])).any()
+
+
+def test_thought_mask_entry_by_entry():
+    # 5 real tokens, thoughts at positions 1 and 3, pass 2: columns 0-4 real, 5-6 pass 1, 7-8 pass 2
+    m = qs.thought_mask(5, torch.tensor([1, 3]), 2)
+    assert m.shape == (1, 1, 2, 9)
+    expected = [
+        # real 0..4             pass 1       pass 2
+        [1, 1, 0, 0, 0,         1, 0,        1, 0],   # thought at position 1: x0 x1, its own
+        [1, 1, 1, 1, 0,         0, 1,        0, 1],   # thought at position 3: x0..x3, its own
+    ]
+    assert m[0, 0].int().tolist() == expected
+
+
+def test_thought_mask_every_position():
+    T, k = 4, 3
+    m = qs.thought_mask(T, torch.arange(T), k)[0, 0]  # (T, T + T*k)
+    for i in range(T):
+        for c in range(T + T * k):
+            if c < T:
+                want = c <= i  # the real prefix up to and including the thought's position
+            else:
+                want = (c - T) % T == i  # its own earlier thought tokens, one per pass
+            assert bool(m[i, c]) == want, (i, c)
+
+
+def test_zero_mixing_head_gives_the_base_models_predictions():
+    model = tiny_model()
+    head = qs.MixingHead(32)  # as initialised: last layer zero
+    qs.init_meta_tokens(model)
+    seqs, _ = arithmetic_rows()
+    T, n_true = seqs.size(1) - 1, 3
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        out = qs.think(model, head, seqs, torch.arange(T), 4, n_true, n_thoughts=2,
+                       temperature=1.0, generator=gen)  # sampled thoughts: they must not matter
+        base = model(seqs[:, :T]).repeat_interleave(2, 0)  # (B*2, T, V)
+    assert (out["w"] == 0).all()
+    for j in range(n_true):
+        t = torch.arange(T - j)  # talk token j at position t predicts what base does at t + j
+        assert torch.allclose(out["mixed_logits"][:, t, j], base[:, t + j], atol=1e-5)
+    # and the meta-tokens start as the embedding of the pause "-"
+    wte = model.transformer.wte.weight
+    assert torch.equal(wte[SOT], wte[encode("-")[0]]) and torch.equal(wte[EOTH], wte[SOT])
+
+
+def test_reinforce_gradient_does_not_reach_forced_tokens():
+    model, head = tiny_model(), random_head(32)
+    seqs, _ = arithmetic_rows()
+    T, L, n_true = seqs.size(1) - 1, 3, 2
+    out = qs.think(model, head, seqs, torch.arange(T), L, n_true, n_thoughts=2,
+                   temperature=1.0, generator=torch.Generator().manual_seed(0))
+    for x in [out["base_logits"], out["mixed_logits"]] + out["pass_logits"]:
+        x.retain_grad()
+    loss, _ = qs.quiet_star_loss(out, seqs, 2, loss_args(base_weight=0.0, mixed_weight=0.0))
+    loss.backward()
+
+    def zero(x):
+        return x.grad is None or (x.grad == 0).all()
+    # passes 1..L predict sampled thought tokens: the policy gradient is there
+    for k in range(1, L + 1):
+        assert not zero(out["pass_logits"][k - 1]), k
+    # the pass that predicts the forced end-of-thought, and the teacher-forced talk tokens: none
+    for k in range(L + 1, L + n_true + 2):
+        assert zero(out["pass_logits"][k - 1]), k
+    assert zero(out["mixed_logits"])  # the reward is a constant: no gradient through it
+    assert zero(out["base_logits"])
+
+
+def test_reward_is_centred_per_position_and_clamped():
+    # one row, two thoughts, one position, n_true = 2, vocabulary of 3; thought of 1 token
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.25], [0.25, 0.5, 0.25]]))
+    mixed = torch.stack([logits, logits[[1, 0]]])[:, None]  # (2 thoughts, P=1, n_true=2, V)
+    out = {"base_logits": torch.zeros(1, 2, 3),
+           "talk_targets": torch.tensor([[[0, 1]]]),  # (B=1, P=1, n_true=2)
+           "mixed_logits": mixed,
+           "thought_logp": torch.tensor([[[-1.0]], [[-2.0]]])}  # (2, 1, 1)
+    seqs = torch.tensor([[0, 0, 1]])
+    loss, stats = qs.quiet_star_loss(out, seqs, 2, loss_args(base_weight=0.0, mixed_weight=0.0))
+    import math
+    r1 = math.log(0.5) + math.log(0.5)   # thought 1 predicts both targets with p = 0.5
+    r2 = math.log(0.25) + math.log(0.25)  # thought 2 with p = 0.25
+    adv1, adv2 = max(0.0, r1 - (r1 + r2) / 2), max(0.0, r2 - (r1 + r2) / 2)
+    assert adv2 == 0.0 and adv1 > 0  # the worse thought is clamped, not pushed down
+    hand = -(adv1 * -1.0 + adv2 * -2.0) / 2
+    assert abs(loss.item() - hand) < 1e-6
+
+
+def test_generation_never_emits_meta_tokens():
+    model, head = tiny_model(), random_head(32)
+    with torch.no_grad():  # make the meta-tokens the model's favourite tokens
+        model.transformer.wte.weight[[SOT, EOTH]] *= 200
+    prompt = encode("12+34=")
+    favourite = model(torch.tensor([prompt]))[0].argmax(-1)
+    assert torch.isin(favourite, torch.tensor([SOT, EOTH])).any()  # the ban has work to do
+    toks, thoughts, _ = qs.generate(model, head, prompt, 5, thought_len=3)
+    assert len(thoughts) == len(toks) and all(len(t) == 3 for t in thoughts)
+    assert not set(toks) & {SOT, EOTH, PAD}
+    assert not {x for t in thoughts for x in t} & {SOT, EOTH, PAD}
+
+
+def test_greedy_accuracy_equals_token_by_token_generation():
+    """evaluate() reads accuracy from teacher-forced argmaxes; generate() decodes for real."""
+    model, head = tiny_model(), random_head(32)
+    task = get_task("addition")
+    problems = sample_problems(task, 6, [1], seed=3)
+    args = argparse.Namespace(thought_len=2)
+    res = qs.evaluate(model, head, qs.pack(problems, 7), problems, args)  # a line per row
+    right = 0
+    for p in problems:
+        toks, _, _ = qs.generate(model, head, encode(p.question + "="), len(p.answer) + 1, 2)
+        right += toks == encode(p.answer + "\n")
+    assert res["accuracy"] == right / len(problems)
+
+
+def test_run_resumes_after_an_interruption(tmp_path, monkeypatch):
+    small = ["--method", "quiet_star", "--base-steps", "3", "--steps", "4", "--eval-every", "2",
+             "--n-test", "6", "--seq-len", "24", "--thought-len", "2", "--batch-size", "2",
+             "--train-difficulty", "1", "--test-difficulty", "1"]
+    whole = str(tmp_path / "whole")
+    train.main(small + ["--out", whole])
+    rows = star.read_jsonl(os.path.join(whole, "metrics.jsonl"))
+    assert [r["step"] for r in rows] == [0, 2, 4]
+    assert os.path.exists(os.path.join(whole, "accuracy.png"))
+    assert "thought" in open(os.path.join(whole, "samples_step4.txt")).read()
+
+    cut = str(tmp_path / "cut")
+    real_append = star.append_jsonl
+
+    def crash_at_step_4(path, row):
+        if row.get("step") == 4:
+            raise KeyboardInterrupt  # killed after step 4's checkpoints, before its commit
+        real_append(path, row)
+    monkeypatch.setattr(star, "append_jsonl", crash_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(small + ["--out", cut])
+    monkeypatch.setattr(star, "append_jsonl", real_append)
+    train.main(small + ["--out", cut])
+    resumed = star.read_jsonl(os.path.join(cut, "metrics.jsonl"))
+    assert [r["step"] for r in resumed] == [0, 2, 4]
+    for a, b in zip(rows, resumed):
+        for arm in ("plain", "quiet"):
+            assert abs(a[arm]["answer_nll"] - b[arm]["answer_nll"]) < 1e-5, (a["step"], arm)
+    assert json.load(open(os.path.join(cut, "config.json")))["thought_len"] == 2
