@@ -1,9 +1,689 @@
-"""Test-time search (being written: issue 5)."""
+"""
+Test-time search: spend more generated tokens per problem, and measure what accuracy they buy.
+
+Every method here is given the same generator and a budget, and counts exactly the tokens it
+made the generator sample, so that methods are compared at equal compute (the x-axis of
+search.png). The recipes follow the public implementations summarised in ../shared/PAPERS.md:
+- majority vote, self-consistency (Wang et al. 2022, arXiv 2203.11171), and the vote weighted by
+  a verifier's scores; best-of-N with an outcome verifier (Cobbe et al. 2021, arXiv 2110.14168;
+  the ORM of V-STaR, Hosseini et al. 2024, arXiv 2402.06457, reused from vstar.py);
+- a process reward model trained on Math-Shepherd's Monte Carlo labels (Wang et al. 2024,
+  arXiv 2312.08935): a step's soft label is the fraction of rollouts from it that reach the
+  right answer; a solution's score is its minimum step score;
+- step-level beam search guided by that PRM, as HF search-and-learn does it (Snell et al. 2024,
+  arXiv 2408.03314): N beams each sample one step (a line), duplicates are dropped, the N/M best
+  survive and are each repeated M times;
+- MCTS over reasoning steps (RAP, Hao et al. 2023, arXiv 2305.14992; rStar-math, Guan et al.
+  2025, arXiv 2501.04519): UCT selection (Kocsis and Szepesvari 2006), expansion by sampling a
+  few distinct next steps, evaluation by a rollout to the end scored by the verifier, backup.
+The task's exact process verifier can guide beam search and MCTS too: that is an oracle, an
+upper bound, always labelled "oracle"; it never guides a method reported as a real one.
+
+Run: python train.py --method search             (countdown by default; --task for another)
+Test: python -m pytest tests/test_search.py
+
+Deliberate departures:
+1. The generator is M0 of star.py (fine-tuned on P), not a STaR-improved one, so the run fits
+   a CPU; --checkpoint runs the same search on any trained generator.
+2. Best-of-N and the votes are evaluated from one pool of --eval-samples samples per problem:
+   best-of-N exactly (vstar.best_of_k), the votes averaged over random N-subsets; the cost of
+   N samples is N times the pool's mean tokens per sample (its exact expectation).
+3. The PRM's score of a prefix is its minimum step score too (search-and-learn uses the last
+   step's); the learned scorers are trained on the generator's samples of P+D only, with
+   --rollouts per step prefix (4 on a CPU; Math-Shepherd: 8), distinct prefixes rolled out once.
+4. MCTS is anytime: one search of the largest budget is read off after 1, 2, 4, .. simulations;
+   its value of a rollout is the PRM's score of the finished solution (no PUCT prior).
+5. A step is one line of at most STEP_TOKENS tokens; a line that does not end in time, or a
+   prefix that would overflow the model's block, is finished as it is (and judged wrong).
+"""
+
+import json
+import math
+import os
+import random
+import time
+import zlib
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import star
+import vstar
+from model import (KVCache, autocast, generate, left_pad, load_checkpoint, padded_mask,
+                   save_checkpoint)
+from tasks import EOT, EOTH, NEWLINE, PAD, SOT, decode, encode
+
+# Run sizes per preset (train.py applies them to flags left unset). Budgets are N: samples of
+# best-of-N and the votes, beams of beam search, simulations of MCTS.
+DEFAULTS = {
+    "tiny": dict(n_train=1000, n_unlabeled=200, n_test=100, steps=1200, samples=2,
+                 temperature=1.0, eval_samples=16, verifier_steps=300, rollouts=4,
+                 budgets="1,2,4,8,16"),
+    "small": dict(n_train=1000, n_unlabeled=1000, n_test=300, steps=3000, samples=4,
+                  temperature=1.0, eval_samples=32, verifier_steps=1000, rollouts=8,
+                  budgets="1,2,4,8,16,32"),
+    "gpu": dict(n_train=2000, n_unlabeled=5000, n_test=1000, steps=3000, samples=8,
+                temperature=1.0, eval_samples=64, verifier_steps=2000, rollouts=8,
+                budgets="1,2,4,8,16,32,64"),
+}
+STEP_TOKENS = 24      # longest step line (countdown's "100*12=1200" is 11 tokens)
+ROLLOUT_TOKENS = 160  # longest rollout to the end of a solution
+MAX_STEPS = 12        # deepest prefix beam search and MCTS build
+BANNED = (SOT, EOTH, PAD)
+
+
+# -----------------------------------------------------------------------------
+# Sampling continuations of prefixes, with exact token accounting
+
+class Cost:
+    """Tokens spent: `gen` sampled by the generator (what methods are compared at), `prompt`
+    fed to it as prefixes to encode (counted apart: a KV cache makes them cheap)."""
+
+    def __init__(self):
+        self.gen, self.prompt = 0, 0
+
+
+def _next_token(logits, temperature, generator):
+    """(B,) ids from logits (B, V): greedy at temperature 0, else softmax sampling."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = F.softmax(logits / temperature, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def extend(model, prefixes, copies, max_new, stop, temperature, generator, cost):
+    """copies[u] continuations of each token list prefixes[u], each until a stop token (kept)
+    or max_new tokens; returned as token lists, prefix 0's copies first.
+
+    Each distinct prefix is encoded once and its KV cache rows are then copied to its
+    continuations (repeat_interleave), so M copies of a prefix cost one prefill, not M. This is
+    what makes beam search's refill, MCTS's expansion, Math-Shepherd's rollouts and the shared
+    prompt of best-of-N cheap. extend_naive() is the reference it must agree with.
+    """
+    device = next(model.parameters()).device
+    pairs = [(p, c) for p, c in zip(prefixes, copies) if c > 0]
+    if not pairs:
+        return []
+    idx, pos, valid = left_pad([p for p, _ in pairs], PAD, device)  # (U, T0)
+    U, T0 = idx.shape
+    max_new = min(max_new, model.config.block_size - T0)
+    if max_new < 1:
+        raise ValueError(f"a prefix of {T0} tokens leaves no room in the block")
+    cache = KVCache(model.config, U, T0 + max_new, device, next(model.parameters()).dtype)
+    with autocast(str(device)):
+        logits = model(idx, pos=pos, mask=padded_mask(valid, T0), cache=cache)[:, -1]  # (U, V)
+    cost.prompt += sum(len(p) for p, _ in pairs)
+    rep = torch.tensor([c for _, c in pairs], device=device)
+    cache.k = cache.k.repeat_interleave(rep, dim=1)  # (L, B, nh, T0 + max_new, hs)
+    cache.v = cache.v.repeat_interleave(rep, dim=1)
+    logits = logits.repeat_interleave(rep, dim=0)  # (B, V)
+    valid = torch.cat([valid, torch.ones(U, max_new, dtype=torch.bool, device=device)], 1)
+    valid = valid.repeat_interleave(rep, dim=0)  # (B, T0 + max_new)
+    next_pos = (pos[:, -1] + 1).repeat_interleave(rep)  # (B,)
+    B = logits.size(0)
+    ragged = bool((~valid).any())
+    stop = torch.tensor(list(stop), device=device)
+    tokens = torch.full((B, max_new), PAD, dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    lengths = torch.zeros(B, dtype=torch.long, device=device)
+    for t in range(max_new):  # the decode loop of model.generate, from a copied cache
+        logits = logits.float()
+        logits[:, list(BANNED)] = float("-inf")
+        tok = _next_token(logits, temperature, generator)  # (B,)
+        tokens[:, t] = torch.where(done, PAD, tok)
+        lengths += (~done).long()
+        done |= (tok[:, None] == stop).any(1)
+        if t == max_new - 1 or (t % 8 == 7 and bool(done.all())):
+            break
+        mask = valid[:, None, None, :T0 + t + 1] if ragged else None  # (B, 1, 1, Tk)
+        with autocast(str(device)):
+            logits = model(tok[:, None], pos=next_pos[:, None], mask=mask, cache=cache)[:, -1]
+        next_pos = next_pos + 1
+    lengths = lengths.tolist()
+    cost.gen += sum(lengths)
+    return [row[:n] for row, n in zip(tokens.tolist(), lengths)]
+
+
+def extend_naive(model, prefixes, copies, max_new, stop, temperature, generator, cost):
+    """extend() the textbook way: every continuation re-encodes its prefix (model.generate on
+    the repeated prefixes). Same tokens greedily; more prompt tokens."""
+    rows = [p for p, c in zip(prefixes, copies) for _ in range(c)]
+    max_new = min(max_new, model.config.block_size - max(len(p) for p in rows))
+    tokens, _, lengths = generate(model, rows, max_new, stop_tokens=tuple(stop), pad_id=PAD,
+                                  temperature=temperature, generator=generator,
+                                  banned_tokens=BANNED)
+    lengths = lengths.tolist()
+    cost.gen += sum(lengths)
+    cost.prompt += sum(len(p) for p in rows)
+    return [row[:n] for row, n in zip(tokens.tolist(), lengths)]
+
+
+def prefix_ids(task, p, text):
+    """What the generator reads: the prompt, then the steps so far (each ended by a newline)."""
+    return encode(task.prompt(p) + text)
+
+
+def fits(model, task, p, text):
+    """Is there room in the block for one more step after this prefix?"""
+    return len(prefix_ids(task, p, text)) + STEP_TOKENS <= model.config.block_size
+
+
+def sample_steps(model, task, nodes, copies, temperature, generator, cost):
+    """One more line for copies[i] continuations of each (problem, prefix text) nodes[i]:
+    (line, finished) pairs. A line ended by end-of-text, or by running out of tokens, finishes
+    its solution."""
+    rows = extend(model, [prefix_ids(task, p, text) for p, text in nodes], copies, STEP_TOKENS,
+                  (NEWLINE, EOT), temperature, generator, cost)
+    return [(decode(t for t in row if t not in (NEWLINE, EOT)), not row or row[-1] != NEWLINE)
+            for row in rows]
+
+
+def rollouts(model, task, nodes, copies, temperature, generator, cost):
+    """copies[i] completions to the end (end-of-text) of each (problem, prefix text) nodes[i]:
+    the texts of the finished solutions, prefix included."""
+    rows = extend(model, [prefix_ids(task, p, text) for p, text in nodes], copies,
+                  ROLLOUT_TOKENS, (EOT,), temperature, generator, cost)
+    starts = [text for (_, text), c in zip(nodes, copies) for _ in range(c)]
+    return [s + decode(t for t in row if t != EOT) for s, row in zip(starts, rows)]
+
+
+# -----------------------------------------------------------------------------
+# Scorers: (problem, text, finished) items -> values in [0, 1]
+
+def oracle_scorer(task):
+    """The exact process verifier (ground truth): 1 if every step so far is right (and, when
+    finished, the answer), else 0. For teaching and as an upper bound only."""
+    def score(items):
+        return [float(task.check(p, t)) if fin else float(all(task.check_steps(p, t)))
+                for p, t, fin in items]
+    return score
+
+
+def orm_scorer(orm, task):
+    """V-STaR's outcome reward model (vstar.ORM): P(right) of a finished solution."""
+    def score(items):
+        if not all(fin for _, _, fin in items):
+            raise ValueError("an outcome reward model scores finished solutions only")
+        logits = vstar.scores(orm, [encode(task.prompt(p)) for p, _, _ in items],
+                              [encode(t) + [EOT] for _, t, _ in items], "orm")
+        return [1 / (1 + math.exp(-x)) for x in logits]
+    return score
+
+
+class PRM(nn.Module):
+    """Process reward model: the generator's network with a scalar head read at the end of
+    every step (its newline, or the final end-of-text), trained on Math-Shepherd's labels."""
+
+    def __init__(self, gpt):
+        super().__init__()
+        self.gpt = gpt
+        self.head = nn.Linear(gpt.config.n_embd, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, prompts, completions):
+        """Logits (B, S) at the S step ends of each completion, and their mask (B, S)."""
+        device = self.head.weight.device
+        seqs = [p + c for p, c in zip(prompts, completions)]
+        ends = [[len(p) + j for j, t in enumerate(c) if t in (NEWLINE, EOT)]
+                for p, c in zip(prompts, completions)]
+        T, S = max(map(len, seqs)), max(1, max(map(len, ends)))
+        idx = torch.full((len(seqs), T), PAD, dtype=torch.long)  # right padding: causal, unseen
+        at = torch.zeros(len(seqs), S, dtype=torch.long)
+        mask = torch.zeros(len(seqs), S, dtype=torch.bool)
+        for b, (s, e) in enumerate(zip(seqs, ends)):
+            idx[b, :len(s)] = torch.tensor(s)
+            at[b, :len(e)], mask[b, :len(e)] = torch.tensor(e, dtype=torch.long), True
+        _, h = self.gpt(idx.to(device), return_hidden=True)  # (B, T, C)
+        at = at.to(device)[:, :, None].expand(-1, -1, h.size(-1))  # (B, S, C)
+        return self.head(h.gather(1, at).float()).squeeze(-1), mask.to(device)
+
+
+def prm_scorer(prm, task, batch_size=256):
+    """Math-Shepherd's solution score: the minimum over steps of the PRM's P(step leads to a
+    right answer); a prefix's score is the minimum over its steps so far."""
+    @torch.no_grad()
+    def score(items):
+        out = []
+        for i in range(0, len(items), batch_size):
+            chunk = items[i:i + batch_size]
+            with autocast(str(prm.head.weight.device)):
+                logits, mask = prm([encode(task.prompt(p)) for p, _, _ in chunk],
+                                   [encode(t) + ([EOT] if fin else []) for _, t, fin in chunk])
+            out += torch.sigmoid(logits.float()).masked_fill(~mask, 1.0).min(1).values.tolist()
+        return out
+    return score
+
+
+# -----------------------------------------------------------------------------
+# Training the PRM on Math-Shepherd's Monte Carlo labels
+
+def step_prefixes(text):
+    """The prefixes of a solution that end after one of its steps (not the whole solution)."""
+    lines = text.split("\n")
+    return ["".join(line + "\n" for line in lines[:k]) for k in range(1, len(lines))]
+
+
+def shepherd_labels(model, task, problems, texts, args, seed):
+    """Math-Shepherd: a step prefix's soft label is the share of args.rollouts completions from
+    it that the outcome verifier accepts; a whole solution's label is its own outcome.
+    Distinct prefixes (a problem's samples often share first steps) are rolled out once.
+    Returns (prompt ids, completion ids, one label per step) for every sample, and the cost."""
+    keys = list(dict.fromkeys((i, pre) for i, ts in enumerate(texts) for t in ts
+                              for pre in step_prefixes(t)))
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    cost, label, R = Cost(), {}, args.rollouts
+    chunk_size = max(1, args.sample_batch_size // R)
+    bar = tqdm(range(0, len(keys), chunk_size), desc="Math-Shepherd rollouts", leave=False,
+               dynamic_ncols=True)
+    for start in bar:
+        chunk = keys[start:start + chunk_size]
+        sols = rollouts(model, task, [(problems[i], pre) for i, pre in chunk], [R] * len(chunk),
+                        args.temperature, gen, cost)
+        for j, (i, pre) in enumerate(chunk):
+            label[(i, pre)] = sum(task.check(problems[i], s) for s in sols[j * R:(j + 1) * R]) / R
+        bar.set_postfix(mean_label=f"{sum(label.values()) / len(label):.2f}")
+    rows = [(encode(task.prompt(p)), encode(t) + [EOT],
+             [label[(i, pre)] for pre in step_prefixes(t)] + [float(task.check(p, t))])
+            for i, (p, ts) in enumerate(zip(problems, texts)) for t in ts]
+    return rows, cost
+
+
+def train_prm(gen_path, rows, args, device):
+    """The PRM from the generator's weights: binary cross-entropy against the soft labels."""
+    prm = PRM(load_checkpoint(gen_path, device)[0]).to(device).train()
+    opt = torch.optim.AdamW(prm.parameters(), lr=args.verifier_lr, weight_decay=0.0)
+    rng = random.Random(args.seed + 2)
+    bar = tqdm(range(args.verifier_steps), desc="PRM (Math-Shepherd)", leave=False,
+               dynamic_ncols=True)
+    for step in bar:
+        batch = [rows[rng.randrange(len(rows))] for _ in range(2 * args.batch_size)]
+        with autocast(str(device)):
+            logits, mask = prm([p for p, _, _ in batch], [c for _, c, _ in batch])
+        y = torch.zeros(mask.shape, device=logits.device)
+        for b, (_, _, labels) in enumerate(batch):
+            y[b, :len(labels)] = torch.tensor(labels)
+        loss = F.binary_cross_entropy_with_logits(logits.float()[mask], y[mask])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    return prm.eval()
+
+
+# -----------------------------------------------------------------------------
+# Votes over a pool of samples
+
+def vote(answers, weights=None):
+    """The answer with the most votes (or, with weights, the largest summed weight).
+
+    An unparsable answer (None) casts no vote, so it never wins; with no parsable answer the
+    result is None (wrong). Ties go to the tied answer that appears first in `answers`; the
+    pool's samples are i.i.d. and the subsets are drawn in random order, so that is a uniform
+    tie break."""
+    total, first = {}, {}
+    for j, a in enumerate(answers):
+        if a is not None:
+            total[a] = total.get(a, 0.0) + (1.0 if weights is None else weights[j])
+            first.setdefault(a, j)
+    return max(total, key=lambda a: (total[a], -first[a])) if total else None
+
+
+def vote_accuracy(answers, right, k, weights, rng, trials=32):
+    """Mean rightness of the vote over `trials` random k-subsets of one problem's pool."""
+    right_of = {a: ok for a, ok in zip(answers, right)}  # an answer's samples agree on rightness
+    hits = 0
+    for _ in range(trials):
+        sub = rng.sample(range(len(answers)), k)
+        won = vote([answers[j] for j in sub], weights and [weights[j] for j in sub])
+        hits += won is not None and right_of[won]
+    return hits / trials
+
+
+# -----------------------------------------------------------------------------
+# Step-level beam search
+
+def prune(cands, scores, keep):
+    """The `keep` best distinct candidates: exact duplicates dropped first (they would eat
+    beam slots), then sorted by score, highest first; equal scores keep their order."""
+    best = {}
+    for c, s in zip(cands, scores):
+        best.setdefault(c, s)
+    return sorted(best, key=lambda c: -best[c])[:keep]
+
+
+def refill(n_survivors, N):
+    """Copies of each survivor so that N beams sample next: N // n each, the best ones one
+    more for the remainder (search-and-learn repeats each of N/M survivors M times)."""
+    q, r = divmod(N, n_survivors)
+    return [q + (j < r) for j in range(n_survivors)]
+
+
+def beam_search(model, task, problems, scorer, N, M, temperature, generator, cost):
+    """N beams per problem, all problems in lockstep. Each round every beam samples one step;
+    finished solutions go to a pool; the rest are deduplicated, scored, the N // M best kept
+    and refilled to N. A problem stops when its pool holds N solutions or nothing is left.
+    Returns each problem's chosen solution (the pool's best by the scorer; "" if none)."""
+    keep = max(1, N // min(M, N))
+    beams = [[("", N)] for _ in problems]  # (prefix text, copies sampling next)
+    pool = [[] for _ in problems]
+    for _ in range(MAX_STEPS):
+        jobs = [(i, text, c) for i, b in enumerate(beams) for text, c in b]
+        if not jobs:
+            break
+        lines = iter(sample_steps(model, task, [(problems[i], text) for i, text, _ in jobs],
+                                  [c for _, _, c in jobs], temperature, generator, cost))
+        live = [[] for _ in problems]
+        for i, text, c in jobs:
+            for _ in range(c):
+                line, fin = next(lines)
+                new = text + line if fin else text + line + "\n"
+                if fin or not fits(model, task, problems[i], new):
+                    pool[i].append(new)
+                else:
+                    live[i].append(new)
+        todo = [(i, t) for i in range(len(problems)) for t in dict.fromkeys(live[i])
+                if len(pool[i]) < N]
+        value = dict(zip(todo, scorer([(problems[i], t, False) for i, t in todo])))
+        for i in range(len(problems)):
+            cands = [t for t in live[i] if (i, t) in value]
+            survivors = prune(cands, [value[(i, t)] for t in cands], keep)
+            beams[i] = list(zip(survivors, refill(len(survivors), N))) if survivors else []
+    for i, b in enumerate(beams):  # past MAX_STEPS: what is left is judged as it is
+        pool[i] += [text for text, _ in b]
+    items = [(problems[i], t, True) for i in range(len(problems)) for t in pool[i]]
+    values = iter(scorer(items)) if items else iter(())
+    chosen = []
+    for i in range(len(problems)):
+        vs = [(next(values), j) for j in range(len(pool[i]))]
+        chosen.append(pool[i][max(vs)[1]] if vs else "")  # highest score; ties: the latest
+    return chosen
+
+
+# -----------------------------------------------------------------------------
+# MCTS over reasoning steps
+
+class Node:
+    """A prefix of steps in one problem's tree: visits N, total value W, the best solution
+    found through it (value, text), and whether it is finished (a whole solution)."""
+
+    def __init__(self, text, finished=False, parent=None):
+        self.text, self.finished, self.parent = text, finished, parent
+        self.children, self.N, self.W = [], 0, 0.0
+        self.best = (-1.0, "")
+
+
+def uct(child, parent_N, c):
+    """UCT = W/N + c * sqrt(ln N_parent / N): the PARENT's visits in the log (not the root's,
+    not the child's own: a classic bug)."""
+    return child.W / child.N + c * math.sqrt(math.log(parent_N) / child.N)
+
+
+def select_child(node, c):
+    """An unvisited child first (in order of creation), else the child of highest UCT."""
+    for ch in node.children:
+        if ch.N == 0:
+            return ch
+    return max(node.children, key=lambda ch: uct(ch, node.N, c))
+
+
+def select(root, c):
+    """The path from the root down to a node without children (unexpanded, or finished)."""
+    path = [root]
+    while path[-1].children:
+        path.append(select_child(path[-1], c))
+    return path
+
+
+def backup(path, v, solution):
+    """N += 1, W += v on every node of the path (and no other), which also remember the best
+    solution seen through them."""
+    for node in path:
+        node.N += 1
+        node.W += v
+        if v > node.best[0]:
+            node.best = (v, solution)
+
+
+def most_visited(root):
+    """Follow the most-visited child (ties: higher mean value) to the bottom; its best
+    solution is the answer."""
+    node = root
+    while node.children:
+        node = max(node.children, key=lambda ch: (ch.N, ch.W / max(ch.N, 1)))
+    return node.best[1]
+
+
+def mcts(model, task, problems, scorer, sims, k, c, temperature, generator, cost):
+    """One tree per problem, all grown in lockstep, max(sims) simulations each: select by UCT;
+    expand the leaf by sampling k next steps (duplicates merged); evaluate its first new child
+    by a rollout to the end, scored; back up. After each number of simulations in `sims`,
+    records (answer by most-visited path, answer by value-weighted vote, cost.gen, cost.prompt)."""
+    roots = [Node("") for _ in problems]
+    found = [[] for _ in problems]  # every evaluated solution with its value
+    out = {}
+    for s in range(1, max(sims) + 1):
+        paths = [select(r, c) for r in roots]
+        grow = [i for i, path in enumerate(paths) if not path[-1].finished]
+        lines = sample_steps(model, task, [(problems[i], paths[i][-1].text) for i in grow],
+                             [k] * len(grow), temperature, generator, cost)
+        for j, i in enumerate(grow):
+            leaf = paths[i][-1]
+            for line, fin in lines[j * k:(j + 1) * k]:
+                text = leaf.text + line + ("" if fin else "\n")
+                if all(ch.text != text for ch in leaf.children):
+                    depth = text.count("\n")
+                    fin = fin or depth >= MAX_STEPS or not fits(model, task, problems[i], text)
+                    leaf.children.append(Node(text, fin, leaf))
+            paths[i].append(leaf.children[0])
+        todo = [i for i, path in enumerate(paths) if not path[-1].finished]
+        sols = [path[-1].text for path in paths]
+        done_sols = rollouts(model, task, [(problems[i], sols[i]) for i in todo], [1] * len(todo),
+                             temperature, generator, cost)
+        for i, sol in zip(todo, done_sols):
+            sols[i] = sol
+        values = scorer([(p, sol, True) for p, sol in zip(problems, sols)])
+        for i, (path, v, sol) in enumerate(zip(paths, values, sols)):
+            backup(path, v, sol)
+            found[i].append((sol, v))
+        if s in sims:
+            voted = []
+            for p, f in zip(problems, found):
+                a = vote([task.extract_answer(t) for t, _ in f], [v for _, v in f])
+                voted.append(next((t for t, _ in f if task.extract_answer(t) == a), ""))
+            out[s] = ([most_visited(r) for r in roots], voted, cost.gen, cost.prompt)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# The run: generator, learned scorers, every method at every budget; resumable by stage
+
+def append_rows(path, new):
+    """A stage's rows appended in one atomic rewrite: the stage's commit point."""
+    star.write_atomic(path, "".join(json.dumps(r) + "\n" for r in star.read_jsonl(path) + new))
+
+
+def method_row(stage, method, scorer, budgets, acc, gen, prompt, t0):
+    return {"kind": "method", "stage": stage, "method": method, "scorer": scorer,
+            "oracle": scorer == "oracle", "budget": budgets, "accuracy": acc, "tokens": gen,
+            "prompt_tokens": prompt, "wall_s": round(time.time() - t0, 1)}
+
+
+def pool_rows(model, task, test, scorers, budgets, args, gen, t0):
+    """Best-of-N, majority vote and weighted vote, from one pool of samples per problem."""
+    n = args.eval_samples
+    cost, texts = Cost(), []
+    per = max(1, args.sample_batch_size // n)
+    for i in tqdm(range(0, len(test), per), desc="pool of samples", leave=False):
+        rows = rollouts(model, task, [(p, "") for p in test[i:i + per]], [n] * len(test[i:i + per]),
+                        args.temperature, gen, cost)
+        texts += [rows[j * n:(j + 1) * n] for j in range(len(test[i:i + per]))]
+    right = [[task.check(p, t) for t in ts] for p, ts in zip(test, texts)]
+    answers = [[task.extract_answer(t) for t in ts] for ts in texts]
+    flat = [(p, t, True) for p, ts in zip(test, texts) for t in ts]
+    value = {name: scorers[name](flat) for name in ("ORM", "PRM")}
+    value = {name: [v[i * n:(i + 1) * n] for i in range(len(test))] for name, v in value.items()}
+    ks, rng = [k for k in budgets if k <= n], random.Random(args.seed)
+
+    def curve(f, scorer=None):  # mean over problems of f(answers, rightness, scores, k)
+        w = value[scorer] if scorer else [None] * len(test)
+        return [sum(f(*x, k) for x in zip(answers, right, w)) / len(test) for k in ks]
+    acc = {("majority vote", "-"): curve(lambda a, r, w, k: vote_accuracy(a, r, k, None, rng)),
+           ("weighted vote", "ORM"): curve(lambda a, r, w, k: vote_accuracy(a, r, k, w, rng),
+                                           "ORM"),
+           ("best-of-N", "ORM"): curve(lambda a, r, w, k: vstar.best_of_k(w, r, k), "ORM"),
+           ("best-of-N", "PRM"): curve(lambda a, r, w, k: vstar.best_of_k(w, r, k), "PRM"),
+           ("pass@N", "oracle"): curve(lambda a, r, w, k: vstar.pass_at_k(n, sum(r), k))}
+    # N samples cost N times the mean sample; the prompt is encoded once per problem
+    per_sample = cost.gen / (n * len(test))
+    prompt = cost.prompt / len(test)
+    quality = {"kind": "scorer quality", "stage": "pool", **{  # held-out, on the pool
+        f"pair_acc {name}": vstar.pair_accuracy(right, value[name]) for name in value}}
+    return [quality] + [method_row("pool", m, s, ks, a, [k * per_sample for k in ks],
+                                   [prompt] * len(ks), t0) for (m, s), a in acc.items()]
 
 
 def run(args, task, P, D, test, out, device, new_model):
-    raise NotImplementedError("search.py is being written")
+    metrics = os.path.join(out, "metrics.jsonl")
+    done = {r["stage"] for r in star.read_jsonl(metrics)}
+    budgets = [int(b) for b in str(args.budgets).split(",")]
+    gen_path = os.path.join(out, "generator.pt")
+    lab_path, ms_path = os.path.join(out, "labelled.jsonl"), os.path.join(out, "shepherd.jsonl")
+    acc_of = lambda texts: sum(task.check(p, t) for p, t in zip(test, texts)) / len(test)  # noqa
 
+    if "generator" not in done:  # M0 of star.py, or the model given by --checkpoint as it is
+        t0 = time.time()
+        torch.manual_seed(args.seed)
+        model = new_model()
+        loss = None if args.checkpoint else star.train_start_model(model, task, P, args)
+        save_checkpoint(gen_path, model, "arith-char-v1")
+        texts, n_tok = star.sample(model.eval(), task, test, temperature=0.0,
+                                   batch_size=args.sample_batch_size, desc="greedy")
+        texts = [t[0] for t in texts]
+        append_rows(metrics, [{"kind": "greedy", "stage": "generator", "accuracy": acc_of(texts),
+                               "tokens": n_tok / len(test), "train_loss": loss,
+                               "wall_s": round(time.time() - t0, 1)}])
+        tqdm.write(f"generator: greedy accuracy {acc_of(texts):.3f}")
+    model = load_checkpoint(gen_path, device)[0].eval()
+
+    if "labels" not in done:  # the generator's own samples of P+D, labelled two ways
+        t0 = time.time()
+        texts, n_tok = star.sample(model, task, P + D, n=args.samples,
+                                   temperature=args.temperature,
+                                   batch_size=args.sample_batch_size, seed=args.seed * 1000 + 1,
+                                   desc="samples of P+D")
+        labelled = vstar.label(task, P + D, texts)
+        ms, cost = shepherd_labels(model, task, P + D, texts, args, args.seed * 1000 + 2)
+        vstar.save_labelled(lab_path, labelled)
+        star.write_atomic(ms_path, "".join(json.dumps(r) + "\n" for r in ms))
+        right = sum(ok for _, _, ok in labelled) / len(labelled)
+        append_rows(metrics, [{"kind": "labels", "stage": "labels", "samples_right": right,
+                               "samples": len(labelled), "sample_tokens": n_tok,
+                               "rollout_tokens": cost.gen, "wall_s": round(time.time() - t0, 1)}])
+        tqdm.write(f"labels: {right:.3f} of {len(labelled)} samples of P+D right")
+    orm_path, prm_path = os.path.join(out, "orm.pt"), os.path.join(out, "prm.pt")
+    if "scorers" not in done:
+        t0 = time.time()
+        orm = vstar.train_orm(gen_path, vstar.load_labelled(lab_path), args, device)
+        prm = train_prm(gen_path, [tuple(r) for r in star.read_jsonl(ms_path)], args, device)
+        for path, m in ((orm_path, orm), (prm_path, prm)):
+            save_checkpoint(path, m.gpt, "arith-char-v1", extra={"head": m.head.state_dict()})
+        append_rows(metrics, [{"kind": "scorers", "stage": "scorers",
+                               "wall_s": round(time.time() - t0, 1)}])
+    scorers = {"oracle": oracle_scorer(task)}
+    for name, cls, path, make in (("ORM", vstar.ORM, orm_path, orm_scorer),
+                                  ("PRM", PRM, prm_path, prm_scorer)):
+        gpt, ckpt = load_checkpoint(path, device)
+        m = cls(gpt).to(device).eval()
+        m.head.load_state_dict(ckpt["extra"]["head"])
+        scorers[name] = make(m, task)
+
+    def gen_for(stage):  # a stage's own seed, so a resumed run samples what it would have
+        return torch.Generator(device=device).manual_seed(args.seed * 1000 + zlib.crc32(
+            stage.encode()))
+
+    if "pool" not in done:
+        t0 = time.time()
+        append_rows(metrics, pool_rows(model, task, test, scorers, budgets, args,
+                                       gen_for("pool"), t0))
+    for name in ("PRM", "oracle"):
+        stage = f"beam {name}"
+        if stage not in done:
+            t0, acc, gen_tok, prompt_tok = time.time(), [], [], []
+            for N in tqdm(budgets, desc=f"beam search ({name})", leave=False):
+                cost = Cost()
+                texts = beam_search(model, task, test, scorers[name], N, args.beam_width,
+                                    args.temperature, gen_for(f"{stage} {N}"), cost)
+                acc.append(acc_of(texts))
+                gen_tok.append(cost.gen / len(test))
+                prompt_tok.append(cost.prompt / len(test))
+                tqdm.write(f"beam search ({name}) N={N}: accuracy {acc[-1]:.3f}, "
+                           f"{gen_tok[-1]:.0f} tokens per problem")
+            append_rows(metrics, [method_row(stage, "beam search", name, budgets, acc, gen_tok,
+                                             prompt_tok, t0)])
+        stage = f"mcts {name}"
+        if stage not in done:
+            t0 = time.time()
+            res = mcts(model, task, test, scorers[name], budgets, args.mcts_children, args.mcts_c,
+                       args.temperature, gen_for(stage), Cost())
+            gen_tok = [res[s][2] / len(test) for s in budgets]
+            prompt_tok = [res[s][3] / len(test) for s in budgets]
+            rows = [method_row(stage, "MCTS most-visited", name, budgets,
+                               [acc_of(res[s][0]) for s in budgets], gen_tok, prompt_tok, t0),
+                    method_row(stage, "MCTS weighted vote", name, budgets,
+                               [acc_of(res[s][1]) for s in budgets], gen_tok, prompt_tok, t0)]
+            append_rows(metrics, rows)
+            tqdm.write(f"MCTS ({name}) {budgets[-1]} simulations: accuracy "
+                       f"{rows[0]['accuracy'][-1]:.3f}, {gen_tok[-1]:.0f} tokens per problem")
+
+
+# -----------------------------------------------------------------------------
+# Report: the test-time-scaling plot and the table
 
 def report(args, rows):
-    raise NotImplementedError("search.py is being written")
+    """search.png (accuracy against generated tokens per problem, log x, one line per method)
+    and the markdown table it returns."""
+    greedy = next((r for r in rows if r["kind"] == "greedy"), None)
+    lab = next((r for r in rows if r["kind"] == "labels"), None)
+    quality = next((r for r in rows if r["kind"] == "scorer quality"), {})
+    methods = [r for r in rows if r["kind"] == "method"]
+    budgets = sorted({b for r in methods for b in r["budget"]})
+    lines = [f"greedy decoding: accuracy {greedy['accuracy']:.3f} at {greedy['tokens']:.1f} "
+             "tokens per problem" if greedy else "",
+             f"learned scorers trained on {lab['samples']} samples of P+D "
+             f"({lab['samples_right']:.3f} right); Math-Shepherd rollouts: "
+             f"{lab['rollout_tokens']} tokens" if lab else "",
+             "held-out pair accuracy: " + ", ".join(f"{k[9:]} {v:.3f}" for k, v in quality.items()
+                                                    if k.startswith("pair_acc")), "",
+             "accuracy (generated tokens per problem) at budget N; oracle rows are upper bounds "
+             "guided by the ground truth", "",
+             "| method | scorer | " + " | ".join(f"N={b}" for b in budgets) + " |",
+             "|---|---|" + "---|" * len(budgets)]
+    for r in methods:
+        cell = {b: f"{a:.3f} ({t:.0f})" for b, a, t in zip(r["budget"], r["accuracy"],
+                                                           r["tokens"])}
+        lines.append(f"| {r['method']} | {r['scorer']} | " +
+                     " | ".join(cell.get(b, "-") for b in budgets) + " |")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in methods:
+        ax.plot(r["tokens"], r["accuracy"], marker="o", ls="--" if r["oracle"] else "-",
+                label=r["method"] + ("" if r["scorer"] == "-" else f" ({r['scorer']})"))
+    if greedy:
+        ax.plot([greedy["tokens"]], [greedy["accuracy"]], "k*", ms=12, label="greedy")
+    ax.set_xscale("log")
+    ax.set_xlabel("generated tokens per problem")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(f"test-time search on {args.task} (dashed: oracle-guided, upper bounds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.tight_layout()
+    fig.savefig(os.path.join(args.out, "search.png"), dpi=110)
+    plt.close(fig)
+    return "\n".join(lines)

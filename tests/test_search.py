@@ -1,0 +1,275 @@
+"""
+Guards search.py: on a toy model and task whose right path is known, beam search and MCTS find
+it; UCT tries every unvisited child first and puts the PARENT's count in its log; backup touches
+the path and nothing else; beam pruning keeps exactly the best distinct prefixes; every method's
+token count is exact; the vote's tie rule and its treatment of unparsable answers; the shared-
+prefix sampler equals the naive one; the run end to end, resumed without redoing a stage.
+
+Run: python -m pytest tests/test_search.py
+"""
+
+import math
+import os
+import random
+
+import pytest
+import torch
+import torch.nn as nn
+
+import search
+import star
+import train
+from model import GPT, GPTConfig
+from tasks import EOT, NEWLINE, PAD, Problem, Task, decode, encode
+from tasks.base import split_lines
+
+GOLD = ["b", "c", "a"]  # the toy's one right path
+
+
+class PathTask(Task):
+    """Three steps, each a letter a/b/c, then "A: 1"; right only along GOLD."""
+    name = "path"
+
+    def check(self, p, text):
+        return split_lines(text) == GOLD + ["A: 1"]
+
+    def check_steps(self, p, text):
+        lines = split_lines(text)
+        return [(k < 3 and line == GOLD[k]) or (k == 3 and self.check(p, text))
+                for k, line in enumerate(lines)]
+
+    def extract_answer(self, text):
+        lines = split_lines(text)
+        return ";".join(lines) if lines[-1] == "A: 1" else None
+
+
+class ToyLM(nn.Module):
+    """A language model that is a program of its prefix: at a step, a uniform choice of a/b/c
+    then a newline; after three steps "A: 1" and end-of-text. Every step line is 2 tokens and
+    the answer line 5, so token counts are known exactly. It keeps the token ids it has seen in
+    the KV cache (one layer, one head, width 1), so cache copies carry the history along."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = GPTConfig(n_layer=1, n_head=1, n_embd=1, block_size=96)
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def next_logits(self, ids):
+        logits = torch.full((100,), -1e9)
+        text = decode([t for t in ids if t != PAD])
+        if "\n" not in text:  # still inside the prompt: never sampled from
+            return logits
+        lines = text.split("\n", 1)[1].split("\n")
+        depth, cur = len(lines) - 1, lines[-1]
+        if depth < 3:
+            for ch in (["a", "b", "c"] if cur == "" else ["\n"]):
+                logits[encode(ch)[0]] = 0.0
+        else:
+            answer = "A: 1"
+            logits[encode(answer[len(cur)])[0] if len(cur) < len(answer) else EOT] = 0.0
+        return logits
+
+    def forward(self, idx, pos=None, mask=None, cache=None, return_hidden=False):
+        B, T = idx.shape
+        start = 0 if cache is None else cache.pos
+        hist = idx
+        if cache is not None:
+            k = idx.float().view(B, 1, T, 1)
+            hist = cache.update(0, k, k)[0][:, 0, :, 0].long()  # (B, start + T)
+            cache.pos += T
+        return torch.stack([torch.stack([self.next_logits(hist[b, :start + t + 1].tolist())
+                                         for t in range(T)]) for b in range(B)])
+
+
+P0 = Problem(question="path", answer="1", difficulty=1)
+TASK = PathTask()
+RIGHT = "b\nc\na\nA: 1"
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_beam_search_finds_the_known_path():
+    # keep = 24 // 24 = 1: the right prefix gets all 24 samples each round; all 24 miss the right
+    # letter with probability (2/3)^24 = 6e-5 per round, so a seed fails with p < 2e-4
+    for seed in range(3):
+        chosen = search.beam_search(ToyLM(), TASK, [P0], search.oracle_scorer(TASK), N=24, M=24,
+                                    temperature=1.0, generator=gen(seed), cost=search.Cost())
+        assert chosen == [RIGHT]
+
+
+def test_mcts_finds_the_known_path():
+    # 40 simulations, 6 samples per expansion: measured 0 failures in 200 seeds
+    for seed in range(3):
+        res = search.mcts(ToyLM(), TASK, [P0], search.oracle_scorer(TASK), [40], k=6, c=1.0,
+                          temperature=1.0, generator=gen(seed), cost=search.Cost())
+        most_visited, voted, _, _ = res[40]
+        assert most_visited == [RIGHT] and voted == [RIGHT]
+
+
+def test_uct_tries_every_unvisited_child_before_revisiting_one():
+    root = search.Node("")
+    root.children = [search.Node(t, True, root) for t in ("x", "y", "z")]
+    seen = []
+    for _ in range(3):
+        path = search.select(root, c=1.0)
+        seen.append(path[-1].text)
+        search.backup(path, 1.0 if path[-1].text == "x" else 0.0, path[-1].text)
+    assert seen == ["x", "y", "z"]  # x scored 1 first, yet y and z are tried before x again
+    assert search.select(root, c=1.0)[-1].text == "x"
+
+
+def test_uct_uses_the_parents_count_in_the_log():
+    root, node = search.Node(""), search.Node("n\n")
+    a, b = search.Node("n\na\n", parent=node), search.Node("n\nb\n", parent=node)
+    root.children, node.children, node.parent = [node], [a, b], root
+    root.N, node.N = 1000, 7
+    a.N, a.W, b.N, b.W = 5, 4.0, 1, 0.0
+    assert search.uct(a, 7, 1.0) == pytest.approx(0.8 + math.sqrt(math.log(7) / 5))
+    assert search.select(root, c=1.0) == [root, node, a]
+    # the root's count in the log would have picked b: the test tells the two apart
+    assert search.uct(b, root.N, 1.0) > search.uct(a, root.N, 1.0)
+    # and on random nodes, the choice is the argmax of the formula with the parent's count
+    rng = random.Random(0)
+    for _ in range(300):
+        node = search.Node("")
+        node.children = [search.Node(str(j), parent=node) for j in range(rng.randint(2, 5))]
+        for ch in node.children:
+            ch.N = rng.randint(1, 20)
+            ch.W = rng.uniform(0, ch.N)
+        node.N = sum(ch.N for ch in node.children) + rng.randint(1, 50)
+        c = rng.uniform(0.5, 2.0)
+        hand = max(node.children,
+                   key=lambda ch: ch.W / ch.N + c * math.sqrt(math.log(node.N) / ch.N))
+        assert search.select_child(node, c) is hand
+
+
+def test_backup_updates_the_path_and_nothing_else():
+    root = search.Node("")
+    a, b = search.Node("a\n", parent=root), search.Node("b\n", parent=root)
+    a1, a2 = search.Node("a\na\n", parent=a), search.Node("a\nb\n", parent=a)
+    root.children, a.children = [a, b], [a1, a2]
+    for n, (N, W) in zip([root, a, b, a1, a2], [(5, 2.0), (3, 1.0), (2, 1.0), (1, 0.0), (1, 1.0)]):
+        n.N, n.W = N, W
+    before = {id(n): (n.N, n.W, n.best) for n in (root, a, b, a1, a2)}
+    search.backup([root, a, a2], 0.5, "sol")
+    for n in (root, a, a2):
+        N, W, _ = before[id(n)]
+        assert (n.N, n.W, n.best) == (N + 1, W + 0.5, (0.5, "sol"))
+    for n in (b, a1):
+        assert (n.N, n.W, n.best) == before[id(n)]
+
+
+def test_prune_keeps_exactly_the_best_distinct_prefixes():
+    cands = ["a\n", "b\n", "a\n", "c\n", "d\n", "b\n"]
+    scores = [0.7, 0.9, 0.7, 0.1, 0.8, 0.9]
+    assert search.prune(cands, scores, 3) == ["b\n", "d\n", "a\n"]
+    assert search.prune(cands, scores, 10) == ["b\n", "d\n", "a\n", "c\n"]  # no duplicates
+    assert search.refill(3, 8) == [3, 3, 2] and search.refill(1, 4) == [4]
+
+
+def test_beam_search_keeps_the_top_and_never_two_identical_prefixes(monkeypatch):
+    calls, prune = [], search.prune
+
+    def spy(cands, scores, keep):
+        kept = prune(cands, scores, keep)
+        calls.append((cands, scores, keep, kept))
+        return kept
+    monkeypatch.setattr(search, "prune", spy)
+    # a scorer that prefers later letters, so that pruning has something to choose
+    score = lambda items: [sum(map(ord, t)) / 1000 for _, t, _ in items]  # noqa: E731
+    search.beam_search(ToyLM(), TASK, [P0, P0], score, N=8, M=4, temperature=1.0,
+                       generator=gen(), cost=search.Cost())
+    assert calls
+    for cands, scores, keep, kept in calls:
+        assert keep == 8 // 4  # N // M survive
+        assert len(set(kept)) == len(kept) == min(keep, len(set(cands)))
+        best = sorted(set(cands), key=lambda c: -dict(zip(cands, scores))[c])[:keep]
+        assert sorted(dict(zip(cands, scores))[c] for c in kept) == \
+            sorted(dict(zip(cands, scores))[c] for c in best)
+
+
+def test_token_accounting_is_exact():
+    model, line, answer = ToyLM(), 2, 5
+    whole = 3 * line + answer  # 11 tokens per solution
+    prompt = len(encode(TASK.prompt(P0)))
+    # best-of-N's pool: n samples, the shared prompt encoded once
+    cost = search.Cost()
+    search.rollouts(model, TASK, [(P0, "")], [7], 1.0, gen(), cost)
+    assert (cost.gen, cost.prompt) == (7 * whole, prompt)
+    # beam search: N steps sampled every round, every solution ends together
+    for N, M in ((8, 4), (6, 2)):
+        cost = search.Cost()
+        search.beam_search(model, TASK, [P0, P0], search.oracle_scorer(TASK), N, M, 1.0, gen(),
+                           cost)
+        assert cost.gen == 2 * N * whole
+    # MCTS is anytime: its count after fewer simulations is a prefix of the same search's
+    k, cost = 3, search.Cost()
+    res = search.mcts(model, TASK, [P0], search.oracle_scorer(TASK), [1, 5, 9], k, 1.0, 1.0,
+                      gen(), cost)
+    assert res[9][2] == cost.gen and 0 < res[1][2] < res[5][2] <= res[9][2]
+
+
+def test_mcts_token_count_matches_its_tree(monkeypatch):
+    made = []
+    init = search.Node.__init__
+
+    def record(self, *a, **kw):
+        init(self, *a, **kw)
+        made.append(self)
+    monkeypatch.setattr(search.Node, "__init__", record)
+    k, cost = 3, search.Cost()
+    search.mcts(ToyLM(), TASK, [P0], search.oracle_scorer(TASK), [12], k, 1.0, 1.0, gen(1), cost)
+    expected = 0
+    for n in made:
+        if n.children:  # expanded once: k samples of a line, then one rollout of child 0
+            d = n.text.count("\n")
+            expected += k * (2 if d < 3 else 5)
+            if not n.children[0].finished:
+                expected += 2 * (3 - (d + 1)) + 5
+    assert cost.gen == expected
+
+
+def test_majority_vote_tie_rule_and_unparsable_answers():
+    assert search.vote(["x", "y", "y", "x"]) == "x"  # a tie goes to the answer seen first
+    assert search.vote(["y", "x", "x", "y"]) == "y"
+    assert search.vote(["x", "y"], [0.5, 0.5]) == "x"
+    assert search.vote(["x", "y", "y"], [0.9, 0.3, 0.3]) == "x"  # weights, not counts
+    assert search.vote([None, None, None, "x"]) == "x"  # unparsable answers cast no vote
+    assert search.vote([None, "x"], [10.0, 0.1]) == "x"
+    assert search.vote([None, None]) is None
+    # a pool where every subset has only unparsable answers or one wrong one: never right
+    assert search.vote_accuracy([None, None, "w"], [True, True, False], 2, None,
+                                random.Random(0)) == 0.0
+
+
+def test_shared_prefix_sampler_equals_the_naive_one():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64)).eval()
+    prefixes, copies = [[5, 6, 7, 8, 9], [10, 11]], [3, 2]
+    fast, naive = search.Cost(), search.Cost()
+    a = search.extend(model, prefixes, copies, 12, (NEWLINE, EOT), 0.0, None, fast)
+    b = search.extend_naive(model, prefixes, copies, 12, (NEWLINE, EOT), 0.0, None, naive)
+    assert a == b and len(a) == 5 and fast.gen == naive.gen == sum(map(len, a))
+    assert (fast.prompt, naive.prompt) == (7, 3 * 5 + 2 * 2)  # each prefix encoded once
+
+
+def test_search_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
+    # an untrained generator writes garbage to the end of every budget: keep the budgets short
+    monkeypatch.setattr(search, "ROLLOUT_TOKENS", 32)
+    monkeypatch.setattr(search, "STEP_TOKENS", 12)
+    out = str(tmp_path / "run")
+    argv = ["--method", "search", "--out", out, "--n-train", "6", "--n-unlabeled", "2",
+            "--n-test", "3", "--steps", "2", "--verifier-steps", "2", "--eval-samples", "2",
+            "--budgets", "1,2", "--samples", "2", "--rollouts", "2", "--batch-size", "4",
+            "--train-difficulty", "2", "--test-difficulty", "2"]
+    train.main(argv)
+    rows = star.read_jsonl(os.path.join(out, "metrics.jsonl"))
+    stages = [r["stage"] for r in rows]
+    assert stages[:3] == ["generator", "labels", "scorers"]
+    methods = {(r["method"], r["scorer"]) for r in rows if r["kind"] == "method"}
+    assert ("beam search", "PRM") in methods and ("MCTS most-visited", "oracle") in methods
+    assert os.path.exists(os.path.join(out, "search.png"))
+    train.main(argv)  # finished: nothing is redone, no row added
+    assert star.read_jsonl(os.path.join(out, "metrics.jsonl")) == rows
