@@ -25,19 +25,21 @@ Deliberate departures from the paper and its code:
 1. A tiny GPT trained from scratch on arithmetic text, not Mistral-7B on OpenWebMath.
 2. Meta-token learning rate: the code stores the start/end embeddings divided by 100 so that
    Adam moves them 100x faster. model.py's embedding is one tensor, so instead the change Adam
-   made to those two rows is multiplied by --meta-lr-mult after every step (the same effect).
+   made to those two rows is multiplied by --meta-lr-mult after every step (nearly the same
+   effect; weight decay and gradient clipping see the rows unscaled).
 3. Thought log-probs for REINFORCE are taken at the sampling temperature (the code uses 3).
 4. The evaluation thinks greedily (deterministic thoughts), so "greedy answer accuracy" can be
    read exactly from teacher-forced argmaxes: greedy decoding is right iff every answer token
    is the argmax given the right prefix. generate() is the token-by-token decoder it equals.
-5. The gradient flows through the thought's keys and values as in the code; model.KVCache
-   writes in place, which autograd refuses once a written slice was read, so ConcatCache below
-   grows by concatenation instead.
+5. Not a departure, a mechanism: the gradient flows through the thoughts' keys and values as
+   in the code; model.KVCache writes in place, which autograd refuses once a written slice was
+   read ("modified by an inplace operation"), so ConcatCache below grows by concatenation.
+6. The tiny (CPU) preset thinks at every second position (--think-stride 2) and for 100 steps,
+   to fit ten minutes on two cores; the other presets think at every token, as the paper.
 """
 
 import copy
 import os
-import random
 import time
 
 import torch
@@ -51,9 +53,9 @@ from tasks import EOT, EOTH, NEWLINE, PAD, SOT, decode, encode, sample_problems
 
 # Run sizes per preset (train.py fills the flags still unset from here, then from its own).
 DEFAULTS = {
-    "tiny": dict(base_steps=2000, steps=150, batch_size=32, lr=2e-3, continue_lr=5e-4,
+    "tiny": dict(base_steps=1000, steps=100, batch_size=32, lr=2e-3, continue_lr=5e-4,
                  n_test=240, seq_len=48, thought_len=4, n_true=2, n_thoughts=2, think_stride=2,
-                 eval_every=50,
+                 eval_every=25,
                  train_difficulty="2-3", test_difficulty="2-3"),
     "small": dict(base_steps=3000, steps=500, batch_size=32, lr=1e-3, continue_lr=3e-4,
                   n_test=500, seq_len=64, thought_len=6, n_true=4, n_thoughts=2, think_stride=1,
@@ -341,8 +343,9 @@ def evaluate(model, head, data, problems, args, batch_size=64):
         tot["nll"] -= logp[hard].sum().item()
         tot["n"] += int(hard.sum())
         if head is not None:
-            lp0 = F.log_softmax(out["base_logits"].float(), -1).gather(-1, y.clamp(min=0)[..., None])
-            tot["nll_nothought"] -= lp0[..., 0][hard].sum().item()
+            lp0 = F.log_softmax(out["base_logits"].float(), -1)  # pass 0: no thought
+            lp0 = lp0.gather(-1, y.clamp(min=0)[..., None])[..., 0]
+            tot["nll_nothought"] -= lp0[hard].sum().item()
             tot["w"] += w.float()[hard].sum().item()
         miss = (logits.argmax(-1) != y).cpu() & (ans >= 0)
         wrong.update(ans[miss].tolist())
@@ -424,7 +427,9 @@ def run(args, task, P, D, test, out, device, new_model):
     held_out = frozenset(p.question for p in problems)
     data = pack(problems, args.seq_len)
     path = lambda arm, step: os.path.join(out, f"{arm}_step{step}.pt")  # noqa: E731
-    cont_lr = lambda s: star.lr_at(s, args.steps, args.continue_lr, warmup=args.steps // 10 + 1)  # noqa
+
+    def cont_lr(s):  # the same schedule for both arms
+        return star.lr_at(s, args.steps, args.continue_lr, warmup=args.steps // 10 + 1)
 
     if not any(r["kind"] == "base" for r in rows):  # stage 1: the base language model
         t0 = time.time()

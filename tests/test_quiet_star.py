@@ -214,3 +214,23 @@ def test_run_resumes_after_an_interruption(tmp_path, monkeypatch):
         for arm in ("plain", "quiet"):
             assert abs(a[arm]["answer_nll"] - b[arm]["answer_nll"]) < 1e-5, (a["step"], arm)
     assert json.load(open(os.path.join(cut, "config.json")))["thought_len"] == 2
+
+
+def test_meta_tokens_move_meta_lr_mult_times_as_far():
+    seqs, _ = arithmetic_rows()
+    moves = {}
+    for mult in (1.0, 100.0):
+        model, head = tiny_model(), qs.MixingHead(32)
+        qs.init_meta_tokens(model)
+        opt = model.configure_optimizer(1e-3)
+        opt.add_param_group({"params": list(head.parameters()), "weight_decay": 0.0})
+        wte = model.transformer.wte.weight
+        before = wte[[SOT, EOTH]].detach().clone()
+        other = wte[5].detach().clone()
+        args = loss_args(seed=0, seq_len=seqs.size(1) - 1, think_stride=1, thought_len=2,
+                         n_true=2, n_thoughts=2, thought_temperature=1.0, meta_lr_mult=mult)
+        qs.quiet_star_step(model, head, opt, seqs, 1e-3, 0, args)
+        moves[mult] = (wte[[SOT, EOTH]].detach() - before, wte[5].detach() - other)
+    assert moves[1.0][0].abs().sum() > 0
+    assert torch.allclose(moves[100.0][0], 100 * moves[1.0][0], rtol=1e-4, atol=1e-7)
+    assert torch.allclose(moves[100.0][1], moves[1.0][1])  # an ordinary token: unchanged
