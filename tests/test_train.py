@@ -51,3 +51,11 @@ def test_a_folder_with_other_settings_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         train.main(small[:-1] + ["2"])  # same folder, another test set
     assert e.value.code == 2 and "--out" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["search", "quiet_star"])
+def test_methods_that_do_not_split_their_work_refuse_torchrun(method, monkeypatch, capsys):
+    monkeypatch.setenv("LOCAL_RANK", "0")  # what torchrun sets; refused before any process group
+    with pytest.raises(SystemExit) as e:
+        train.main(["--method", method])
+    assert e.value.code == 2 and "torchrun" in capsys.readouterr().err
