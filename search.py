@@ -5,8 +5,8 @@ Every method here is given the same generator and a budget, and counts exactly t
 made the generator sample, so that methods are compared at equal compute (the x-axis of
 search.png). The recipes follow the public implementations summarised in ../shared/PAPERS.md:
 - majority vote, self-consistency (Wang et al. 2022, arXiv 2203.11171), and the vote weighted by
-  a verifier's scores; best-of-N with an outcome verifier (Cobbe et al. 2021, arXiv 2110.14168;
-  the ORM of V-STaR, Hosseini et al. 2024, arXiv 2402.06457, reused from vstar.py);
+  a verifier's scores; best-of-N with a verifier (Cobbe et al. 2021, arXiv 2110.14168): V-STaR's
+  DPO verifier (Hosseini et al. 2024, arXiv 2402.06457), trained by vstar.train_dpo;
 - a process reward model trained on Math-Shepherd's Monte Carlo labels (Wang et al. 2024,
   arXiv 2312.08935): a step's soft label is the fraction of rollouts from it that reach the
   right answer; a solution's score is its minimum step score;
@@ -29,10 +29,15 @@ Deliberate departures:
    best-of-N exactly (vstar.best_of_k), the votes averaged over random N-subsets; the cost of
    N samples is N times the pool's mean tokens per sample (its exact expectation).
 3. The PRM's score of a prefix is its minimum step score too (search-and-learn uses the last
-   step's); the learned scorers are trained on the generator's samples of P+D only, with
-   --rollouts per step prefix (4 on a CPU; Math-Shepherd: 8), distinct prefixes rolled out once.
+   step's); it learns from the generator's samples of P+D, with --rollouts per step prefix
+   (4 on a CPU; Math-Shepherd: 8), distinct prefixes rolled out once. The DPO verifier learns
+   from the same samples plus P's gold solutions (as V-STaR), and scores a prefix too, by the
+   mean log-probability of its steps. The ORM (vstar.ORM) was tried first and dropped: on the
+   CPU run it ranked two samples of the same problem right 61% of the time, the generator's
+   own mean log-prob 80% (measured on 8 test samples per problem).
 4. MCTS is anytime: one search of the largest budget is read off after 1, 2, 4, .. simulations;
-   its value of a rollout is the PRM's score of the finished solution (no PUCT prior).
+   a rollout's value is the scorer's score of the finished solution (no PUCT prior). A node is
+   expanded once, by --mcts-children samples: a step none of them drew is never tried there.
 5. A step is one line of at most STEP_TOKENS tokens; a line that does not end in time, or a
    prefix that would overflow the model's block, is finished as it is (and judged wrong).
 """
@@ -59,7 +64,7 @@ from tasks import EOT, EOTH, NEWLINE, PAD, SOT, decode, encode
 # best-of-N and the votes, beams of beam search, simulations of MCTS.
 DEFAULTS = {
     "tiny": dict(n_train=1000, n_unlabeled=200, n_test=100, steps=1200, samples=2,
-                 temperature=1.0, eval_samples=16, verifier_steps=300, rollouts=4,
+                 temperature=1.0, eval_samples=16, verifier_steps=200, rollouts=4,
                  budgets="1,2,4,8,16"),
     "small": dict(n_train=1000, n_unlabeled=1000, n_test=300, steps=3000, samples=4,
                   temperature=1.0, eval_samples=32, verifier_steps=1000, rollouts=8,
@@ -202,14 +207,14 @@ def oracle_scorer(task):
     return score
 
 
-def orm_scorer(orm, task):
-    """V-STaR's outcome reward model (vstar.ORM): P(right) of a finished solution."""
+def dpo_scorer(dpo, task):
+    """V-STaR's DPO verifier (vstar.train_dpo) as a scorer: exp(mean log V(y|x)) over the
+    tokens of a finished solution, or of a prefix's steps so far (a per-token geometric mean
+    probability, in (0, 1], so it can weight a vote)."""
     def score(items):
-        if not all(fin for _, _, fin in items):
-            raise ValueError("an outcome reward model scores finished solutions only")
-        logits = vstar.scores(orm, [encode(task.prompt(p)) for p, _, _ in items],
-                              [encode(t) + [EOT] for _, t, _ in items], "orm")
-        return [1 / (1 + math.exp(-x)) for x in logits]
+        comps = [encode(t) + ([EOT] if fin else []) for _, t, fin in items]
+        logp = vstar.scores(dpo, [encode(task.prompt(p)) for p, _, _ in items], comps, "dpo")
+        return [math.exp(lp / max(1, len(c))) for lp, c in zip(logp, comps)]
     return score
 
 
@@ -525,7 +530,7 @@ def pool_rows(model, task, test, scorers, budgets, args, gen, t0):
     right = [[task.check(p, t) for t in ts] for p, ts in zip(test, texts)]
     answers = [[task.extract_answer(t) for t in ts] for ts in texts]
     flat = [(p, t, True) for p, ts in zip(test, texts) for t in ts]
-    value = {name: scorers[name](flat) for name in ("ORM", "PRM")}
+    value = {name: scorers[name](flat) for name in ("DPO", "PRM")}
     value = {name: [v[i * n:(i + 1) * n] for i in range(len(test))] for name, v in value.items()}
     ks, rng = [k for k in budgets if k <= n], random.Random(args.seed)
 
@@ -533,9 +538,9 @@ def pool_rows(model, task, test, scorers, budgets, args, gen, t0):
         w = value[scorer] if scorer else [None] * len(test)
         return [sum(f(*x, k) for x in zip(answers, right, w)) / len(test) for k in ks]
     acc = {("majority vote", "-"): curve(lambda a, r, w, k: vote_accuracy(a, r, k, None, rng)),
-           ("weighted vote", "ORM"): curve(lambda a, r, w, k: vote_accuracy(a, r, k, w, rng),
-                                           "ORM"),
-           ("best-of-N", "ORM"): curve(lambda a, r, w, k: vstar.best_of_k(w, r, k), "ORM"),
+           ("weighted vote", "DPO"): curve(lambda a, r, w, k: vote_accuracy(a, r, k, w, rng),
+                                           "DPO"),
+           ("best-of-N", "DPO"): curve(lambda a, r, w, k: vstar.best_of_k(w, r, k), "DPO"),
            ("best-of-N", "PRM"): curve(lambda a, r, w, k: vstar.best_of_k(w, r, k), "PRM"),
            ("pass@N", "oracle"): curve(lambda a, r, w, k: vstar.pass_at_k(n, sum(r), k))}
     # N samples cost N times the mean sample; the prompt is encoded once per problem
@@ -585,22 +590,22 @@ def run(args, task, P, D, test, out, device, new_model):
                                "samples": len(labelled), "sample_tokens": n_tok,
                                "rollout_tokens": cost.gen, "wall_s": round(time.time() - t0, 1)}])
         tqdm.write(f"labels: {right:.3f} of {len(labelled)} samples of P+D right")
-    orm_path, prm_path = os.path.join(out, "orm.pt"), os.path.join(out, "prm.pt")
+    dpo_path, prm_path = os.path.join(out, "dpo.pt"), os.path.join(out, "prm.pt")
     if "scorers" not in done:
         t0 = time.time()
-        orm = vstar.train_orm(gen_path, vstar.load_labelled(lab_path), args, device)
+        gold = [(p, c, True) for p, c in star.gold_examples(task, P, with_hints=False)]
+        dpo, n_pairs = vstar.train_dpo(gen_path, gold + vstar.load_labelled(lab_path), args,
+                                       device)
+        save_checkpoint(dpo_path, dpo, "arith-char-v1")
         prm = train_prm(gen_path, [tuple(r) for r in star.read_jsonl(ms_path)], args, device)
-        for path, m in ((orm_path, orm), (prm_path, prm)):
-            save_checkpoint(path, m.gpt, "arith-char-v1", extra={"head": m.head.state_dict()})
-        append_rows(metrics, [{"kind": "scorers", "stage": "scorers",
+        save_checkpoint(prm_path, prm.gpt, "arith-char-v1", extra={"head": prm.head.state_dict()})
+        append_rows(metrics, [{"kind": "scorers", "stage": "scorers", "dpo_pairs": n_pairs,
                                "wall_s": round(time.time() - t0, 1)}])
-    scorers = {"oracle": oracle_scorer(task)}
-    for name, cls, path, make in (("ORM", vstar.ORM, orm_path, orm_scorer),
-                                  ("PRM", PRM, prm_path, prm_scorer)):
-        gpt, ckpt = load_checkpoint(path, device)
-        m = cls(gpt).to(device).eval()
-        m.head.load_state_dict(ckpt["extra"]["head"])
-        scorers[name] = make(m, task)
+    gpt, ckpt = load_checkpoint(prm_path, device)
+    prm = PRM(gpt).to(device).eval()
+    prm.head.load_state_dict(ckpt["extra"]["head"])
+    scorers = {"oracle": oracle_scorer(task), "PRM": prm_scorer(prm, task),
+               "DPO": dpo_scorer(load_checkpoint(dpo_path, device)[0].eval(), task)}
 
     def gen_for(stage):  # a stage's own seed, so a resumed run samples what it would have
         return torch.Generator(device=device).manual_seed(args.seed * 1000 + zlib.crc32(
@@ -610,7 +615,7 @@ def run(args, task, P, D, test, out, device, new_model):
         t0 = time.time()
         append_rows(metrics, pool_rows(model, task, test, scorers, budgets, args,
                                        gen_for("pool"), t0))
-    for name in ("PRM", "oracle"):
+    for name in ("DPO", "PRM", "oracle"):
         stage = f"beam {name}"
         if stage not in done:
             t0, acc, gen_tok, prompt_tok = time.time(), [], [], []

@@ -100,9 +100,11 @@ def test_beam_search_finds_the_known_path():
 
 
 def test_mcts_finds_the_known_path():
-    # 40 simulations, 6 samples per expansion: measured 0 failures in 200 seeds
+    # A node is expanded once, so a seed fails when the 20 samples of a node on the path all
+    # miss its right letter: 3 * (2/3)^20 = 1e-3 (measured: 1 failure in 200 seeds; with 6
+    # samples per expansion, 46 in 200, as 3 * (2/3)^6 predicts)
     for seed in range(3):
-        res = search.mcts(ToyLM(), TASK, [P0], search.oracle_scorer(TASK), [40], k=6, c=1.0,
+        res = search.mcts(ToyLM(), TASK, [P0], search.oracle_scorer(TASK), [40], k=20, c=1.0,
                           temperature=1.0, generator=gen(seed), cost=search.Cost())
         most_visited, voted, _, _ = res[40]
         assert most_visited == [RIGHT] and voted == [RIGHT]
@@ -273,3 +275,14 @@ def test_search_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
     assert os.path.exists(os.path.join(out, "search.png"))
     train.main(argv)  # finished: nothing is redone, no row added
     assert star.read_jsonl(os.path.join(out, "metrics.jsonl")) == rows
+
+
+def test_a_learned_scorer_search_never_calls_the_ground_truth_checker():
+    class NoPeek(PathTask):
+        def check(self, p, text):
+            raise AssertionError("the checker was called during search")
+        check_steps = check
+    task = NoPeek()
+    score = lambda items: [len(t) / 100 for _, t, _ in items]  # noqa: E731 (a stand-in scorer)
+    search.beam_search(ToyLM(), task, [P0], score, 8, 4, 1.0, gen(), search.Cost())
+    search.mcts(ToyLM(), task, [P0], score, [6], 3, 1.0, 1.0, gen(), search.Cost())
