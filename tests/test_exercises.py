@@ -63,3 +63,30 @@ def test_exercise_4_multiplication_task():
     junk = "".join(random.Random(0).choice("0123456789+*=AQ: \n") for _ in range(200))
     p = sample_problems(task, 1, [task.difficulties[0]], seed=0)[0]
     assert task.check(p, junk) is False and task.check(p, "") is False
+
+
+@pytest.mark.exercise(10)
+def test_exercise_10_leave_one_out_baseline():
+    import argparse
+
+    import quiet_star
+    import train
+    assert "--baseline" in train.get_parser()._option_string_actions, "add the --baseline flag"
+    assert train.get_parser().parse_args([]).baseline == "mean", "keep mean as the default"
+    torch.manual_seed(0)
+    model = random_model().float()
+    head = quiet_star.MixingHead(model.config.n_embd)
+    with torch.no_grad():
+        head.mlp[-1].weight.normal_(0, 0.1)  # a thought that changes the prediction
+    seqs = torch.randint(0, 90, (2, 13))
+    at = torch.arange(12)
+    for n in (2, 3):
+        out = quiet_star.think(model, head, seqs, at, thought_len=3, n_true=2, n_thoughts=n,
+                               temperature=1.0, generator=torch.Generator().manual_seed(n))
+        args = argparse.Namespace(base_weight=0.5, mixed_weight=0.5, reinforce_weight=1.0)
+        mean = quiet_star.quiet_star_loss(out, seqs, n, argparse.Namespace(**vars(args),
+                                          baseline="mean"))[1]["reward"]
+        loo = quiet_star.quiet_star_loss(out, seqs, n, argparse.Namespace(**vars(args),
+                                         baseline="loo"))[1]["reward"]
+        assert mean > 0
+        assert loo == pytest.approx(mean * n / (n - 1), rel=1e-5)
