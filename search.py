@@ -676,16 +676,23 @@ def report(args, rows):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(8.5, 5))
+    names = list(dict.fromkeys(r["method"] for r in methods))  # a colour per method
+    style = {"oracle": ("--", "s"), "PRM": ("-.", "^"), "DPO": ("-", "o"), "-": ("-", "o")}
     for r in methods:
-        ax.plot(r["tokens"], r["accuracy"], marker="o", ls="--" if r["oracle"] else "-",
+        ls, marker = style.get(r["scorer"], ("-", "o"))
+        ax.plot(r["tokens"], r["accuracy"], ls=ls, marker=marker,
+                color=plt.cm.tab10(names.index(r["method"]) % 10),
                 label=r["method"] + ("" if r["scorer"] == "-" else f" ({r['scorer']})"))
     if greedy:
         ax.plot([greedy["tokens"]], [greedy["accuracy"]], "k*", ms=12, label="greedy")
     ax.set_xscale("log")
+    ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 5)))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("generated tokens per problem")
     ax.set_ylabel("test accuracy")
-    ax.set_title(f"test-time search on {args.task} (dashed: oracle-guided, upper bounds)")
+    ax.set_title(f"test-time search on {args.task} (dashed: oracle-guided upper bounds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
