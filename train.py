@@ -167,7 +167,7 @@ def get_parser():
                    help="Quiet-STaR: true tokens teacher-forced after a thought (reward, loss)")
     p.add_argument("--n-thoughts", type=positive(int), default=None,
                    help="Quiet-STaR: thoughts sampled per position (the reward's baseline)")
-    p.add_argument("--think-stride", type=positive(int), default=1,
+    p.add_argument("--think-stride", type=positive(int), default=None,
                    help="Quiet-STaR: think at every k-th position in training (1: every token)")
     p.add_argument("--thought-temperature", type=positive(float), default=1.0,
                    help="Quiet-STaR: sampling temperature of training thoughts")
@@ -273,6 +273,9 @@ def init_distributed(args, parser):
     """torchrun --nproc_per_node=N train.py ...: join the process group torchrun set up (one
     process per GPU, nccl; or per CPU slot, gloo). Only rank 0 prints, shows bars, writes files."""
     import torch.distributed as dist
+    if args.method in ("search", "quiet_star"):
+        parser.error(f"argument --method: {args.method} does not split its work across "
+                     f"processes yet; start it with python, not torchrun")
     local_rank = int(os.environ["LOCAL_RANK"])
     if args.device.startswith("cuda"):
         args.device = f"cuda:{local_rank}"
