@@ -50,7 +50,6 @@ import time
 import zlib
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -218,16 +217,10 @@ def dpo_scorer(dpo, task):
     return score
 
 
-class PRM(nn.Module):
-    """Process reward model: the generator's network with a scalar head read at the end of
-    every step (its newline, or the final end-of-text), trained on Math-Shepherd's labels."""
-
-    def __init__(self, gpt):
-        super().__init__()
-        self.gpt = gpt
-        self.head = nn.Linear(gpt.config.n_embd, 1)
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
+class PRM(vstar.ORM):
+    """Process reward model: V-STaR's ORM (the generator's network with a zero-initialised
+    scalar head), read at the end of every step (its newline, or the final end-of-text) instead
+    of only at the end, and trained on Math-Shepherd's labels."""
 
     def forward(self, prompts, completions):
         """Logits (B, S) at the S step ends of each completion, and their mask (B, S)."""
