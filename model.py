@@ -11,12 +11,18 @@ What the methods need from it, all here:
 - forward(idx, pos, mask, cache, return_hidden): explicit position ids and attention mask (for
   left-padded batches and Quiet-STaR's thought mask), a KV cache passed explicitly, and the
   final hidden states (for a verifier's head or Quiet-STaR's mixing head);
-- generate(): batched sampling of ragged prompts (left padding, per-row positions), temperature,
-  top-k, a torch.Generator, per-row stop tokens (end-of-text, or a newline for one reasoning
-  step); returns tokens, per-token log-probs and lengths. generate_naive() is the slow textbook
-  version kept beside it, and the tests check that the two agree;
+- generate(): the one sampler. Batched sampling of ragged prompts (left padding, per-row
+  positions), several copies of a prompt from one prefill, temperature, top-k, a
+  torch.Generator or per-row seeds, per-row stop tokens (end-of-text, or a newline for one
+  reasoning step); returns tokens, per-token log-probs and lengths. pick() is its token choice,
+  which Quiet-STaR's thoughts use too. generate_naive() is the slow textbook version kept
+  beside it, and the tests check that the two agree;
 - sequence_logprobs(): log p(completion | prompt), summed and per token, batched;
-- save_checkpoint / load_checkpoint, device detection, bf16 autocast.
+- ScalarHead and train_bce(): the network with a scalar head read at chosen positions (the
+  outcome and process reward models of vstar.py and search.py);
+- save_checkpoint / load_checkpoint, device detection, bf16 autocast;
+- what every training loop shares: lr_at (the schedule), seed_for (derived seeds), atomic
+  JSONL and text writes, and the torchrun helpers (wrap_ddp, split_batch, all_gather).
 
 Run the tests: python -m pytest tests/test_model.py
 Benchmark the sampler: python tests/bench_sampling.py
@@ -27,8 +33,11 @@ Departures from GPT-2, on purpose:
 2. No dropout: the models are small and the data is generated afresh, so it is left out.
 """
 
+import hashlib
+import json
 import math
 import os
+import random
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
@@ -36,6 +45,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
 
 @dataclass
@@ -90,6 +101,11 @@ class KVCache:
         self.k[layer, :, :, self.pos:end] = k
         self.v[layer, :, :, self.pos:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def repeat_rows(self, repeats):
+        """Row b becomes repeats[b] consecutive rows: a prompt encoded once serves its copies."""
+        self.k = self.k.repeat_interleave(repeats, dim=1)  # (L, B', nh, max_len, hs)
+        self.v = self.v.repeat_interleave(repeats, dim=1)
 
 
 # -----------------------------------------------------------------------------
@@ -239,6 +255,15 @@ def left_pad(seqs, pad_id, device):
     return idx.to(device), pos.to(device), valid.to(device)
 
 
+def right_pad(seqs, pad_id, device):
+    """(B, T) ids, each sequence from column 0 and padded after its end. Under a causal mask no
+    real token ever sees the padding, so its id does not matter (training batches, scoring)."""
+    idx = torch.full((len(seqs), max(len(s) for s in seqs)), pad_id, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        idx[b, :len(s)] = torch.tensor(s, dtype=torch.long)
+    return idx.to(device)
+
+
 def padded_mask(valid, T_new):
     """Attention mask (B, 1, T_new, Tk) for the last T_new of Tk columns with key validity `valid`.
 
@@ -254,46 +279,61 @@ def padded_mask(valid, T_new):
 
 
 # -----------------------------------------------------------------------------
-# Sampling
+# Sampling: one token-picking function, one decode loop (and its textbook twin)
 
-def _pick(logits, temperature, top_k, u):
-    """Next token ids (B,) from logits (B, V): greedy when temperature == 0.
+def pick(logits, temperature, top_k=None, u=None):
+    """Next token ids (...,) from logits (..., V): greedy when temperature == 0.
 
     Sampling uses the Gumbel-max trick, argmax(logits / temperature + g) with g = -log(-log u)
-    and u uniform: the same distribution as softmax sampling, but driven by noise u (B, V)
-    drawn up front, so that each row can own its random stream (see generate's seeds)."""
+    and u uniform: the same distribution as softmax sampling, but driven by noise u (..., V)
+    drawn up front, so that each row can own its random stream (see generate's seeds). Every
+    sampler in the project, Quiet-STaR's thoughts included, picks its tokens here."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature
     if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     return (logits - torch.log(-torch.log(u))).argmax(dim=-1)
 
 
-def _noise(B, T, V, temperature, generator, seeds, device):
-    """Uniform noise (B, T, V) for T sampling steps; row b from its own seed when seeds given,
-    so a row's sample does not depend on the other rows of its batch, or on its process."""
+def noise(B, T, V, temperature, generator, seeds, device):
+    """Uniform noise (B, T, V) for T sampling steps (None when greedy); row b from its own seed
+    when seeds are given, so a row's sample depends neither on its batch-mates nor its process."""
     if temperature == 0:
         return None
     if seeds is None:
         return torch.rand(B, T, V, generator=generator, device=device)
+    if len(seeds) != B:
+        raise ValueError(f"{len(seeds)} seeds for {B} rows: give one seed per sampled row")
     return torch.stack([torch.rand(T, V, device=device,
                                    generator=torch.Generator(device).manual_seed(s))
                         for s in seeds])
 
 
+def _expand(prompts, copies):
+    if copies is None:
+        return [1] * len(prompts)
+    if len(copies) != len(prompts) or any(c < 1 for c in copies):
+        raise ValueError(f"copies {list(copies)} must give each of the {len(prompts)} prompts "
+                         "1 or more copies")
+    return list(copies)
+
+
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens, stop_tokens, pad_id, temperature=1.0, top_k=None,
-             generator=None, banned_tokens=(), seeds=None):
+             generator=None, banned_tokens=(), seeds=None, copies=None):
     """Sample continuations of a batch of ragged prompts with the KV cache.
 
-    prompts: list of B token lists (any lengths). stop_tokens: ids that end a row (end-of-text,
-    or also the newline to sample one reasoning step); the stop token is kept in the output.
-    banned_tokens: ids never sampled (e.g. thought tokens and the pad).
-    generator: a torch.Generator for the batch's noise; or seeds: one int per row, each row's
-    noise then comes from its own generator (what star.sample uses, so that a problem's samples
-    are the same whatever batch or process it lands in).
+    prompts: list of U token lists (any lengths). copies: how many continuations of each
+    (default 1 each); prompt u is encoded once and its cache rows are copied to its copies[u]
+    rows, so search's many continuations of one prefix cost one prefill. Output rows are the
+    copies in prompt order: B = sum(copies).
+    stop_tokens: ids that end a row (end-of-text; add the newline to sample one reasoning step);
+    the stop token is kept. banned_tokens: ids never sampled (thought tokens, the pad).
+    generator: a torch.Generator for the batch's noise; or seeds: one int per output row, each
+    row's noise then comes from its own generator (its sample is then the same whatever batch or
+    process it lands in: star.sample and torchrun rely on it).
     Returns (tokens, logp, lengths):
       tokens (B, max_new_tokens) long, pad_id after each row's stop;
       logp (B, max_new_tokens) float, the model's log-prob of each sampled token at temperature 1
@@ -301,41 +341,45 @@ def generate(model, prompts, max_new_tokens, stop_tokens, pad_id, temperature=1.
       lengths (B,) tokens generated per row, the stop token included.
     """
     device = next(model.parameters()).device
-    B = len(prompts)
-    idx, pos, valid = left_pad(prompts, pad_id, device)
+    copies = _expand(prompts, copies)
+    idx, pos, valid = left_pad(prompts, pad_id, device)  # (U, T0)
     T0 = idx.size(1)
     if T0 + max_new_tokens > model.config.block_size:
         raise ValueError(f"prompt ({T0}) + max_new_tokens ({max_new_tokens}) exceeds "
                          f"block_size {model.config.block_size}")
-    dtype = next(model.parameters()).dtype
-    cache = KVCache(model.config, B, T0 + max_new_tokens, device, dtype)
+    cache = KVCache(model.config, len(prompts), T0 + max_new_tokens, device,
+                    next(model.parameters()).dtype)
+    logits = model(idx, pos=pos, mask=padded_mask(valid, T0), cache=cache)[:, -1]  # (U, V)
+    if any(c != 1 for c in copies):  # each prompt's cache rows copied to its continuations
+        rep = torch.tensor(copies, device=device)
+        cache.repeat_rows(rep)
+        logits, valid, pos = (x.repeat_interleave(rep, dim=0) for x in (logits, valid, pos))
+    B = logits.size(0)
     valid = torch.cat([valid, torch.ones(B, max_new_tokens, dtype=torch.bool, device=device)], 1)
-    stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
     ragged = bool((~valid).any())  # without padding, decoding needs no mask at all
+    stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
     banned = torch.tensor(list(banned_tokens), dtype=torch.long, device=device)
+    u = noise(B, max_new_tokens, model.config.vocab_size, temperature, generator, seeds, device)
 
     tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     logp = torch.zeros(B, max_new_tokens, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     lengths = torch.zeros(B, dtype=torch.long, device=device)
     next_pos = pos[:, -1] + 1  # (B,) position id of each row's next token
-    V = model.config.vocab_size
-    u = _noise(B, max_new_tokens, V, temperature, generator, seeds, device)  # (B, T, V)
-
-    logits = model(idx, pos=pos, mask=padded_mask(valid[:, :T0], T0), cache=cache)[:, -1]
     for t in range(max_new_tokens):
         logits = logits.float()
         if len(banned):
             logits[:, banned] = float("-inf")
-        tok = _pick(logits, temperature, top_k, None if u is None else u[:, t])  # (B,)
+        tok = pick(logits, temperature, top_k, None if u is None else u[:, t])  # (B,)
         lp = F.log_softmax(logits, dim=-1).gather(1, tok[:, None]).squeeze(1)  # (B,)
         # rows that already stopped write padding; no host sync needed for that
         tokens[:, t] = torch.where(done, pad_id, tok)
         logp[:, t] = torch.where(done, 0.0, lp)
         lengths += (~done).long()
-        done |= (tok[:, None] == stop).any(1)
-        # one sync every 16 tokens to stop early when every row is finished
-        if t == max_new_tokens - 1 or (t % 16 == 15 and bool(done.all())):
+        done |= torch.isin(tok, stop)
+        # one sync every 8 tokens to stop early when every row is finished (a step line of
+        # search is 5-12 tokens, so it stops soon after its newline)
+        if t == max_new_tokens - 1 or (t % 8 == 7 and bool(done.all())):
             break
         # the new token is the last column, so it may see every real column before it
         mask = valid[:, None, None, :T0 + t + 1] if ragged else None  # (B, 1, 1, Tk)
@@ -345,28 +389,35 @@ def generate(model, prompts, max_new_tokens, stop_tokens, pad_id, temperature=1.
 
 
 @torch.no_grad()
-def generate_naive(model, prompt, max_new_tokens, stop_tokens, temperature=1.0, top_k=None,
-                   generator=None, banned_tokens=()):
-    """The textbook sampler: one prompt, no cache, the whole sequence recomputed every token.
-
-    Kept beside generate() as the reference it must agree with (tests/test_model.py) and as the
-    baseline of tests/bench_sampling.py. Returns (tokens, logp) as lists.
-    """
+def generate_naive(model, prompts, max_new_tokens, stop_tokens, pad_id, temperature=1.0,
+                   top_k=None, generator=None, banned_tokens=(), seeds=None, copies=None):
+    """The textbook sampler: no cache; every copy of a prompt is its own row, and the whole
+    left-padded sequence is recomputed for every new token. Same arguments and results as
+    generate(), which must agree with it token for token under the same noise (greedy, a
+    generator or per-row seeds: tests/test_model.py); the baseline of tests/bench_sampling.py."""
     device = next(model.parameters()).device
-    idx = torch.tensor([prompt], dtype=torch.long, device=device)
-    u = _noise(1, max_new_tokens, model.config.vocab_size, temperature, generator, None, device)
-    out, out_logp = [], []
+    rows = [p for p, c in zip(prompts, _expand(prompts, copies)) for _ in range(c)]
+    idx, pos, valid = left_pad(rows, pad_id, device)
+    B, V = len(rows), model.config.vocab_size
+    u = noise(B, max_new_tokens, V, temperature, generator, seeds, device)
+    tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    logp = torch.zeros(B, max_new_tokens, device=device)
+    lengths = torch.zeros(B, dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
     for t in range(max_new_tokens):
-        logits = model(idx)[:, -1].float()  # (1, V)
-        if banned_tokens:
-            logits[:, list(banned_tokens)] = float("-inf")
-        tok = _pick(logits, temperature, top_k, None if u is None else u[:, t])
-        out.append(int(tok))
-        out_logp.append(float(F.log_softmax(logits, dim=-1)[0, tok]))
-        if out[-1] in stop_tokens:
+        logits = model(idx, pos=pos, mask=padded_mask(valid, idx.size(1)))[:, -1].float()
+        logits[:, list(banned_tokens)] = float("-inf")
+        tok = pick(logits, temperature, top_k, None if u is None else u[:, t])  # (B,)
+        tokens[:, t] = torch.where(done, pad_id, tok)
+        logp[:, t] = torch.where(done, 0.0, F.log_softmax(logits, -1)[torch.arange(B), tok])
+        lengths += (~done).long()
+        done |= torch.isin(tok, torch.tensor(list(stop_tokens), dtype=torch.long, device=device))
+        if bool(done.all()):
             break
-        idx = torch.cat([idx, tok[:, None]], dim=1)
-    return out, out_logp
+        idx = torch.cat([idx, tok[:, None]], 1)
+        pos = torch.cat([pos, pos[:, -1:] + 1], 1)
+        valid = torch.cat([valid, torch.ones_like(tok[:, None], dtype=torch.bool)], 1)
+    return tokens, logp, lengths
 
 
 # -----------------------------------------------------------------------------
@@ -375,22 +426,19 @@ def generate_naive(model, prompt, max_new_tokens, stop_tokens, temperature=1.0, 
 def sequence_logprobs(model, prompts, completions, pad_id, per_token=False):
     """log p(completion | prompt) for a batch of token-list pairs, with gradients.
 
-    Each pair is concatenated and right-padded (padding after the end cannot affect earlier tokens
-    under a causal mask). The log-softmax at each completion token is gathered; prompt and
-    padding positions are zeroed before summing. Returns the sums (B,), and with per_token=True
-    also the per-token log-probs (B, Tc) aligned with each completion, 0 past its end.
+    Each pair is concatenated and right-padded. The log-softmax at each completion token is
+    gathered; prompt and padding positions are zeroed before summing. Returns the sums (B,), and
+    with per_token=True also the per-token log-probs (B, Tc) aligned with each completion, 0 past
+    its end.
     """
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
     device = next(model.parameters()).device
-    seqs = [p + c for p, c in zip(prompts, completions)]
-    T = max(len(s) for s in seqs)
-    idx = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    keep = torch.zeros(len(seqs), T, dtype=torch.bool)  # which targets belong to a completion
+    idx = right_pad([p + c for p, c in zip(prompts, completions)], pad_id, device)
+    keep = torch.zeros(idx.shape, dtype=torch.bool)  # which targets belong to a completion
     for b, (p, c) in enumerate(zip(prompts, completions)):
-        if len(p) == 0:
-            raise ValueError("every prompt needs at least one token")
-        idx[b, :len(p) + len(c)] = torch.tensor(p + c, dtype=torch.long)
         keep[b, len(p):len(p) + len(c)] = True
-    idx, keep = idx.to(device), keep.to(device)
+    keep = keep.to(device)
     logits = model(idx[:, :-1])  # (B, T-1, V): position t predicts token t+1
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()  # log-softmax in at least fp32
@@ -400,10 +448,115 @@ def sequence_logprobs(model, prompts, completions, pad_id, per_token=False):
     if not per_token:
         return total
     Tc = max(max(len(c) for c in completions), 1)
-    tok = torch.zeros(len(seqs), Tc, device=device, dtype=logp.dtype)
+    tok = torch.zeros(len(prompts), Tc, device=device, dtype=logp.dtype)
     for b, (p, c) in enumerate(zip(prompts, completions)):
         tok[b, :len(c)] = logp[b, len(p) - 1:len(p) - 1 + len(c)]
     return total, tok
+
+
+# -----------------------------------------------------------------------------
+# A scalar head on the network: the verifiers that output one number per position
+
+class ScalarHead(nn.Module):
+    """A GPT with a linear head that reads its final hidden states at chosen positions of each
+    completion: the ORM reads one position per sample, a process reward model the end of every
+    step. The head starts at zero, so every score starts at logit 0 (probability 1/2)."""
+
+    def __init__(self, gpt):
+        super().__init__()
+        self.gpt = gpt
+        self.head = nn.Linear(gpt.config.n_embd, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, prompts, completions, reads):
+        """Logits (B, S) at the positions reads[b] (indices into completion b), and a mask
+        (B, S) of which entries are real (rows have different numbers of reads)."""
+        device = self.head.weight.device
+        idx = right_pad([p + c for p, c in zip(prompts, completions)], 0, device)
+        S = max(1, max(len(r) for r in reads))
+        at = torch.zeros(len(prompts), S, dtype=torch.long)
+        mask = torch.zeros(len(prompts), S, dtype=torch.bool)
+        for b, (p, r) in enumerate(zip(prompts, reads)):
+            at[b, :len(r)] = torch.tensor([len(p) + j for j in r], dtype=torch.long)
+            mask[b, :len(r)] = True
+        _, h = self.gpt(idx, return_hidden=True)  # (B, T, C)
+        at = at.to(device)[:, :, None].expand(-1, -1, h.size(-1))  # (B, S, C)
+        return self.head(h.gather(1, at).float()).squeeze(-1), mask.to(device)
+
+
+def train_bce(model, rows, steps, lr, batch_size, seed, desc):
+    """Train a ScalarHead with binary cross-entropy: rows are (prompt ids, completion ids, read
+    positions, one label in [0, 1] per read). Batches of batch_size rows are drawn with
+    replacement; the loss is the mean over every label of the batch."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    forward = wrap_ddp(model)
+    rng = random.Random(seed)
+    model.train()
+    bar = tqdm(range(steps), desc=desc, leave=False, dynamic_ncols=True)
+    for step in bar:
+        batch = [rows[rng.randrange(len(rows))] for _ in range(batch_size)]
+        share, denom = split_batch(batch, size=lambda row: len(row[3]))
+        with autocast(str(model.head.weight.device)):
+            logits, mask = forward(*map(list, zip(*[row[:3] for row in share])))
+        y = torch.zeros(mask.shape, device=logits.device)
+        for b, (_, _, _, labels) in enumerate(share):
+            y[b, :len(labels)] = torch.tensor(labels, dtype=torch.float)
+        loss = F.binary_cross_entropy_with_logits(logits.float()[mask], y[mask],
+                                                  reduction="sum") / denom
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    return model.eval()
+
+
+# -----------------------------------------------------------------------------
+# Training-loop pieces every method shares: the schedule, seeds, run files
+
+def lr_at(step, steps, lr, warmup):
+    """Linear warm-up, then cosine decay to lr/10."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    frac = (step - warmup) / max(1, steps - warmup)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def seed_for(*parts):
+    """A seed derived from its parts (ints and strings: the run's seed, a stage, an iteration,
+    a problem, a sample), the same on every machine and in every process, and unrelated for
+    different parts: seed_for(seed, "star", n, i, j) is sample j of problem i in iteration n."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # 63 bits: any torch.Generator takes it
+
+
+def write_atomic(path, text):
+    """Write a whole file so that an interrupted run never leaves half of it: written aside,
+    then renamed into place. Under torchrun only the main process writes."""
+    if is_main():
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    barrier()
+
+
+def write_jsonl(path, rows):
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def read_jsonl(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def append_jsonl(path, *rows):
+    """Append rows in one atomic rewrite (the files here are a few rows long): a run's metrics
+    row is its commit point, so it is either wholly there or not at all."""
+    write_jsonl(path, read_jsonl(path) + list(rows))
 
 
 # -----------------------------------------------------------------------------
@@ -476,3 +629,21 @@ def all_gather(obj):
     out = [None] * world
     dist.all_gather_object(out, obj)
     return out
+
+
+def wrap_ddp(model):
+    """Under torchrun, the model wrapped in DistributedDataParallel (gradients averaged over the
+    processes after backward); with one process, the model itself."""
+    return DDP(model) if rank_world()[1] > 1 else model
+
+
+def split_batch(batch, size=lambda item: 1):
+    """This process's share of a global batch that every process drew identically (all of it
+    with one process), and the divisor of its summed loss.
+
+    Each process sums the losses of its share and divides by (the global batch's size / the
+    number of processes): DistributedDataParallel then averages the gradients over processes,
+    so a step equals the single-process step on the mean loss of the whole batch. size(item)
+    counts what the mean is over (1 per example; its tokens, for a token-level loss)."""
+    rank, world = rank_world()
+    return batch[rank::world], sum(size(item) for item in batch) / world

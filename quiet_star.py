@@ -30,7 +30,8 @@ Deliberate departures from the paper and its code:
 3. Thought log-probs for REINFORCE are taken at the sampling temperature (the code uses 3).
 4. The evaluation thinks greedily (deterministic thoughts), so "greedy answer accuracy" can be
    read exactly from teacher-forced argmaxes: greedy decoding is right iff every answer token
-   is the argmax given the right prefix. generate() is the token-by-token decoder it equals.
+   is the argmax given the right prefix (tests/test_quiet_star.py decodes token by token with
+   think_naive and checks that it agrees).
 5. Not a departure, a mechanism: the gradient flows through the thoughts' keys and values as
    in the code; model.KVCache writes in place, which autograd refuses once a written slice was
    read ("modified by an inplace operation"), so ConcatCache below grows by concatenation.
@@ -47,23 +48,26 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import star
-from model import GPT, autocast, get_config, load_checkpoint, save_checkpoint
-from tasks import EOT, EOTH, NEWLINE, PAD, SOT, decode, encode, sample_problems
+from model import (GPT, append_jsonl, autocast, get_config, load_checkpoint, lr_at, pick,
+                   read_jsonl, save_checkpoint, seed_for, write_atomic)
+from tasks import EOT, EOTH, PAD, SOT, TOKENIZER, decode, encode, sample_problems
 
-# Run sizes per preset (train.py fills the flags still unset from here, then from its own).
+# Every setting of a run, per preset (train.py fills the flags left unset from here, and refuses
+# the others). The loss weights and the meta-token multiplier are the official code's.
+_SHARED = dict(task="addition", thought_temperature=1.0, base_weight=0.5, mixed_weight=0.5,
+               reinforce_weight=1.0, meta_lr_mult=100.0)
 DEFAULTS = {
-    "tiny": dict(base_steps=1000, steps=100, batch_size=32, lr=2e-3, continue_lr=5e-4,
-                 n_test=240, seq_len=48, thought_len=4, n_true=2, n_thoughts=2, think_stride=2,
-                 eval_every=25,
-                 train_difficulty="2-3", test_difficulty="2-3"),
-    "small": dict(base_steps=3000, steps=500, batch_size=32, lr=1e-3, continue_lr=3e-4,
-                  n_test=500, seq_len=64, thought_len=6, n_true=4, n_thoughts=2, think_stride=1,
-                  eval_every=100,
-                  train_difficulty="2-4", test_difficulty="2-4"),
-    "gpu": dict(base_steps=5000, steps=2000, batch_size=64, lr=1e-3, continue_lr=3e-4,
-                n_test=2000, seq_len=128, thought_len=12, n_true=4, n_thoughts=2,
-                think_stride=1, eval_every=200, train_difficulty="2-5", test_difficulty="2-5"),
+    "tiny": dict(_SHARED, base_steps=1000, think_steps=100, batch_size=32, lr=2e-3,
+                 continue_lr=5e-4, n_test=240, seq_len=48, thought_len=4, n_true=2, n_thoughts=2,
+                 think_stride=2, eval_every=25, train_difficulty="2-3", test_difficulty="2-3"),
+    "small": dict(_SHARED, base_steps=3000, think_steps=500, batch_size=32, lr=1e-3,
+                  continue_lr=3e-4, n_test=500, seq_len=64, thought_len=6, n_true=4,
+                  n_thoughts=2, think_stride=1, eval_every=100, train_difficulty="2-4",
+                  test_difficulty="2-4"),
+    "gpu": dict(_SHARED, base_steps=5000, think_steps=2000, batch_size=64, lr=1e-3,
+                continue_lr=3e-4, n_test=2000, seq_len=128, thought_len=12, n_true=4,
+                n_thoughts=2, think_stride=1, eval_every=200, train_difficulty="2-5",
+                test_difficulty="2-5"),
 }
 BANNED = (SOT, EOTH, EOT, PAD)  # never sampled as a thought token nor emitted as text
 
@@ -104,7 +108,7 @@ def pack(problems, T):
 def train_batch(task, args, step, held_out):
     """batch_size rows of fresh problems, drawn from a seed derived from the step (so a resumed
     run sees the same batches); test questions never appear."""
-    seed = args.seed * 1_000_003 + step
+    seed = seed_for(args.seed, "batch", step)
     n = args.batch_size * ((args.seq_len + 1) // 6 + 1)  # more than fit (a line is >= 6)
     seqs, _ = pack(sample_problems(task, n, args.train_difficulty, seed, exclude=held_out),
                    args.seq_len)
@@ -178,17 +182,17 @@ def thought_mask(T, at, k):
     return torch.cat([real, own], dim=1)[None, None]
 
 
-def pick(logits, temperature, generator):
-    """(token, its log-prob) per row from logits (..., V) with the meta-tokens banned; greedy at
-    temperature 0. The log-prob is at the sampling temperature (1 when greedy)."""
+def thought_token(logits, temperature, generator):
+    """(token, its log-prob) per row from logits (..., V) with the meta-tokens banned, picked by
+    model.pick (greedy at temperature 0). The log-prob is at the sampling temperature (1 when
+    greedy): it is what REINFORCE differentiates."""
     logits = logits.float().clone()
     logits[..., list(BANNED)] = float("-inf")
+    u = None
+    if temperature > 0:
+        u = torch.rand(logits.shape, generator=generator, device=logits.device)
+    tok = pick(logits, temperature, u=u)
     logp = F.log_softmax(logits / (temperature or 1.0), dim=-1)
-    if temperature == 0:
-        tok = logits.argmax(-1)
-    else:
-        flat = logp.exp().reshape(-1, logp.size(-1))
-        tok = torch.multinomial(flat, 1, generator=generator).view(logits.shape[:-1])
     return tok, logp.gather(-1, tok[..., None]).squeeze(-1)
 
 # -----------------------------------------------------------------------------
@@ -229,7 +233,7 @@ def think(model, head, seqs, at, thought_len, n_true, n_thoughts=1, temperature=
                           return_hidden=True)  # (B*n, P, V), (B*n, P, C)
         pass_logits.append(logits)
         if k <= thought_len:  # this pass predicts thought token k: sample it
-            inp, lp = pick(logits, temperature, generator)
+            inp, lp = thought_token(logits, temperature, generator)
             thoughts.append(inp), thought_logp.append(lp)
         elif k == thought_len + 1:  # the end of thought is forced, never sampled
             inp = torch.full_like(inp, EOTH)
@@ -256,7 +260,8 @@ def think_naive(model, head, prefix, thought_len, future=(), temperature=0.0, ge
     seq = list(prefix) + [SOT]
     thought, logps = [], []
     for _ in range(thought_len):
-        tok, lp = pick(model(torch.tensor([seq], device=dev))[0, -1], temperature, generator)
+        tok, lp = thought_token(model(torch.tensor([seq], device=dev))[0, -1], temperature,
+                                generator)
         thought.append(int(tok)), logps.append(float(lp))
         seq.append(int(tok))
     talk = seq + [EOTH] + list(future)
@@ -267,39 +272,24 @@ def think_naive(model, head, prefix, thought_len, future=(), temperature=0.0, ge
     return thought, logps, model.lm_head(m), w
 
 
-@torch.no_grad()
-def generate(model, head, prompt, max_new_tokens, thought_len, stop=NEWLINE, temperature=0.0,
-             generator=None):
-    """Text with a thought before every new token; the meta-tokens are never emitted as text.
-    Returns (tokens, thoughts, w): the thought and mixing weight behind each token."""
-    idx, thoughts, ws = list(prompt), [], []
-    for _ in range(max_new_tokens):
-        thought, _, logits, w = think_naive(model, head, idx, thought_len, (), temperature,
-                                            generator)
-        tok = int(pick(logits[-1], temperature, generator)[0])
-        idx.append(tok), thoughts.append(thought), ws.append(float(w[-1]))
-        if tok == stop:
-            break
-    return idx[len(prompt):], thoughts, ws
-
 # -----------------------------------------------------------------------------
 # The loss (the paper's equation for the REINFORCE gradient, and the two language-model terms)
 
 
-def talk_logp(out, n_thoughts):
+def talk_logp(th, n_thoughts):
     """log p(talk target) under the mixed prediction (B*n, P, n_true), 0 where there is none."""
-    tgt = out["talk_targets"].repeat_interleave(n_thoughts, 0)  # (B*n, P, n_true)
-    logp = F.log_softmax(out["mixed_logits"].float(), -1).gather(-1, tgt.clamp(min=0)[..., None])
+    tgt = th["talk_targets"].repeat_interleave(n_thoughts, 0)  # (B*n, P, n_true)
+    logp = F.log_softmax(th["mixed_logits"].float(), -1).gather(-1, tgt.clamp(min=0)[..., None])
     return logp.squeeze(-1) * (tgt >= 0), tgt >= 0
 
 
-def quiet_star_loss(out, seqs, n_thoughts, args):
+def quiet_star_loss(th, seqs, n_thoughts, args):
     """(loss, stats): w_base * base NLL + w_mixed * mixed NLL + beta * REINFORCE."""
     y = targets(seqs)
-    V = out["base_logits"].size(-1)
-    nll_base = F.cross_entropy(out["base_logits"].float().reshape(-1, V), y.reshape(-1),
+    V = th["base_logits"].size(-1)
+    nll_base = F.cross_entropy(th["base_logits"].float().reshape(-1, V), y.reshape(-1),
                                ignore_index=-1)
-    logp, valid = talk_logp(out, n_thoughts)  # (B*n, P, n_true)
+    logp, valid = talk_logp(th, n_thoughts)  # (B*n, P, n_true)
     nll_mixed = -logp.sum() / valid.sum().clamp(min=1)
     # reward: how much more likely the true continuation is with this thought than with the
     # average thought at the same position; only better-than-average thoughts are pushed up
@@ -308,7 +298,7 @@ def quiet_star_loss(out, seqs, n_thoughts, args):
     has = valid[..., 0].float()  # positions with at least one true token to predict
     # REINFORCE on the sampled thought tokens only: -adv * log p(thought); the forced start/end
     # tokens and the teacher-forced text carry no policy gradient
-    reinforce = -(adv * out["thought_logp"].sum(-1) * has).sum() / has.sum().clamp(min=1)
+    reinforce = -(adv * th["thought_logp"].sum(-1) * has).sum() / has.sum().clamp(min=1)
     loss = args.base_weight * nll_base + args.mixed_weight * nll_mixed + \
         args.reinforce_weight * reinforce
     return loss, {"nll_base": nll_base.item(), "nll_mixed": nll_mixed.item(),
@@ -335,15 +325,15 @@ def evaluate(model, head, data, problems, args, batch_size=64):
             if head is None:
                 logits = model(seqs[:, :T])
             else:
-                out = think(model, head, seqs, torch.arange(T, device=device),
+                th = think(model, head, seqs, torch.arange(T, device=device),
                             args.thought_len, 1, temperature=0.0)
-                logits, w = out["mixed_logits"][:, :, 0], out["w"][:, :, 0]  # (B, T, V)
+                logits, w = th["mixed_logits"][:, :, 0], th["w"][:, :, 0]  # (B, T, V)
         logp = F.log_softmax(logits.float(), -1).gather(-1, y.clamp(min=0)[..., None])[..., 0]
         hard = (ans >= 0).to(device)
         tot["nll"] -= logp[hard].sum().item()
         tot["n"] += int(hard.sum())
         if head is not None:
-            lp0 = F.log_softmax(out["base_logits"].float(), -1)  # pass 0: no thought
+            lp0 = F.log_softmax(th["base_logits"].float(), -1)  # pass 0: no thought
             lp0 = lp0.gather(-1, y.clamp(min=0)[..., None])[..., 0]
             tot["nll_nothought"] -= lp0[hard].sum().item()
             tot["w"] += w.float()[hard].sum().item()
@@ -361,19 +351,27 @@ def evaluate(model, head, data, problems, args, batch_size=64):
     return res
 
 
+@torch.no_grad()
 def sample_lines(model, head, problems, thought_len, k=6):
-    """A few test lines generated with thoughts, each answer token shown with the thought that
-    came before it, for a person to read."""
-    out = []
+    """A few held-out lines for a person to read: before each answer token, the greedy thought,
+    the mixing weight, and the token then predicted (teacher-forced on the true text, as
+    evaluate() reads accuracy: a line is right when every answer token is predicted)."""
+    device = next(model.parameters()).device
+    lines = []
     for p in problems[:k]:
-        prompt = encode(f"{p.question}=")
-        toks, thoughts, ws = generate(model, head, prompt, len(p.answer) + 2, thought_len)
-        text = decode(toks)
-        verdict = "right" if text == p.answer + "\n" else "wrong"
-        out.append(f"{p.question}={text.rstrip()}   [{verdict}; gold {p.answer}]")
-        for tok, th, w in zip(toks, thoughts, ws):
-            out.append(f"    thought {decode(th)!r} (w={w:+.3f}) -> {decode([tok])!r}")
-    return "\n".join(out) + "\n"
+        ids = encode(line(p))
+        n_q = len(p.question) + 1  # "a+b=": the answer starts after it
+        at = torch.arange(n_q - 1, len(ids) - 1, device=device)  # the answer's predictors
+        th = think(model, head, torch.tensor([ids], device=device), at, thought_len, 1,
+                   temperature=0.0)
+        pred = th["mixed_logits"][0, :, 0].argmax(-1).tolist()
+        verdict = "right" if pred == ids[n_q:] else "wrong"
+        lines.append(f"{line(p).strip()}   [{verdict}: predicted {decode(pred)!r}]")
+        for i, t in enumerate(at.tolist()):
+            lines.append(f"    after {decode(ids[:t + 1])!r}: thought "
+                         f"{decode(th['thoughts'][0, i].tolist())!r} "
+                         f"(w={float(th['w'][0, i, 0]):+.3f}) -> {decode([pred[i]])!r}")
+    return "\n".join(lines) + "\n"
 
 # -----------------------------------------------------------------------------
 # Training: the base model, then Quiet-STaR and the equal-compute continuation side by side
@@ -397,12 +395,13 @@ def lm_step(model, opt, seqs, lr):
 def quiet_star_step(model, head, opt, seqs, lr, step, args):
     for g in opt.param_groups:
         g["lr"] = lr
-    gen = torch.Generator(device=seqs.device).manual_seed(args.seed * 7919 + step)
+    generator = torch.Generator(device=seqs.device).manual_seed(
+        seed_for(args.seed, "thoughts", step))
     at = torch.arange(0, args.seq_len, args.think_stride, device=seqs.device)
     with autocast(str(seqs.device)):
-        out = think(model, head, seqs, at, args.thought_len, args.n_true, args.n_thoughts,
-                    args.thought_temperature, gen)
-    loss, stats = quiet_star_loss(out, seqs, args.n_thoughts, args)
+        th = think(model, head, seqs, at, args.thought_len, args.n_true, args.n_thoughts,
+                    args.thought_temperature, generator)
+    loss, stats = quiet_star_loss(th, seqs, args.n_thoughts, args)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(head.parameters()), 1.0)
@@ -420,16 +419,17 @@ def run(args, task, P, D, test, out, device, new_model):
     checkpoints are written first). Started again on the same folder, it resumes from the last
     row. P, D and test from train.py are not used: the data here is packed arithmetic text."""
     metrics = os.path.join(out, "metrics.jsonl")
-    rows = star.read_jsonl(metrics)
+    rows = read_jsonl(metrics)
     need = args.seq_len + args.thought_len + args.n_true + 2
     cfg = get_config(args.preset, block_size=max(need, get_config(args.preset).block_size))
-    problems = sample_problems(task, args.n_test, args.test_difficulty, seed=args.seed * 3 + 1)
+    problems = sample_problems(task, args.n_test, args.test_difficulty,
+                               seed=seed_for(args.seed, "test"))
     held_out = frozenset(p.question for p in problems)
     data = pack(problems, args.seq_len)
     path = lambda arm, step: os.path.join(out, f"{arm}_step{step}.pt")  # noqa: E731
 
     def cont_lr(s):  # the same schedule for both arms
-        return star.lr_at(s, args.steps, args.continue_lr, warmup=args.steps // 10 + 1)
+        return lr_at(s, args.think_steps, args.continue_lr, warmup=args.think_steps // 10 + 1)
 
     if not any(r["kind"] == "base" for r in rows):  # stage 1: the base language model
         t0 = time.time()
@@ -439,18 +439,18 @@ def run(args, task, P, D, test, out, device, new_model):
         bar = tqdm(range(args.base_steps), desc="base LM", leave=False, dynamic_ncols=True)
         for s in bar:
             loss = lm_step(base, opt, train_batch(task, args, -1 - s, held_out).to(device),
-                           star.lr_at(s, args.base_steps, args.lr, warmup=100))
+                           lr_at(s, args.base_steps, args.lr, warmup=100))
             if s % 20 == 0:
                 bar.set_postfix(loss=f"{loss:.3f}")
         base.eval()
-        save_checkpoint(path("base", 0), base, "arith-char-v1")
+        save_checkpoint(path("base", 0), base, TOKENIZER)
         quiet, head = copy.deepcopy(base), MixingHead(cfg.n_embd).to(device)
         init_meta_tokens(quiet)
         row = {"kind": "base", "step": 0, "base_steps": args.base_steps,
                "plain": evaluate(base, None, data, problems, args),
                "quiet": evaluate(quiet, head, data, problems, args),
                "wall_s": round(time.time() - t0, 1)}
-        star.append_jsonl(metrics, row)
+        append_jsonl(metrics, row)
         rows.append(row)
         tqdm.write(f"base LM: answer NLL {row['plain']['answer_nll']:.3f}, accuracy "
                    f"{row['plain']['accuracy']:.3f} (with the zero mixing head: "
@@ -473,7 +473,8 @@ def run(args, task, P, D, test, out, device, new_model):
         tqdm.write(f"resuming {out} after step {done}")
     plain.train(), quiet.train()
     t0, stats = time.time(), []
-    bar = tqdm(range(done, args.steps), desc="Quiet-STaR", leave=False, dynamic_ncols=True)
+    bar = tqdm(range(done, args.think_steps), desc="Quiet-STaR", leave=False,
+               dynamic_ncols=True)
     for s in bar:
         seqs = train_batch(task, args, s, held_out).to(device)
         lm_step(plain, opt_p, seqs, cont_lr(s))  # the same batch, no thoughts
@@ -481,23 +482,23 @@ def run(args, task, P, D, test, out, device, new_model):
         if s % 5 == 0:
             bar.set_postfix(mixed=f"{stats[-1]['nll_mixed']:.3f}",
                             base=f"{stats[-1]['nll_base']:.3f}")
-        if (s + 1) % args.eval_every and s + 1 != args.steps:
+        if (s + 1) % args.eval_every and s + 1 != args.think_steps:
             continue
         plain.eval(), quiet.eval()
         # checkpoints carry their step in the name: one written just before an interruption
         # is never mistaken for the last committed one
-        save_checkpoint(path("plain", s + 1), plain, "arith-char-v1",
+        save_checkpoint(path("plain", s + 1), plain, TOKENIZER,
                         extra={"opt": opt_p.state_dict()})
-        save_checkpoint(path("quiet", s + 1), quiet, "arith-char-v1",
+        save_checkpoint(path("quiet", s + 1), quiet, TOKENIZER,
                         extra={"head": head.state_dict(), "opt": opt_q.state_dict()})
-        star.write_atomic(os.path.join(out, f"samples_step{s + 1}.txt"),
+        write_atomic(os.path.join(out, f"samples_step{s + 1}.txt"),
                           sample_lines(quiet, head, problems, args.thought_len))
         mean = {k: sum(d[k] for d in stats) / len(stats) for k in stats[0]}
         row = {"kind": "eval", "step": s + 1, "tokens_seen": (s + 1) * args.batch_size *
                args.seq_len, "plain": evaluate(plain, None, data, problems, args),
                "quiet": evaluate(quiet, head, data, problems, args),
                "train": mean, "wall_s": round(time.time() - t0, 1)}
-        star.append_jsonl(metrics, row)  # the commit point
+        append_jsonl(metrics, row)  # the commit point
         for arm in ("plain", "quiet"):  # only the newest committed models are kept (and base)
             if done > 0 and os.path.exists(path(arm, done)):
                 os.remove(path(arm, done))

@@ -26,15 +26,15 @@ Deliberate departures:
 1. The generator is M0 of star.py (fine-tuned on P), not a STaR-improved one, so the run fits
    a CPU; --checkpoint runs the same search on any trained generator.
 2. Best-of-N and the votes are evaluated from one pool of --eval-samples samples per problem:
-   best-of-N exactly (vstar.best_of_k), the votes averaged over random N-subsets; the cost of
-   N samples is N times the pool's mean tokens per sample (its exact expectation).
+   best-of-N and majority vote exactly over every N-subset (vstar.best_of_k,
+   vstar.majority_at_k), the weighted vote by Monte Carlo over random N-subsets (no exact count
+   is known for it); the cost of N samples is N times the pool's mean tokens per sample (its
+   exact expectation).
 3. The PRM's score of a prefix is its minimum step score too (search-and-learn uses the last
    step's); it learns from the generator's samples of P+D, with --rollouts per step prefix
    (4 on a CPU; Math-Shepherd: 8), distinct prefixes rolled out once. The DPO verifier learns
    from the same samples plus P's gold solutions (as V-STaR), and scores a prefix too, by the
-   mean log-probability of its steps. The ORM (vstar.ORM) was tried first and dropped: on the
-   CPU run it ranked two samples of the same problem right 61% of the time, the generator's
-   own mean log-prob 80% (measured on 8 test samples per problem).
+   mean log-probability of its steps.
 4. MCTS is anytime: one search of the largest budget is read off after 1, 2, 4, .. simulations;
    a rollout's value is the scorer's score of the finished solution (no PUCT prior). A node is
    expanded once, by --mcts-children samples: a step none of them drew is never tried there.
@@ -42,35 +42,39 @@ Deliberate departures:
    prefix that would overflow the model's block, is finished as it is (and judged wrong).
 """
 
-import json
 import math
 import os
 import random
 import time
-import zlib
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import star
 import vstar
-from model import (KVCache, autocast, generate, left_pad, load_checkpoint, padded_mask,
-                   save_checkpoint)
-from tasks import EOT, EOTH, NEWLINE, PAD, SOT, decode, encode
+from model import (ScalarHead, append_jsonl, autocast, generate, load_checkpoint, read_jsonl,
+                   save_checkpoint, seed_for, train_bce, write_jsonl)
+from tasks import EOT, EOTH, NEWLINE, PAD, SOT, TOKENIZER, decode, encode
 
-# Run sizes per preset (train.py applies them to flags left unset). Budgets are N: samples of
-# best-of-N and the votes, beams of beam search, simulations of MCTS.
+# Every setting of a run, per preset (train.py fills the flags left unset from here, and refuses
+# the others). Budgets are N: samples of best-of-N and the votes, beams of beam search,
+# simulations of MCTS.
 DEFAULTS = {
-    "tiny": dict(n_train=1000, n_unlabeled=200, n_test=100, steps=1200, samples=2,
-                 temperature=1.0, eval_samples=16, verifier_steps=200, rollouts=4,
-                 budgets="1,2,4,8,16"),
-    "small": dict(n_train=1000, n_unlabeled=1000, n_test=300, steps=3000, samples=4,
-                  temperature=1.0, eval_samples=32, verifier_steps=1000, rollouts=8,
-                  budgets="1,2,4,8,16,32"),
-    "gpu": dict(n_train=2000, n_unlabeled=5000, n_test=1000, steps=3000, samples=8,
-                temperature=1.0, eval_samples=64, verifier_steps=2000, rollouts=8,
-                budgets="1,2,4,8,16,32,64"),
+    "tiny": dict(task="countdown", n_train=1000, n_unlabeled=200, n_test=100, steps=1200,
+                 batch_size=32, lr=2e-3, sample_batch_size=300, samples=2, temperature=1.0,
+                 eval_samples=16, beta=0.1, verifier_steps=200, verifier_lr=1e-4, rollouts=4,
+                 budgets="1,2,4,8,16", beam_width=4, mcts_children=4, mcts_c=1.0,
+                 checkpoint=None, compile=False),
+    "small": dict(task="countdown", n_train=1000, n_unlabeled=1000, n_test=300, steps=3000,
+                  batch_size=64, lr=1e-3, sample_batch_size=500, samples=4, temperature=1.0,
+                  eval_samples=32, beta=0.1, verifier_steps=1000, verifier_lr=1e-4, rollouts=8,
+                  budgets="1,2,4,8,16,32", beam_width=4, mcts_children=4, mcts_c=1.0,
+                  checkpoint=None, compile=False),
+    "gpu": dict(task="countdown", n_train=2000, n_unlabeled=5000, n_test=1000, steps=3000,
+                batch_size=256, lr=1e-3, sample_batch_size=2048, samples=8, temperature=1.0,
+                eval_samples=64, beta=0.1, verifier_steps=2000, verifier_lr=1e-4, rollouts=8,
+                budgets="1,2,4,8,16,32,64", beam_width=4, mcts_children=4, mcts_c=1.0,
+                checkpoint=None, compile=False),
 }
 STEP_TOKENS = 24      # longest step line (countdown's "100*12=1200" is 11 tokens)
 ROLLOUT_TOKENS = 160  # longest rollout to the end of a solution
@@ -82,86 +86,32 @@ BANNED = (SOT, EOTH, PAD)
 # Sampling continuations of prefixes, with exact token accounting
 
 class Cost:
-    """Tokens spent: `gen` sampled by the generator (what methods are compared at), `prompt`
+    """Tokens spent: `sampled` by the generator (what methods are compared at), and `prompt`
     fed to it as prefixes to encode (counted apart: a KV cache makes them cheap)."""
 
     def __init__(self):
-        self.gen, self.prompt = 0, 0
+        self.sampled, self.prompt = 0, 0
 
 
-def _next_token(logits, temperature, generator):
-    """(B,) ids from logits (B, V): greedy at temperature 0, else softmax sampling."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    probs = F.softmax(logits / temperature, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-@torch.inference_mode()
-def extend(model, prefixes, copies, max_new, stop, temperature, generator, cost):
+def continue_prefixes(model, prefixes, copies, max_new, stop, temperature, generator, cost):
     """copies[u] continuations of each token list prefixes[u], each until a stop token (kept)
-    or max_new tokens; returned as token lists, prefix 0's copies first.
-
-    Each distinct prefix is encoded once and its KV cache rows are then copied to its
-    continuations (repeat_interleave), so M copies of a prefix cost one prefill, not M. This is
-    what makes beam search's refill, MCTS's expansion, Math-Shepherd's rollouts and the shared
-    prompt of best-of-N cheap. extend_naive() is the reference it must agree with.
-    """
-    device = next(model.parameters()).device
-    pairs = [(p, c) for p, c in zip(prefixes, copies) if c > 0]
-    if not pairs:
+    or max_new tokens; returned as token lists, prefix 0's copies first. model.generate encodes
+    each prefix once and copies its cache rows to its continuations, so beam search's refill,
+    MCTS's expansion, Math-Shepherd's rollouts and best-of-N's shared prompt are cheap."""
+    keep = [(p, c) for p, c in zip(prefixes, copies) if c > 0]
+    if not keep:
         return []
-    idx, pos, valid = left_pad([p for p, _ in pairs], PAD, device)  # (U, T0)
-    U, T0 = idx.shape
-    max_new = min(max_new, model.config.block_size - T0)
+    prefixes, copies = [p for p, _ in keep], [c for _, c in keep]
+    max_new = min(max_new, model.config.block_size - max(map(len, prefixes)))
     if max_new < 1:
-        raise ValueError(f"a prefix of {T0} tokens leaves no room in the block")
-    cache = KVCache(model.config, U, T0 + max_new, device, next(model.parameters()).dtype)
-    with autocast(str(device)):
-        logits = model(idx, pos=pos, mask=padded_mask(valid, T0), cache=cache)[:, -1]  # (U, V)
-    cost.prompt += sum(len(p) for p, _ in pairs)
-    rep = torch.tensor([c for _, c in pairs], device=device)
-    cache.k = cache.k.repeat_interleave(rep, dim=1)  # (L, B, nh, T0 + max_new, hs)
-    cache.v = cache.v.repeat_interleave(rep, dim=1)
-    logits = logits.repeat_interleave(rep, dim=0)  # (B, V)
-    valid = torch.cat([valid, torch.ones(U, max_new, dtype=torch.bool, device=device)], 1)
-    valid = valid.repeat_interleave(rep, dim=0)  # (B, T0 + max_new)
-    next_pos = (pos[:, -1] + 1).repeat_interleave(rep)  # (B,)
-    B = logits.size(0)
-    ragged = bool((~valid).any())
-    stop = torch.tensor(list(stop), device=device)
-    tokens = torch.full((B, max_new), PAD, dtype=torch.long, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    lengths = torch.zeros(B, dtype=torch.long, device=device)
-    for t in range(max_new):  # the decode loop of model.generate, from a copied cache
-        logits = logits.float()
-        logits[:, list(BANNED)] = float("-inf")
-        tok = _next_token(logits, temperature, generator)  # (B,)
-        tokens[:, t] = torch.where(done, PAD, tok)
-        lengths += (~done).long()
-        done |= (tok[:, None] == stop).any(1)
-        if t == max_new - 1 or (t % 8 == 7 and bool(done.all())):
-            break
-        mask = valid[:, None, None, :T0 + t + 1] if ragged else None  # (B, 1, 1, Tk)
-        with autocast(str(device)):
-            logits = model(tok[:, None], pos=next_pos[:, None], mask=mask, cache=cache)[:, -1]
-        next_pos = next_pos + 1
+        raise ValueError(f"a prefix of {max(map(len, prefixes))} tokens leaves no room in the "
+                         f"block ({model.config.block_size})")
+    with autocast(str(next(model.parameters()).device)):
+        tokens, _, lengths = generate(model, prefixes, max_new, stop, PAD, temperature,
+                                      generator=generator, banned_tokens=BANNED, copies=copies)
     lengths = lengths.tolist()
-    cost.gen += sum(lengths)
-    return [row[:n] for row, n in zip(tokens.tolist(), lengths)]
-
-
-def extend_naive(model, prefixes, copies, max_new, stop, temperature, generator, cost):
-    """extend() the textbook way: every continuation re-encodes its prefix (model.generate on
-    the repeated prefixes). Same tokens greedily; more prompt tokens."""
-    rows = [p for p, c in zip(prefixes, copies) for _ in range(c)]
-    max_new = min(max_new, model.config.block_size - max(len(p) for p in rows))
-    tokens, _, lengths = generate(model, rows, max_new, stop_tokens=tuple(stop), pad_id=PAD,
-                                  temperature=temperature, generator=generator,
-                                  banned_tokens=BANNED)
-    lengths = lengths.tolist()
-    cost.gen += sum(lengths)
-    cost.prompt += sum(len(p) for p in rows)
+    cost.sampled += sum(lengths)
+    cost.prompt += sum(map(len, prefixes))
     return [row[:n] for row, n in zip(tokens.tolist(), lengths)]
 
 
@@ -179,8 +129,8 @@ def sample_steps(model, task, nodes, copies, temperature, generator, cost):
     """One more line for copies[i] continuations of each (problem, prefix text) nodes[i]:
     (line, finished) pairs. A line ended by end-of-text, or by running out of tokens, finishes
     its solution."""
-    rows = extend(model, [prefix_ids(task, p, text) for p, text in nodes], copies, STEP_TOKENS,
-                  (NEWLINE, EOT), temperature, generator, cost)
+    rows = continue_prefixes(model, [prefix_ids(task, p, text) for p, text in nodes], copies,
+                             STEP_TOKENS, (NEWLINE, EOT), temperature, generator, cost)
     return [(decode(t for t in row if t not in (NEWLINE, EOT)), not row or row[-1] != NEWLINE)
             for row in rows]
 
@@ -188,8 +138,8 @@ def sample_steps(model, task, nodes, copies, temperature, generator, cost):
 def rollouts(model, task, nodes, copies, temperature, generator, cost):
     """copies[i] completions to the end (end-of-text) of each (problem, prefix text) nodes[i]:
     the texts of the finished solutions, prefix included."""
-    rows = extend(model, [prefix_ids(task, p, text) for p, text in nodes], copies,
-                  ROLLOUT_TOKENS, (EOT,), temperature, generator, cost)
+    rows = continue_prefixes(model, [prefix_ids(task, p, text) for p, text in nodes], copies,
+                             ROLLOUT_TOKENS, (EOT,), temperature, generator, cost)
     starts = [text for (_, text), c in zip(nodes, copies) for _ in range(c)]
     return [s + decode(t for t in row if t != EOT) for s, row in zip(starts, rows)]
 
@@ -217,27 +167,10 @@ def dpo_scorer(dpo, task):
     return score
 
 
-class PRM(vstar.ORM):
-    """Process reward model: V-STaR's ORM (the generator's network with a zero-initialised
-    scalar head), read at the end of every step (its newline, or the final end-of-text) instead
-    of only at the end, and trained on Math-Shepherd's labels."""
-
-    def forward(self, prompts, completions):
-        """Logits (B, S) at the S step ends of each completion, and their mask (B, S)."""
-        device = self.head.weight.device
-        seqs = [p + c for p, c in zip(prompts, completions)]
-        ends = [[len(p) + j for j, t in enumerate(c) if t in (NEWLINE, EOT)]
-                for p, c in zip(prompts, completions)]
-        T, S = max(map(len, seqs)), max(1, max(map(len, ends)))
-        idx = torch.full((len(seqs), T), PAD, dtype=torch.long)  # right padding: causal, unseen
-        at = torch.zeros(len(seqs), S, dtype=torch.long)
-        mask = torch.zeros(len(seqs), S, dtype=torch.bool)
-        for b, (s, e) in enumerate(zip(seqs, ends)):
-            idx[b, :len(s)] = torch.tensor(s)
-            at[b, :len(e)], mask[b, :len(e)] = torch.tensor(e, dtype=torch.long), True
-        _, h = self.gpt(idx.to(device), return_hidden=True)  # (B, T, C)
-        at = at.to(device)[:, :, None].expand(-1, -1, h.size(-1))  # (B, S, C)
-        return self.head(h.gather(1, at).float()).squeeze(-1), mask.to(device)
+def step_reads(completion):
+    """Where the process reward model (model.ScalarHead) reads a completion: the end of every
+    step, its newline, and the final end-of-text."""
+    return [j for j, t in enumerate(completion) if t in (NEWLINE, EOT)]
 
 
 def prm_scorer(prm, task, batch_size=256):
@@ -248,9 +181,10 @@ def prm_scorer(prm, task, batch_size=256):
         out = []
         for i in range(0, len(items), batch_size):
             chunk = items[i:i + batch_size]
+            comps = [encode(t) + ([EOT] if fin else []) for _, t, fin in chunk]
             with autocast(str(prm.head.weight.device)):
-                logits, mask = prm([encode(task.prompt(p)) for p, _, _ in chunk],
-                                   [encode(t) + ([EOT] if fin else []) for _, t, fin in chunk])
+                logits, mask = prm([encode(task.prompt(p)) for p, _, _ in chunk], comps,
+                                   [step_reads(c) for c in comps])
             out += torch.sigmoid(logits.float()).masked_fill(~mask, 1.0).min(1).values.tolist()
         return out
     return score
@@ -269,10 +203,11 @@ def shepherd_labels(model, task, problems, texts, args, seed):
     """Math-Shepherd: a step prefix's soft label is the share of args.rollouts completions from
     it that the outcome verifier accepts; a whole solution's label is its own outcome.
     Distinct prefixes (a problem's samples often share first steps) are rolled out once.
-    Returns (prompt ids, completion ids, one label per step) for every sample, and the cost."""
+    Returns (prompt ids, completion ids, read positions, one label per read) for every sample,
+    the rows model.train_bce takes, and the cost."""
     keys = list(dict.fromkeys((i, pre) for i, ts in enumerate(texts) for t in ts
                               for pre in step_prefixes(t)))
-    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     cost, label, R = Cost(), {}, args.rollouts
     chunk_size = max(1, args.sample_batch_size // R)
     bar = tqdm(range(0, len(keys), chunk_size), desc="Math-Shepherd rollouts", leave=False,
@@ -280,37 +215,24 @@ def shepherd_labels(model, task, problems, texts, args, seed):
     for start in bar:
         chunk = keys[start:start + chunk_size]
         sols = rollouts(model, task, [(problems[i], pre) for i, pre in chunk], [R] * len(chunk),
-                        args.temperature, gen, cost)
+                        args.temperature, generator, cost)
         for j, (i, pre) in enumerate(chunk):
             label[(i, pre)] = sum(task.check(problems[i], s) for s in sols[j * R:(j + 1) * R]) / R
         bar.set_postfix(mean_label=f"{sum(label.values()) / len(label):.2f}")
-    rows = [(encode(task.prompt(p)), encode(t) + [EOT],
-             [label[(i, pre)] for pre in step_prefixes(t)] + [float(task.check(p, t))])
-            for i, (p, ts) in enumerate(zip(problems, texts)) for t in ts]
+    rows = []
+    for i, (p, ts) in enumerate(zip(problems, texts)):
+        for t in ts:
+            c = encode(t) + [EOT]
+            rows.append((encode(task.prompt(p)), c, step_reads(c),
+                         [label[(i, pre)] for pre in step_prefixes(t)] + [float(task.check(p, t))]))
     return rows, cost
 
 
-def train_prm(gen_path, rows, args, device):
+def train_prm(generator_path, rows, args, device):
     """The PRM from the generator's weights: binary cross-entropy against the soft labels."""
-    prm = PRM(load_checkpoint(gen_path, device)[0]).to(device).train()
-    opt = torch.optim.AdamW(prm.parameters(), lr=args.verifier_lr, weight_decay=0.0)
-    rng = random.Random(args.seed + 2)
-    bar = tqdm(range(args.verifier_steps), desc="PRM (Math-Shepherd)", leave=False,
-               dynamic_ncols=True)
-    for step in bar:
-        batch = [rows[rng.randrange(len(rows))] for _ in range(2 * args.batch_size)]
-        with autocast(str(device)):
-            logits, mask = prm([p for p, _, _ in batch], [c for _, c, _ in batch])
-        y = torch.zeros(mask.shape, device=logits.device)
-        for b, (_, _, labels) in enumerate(batch):
-            y[b, :len(labels)] = torch.tensor(labels)
-        loss = F.binary_cross_entropy_with_logits(logits.float()[mask], y[mask])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    return prm.eval()
+    prm = ScalarHead(load_checkpoint(generator_path, device)[0]).to(device)
+    return train_bce(prm, rows, args.verifier_steps, args.verifier_lr, 2 * args.batch_size,
+                     seed=seed_for(args.seed, "prm"), desc="PRM (Math-Shepherd)")
 
 
 # -----------------------------------------------------------------------------
@@ -331,13 +253,15 @@ def vote(answers, weights=None):
     return max(total, key=lambda a: (total[a], -first[a])) if total else None
 
 
-def vote_accuracy(answers, right, k, weights, rng, trials=32):
-    """Mean rightness of the vote over `trials` random k-subsets of one problem's pool."""
+def weighted_vote_accuracy(answers, right, k, weights, rng, trials=32):
+    """Mean rightness of the weighted vote over `trials` random k-subsets of one problem's pool:
+    a Monte-Carlo estimate, since no exact count over subsets is known for summed weights (the
+    plain majority vote is counted exactly: vstar.majority_at_k)."""
     right_of = {a: ok for a, ok in zip(answers, right)}  # an answer's samples agree on rightness
     hits = 0
     for _ in range(trials):
         sub = rng.sample(range(len(answers)), k)
-        won = vote([answers[j] for j in sub], weights and [weights[j] for j in sub])
+        won = vote([answers[j] for j in sub], [weights[j] for j in sub])
         hits += won is not None and right_of[won]
     return hits / trials
 
@@ -460,7 +384,8 @@ def mcts(model, task, problems, scorer, sims, k, c, temperature, generator, cost
     """One tree per problem, all grown in lockstep, max(sims) simulations each: select by UCT;
     expand the leaf by sampling k next steps (duplicates merged); evaluate its first new child
     by a rollout to the end, scored; back up. After each number of simulations in `sims`,
-    records (answer by most-visited path, answer by value-weighted vote, cost.gen, cost.prompt)."""
+    records (answer by most-visited path, answer by value-weighted vote, cost.sampled,
+    cost.prompt)."""
     roots = [Node("") for _ in problems]
     found = [[] for _ in problems]  # every evaluated solution with its value
     out = {}
@@ -493,51 +418,50 @@ def mcts(model, task, problems, scorer, sims, k, c, temperature, generator, cost
             for p, f in zip(problems, found):
                 a = vote([task.extract_answer(t) for t, _ in f], [v for _, v in f])
                 voted.append(next((t for t, _ in f if task.extract_answer(t) == a), ""))
-            out[s] = ([most_visited(r) for r in roots], voted, cost.gen, cost.prompt)
+            out[s] = ([most_visited(r) for r in roots], voted, cost.sampled, cost.prompt)
     return out
 
 
 # -----------------------------------------------------------------------------
 # The run: generator, learned scorers, every method at every budget; resumable by stage
 
-def append_rows(path, new):
-    """A stage's rows appended in one atomic rewrite: the stage's commit point."""
-    star.write_atomic(path, "".join(json.dumps(r) + "\n" for r in star.read_jsonl(path) + new))
-
-
-def method_row(stage, method, scorer, budgets, acc, gen, prompt, t0):
+def method_row(stage, method, scorer, budgets, acc, sampled, prompt, t0):
     return {"kind": "method", "stage": stage, "method": method, "scorer": scorer,
-            "oracle": scorer == "oracle", "budget": budgets, "accuracy": acc, "tokens": gen,
+            "oracle": scorer == "oracle", "budget": budgets, "accuracy": acc, "tokens": sampled,
             "prompt_tokens": prompt, "wall_s": round(time.time() - t0, 1)}
 
 
-def pool_rows(model, task, test, scorers, budgets, args, gen, t0):
+def pool_rows(model, task, test, scorers, budgets, args, generator, t0):
     """Best-of-N, majority vote and weighted vote, from one pool of samples per problem."""
     n = args.eval_samples
     cost, texts = Cost(), []
     per = max(1, args.sample_batch_size // n)
     for i in tqdm(range(0, len(test), per), desc="pool of samples", leave=False):
-        rows = rollouts(model, task, [(p, "") for p in test[i:i + per]], [n] * len(test[i:i + per]),
-                        args.temperature, gen, cost)
-        texts += [rows[j * n:(j + 1) * n] for j in range(len(test[i:i + per]))]
+        chunk = test[i:i + per]
+        rows = rollouts(model, task, [(p, "") for p in chunk], [n] * len(chunk),
+                        args.temperature, generator, cost)
+        texts += [rows[j * n:(j + 1) * n] for j in range(len(chunk))]
     right = [[task.check(p, t) for t in ts] for p, ts in zip(test, texts)]
     answers = [[task.extract_answer(t) for t in ts] for ts in texts]
     flat = [(p, t, True) for p, ts in zip(test, texts) for t in ts]
     value = {name: scorers[name](flat) for name in ("DPO", "PRM")}
     value = {name: [v[i * n:(i + 1) * n] for i in range(len(test))] for name, v in value.items()}
-    ks, rng = [k for k in budgets if k <= n], random.Random(args.seed)
+    ks, rng = [k for k in budgets if k <= n], random.Random(seed_for(args.seed, "weighted vote"))
 
     def curve(f, scorer=None):  # mean over problems of f(answers, rightness, scores, k)
         w = value[scorer] if scorer else [None] * len(test)
         return [sum(f(*x, k) for x in zip(answers, right, w)) / len(test) for k in ks]
-    acc = {("majority vote", "-"): curve(lambda a, r, w, k: vote_accuracy(a, r, k, None, rng)),
-           ("weighted vote", "DPO"): curve(lambda a, r, w, k: vote_accuracy(a, r, k, w, rng),
-                                           "DPO"),
+
+    def majority(a, r, w, k):  # the answers of right samples are the right answers
+        return vstar.majority_at_k(a, {x for x, ok in zip(a, r) if ok}, k)
+    acc = {("majority vote", "-"): curve(majority),
+           ("weighted vote", "DPO"): curve(
+               lambda a, r, w, k: weighted_vote_accuracy(a, r, k, w, rng), "DPO"),
            ("best-of-N", "DPO"): curve(lambda a, r, w, k: vstar.best_of_k(w, r, k), "DPO"),
            ("best-of-N", "PRM"): curve(lambda a, r, w, k: vstar.best_of_k(w, r, k), "PRM"),
            ("pass@N", "oracle"): curve(lambda a, r, w, k: vstar.pass_at_k(n, sum(r), k))}
     # N samples cost N times the mean sample; the prompt is encoded once per problem
-    per_sample = cost.gen / (n * len(test))
+    per_sample = cost.sampled / (n * len(test))
     prompt = cost.prompt / len(test)
     quality = {"kind": "scorer quality", "stage": "pool", **{  # held-out, on the pool
         f"pair_acc {name}": vstar.pair_accuracy(right, value[name]) for name in value}}
@@ -546,10 +470,13 @@ def pool_rows(model, task, test, scorers, budgets, args, gen, t0):
 
 
 def run(args, task, P, D, test, out, device, new_model):
+    """Stages, each committed by appending its metrics rows: the generator, its labelled
+    samples, the learned scorers, the pool (best-of-N and votes), then beam search and MCTS
+    with each scorer. Started again on the same folder, finished stages are skipped."""
     metrics = os.path.join(out, "metrics.jsonl")
-    done = {r["stage"] for r in star.read_jsonl(metrics)}
+    done = {r["stage"] for r in read_jsonl(metrics)}
     budgets = [int(b) for b in str(args.budgets).split(",")]
-    gen_path = os.path.join(out, "generator.pt")
+    generator_path = os.path.join(out, "generator.pt")
     lab_path, ms_path = os.path.join(out, "labelled.jsonl"), os.path.join(out, "shepherd.jsonl")
     acc_of = lambda texts: sum(task.check(p, t) for p, t in zip(test, texts)) / len(test)  # noqa
 
@@ -558,85 +485,86 @@ def run(args, task, P, D, test, out, device, new_model):
         torch.manual_seed(args.seed)
         model = new_model()
         loss = None if args.checkpoint else star.train_start_model(model, task, P, args)
-        save_checkpoint(gen_path, model, "arith-char-v1")
+        save_checkpoint(generator_path, model, TOKENIZER)
         texts, n_tok = star.sample(model.eval(), task, test, temperature=0.0,
                                    batch_size=args.sample_batch_size, desc="greedy")
         texts = [t[0] for t in texts]
-        append_rows(metrics, [{"kind": "greedy", "stage": "generator", "accuracy": acc_of(texts),
+        append_jsonl(metrics, {"kind": "greedy", "stage": "generator", "accuracy": acc_of(texts),
                                "tokens": n_tok / len(test), "train_loss": loss,
-                               "wall_s": round(time.time() - t0, 1)}])
+                               "wall_s": round(time.time() - t0, 1)})
         tqdm.write(f"generator: greedy accuracy {acc_of(texts):.3f}")
-    model = load_checkpoint(gen_path, device)[0].eval()
+    model = load_checkpoint(generator_path, device)[0].eval()
 
     if "labels" not in done:  # the generator's own samples of P+D, labelled two ways
         t0 = time.time()
         texts, n_tok = star.sample(model, task, P + D, n=args.samples,
                                    temperature=args.temperature,
-                                   batch_size=args.sample_batch_size, seed=args.seed * 1000 + 1,
-                                   desc="samples of P+D")
+                                   batch_size=args.sample_batch_size,
+                                   seed=seed_for(args.seed, "labels"), desc="samples of P+D")
         labelled = vstar.label(task, P + D, texts)
-        ms, cost = shepherd_labels(model, task, P + D, texts, args, args.seed * 1000 + 2)
+        ms, cost = shepherd_labels(model, task, P + D, texts, args,
+                                   seed_for(args.seed, "rollouts"))
         vstar.save_labelled(lab_path, labelled)
-        star.write_atomic(ms_path, "".join(json.dumps(r) + "\n" for r in ms))
+        write_jsonl(ms_path, ms)
         right = sum(ok for _, _, ok in labelled) / len(labelled)
-        append_rows(metrics, [{"kind": "labels", "stage": "labels", "samples_right": right,
+        append_jsonl(metrics, {"kind": "labels", "stage": "labels", "samples_right": right,
                                "samples": len(labelled), "sample_tokens": n_tok,
-                               "rollout_tokens": cost.gen, "wall_s": round(time.time() - t0, 1)}])
+                               "rollout_tokens": cost.sampled,
+                               "wall_s": round(time.time() - t0, 1)})
         tqdm.write(f"labels: {right:.3f} of {len(labelled)} samples of P+D right")
     dpo_path, prm_path = os.path.join(out, "dpo.pt"), os.path.join(out, "prm.pt")
     if "scorers" not in done:
         t0 = time.time()
         gold = [(p, c, True) for p, c in star.gold_examples(task, P, with_hints=False)]
-        dpo, n_pairs = vstar.train_dpo(gen_path, gold + vstar.load_labelled(lab_path), args,
+        dpo, n_pairs = vstar.train_dpo(generator_path, gold + vstar.load_labelled(lab_path), args,
                                        device)
-        save_checkpoint(dpo_path, dpo, "arith-char-v1")
-        prm = train_prm(gen_path, [tuple(r) for r in star.read_jsonl(ms_path)], args, device)
-        save_checkpoint(prm_path, prm.gpt, "arith-char-v1", extra={"head": prm.head.state_dict()})
-        append_rows(metrics, [{"kind": "scorers", "stage": "scorers", "dpo_pairs": n_pairs,
-                               "wall_s": round(time.time() - t0, 1)}])
+        save_checkpoint(dpo_path, dpo, TOKENIZER)
+        prm = train_prm(generator_path, read_jsonl(ms_path), args, device)
+        save_checkpoint(prm_path, prm.gpt, TOKENIZER, extra={"head": prm.head.state_dict()})
+        append_jsonl(metrics, {"kind": "scorers", "stage": "scorers", "dpo_pairs": n_pairs,
+                               "wall_s": round(time.time() - t0, 1)})
     gpt, ckpt = load_checkpoint(prm_path, device)
-    prm = PRM(gpt).to(device).eval()
+    prm = ScalarHead(gpt).to(device).eval()
     prm.head.load_state_dict(ckpt["extra"]["head"])
     scorers = {"oracle": oracle_scorer(task), "PRM": prm_scorer(prm, task),
                "DPO": dpo_scorer(load_checkpoint(dpo_path, device)[0].eval(), task)}
 
-    def gen_for(stage):  # a stage's own seed, so a resumed run samples what it would have
-        return torch.Generator(device=device).manual_seed(args.seed * 1000 + zlib.crc32(
-            stage.encode()))
+    def generator_for(*stage):  # a stage's own seed, so a resumed run samples what it would have
+        return torch.Generator(device=device).manual_seed(seed_for(args.seed, *stage))
 
     if "pool" not in done:
         t0 = time.time()
-        append_rows(metrics, pool_rows(model, task, test, scorers, budgets, args,
-                                       gen_for("pool"), t0))
+        append_jsonl(metrics, *pool_rows(model, task, test, scorers, budgets, args,
+                                         generator_for("pool"), t0))
     for name in ("DPO", "PRM", "oracle"):
         stage = f"beam {name}"
         if stage not in done:
-            t0, acc, gen_tok, prompt_tok = time.time(), [], [], []
+            t0, acc, sampled, prompt = time.time(), [], [], []
             for N in tqdm(budgets, desc=f"beam search ({name})", leave=False):
                 cost = Cost()
                 texts = beam_search(model, task, test, scorers[name], N, args.beam_width,
-                                    args.temperature, gen_for(f"{stage} {N}"), cost)
+                                    args.temperature, generator_for(stage, N), cost)
                 acc.append(acc_of(texts))
-                gen_tok.append(cost.gen / len(test))
-                prompt_tok.append(cost.prompt / len(test))
+                sampled.append(cost.sampled / len(test))
+                prompt.append(cost.prompt / len(test))
                 tqdm.write(f"beam search ({name}) N={N}: accuracy {acc[-1]:.3f}, "
-                           f"{gen_tok[-1]:.0f} tokens per problem")
-            append_rows(metrics, [method_row(stage, "beam search", name, budgets, acc, gen_tok,
-                                             prompt_tok, t0)])
+                           f"{sampled[-1]:.0f} tokens per problem")
+            append_jsonl(metrics, method_row(stage, "beam search", name, budgets, acc, sampled,
+                                             prompt, t0))
         stage = f"mcts {name}"
         if stage not in done:
             t0 = time.time()
             res = mcts(model, task, test, scorers[name], budgets, args.mcts_children, args.mcts_c,
-                       args.temperature, gen_for(stage), Cost())
-            gen_tok = [res[s][2] / len(test) for s in budgets]
-            prompt_tok = [res[s][3] / len(test) for s in budgets]
+                       args.temperature, generator_for(stage), Cost())
+            sampled = [res[s][2] / len(test) for s in budgets]
+            prompt = [res[s][3] / len(test) for s in budgets]
             rows = [method_row(stage, "MCTS most-visited", name, budgets,
-                               [acc_of(res[s][0]) for s in budgets], gen_tok, prompt_tok, t0),
+                               [acc_of(res[s][0]) for s in budgets], sampled, prompt, t0),
                     method_row(stage, "MCTS weighted vote", name, budgets,
-                               [acc_of(res[s][1]) for s in budgets], gen_tok, prompt_tok, t0)]
-            append_rows(metrics, rows)
+                               [acc_of(res[s][1]) for s in budgets], sampled, prompt, t0)]
+            append_jsonl(metrics, *rows)
             tqdm.write(f"MCTS ({name}) {budgets[-1]} simulations: accuracy "
-                       f"{rows[0]['accuracy'][-1]:.3f}, {gen_tok[-1]:.0f} tokens per problem")
+                       f"{rows[0]['accuracy'][-1]:.3f}, {sampled[-1]:.0f} tokens per problem")
 
 
 # -----------------------------------------------------------------------------

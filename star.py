@@ -27,20 +27,39 @@ Deliberate departures from the paper:
    --continue-training continues from M(n-1) instead (the ablation the paper argues against).
 """
 
-import json
-import math
 import os
 import random
 import time
 
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from model import (all_gather, autocast, barrier, generate, is_main, load_checkpoint, rank_world,
-                   save_checkpoint)
-from tasks import EOT, EOTH, PAD, SOT, decode, encode
+from model import (all_gather, append_jsonl, autocast, generate, is_main, load_checkpoint, lr_at,
+                   rank_world, read_jsonl, right_pad, save_checkpoint, seed_for, split_batch,
+                   wrap_ddp, write_atomic, write_jsonl)
+from tasks import EOT, EOTH, PAD, SOT, TOKENIZER, decode, encode
+
+# Every setting of a run, per preset: train.py fills each flag left unset from here and refuses
+# a flag that is not listed. "tiny" fits a 2-core CPU in minutes, "gpu" one H100.
+DEFAULTS = {
+    "tiny": dict(task="addition", n_train=300, n_unlabeled=600, n_test=300, steps=1500,
+                 batch_size=32, lr=2e-3, sample_batch_size=300, iterations=4, star_steps=400,
+                 step_growth=1.2, samples=1, temperature=0.0, rationalize=True, restart=True,
+                 direct_baseline=False, checkpoint=None, compile=False),
+    "small": dict(task="addition", n_train=300, n_unlabeled=2000, n_test=500, steps=3000,
+                  batch_size=64, lr=1e-3, sample_batch_size=500, iterations=6, star_steps=800,
+                  step_growth=1.2, samples=1, temperature=0.0, rationalize=True, restart=True,
+                  direct_baseline=False, checkpoint=None, compile=False),
+    "gpu": dict(task="addition", n_train=300, n_unlabeled=10000, n_test=2000, steps=3000,
+                batch_size=256, lr=1e-3, sample_batch_size=2048, iterations=8, star_steps=1000,
+                step_growth=1.2, samples=1, temperature=0.0, rationalize=True, restart=True,
+                direct_baseline=False, checkpoint=None, compile=False),
+}
+# --method sft is iteration 0 alone: M0 trained on P (or --checkpoint as it is), evaluated
+SFT_FLAGS = ("task", "n_train", "n_test", "steps", "batch_size", "lr", "sample_batch_size",
+             "checkpoint", "compile")
+SFT_DEFAULTS = {preset: {k: d[k] for k in SFT_FLAGS} for preset, d in DEFAULTS.items()}
 
 # -----------------------------------------------------------------------------
 # Examples and batches
@@ -63,36 +82,23 @@ def collate(examples, device):
     """Right-padded (B, T) ids and targets; the prompt and the padding get target -1 (ignored),
     so the loss covers the whole completion and nothing else (STaR's released code began the
     mask at the last ':' and so skipped most of the scratchpad: a pitfall we avoid)."""
-    T = max(len(p) + len(c) for p, c in examples) - 1
-    idx = torch.full((len(examples), T), PAD, dtype=torch.long)
-    tgt = torch.full((len(examples), T), -1, dtype=torch.long)
+    seqs = [p + c for p, c in examples]
+    idx = right_pad([s[:-1] for s in seqs], PAD, device)  # (B, T) inputs
+    tgt = torch.full(idx.shape, -1, dtype=torch.long)  # (B, T) targets: idx shifted by one
     for b, (p, c) in enumerate(examples):
-        seq = torch.tensor(p + c, dtype=torch.long)
-        idx[b, :len(seq) - 1] = seq[:-1]
-        tgt[b, len(p) - 1:len(seq) - 1] = seq[len(p):]
-    return idx.to(device), tgt.to(device)
-
-
-def lr_at(step, steps, lr, warmup):
-    """Linear warm-up, then cosine decay to lr/10."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    frac = (step - warmup) / max(1, steps - warmup)
-    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+        tgt[b, len(p) - 1:len(p) + len(c) - 1] = torch.tensor(c, dtype=torch.long)
+    return idx, tgt.to(device)
 
 
 def batch_loss(forward, batch, device):
-    """Mean token loss of a global batch of examples. Under torchrun every process holds the
-    same global batch and computes on its share of it; DistributedDataParallel then averages
-    the gradients, so a step equals the single-process step on the whole batch."""
-    rank, world = rank_world()
-    n_targets = sum(len(c) for _, c in batch)  # the loss is the mean over these tokens
-    idx, tgt = collate(batch[rank::world], device)  # this process's share (all of it: 1)
+    """Mean token loss of a global batch of examples (under torchrun, of this process's share,
+    scaled so that the averaged gradient is the whole batch's: model.split_batch)."""
+    share, n_targets = split_batch(batch, size=lambda ex: len(ex[1]))
+    idx, tgt = collate(share, device)
     with autocast(str(device)):
         logits = forward(idx)  # (B, T, V)
-    # each process sums its share's token losses; DDP averages over processes, hence * world
     return F.cross_entropy(logits.float().view(-1, logits.size(-1)), tgt.view(-1),
-                           ignore_index=-1, reduction="sum") * world / n_targets
+                           ignore_index=-1, reduction="sum") / n_targets
 
 
 def finetune(model, examples, steps, lr, batch_size, seed, desc="fine-tune", compile=False):
@@ -101,9 +107,7 @@ def finetune(model, examples, steps, lr, batch_size, seed, desc="fine-tune", com
     if not examples:
         raise ValueError("nothing to fine-tune on: the example set is empty")
     device = next(model.parameters()).device
-    forward = torch.compile(model, dynamic=True) if compile else model
-    if rank_world()[1] > 1:  # torchrun: gradients averaged across processes
-        forward = DDP(forward)
+    forward = wrap_ddp(torch.compile(model, dynamic=True) if compile else model)
     opt = model.configure_optimizer(lr)
     rng = random.Random(seed)  # the same batches in every process
     model.train()
@@ -134,15 +138,12 @@ def max_new_tokens(task, problems, block_size, prompt_len):
     return max(1, min(int(longest * 1.25) + 8, block_size - prompt_len))
 
 
-def row_seed(seed, i, j):
-    """The sampling seed of sample j of problem i: the same whatever batch or process it is in."""
-    return (seed * 1_000_003 + i) * 1_009 + j  # distinct for i < 1,000,003 and j < 1,009
-
-
 def sample(model, task, problems, hint=False, n=1, temperature=0.0, batch_size=256, seed=0,
            desc="sample"):
     """n completions per problem (texts, end-of-text stripped), in problem order, and the number
-    of tokens generated. Problems are batched by difficulty so that lengths are similar.
+    of tokens generated. Sample j of problem i is drawn with seed_for(seed, i, j), so it is the
+    same whatever batch or process it lands in. Problems are batched by difficulty, so that
+    the rows of a batch have similar lengths.
     Under torchrun each process samples the problems i with i % processes == rank, and every
     process gets back all the texts."""
     device = next(model.parameters()).device
@@ -160,7 +161,7 @@ def sample(model, task, problems, hint=False, n=1, temperature=0.0, batch_size=2
             tokens, _, lengths = generate(model, prompts, max_new, stop_tokens=(EOT,),
                                           pad_id=PAD, temperature=temperature,
                                           banned_tokens=(SOT, EOTH, PAD),
-                                          seeds=[row_seed(seed, i, j) for _, i, j in chunk])
+                                          seeds=[seed_for(seed, i, j) for _, i, j in chunk])
         tokens, lengths = tokens.tolist(), lengths.tolist()
         n_tokens += sum(lengths)
         for (_, i, j), row, n_tok in zip(chunk, tokens, lengths):
@@ -188,37 +189,12 @@ def evaluate(model, task, problems, batch_size=256):
 
 
 # -----------------------------------------------------------------------------
-# Run bookkeeping: atomic writes, so an interrupted run never leaves half a file
-
-def write_atomic(path, text):
-    if is_main():  # torchrun: one process writes, the others wait and may then read it
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    barrier()
-
-
-def read_jsonl(path):
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def append_jsonl(path, row):
-    """Append one row by rewriting the file atomically (files here are a few rows long)."""
-    rows = read_jsonl(path) + [row]
-    write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
-
-
-# -----------------------------------------------------------------------------
 # M0: the model trained on the worked examples P (the starting point, and the P-only baseline)
 
 def train_start_model(model, task, P, args, desc="SFT on P"):
     """Fine-tune a fresh model on P's gold rationales (with hinted copies); returns the loss."""
     return finetune(model, gold_examples(task, P), args.steps, args.lr, args.batch_size,
-                    seed=args.seed, desc=desc, compile=args.compile)
+                    seed=seed_for(args.seed, "sft"), desc=desc, compile=args.compile)
 
 
 def direct_examples(task, problems):
@@ -247,10 +223,11 @@ def keep_verified(task, problems, texts):
 
 def star_iteration(prev, start_path, task, P, D, args, n, device):
     """One iteration: generate, keep, rationalize, fine-tune. Returns (model, stats)."""
-    seed = args.seed * 1000 + n  # derived from the iteration alone, so a resumed run matches
+    # seeds derive from the iteration alone, so a resumed run samples what it would have
     # 1-2. rationales from M(n-1), kept when the final answer checks out
     texts, n_tok = sample(prev, task, D, n=args.samples, temperature=args.temperature,
-                          batch_size=args.sample_batch_size, seed=seed, desc=f"iter {n}: generate")
+                          batch_size=args.sample_batch_size, seed=seed_for(args.seed, "generate", n),
+                          desc=f"iter {n}: generate")
     kept, solved = keep_verified(task, D, texts)
     n_generated = len(kept)
     # 3. rationalization: the failures again, with the answer as a hint; saved without it
@@ -258,14 +235,16 @@ def star_iteration(prev, start_path, task, P, D, args, n, device):
     if args.rationalize and failed:
         hinted, n_tok_h = sample(prev, task, failed, hint=True, n=args.samples,
                                  temperature=args.temperature, batch_size=args.sample_batch_size,
-                                 seed=seed + 500, desc=f"iter {n}: rationalize")
+                                 seed=seed_for(args.seed, "rationalize", n),
+                                 desc=f"iter {n}: rationalize")
         kept += keep_verified(task, failed, hinted)[0]
         n_tok += n_tok_h
     # 4. fine-tune from the start model (restart, as the paper) or from M(n-1)
     model = load_checkpoint(start_path, device)[0] if args.restart else prev
     steps = iteration_steps(args, n)
     loss = finetune(model, gold_examples(task, P) + kept, steps, args.lr, args.batch_size,
-                    seed=seed, desc=f"iter {n}: fine-tune", compile=args.compile)
+                    seed=seed_for(args.seed, "fine-tune", n), desc=f"iter {n}: fine-tune",
+                    compile=args.compile)
     stats = {"kept_generated": n_generated, "kept_rationalized": len(kept) - n_generated,
              "solved_D": len(solved) / len(D), "train_steps": steps, "train_loss": loss,
              "sampled_tokens": n_tok}
@@ -298,11 +277,10 @@ def run(args, task, P, D, test, out, device, new_model):
 
     def commit(n, model, stats, t0, kept=None):
         acc, overall, texts = evaluate(model, task, test, args.sample_batch_size)
-        save_checkpoint(ckpt(n), model, "arith-char-v1", extra={"iteration": n})
+        save_checkpoint(ckpt(n), model, TOKENIZER, extra={"iteration": n})
         if kept is not None:
-            rows = [{"prompt": decode(p), "completion": decode(c[:-1])} for p, c in kept]
-            write_atomic(os.path.join(out, f"kept_iter{n}.jsonl"),
-                         "".join(json.dumps(r) + "\n" for r in rows))
+            write_jsonl(os.path.join(out, f"kept_iter{n}.jsonl"),
+                        [{"prompt": decode(p), "completion": decode(c[:-1])} for p, c in kept])
         write_atomic(os.path.join(out, f"samples_iter{n}.txt"),
                      "\n".join(sample_lines(task, test, texts)))
         row = {"kind": "iteration", "iteration": n, "accuracy": overall,
@@ -324,21 +302,21 @@ def run(args, task, P, D, test, out, device, new_model):
         steps, loss = 0, None  # a given --checkpoint is M0 as it is
         if not args.checkpoint:
             steps, loss = args.steps, train_start_model(model, task, P, args)
-        save_checkpoint(start_path, model, "arith-char-v1", extra={"iteration": 0})
+        save_checkpoint(start_path, model, TOKENIZER, extra={"iteration": 0})
         prev = commit(0, model, {"train_steps": steps, "train_loss": loss}, t0)
     else:
         last = max(done)
         prev = load_checkpoint(ckpt(last), device)[0].eval()
         tqdm.write(f"resuming {out} after iteration {last}")
 
-    for n in range(1, args.iterations + 1):
+    for n in range(1, (args.iterations or 0) + 1):  # --method sft: none
         if n in done:
             continue
         t0 = time.time()
         model, kept, stats = star_iteration(prev, start_path, task, P, D, args, n, device)
         prev = commit(n, model, stats, t0, kept)
 
-    if args.iterations > 0 and getattr(args, "direct_baseline", False):
+    if args.iterations and args.direct_baseline:
         run_direct_baseline(args, task, P, D, test, out, new_model)
     return prev
 
@@ -354,7 +332,8 @@ def run_direct_baseline(args, task, P, D, test, out, new_model):
     torch.manual_seed(args.seed)
     model = new_model()
     loss = finetune(model, direct_examples(task, P + D), steps, args.lr, args.batch_size,
-                    seed=args.seed, desc="direct-answer baseline", compile=args.compile)
+                    seed=seed_for(args.seed, "direct"), desc="direct-answer baseline",
+                    compile=args.compile)
     acc, overall, _ = evaluate(model, task, test, args.sample_batch_size)
     append_jsonl(metrics, {"kind": "direct", "accuracy": overall,
                            "accuracy_by_difficulty": {str(d): a for d, a in acc.items()},

@@ -26,11 +26,10 @@ Deliberate departures from the paper:
 2. The base model is a fresh, seeded GPT (there is no pretrained model); G_SFT is trained on P.
 3. The verifier's score is log V(y|x) as in the paper; the paper does not say summed or
    length-normalised, so both are computed and reported ("dpo" and "dpo-mean").
-4. The comparison ORM (a scalar head on G_SFT's last hidden state, binary cross-entropy on
-   right/wrong) is trained on exactly the same labelled samples.
+4. The comparison ORM (model.ScalarHead on G_SFT, read at the completion's last token, binary
+   cross-entropy on right/wrong) is trained on exactly the same labelled samples.
 """
 
-import json
 import math
 import os
 import random
@@ -38,15 +37,32 @@ import time
 from itertools import product
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
 import star
-from torch.nn.parallel import DistributedDataParallel as DDP
+from model import (ScalarHead, all_gather, append_jsonl, autocast, load_checkpoint, rank_world,
+                   read_jsonl, save_checkpoint, seed_for, sequence_logprobs, split_batch,
+                   train_bce, wrap_ddp, write_jsonl)
+from tasks import EOT, PAD, TOKENIZER, encode
 
-from model import all_gather, autocast, load_checkpoint, rank_world, save_checkpoint, sequence_logprobs
-from tasks import EOT, PAD, encode
+# Every setting of a run, per preset (train.py fills the flags left unset from here, and refuses
+# the others). V-STaR's SFT set is a whole training set with gold solutions, not STaR's small
+# P: with P = 300 the tiny generator memorised it (4% greedy on held-out expressions).
+DEFAULTS = {
+    "tiny": dict(task="expression", n_train=2000, n_unlabeled=600, n_test=300, steps=1500,
+                 batch_size=32, lr=2e-3, sample_batch_size=300, iterations=2, samples=8,
+                 temperature=0.7, beta=0.1, verifier_steps=300, verifier_lr=1e-4,
+                 eval_samples=16, checkpoint=None, compile=False),
+    "small": dict(task="expression", n_train=2000, n_unlabeled=2000, n_test=500, steps=3000,
+                  batch_size=64, lr=1e-3, sample_batch_size=500, iterations=3, samples=8,
+                  temperature=0.7, beta=0.1, verifier_steps=1000, verifier_lr=1e-4,
+                  eval_samples=32, checkpoint=None, compile=False),
+    "gpu": dict(task="expression", n_train=2000, n_unlabeled=10000, n_test=2000, steps=3000,
+                batch_size=256, lr=1e-3, sample_batch_size=2048, iterations=3, samples=8,
+                temperature=0.7, beta=0.1, verifier_steps=2000, verifier_lr=1e-4,
+                eval_samples=64, checkpoint=None, compile=False),
+}
 
 # -----------------------------------------------------------------------------
 # Unbiased estimators over n samples of one problem
@@ -79,15 +95,22 @@ def best_of_k(scores, correct, k):
     return sum(math.comb(n - i - 1, k - 1) * a[i] for i in range(n - k + 1)) / math.comb(n, k)
 
 
-def majority_at_k(answers, right_answer, k):
+def majority_at_k(answers, right_answers, k):
     """P(majority vote over k samples drawn without replacement from n is right), exactly.
 
-    answers: the n canonical answers (None = unparsable). An unparsable answer never gets a
-    vote; a subset with no parsable answer is wrong. Ties between the top answers are broken
-    uniformly at random, so a tie of t answers credits 1/t. Counted over all k-subsets by
-    dynamic programming over answer groups: for every j (votes for the right answer), count the
-    ways the other groups stay below j, or tie at exactly j (tracking how many tie).
+    answers: the n canonical answers (None = unparsable); right_answers: the set of answers that
+    count as right (one number in most tasks; in countdown every right trace is its own answer).
+    An unparsable answer never gets a vote; a subset with no parsable answer is wrong. Ties
+    between the top answers are broken uniformly at random, so a tie of t answers credits 1/t.
+    The credit of a set of answers is the sum of each one's credit, so each is counted alone.
     """
+    return sum(_majority_credit(answers, a, k) for a in set(right_answers) if a is not None)
+
+
+def _majority_credit(answers, right_answer, k):
+    """majority_at_k for one answer, over all k-subsets by dynamic programming over answer
+    groups: for every j (votes for right_answer), count the ways the other groups stay below j,
+    or tie at exactly j (tracking how many tie)."""
     n = len(answers)
     groups = {}
     for a in answers:
@@ -137,27 +160,9 @@ def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta):
     return loss, r_chosen.detach(), r_rejected.detach(), (r_chosen > r_rejected).float().mean()
 
 
-class ORM(nn.Module):
-    """Outcome reward model: the generator's network with a scalar head reading the last hidden
-    state of the completion (its end-of-text token). Trained with binary cross-entropy."""
-
-    def __init__(self, gpt):
-        super().__init__()
-        self.gpt = gpt
-        self.head = nn.Linear(gpt.config.n_embd, 1)
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
-
-    def forward(self, prompts, completions):
-        device = self.head.weight.device
-        seqs = [p + c for p, c in zip(prompts, completions)]
-        T = max(len(s) for s in seqs)
-        idx = torch.full((len(seqs), T), PAD, dtype=torch.long)
-        for b, s in enumerate(seqs):
-            idx[b, :len(s)] = torch.tensor(s)
-        last = torch.tensor([len(s) - 1 for s in seqs], device=device)
-        _, h = self.gpt(idx.to(device), return_hidden=True)  # (B, T, C)
-        return self.head(h[torch.arange(len(seqs), device=device), last].float()).squeeze(-1)
+def orm_reads(completion):
+    """Where the ORM reads a completion: its last token (the end-of-text)."""
+    return [len(completion) - 1]
 
 
 def pairs_of(labelled):
@@ -177,14 +182,13 @@ def train_dpo(sft_path, labelled, args, device):
     policy = load_checkpoint(sft_path, device)[0].train()
     ref = load_checkpoint(sft_path, device)[0].eval()
     opt = policy.configure_optimizer(args.verifier_lr, weight_decay=0.0)
-    rank, world = rank_world()
-    forward = DDP(policy) if world > 1 else policy  # torchrun: each process takes a share
-    rng = random.Random(args.seed)
+    forward = wrap_ddp(policy)
+    rng = random.Random(seed_for(args.seed, "dpo"))
     bar = tqdm(range(args.verifier_steps), desc="DPO verifier", leave=False, dynamic_ncols=True)
     accs = []
     for step in bar:
         batch = [pairs[rng.randrange(len(pairs))] for _ in range(args.batch_size)]
-        share = batch[rank::world]  # all of it with one process
+        share, denom = split_batch(batch)  # torchrun: this process's share
         prompts = [p for p, _, _ in share] * 2
         completions = [r for _, r, _ in share] + [w for _, _, w in share]
         with autocast(str(device)):
@@ -193,7 +197,7 @@ def train_dpo(sft_path, labelled, args, device):
                 rf = sequence_logprobs(ref, prompts, completions, PAD)
         B = len(share)
         loss, _, _, acc = dpo_loss(pi[:B], pi[B:], rf[:B], rf[B:], args.beta)
-        loss = loss * B * world / len(batch)  # DDP averages: the global batch's mean
+        loss = loss * B / denom  # the share's sum over the global mean's divisor
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
@@ -207,26 +211,10 @@ def train_dpo(sft_path, labelled, args, device):
 
 def train_orm(sft_path, labelled, args, device):
     """The comparison verifier: G_SFT with a scalar head, BCE on the same labelled samples."""
-    orm = ORM(load_checkpoint(sft_path, device)[0]).to(device).train()
-    opt = torch.optim.AdamW(orm.parameters(), lr=args.verifier_lr, weight_decay=0.0)
-    rank, world = rank_world()
-    forward = DDP(orm) if world > 1 else orm  # torchrun: each process takes a share
-    rng = random.Random(args.seed + 1)
-    bar = tqdm(range(args.verifier_steps), desc="ORM verifier", leave=False, dynamic_ncols=True)
-    for step in bar:
-        batch = [labelled[rng.randrange(len(labelled))] for _ in range(2 * args.batch_size)]
-        share = batch[rank::world]
-        with autocast(str(device)):
-            logits = forward([p for p, _, _ in share], [c for _, c, _ in share])
-        y = torch.tensor([float(ok) for _, _, ok in share], device=logits.device)
-        loss = F.binary_cross_entropy_with_logits(logits.float(), y, reduction="sum") * \
-            world / len(batch)  # DDP averages: the global batch's mean
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    return orm.eval()
+    orm = ScalarHead(load_checkpoint(sft_path, device)[0]).to(device)
+    rows = [(p, c, orm_reads(c), [float(ok)]) for p, c, ok in labelled]
+    return train_bce(orm, rows, args.verifier_steps, args.verifier_lr, 2 * args.batch_size,
+                     seed=seed_for(args.seed, "orm"), desc="ORM verifier")
 
 
 @torch.no_grad()
@@ -238,7 +226,7 @@ def scores(verifier, prompts, completions, kind, batch_size=256):
     for i in range(rank * batch_size, len(prompts), world * batch_size):
         p, c = prompts[i:i + batch_size], completions[i:i + batch_size]
         if kind == "orm":
-            mine[i] = verifier(p, c).float().tolist()
+            mine[i] = verifier(p, c, [orm_reads(x) for x in c])[0][:, 0].float().tolist()
         else:
             s = sequence_logprobs(verifier, p, c, PAD).float()
             if kind == "dpo-mean":
@@ -259,25 +247,23 @@ def label(task, problems, texts):
 
 
 def save_labelled(path, rows):
-    star.write_atomic(path, "".join(
-        json.dumps({"prompt": p, "completion": c, "right": ok}) + "\n" for p, c, ok in rows))
+    write_jsonl(path, [{"prompt": p, "completion": c, "right": ok} for p, c, ok in rows])
 
 
 def load_labelled(path):
-    return [(r["prompt"], r["completion"], r["right"]) for r in star.read_jsonl(path)]
+    return [(r["prompt"], r["completion"], r["right"]) for r in read_jsonl(path)]
 
 
-def curves(right, answers, golds, verifier_scores, ks):
+def curves(right, answers, verifier_scores, ks):
     """Mean over problems of pass@k, best-of-k per verifier, majority@k, for each k.
-    right[i], answers[i]: each sample's label and canonical answer for problem i; golds[i]: the
-    answer that counts as right (any right sample's)."""
+    right[i], answers[i]: each sample's label and canonical answer for problem i."""
     res = {"k": ks, "pass@k": [], "majority@k": []}
     res.update({f"best-of-k {name}": [] for name in verifier_scores})
     for k in ks:
         row = {key: 0.0 for key in res if key != "k"}
-        for i, (r, a, gold) in enumerate(zip(right, answers, golds)):
+        for i, (r, a) in enumerate(zip(right, answers)):
             row["pass@k"] += pass_at_k(len(r), sum(r), k)
-            row["majority@k"] += majority_at_k(a, gold, k)
+            row["majority@k"] += majority_at_k(a, {x for x, ok in zip(a, r) if ok}, k)
             for name, s in verifier_scores.items():
                 row[f"best-of-k {name}"] += best_of_k(s[i], r, k)
         for key in row:
@@ -298,9 +284,9 @@ def pair_accuracy(right, s):
 
 def run(args, task, P, D, test, out, device, new_model):
     metrics = os.path.join(out, "metrics.jsonl")
-    rows = star.read_jsonl(metrics)
+    rows = read_jsonl(metrics)
     done = {r["iteration"] for r in rows if r.get("kind") == "iteration"}
-    gen_path = lambda n: os.path.join(out, f"generator_iter{n}.pt")  # noqa: E731
+    generator_path = lambda n: os.path.join(out, f"generator_iter{n}.pt")  # noqa: E731
     lab_path = lambda n: os.path.join(out, f"labelled_iter{n}.jsonl")  # noqa: E731
     gold = star.gold_examples(task, P, with_hints=False)
 
@@ -309,14 +295,14 @@ def run(args, task, P, D, test, out, device, new_model):
         torch.manual_seed(args.seed)
         model = new_model()
         loss = star.finetune(model, examples, args.steps, args.lr, args.batch_size,
-                             seed=args.seed * 1000 + n, desc=f"generator {n}: SFT",
+                             seed=seed_for(args.seed, "generator", n), desc=f"generator {n}: SFT",
                              compile=args.compile)
         return model, loss
 
     def commit(n, model, stats, t0):
         acc, overall, _ = star.evaluate(model, task, test, args.sample_batch_size)
-        save_checkpoint(gen_path(n), model, "arith-char-v1", extra={"iteration": n})
-        star.append_jsonl(metrics, {"kind": "iteration", "iteration": n, "accuracy": overall,
+        save_checkpoint(generator_path(n), model, TOKENIZER, extra={"iteration": n})
+        append_jsonl(metrics, {"kind": "iteration", "iteration": n, "accuracy": overall,
                                     "accuracy_by_difficulty": {str(d): a for d, a in acc.items()},
                                     **stats, "wall_s": round(time.time() - t0, 1)})
         tqdm.write(f"generator {n}: greedy accuracy {overall:.3f}")
@@ -329,9 +315,10 @@ def run(args, task, P, D, test, out, device, new_model):
         if n in done:
             continue
         t0 = time.time()
-        gen = load_checkpoint(gen_path(n - 1), device)[0].eval()
-        texts, _ = star.sample(gen, task, P + D, n=args.samples, temperature=args.temperature,
-                               batch_size=args.sample_batch_size, seed=args.seed * 1000 + n,
+        generator = load_checkpoint(generator_path(n - 1), device)[0].eval()
+        texts, _ = star.sample(generator, task, P + D, n=args.samples,
+                               temperature=args.temperature, batch_size=args.sample_batch_size,
+                               seed=seed_for(args.seed, "samples", n),
                                desc=f"generator {n}: sample")
         labelled = label(task, P + D, texts)
         save_labelled(lab_path(n), labelled)  # D_VER grows by every sample, right or wrong
@@ -347,14 +334,15 @@ def run(args, task, P, D, test, out, device, new_model):
     # D_VER: every labelled sample, and P's gold solutions, which count as right (the paper)
     d_ver = [(p, c, True) for p, c in gold] + \
         [x for n in range(1, args.iterations + 1) for x in load_labelled(lab_path(n))]
-    dpo, n_pairs = train_dpo(gen_path(0), d_ver, args, device)
-    orm = train_orm(gen_path(0), d_ver, args, device)
-    save_checkpoint(os.path.join(out, "verifier_dpo.pt"), dpo, "arith-char-v1")
+    dpo, n_pairs = train_dpo(generator_path(0), d_ver, args, device)
+    orm = train_orm(generator_path(0), d_ver, args, device)
+    save_checkpoint(os.path.join(out, "verifier_dpo.pt"), dpo, TOKENIZER)
 
     # test time: n samples per held-out problem from the final generator, drawn once
-    gen = load_checkpoint(gen_path(args.iterations), device)[0].eval()
-    texts, _ = star.sample(gen, task, test, n=args.eval_samples, temperature=args.temperature,
-                           batch_size=args.sample_batch_size, seed=args.seed * 1000 + 999,
+    generator = load_checkpoint(generator_path(args.iterations), device)[0].eval()
+    texts, _ = star.sample(generator, task, test, n=args.eval_samples,
+                           temperature=args.temperature, batch_size=args.sample_batch_size,
+                           seed=seed_for(args.seed, "test samples"),
                            desc="test samples")
     prompts = [encode(task.prompt(p)) for p, ts in zip(test, texts) for _ in ts]
     comps = [encode(t) + [EOT] for ts in texts for t in ts]
@@ -368,16 +356,14 @@ def run(args, task, P, D, test, out, device, new_model):
     # every sample labelled once; the estimators reuse the labels for every k and verifier
     right = [[task.check(p, t) for t in ts] for p, ts in zip(test, texts)]
     answers = [[task.extract_answer(t) for t in ts] for ts in texts]
-    golds = [next((a for a, ok in zip(ans, r) if ok), "\0no right answer")
-             for ans, r in zip(answers, right)]
     ks = [2 ** i for i in range(int(math.log2(n)) + 1)]
-    res = curves(right, answers, golds, verifier_scores, ks)
-    greedy = [r for r in star.read_jsonl(metrics) if r.get("kind") == "iteration"][-1]["accuracy"]
+    res = curves(right, answers, verifier_scores, ks)
+    greedy = [r for r in read_jsonl(metrics) if r.get("kind") == "iteration"][-1]["accuracy"]
     row = {"kind": "eval", "greedy": greedy, "n": args.eval_samples, "pairs": n_pairs,
            "d_ver": len(d_ver), **res,
            **{f"pair_acc {name}": pair_accuracy(right, s) for name, s in verifier_scores.items()},
            "wall_s": round(time.time() - t0, 1)}
-    star.append_jsonl(metrics, row)
+    append_jsonl(metrics, row)
 
 
 def report(args, rows):

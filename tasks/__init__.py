@@ -22,6 +22,7 @@ from .base import Problem, Task
 from .countdown import Countdown, reachable, solve
 from .expression import Expression
 from .tokenizer import EOT, EOTH, NEWLINE, PAD, SOT, decode, encode, get_tokenizer
+from .tokenizer import NAME as TOKENIZER  # saved in every checkpoint
 
 TASKS = {
     "addition": Addition(),
@@ -66,4 +67,4 @@ def sample_problems(task, n, difficulties, seed, exclude=frozenset()) -> list[Pr
 
 __all__ = ["TASKS", "get_task", "sample_problems", "Problem", "Task", "Addition", "Countdown",
            "Expression", "reachable", "solve", "get_tokenizer", "encode", "decode",
-           "EOT", "SOT", "EOTH", "PAD", "NEWLINE"]
+           "EOT", "SOT", "EOTH", "PAD", "NEWLINE", "TOKENIZER"]

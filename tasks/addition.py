@@ -28,6 +28,7 @@ from .base import Problem, Task
 class Addition(Task):
     name = "addition"
     difficulties = tuple(range(1, 13))  # number of digits of each operand
+    default_difficulties = {"cpu": ("1-5", "1-6"), "gpu": ("1-8", "1-10")}  # (train, test)
 
     def sample(self, rng, difficulty):
         self.validate(difficulty)

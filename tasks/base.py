@@ -50,6 +50,9 @@ def parse_answer_line(line):
 class Task:
     name = ""
     difficulties = ()  # every valid difficulty, e.g. tuple(range(1, 13))
+    # (train, test) difficulties of the runs that leave them unset: the CPU presets (tiny,
+    # small) and the gpu preset; None: every difficulty
+    default_difficulties = {"cpu": None, "gpu": None}
 
     # ---- what each task writes ----
 

@@ -114,6 +114,7 @@ def apply_step(pool, line):
 class Countdown(Task):
     name = "countdown"
     difficulties = (2, 3, 4, 5)  # how many numbers
+    default_difficulties = {"cpu": ("2-4", "2-4"), "gpu": ("2-5", "2-5")}  # (train, test)
 
     def sample(self, rng, difficulty):
         self.validate(difficulty)

@@ -141,6 +141,7 @@ def reduce_first(t):
 class Expression(Task):
     name = "expression"
     difficulties = tuple(range(1, 9))  # number of operations
+    default_difficulties = {"cpu": ("1-4", "1-5"), "gpu": ("1-6", "1-8")}  # (train, test)
 
     def sample(self, rng, difficulty):
         self.validate(difficulty)

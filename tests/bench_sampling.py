@@ -7,8 +7,8 @@ are asserted identical token for token. Prints a table. Not collected by pytest 
   python tests/bench_sampling.py                      # preset gpu on cuda, tiny elsewhere
   python tests/bench_sampling.py --preset gpu --batch-sizes 1 64 512
 
-The recompute baseline runs the whole left-padded sequence through the model for every new
-token: what sampling costs without a cache. On a GPU the sampler runs under bf16 autocast and
+The recompute baseline is model.generate_naive: the whole left-padded sequence through the
+model for every new token, what sampling costs without a cache. On a GPU the sampler runs under bf16 autocast and
 the recompute baseline too, so both see the same arithmetic.
 """
 
@@ -20,26 +20,10 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import (GPT, PRESETS, autocast, autodetect_device, generate, get_config,  # noqa: E402
-                   left_pad, padded_mask)
+from model import (GPT, PRESETS, autocast, autodetect_device, generate,  # noqa: E402
+                   generate_naive, get_config)
 
 PAD = 99
-
-
-@torch.no_grad()
-def generate_recompute(model, prompts, max_new_tokens):
-    """Greedy, batched, no cache: the full sequence through the model for every new token."""
-    device = next(model.parameters()).device
-    idx, pos, valid = left_pad(prompts, PAD, device)
-    out = []
-    for _ in range(max_new_tokens):
-        logits = model(idx, pos=pos, mask=padded_mask(valid, idx.size(1)))[:, -1]
-        tok = logits.float().argmax(-1, keepdim=True)  # (B, 1)
-        out.append(tok)
-        idx = torch.cat([idx, tok], 1)
-        pos = torch.cat([pos, pos[:, -1:] + 1], 1)
-        valid = torch.cat([valid, torch.ones_like(tok, dtype=torch.bool)], 1)
-    return torch.cat(out, 1)
 
 
 def timed(fn, device):
@@ -81,8 +65,8 @@ def main():
             generate(model, prompts[:2], 4, (), PAD, temperature=0)  # warm-up
             (fast, _, _), t_fast = timed(lambda: generate(
                 model, prompts, args.new_tokens, (), PAD, temperature=0), device)
-            slow, t_slow = timed(lambda: generate_recompute(model, prompts, args.new_tokens),
-                                 device)
+            (slow, _, _), t_slow = timed(lambda: generate_naive(
+                model, prompts, args.new_tokens, (), PAD, temperature=0), device)
         same = torch.equal(fast, slow)
         n = B * args.new_tokens
         print(f"| {B} | {n / t_fast:,.0f} | {n / t_slow:,.0f} | {t_slow / t_fast:.1f}x | "

@@ -2,10 +2,11 @@
 Benchmark: what sharing a prefix's KV cache saves search.py (best-of-N pools, beam refills,
 MCTS expansions, Math-Shepherd rollouts all sample many continuations of one prefix).
 
-search.extend encodes each distinct prefix once and copies its cache rows to its continuations;
-search.extend_naive re-encodes the prefix for every continuation (model.generate on repeated
-prompts). Greedy, no early stop, so both must return the same tokens (asserted). Prints a table.
-Not collected by pytest (no test_ prefix).
+model.generate(copies=...) encodes each distinct prefix once and copies its cache rows to its
+continuations (what search.continue_prefixes asks for); the baseline re-encodes the prefix for
+every continuation (model.generate on the repeated prompts). Greedy, no early stop, so both
+must return the same tokens (asserted). Prints a table. Not collected by pytest (no test_
+prefix).
 
   python tests/bench_search.py                       # gpu preset on cuda, tiny elsewhere
   python tests/bench_search.py --prefixes 64 --copies 16 --prefix-len 64
@@ -19,8 +20,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench_sampling import timed  # noqa: E402
-from model import GPT, PRESETS, autocast, autodetect_device, get_config  # noqa: E402
-from search import Cost, extend, extend_naive  # noqa: E402
+from model import GPT, PRESETS, autocast, autodetect_device, generate, get_config  # noqa: E402
+
+PAD = 99
 
 
 def main():
@@ -50,17 +52,16 @@ def main():
             for L in args.prefix_len:
                 g = torch.Generator().manual_seed(U * M + L)
                 prefixes = torch.randint(0, 96, (U, L), generator=g).tolist()
-                c1, c2 = Cost(), Cost()
+                repeated = [p for p in prefixes for _ in range(M)]
                 with autocast(device):
-                    extend(model, prefixes[:2], [2, 2], 4, (), 0.0, None, Cost())  # warm-up
-                    fast, t1 = timed(lambda: extend(model, prefixes, [M] * U, args.new_tokens,
-                                                    (), 0.0, None, c1), device)
-                    slow, t2 = timed(lambda: extend_naive(model, prefixes, [M] * U,
-                                                          args.new_tokens, (), 0.0, None, c2),
-                                     device)
-                assert fast == slow and c1.gen == c2.gen, "shared and naive outputs differ"
+                    generate(model, prefixes[:2], 4, (), PAD, 0.0, copies=[2, 2])  # warm-up
+                    (fast, _, _), t1 = timed(lambda: generate(
+                        model, prefixes, args.new_tokens, (), PAD, 0.0, copies=[M] * U), device)
+                    (slow, _, _), t2 = timed(lambda: generate(
+                        model, repeated, args.new_tokens, (), PAD, 0.0), device)
+                assert torch.equal(fast, slow), "shared and naive outputs differ"
                 print(f"| {U} x {M} | {L} | {1e3 * t1:.0f} | {1e3 * t2:.0f} | {t2 / t1:.2f}x | "
-                      f"{c1.prompt:,} / {c2.prompt:,} | yes |", flush=True)
+                      f"{U * L:,} / {U * M * L:,} | yes |", flush=True)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import model  # noqa: E402
 import star  # noqa: E402
 from model import GPT, GPTConfig, all_gather, rank_world  # noqa: E402
 from tasks import get_task, sample_problems  # noqa: E402
@@ -38,23 +39,23 @@ def checks(out_dir):
     rank, world = rank_world()
     task = get_task("addition")
     problems = sample_problems(task, 11, (1, 2, 3), seed=0)  # 11: the shares are uneven
-    model = random_model().eval()
+    net = random_model().eval()
 
     # 1. each process samples its share of the problems; every process gets all the texts
     seen = []
     generate = star.generate
 
-    def spy(model, prompts, *a, **k):
+    def spy(net, prompts, *a, **k):
         seen.extend(prompts)
-        return generate(model, prompts, *a, **k)
+        return generate(net, prompts, *a, **k)
 
     star.generate = spy
-    texts, _ = star.sample(model, task, problems, n=2, temperature=1.0, seed=5)
+    texts, _ = star.sample(net, task, problems, n=2, temperature=1.0, seed=5)
     star.generate = generate
     shares = all_gather(seen)
     # the same call in this process alone (no split, no gather): the same texts expected
     star.rank_world, star.all_gather = (lambda: (0, 1)), (lambda x: [x])
-    alone, _ = star.sample(model, task, problems, n=2, temperature=1.0, seed=5)
+    alone, _ = star.sample(net, task, problems, n=2, temperature=1.0, seed=5)
     star.rank_world, star.all_gather = rank_world, all_gather
 
     # 2. one DDP step on a global batch against the single-process gradient of the whole batch
@@ -62,9 +63,9 @@ def checks(out_dir):
     ddp = torch.nn.parallel.DistributedDataParallel(random_model())
     star.batch_loss(ddp, batch, "cpu").backward()
     single = random_model()
-    star.rank_world = lambda: (0, 1)
+    model.rank_world = lambda: (0, 1)  # model.split_batch: the whole batch, as one process
     star.batch_loss(single, batch, "cpu").backward()
-    star.rank_world = rank_world
+    model.rank_world = rank_world
     diff = max((a.grad - b.grad).abs().max().item()
                for a, b in zip(ddp.module.parameters(), single.parameters()))
     scale = max(b.grad.abs().max().item() for b in single.parameters())

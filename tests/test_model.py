@@ -15,10 +15,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import (GPT, GPTConfig, KVCache, generate, generate_naive, get_config, left_pad,
-                   load_checkpoint, padded_mask, save_checkpoint, sequence_logprobs)
+from model import (GPT, GPTConfig, KVCache, ScalarHead, generate, generate_naive, get_config,
+                   left_pad, load_checkpoint, noise, padded_mask, pick, save_checkpoint, seed_for,
+                   sequence_logprobs, split_batch)
 
 PAD = 99
+TOKENIZER = "arith-char-v1"  # tasks.TOKENIZER; model.py stores whatever name it is given
 
 
 def random_model(seed=0, std=0.3, block_size=256, dtype=torch.float64):
@@ -43,11 +45,12 @@ def test_greedy_cache_equals_full_recompute_over_100_tokens():
     prompt = prompts_of([9])[0]
     tokens, logp, lengths = generate(model, [prompt], 120, stop_tokens=(), pad_id=PAD,
                                      temperature=0)
-    ref, ref_logp = generate_naive(model, prompt, 120, stop_tokens=(), temperature=0)
-    assert len(ref) == 120 and lengths.tolist() == [120]
-    assert tokens[0].tolist() == ref
-    assert torch.allclose(logp[0], torch.tensor(ref_logp, dtype=logp.dtype), atol=1e-6)
-    assert len(set(ref)) > 5  # the test is only meaningful if the output is not one repeated token
+    ref, ref_logp, ref_len = generate_naive(model, [prompt], 120, stop_tokens=(), pad_id=PAD,
+                                            temperature=0)
+    assert ref_len.tolist() == lengths.tolist() == [120]
+    assert torch.equal(tokens, ref)
+    assert torch.allclose(logp, ref_logp, atol=1e-6)
+    assert len(set(ref[0].tolist())) > 5  # the test is only meaningful if the output is not one repeated token
 
 
 def test_ragged_batch_equals_each_prompt_alone():
@@ -56,20 +59,23 @@ def test_ragged_batch_equals_each_prompt_alone():
     stop = (5, 17)  # two common-ish stop tokens, so some rows stop early and some do not
     tokens, logp, lengths = generate(model, prompts, 40, stop_tokens=stop, pad_id=PAD,
                                      temperature=0)
+    assert len(set(lengths.tolist())) > 1  # some rows stopped early, some did not
     for b, p in enumerate(prompts):
-        ref, ref_logp = generate_naive(model, p, 40, stop_tokens=stop, temperature=0)
-        n = len(ref)
+        ref, ref_logp, ref_len = generate_naive(model, [p], 40, stop_tokens=stop, pad_id=PAD,
+                                                temperature=0)
+        n = ref_len.item()
         assert lengths[b].item() == n
-        assert tokens[b, :n].tolist() == ref
-        assert (tokens[b, n:] == PAD).all()  # padding after the stop, nothing else
-        assert torch.allclose(logp[b, :n], torch.tensor(ref_logp, dtype=logp.dtype), atol=1e-6)
+        assert torch.equal(tokens[b], ref[0])  # the stop token kept, then padding
+        assert (tokens[b, n:] == PAD).all()
+        assert torch.allclose(logp[b], ref_logp[0], atol=1e-6)
         assert (logp[b, n:] == 0).all()
 
 
 def test_stop_token_ends_a_row_and_is_kept():
     model = random_model(2)
     prompt = prompts_of([5], seed=2)[0]
-    free, _ = generate_naive(model, prompt, 30, stop_tokens=(), temperature=0)
+    free = generate_naive(model, [prompt], 30, stop_tokens=(), pad_id=PAD,
+                          temperature=0)[0][0].tolist()
     stop_tok = free[10]  # a token the model emits at step 10 (maybe earlier too)
     first = free.index(stop_tok)
     tokens, _, lengths = generate(model, [prompt, prompt], 30, stop_tokens=(stop_tok,),
@@ -81,13 +87,36 @@ def test_stop_token_ends_a_row_and_is_kept():
 
 def test_sampling_with_cache_equals_naive_sampling_same_generator():
     model = random_model(3)
-    prompt = prompts_of([6], seed=3)[0]
+    prompts = prompts_of([6, 2, 9], seed=3)
     g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
-    tokens, _, lengths = generate(model, [prompt], 50, stop_tokens=(), pad_id=PAD,
-                                  temperature=0.8, top_k=20, generator=g1)
-    ref, _ = generate_naive(model, prompt, 50, stop_tokens=(), temperature=0.8, top_k=20,
-                            generator=g2)
-    assert tokens[0].tolist() == ref
+    out = generate(model, prompts, 50, stop_tokens=(5,), pad_id=PAD, temperature=0.8, top_k=20,
+                   generator=g1)
+    ref = generate_naive(model, prompts, 50, stop_tokens=(5,), pad_id=PAD, temperature=0.8,
+                         top_k=20, generator=g2)
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[2], ref[2])
+    assert torch.allclose(out[1], ref[1], atol=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_copies_of_a_prompt_equal_the_prompt_repeated_and_naive(temperature):
+    # what search relies on: several continuations of each prefix from one prefill, with the
+    # same tokens as the repeated prompts (cache rows copied, not recomputed) and as the naive
+    # sampler; seeded per row, so sampled rows are checked too, not only greedy ones
+    model = random_model(12)
+    prompts, copies = prompts_of([5, 2, 8], seed=13), [3, 1, 2]
+    seeds = list(range(100, 106))
+    fast = generate(model, prompts, 20, (7,), PAD, temperature, seeds=seeds, copies=copies)
+    repeated = [p for p, c in zip(prompts, copies) for _ in range(c)]
+    plain = generate(model, repeated, 20, (7,), PAD, temperature, seeds=seeds)
+    naive = generate_naive(model, prompts, 20, (7,), PAD, temperature, seeds=seeds,
+                           copies=copies)
+    for ref in (plain, naive):
+        assert torch.equal(fast[0], ref[0]) and torch.equal(fast[2], ref[2])
+        assert torch.allclose(fast[1], ref[1], atol=1e-6)
+    if temperature > 0:  # copies of one prompt draw different samples
+        assert len({tuple(r) for r in fast[0][:3].tolist()}) > 1
+    with pytest.raises(ValueError, match="copies"):
+        generate(model, prompts, 5, (), PAD, copies=[1, 0, 1])
 
 
 def test_same_seed_same_samples_other_seed_other_samples():
@@ -118,12 +147,12 @@ def test_row_seeds_make_a_rows_sample_independent_of_its_batch():
 def test_gumbel_max_sampling_follows_the_softmax():
     # 20,000 draws from a fixed 4-way distribution at temperature 0.5; each frequency within 5
     # standard errors of its probability (false failure < 1e-5 per token)
-    from model import _noise, _pick
     logits = torch.tensor([[1.0, 0.0, -1.0, 0.5]]).repeat(20_000, 1)
-    u = _noise(20_000, 1, 4, 0.5, torch.Generator().manual_seed(0), None, "cpu")[:, 0]
-    freq = torch.bincount(_pick(logits, 0.5, None, u), minlength=4).double() / 20_000
+    u = noise(20_000, 1, 4, 0.5, torch.Generator().manual_seed(0), None, "cpu")[:, 0]
+    freq = torch.bincount(pick(logits, 0.5, None, u), minlength=4).double() / 20_000
     p = F.softmax(logits[0].double() / 0.5, dim=-1)
     assert ((freq - p).abs() < 5 * (p * (1 - p) / 20_000).sqrt()).all()
+
 
 def test_top_k_1_is_greedy_and_banned_tokens_never_appear():
     model = random_model(5)
@@ -157,9 +186,19 @@ def test_sequence_logprobs_matches_hand_computation():
 
 def test_sequence_logprobs_has_gradients_only_through_completion_terms():
     model = random_model(8, dtype=torch.float32).train()
-    p, c = prompts_of([4], seed=8)[0], prompts_of([3], seed=9)[0]
-    total = sequence_logprobs(model, [p], [c], pad_id=PAD)
-    total.sum().backward()
+    seen = []
+
+    def keep_logits(module, inputs, logits):  # the logits sequence_logprobs reads
+        logits.retain_grad()
+        seen.append(logits)
+    model.lm_head.register_forward_hook(keep_logits)
+    prompts, comps = prompts_of([4, 2], seed=8), prompts_of([3, 1], seed=9)
+    sequence_logprobs(model, prompts, comps, pad_id=PAD).sum().backward()
+    grad = seen[0].grad.abs().sum(-1)  # (B, T-1): position t predicts token t+1
+    for b, (p, c) in enumerate(zip(prompts, comps)):
+        reads = set(range(len(p) - 1, len(p) + len(c) - 1))  # positions that predict c
+        for t in range(grad.size(1)):
+            assert (grad[b, t] > 0) == (t in reads), (b, t)  # prompt and padding: none
     assert model.transformer.wte.weight.grad.abs().sum() > 0
 
 
@@ -197,11 +236,11 @@ def test_left_pad_positions_and_mask():
 def test_checkpoint_roundtrip_gives_identical_logits(tmp_path):
     model = random_model(11, dtype=torch.float32)
     path = str(tmp_path / "ckpt.pt")
-    save_checkpoint(path, model, "arith-char-v1", extra={"step": 3})
+    save_checkpoint(path, model, TOKENIZER, extra={"step": 3})
     loaded, ckpt = load_checkpoint(path)
     idx = torch.tensor(prompts_of([15], seed=12))
     assert torch.equal(model(idx), loaded.eval()(idx))
-    assert ckpt["tokenizer"] == "arith-char-v1" and ckpt["extra"] == {"step": 3}
+    assert ckpt["tokenizer"] == TOKENIZER and ckpt["extra"] == {"step": 3}
     with pytest.raises(FileNotFoundError):
         load_checkpoint(str(tmp_path / "missing.pt"))
 
@@ -228,3 +267,37 @@ def test_parameter_names_map_onto_huggingface_gpt2():
 def test_unknown_preset_names_the_choices():
     with pytest.raises(ValueError, match="tiny"):
         get_config("huge")
+
+
+def test_scalar_head_reads_exactly_the_given_positions():
+    # the head's output at a read must equal the head applied to the hidden state of that very
+    # token of the unpadded sequence, whatever the batch-mates and padding
+    model = random_model(13, dtype=torch.float32)
+    scorer = ScalarHead(model)
+    torch.nn.init.normal_(scorer.head.weight)
+    prompts, comps = prompts_of([3, 6], seed=14), prompts_of([5, 2], seed=15)
+    reads = [[0, 2, 4], [1]]
+    logits, mask = scorer(prompts, comps, reads)
+    assert mask.tolist() == [[True, True, True], [True, False, False]]
+    for b, (p, c, r) in enumerate(zip(prompts, comps, reads)):
+        _, h = model(torch.tensor([p + c]), return_hidden=True)
+        for s, j in enumerate(r):
+            want = scorer.head(h[0, len(p) + j]).item()
+            assert math.isclose(logits[b, s].item(), want, rel_tol=1e-5, abs_tol=1e-6), (b, j)
+    # a read one position off gives another number: the test can tell positions apart
+    off = scorer(prompts, comps, [[1, 3, 4], [1]])[0]
+    assert not math.isclose(off[0, 0].item(), logits[0, 0].item(), abs_tol=1e-4)
+
+
+def test_split_batch_with_one_process_is_the_whole_batch_and_its_mean():
+    batch = [("a", [1, 2]), ("b", [3]), ("c", [4, 5, 6])]
+    assert split_batch(batch) == (batch, 3)
+    assert split_batch(batch, size=lambda ex: len(ex[1])) == (batch, 6)
+
+
+def test_seed_for_is_stable_and_separates_its_parts():
+    assert seed_for(0, "star", 1, 2, 3) == seed_for(0, "star", 1, 2, 3)
+    seeds = {seed_for(0, "star", n, i, j) for n in range(3) for i in range(30) for j in range(4)}
+    assert len(seeds) == 3 * 30 * 4
+    assert seed_for(1, 23) != seed_for(12, 3)  # no concatenation collisions
+    assert 0 <= seed_for("x") < 2 ** 63

@@ -17,10 +17,9 @@ import pytest
 import torch
 
 import quiet_star as qs
-import star
 import train
-from model import GPT, GPTConfig
-from tasks import EOTH, PAD, SOT, encode, get_task, sample_problems
+from model import GPT, GPTConfig, read_jsonl
+from tasks import EOT, EOTH, NEWLINE, PAD, SOT, encode, get_task, sample_problems
 
 
 def tiny_model(seed=0):
@@ -158,21 +157,35 @@ def test_reward_is_centred_per_position_and_clamped():
     assert abs(loss.item() - hand) < 1e-6
 
 
-def test_generation_never_emits_meta_tokens():
+def test_thoughts_never_contain_meta_tokens_even_when_favoured():
     model, head = tiny_model(), random_head(32)
     with torch.no_grad():  # make the meta-tokens the model's favourite tokens
         model.transformer.wte.weight[[SOT, EOTH]] *= 200
-    prompt = encode("12+34=")
-    favourite = model(torch.tensor([prompt]))[0].argmax(-1)
+    seqs, _ = arithmetic_rows()
+    favourite = model(seqs[:, :-1]).argmax(-1)
     assert torch.isin(favourite, torch.tensor([SOT, EOTH])).any()  # the ban has work to do
-    toks, thoughts, _ = qs.generate(model, head, prompt, 5, thought_len=3)
-    assert len(thoughts) == len(toks) and all(len(t) == 3 for t in thoughts)
-    assert not set(toks) & {SOT, EOTH, PAD}
-    assert not {x for t in thoughts for x in t} & {SOT, EOTH, PAD}
+    for temperature in (0.0, 1.0):
+        with torch.no_grad():
+            th = qs.think(model, head, seqs, torch.arange(seqs.size(1) - 1), 3, 1,
+                          temperature=temperature, generator=torch.Generator().manual_seed(0))
+        assert not torch.isin(th["thoughts"], torch.tensor(qs.BANNED)).any()
+
+
+def decode_with_thoughts(model, head, prompt, max_new_tokens, thought_len):
+    """Greedy decoding, a thought before every new token, one token at a time (think_naive)."""
+    idx = list(prompt)
+    for _ in range(max_new_tokens):
+        _, _, logits, _ = qs.think_naive(model, head, idx, thought_len)
+        logits = logits[-1].clone()
+        logits[list(qs.BANNED)] = float("-inf")
+        idx.append(int(logits.argmax()))
+        if idx[-1] == NEWLINE:
+            break
+    return idx[len(prompt):]
 
 
 def test_greedy_accuracy_equals_token_by_token_generation():
-    """evaluate() reads accuracy from teacher-forced argmaxes; generate() decodes for real."""
+    """evaluate() reads accuracy from teacher-forced argmaxes; this decodes for real."""
     model, head = tiny_model(), random_head(32)
     task = get_task("addition")
     problems = sample_problems(task, 6, [1], seed=3)
@@ -180,35 +193,36 @@ def test_greedy_accuracy_equals_token_by_token_generation():
     res = qs.evaluate(model, head, qs.pack(problems, 7), problems, args)  # a line per row
     right = 0
     for p in problems:
-        toks, _, _ = qs.generate(model, head, encode(p.question + "="), len(p.answer) + 1, 2)
+        toks = decode_with_thoughts(model, head, encode(p.question + "="), len(p.answer) + 1, 2)
         right += toks == encode(p.answer + "\n")
     assert res["accuracy"] == right / len(problems)
+    assert EOT in qs.BANNED  # the text never ends inside a line
 
 
 def test_run_resumes_after_an_interruption(tmp_path, monkeypatch):
-    small = ["--method", "quiet_star", "--base-steps", "3", "--steps", "4", "--eval-every", "2",
+    small = ["--method", "quiet_star", "--base-steps", "3", "--think-steps", "4", "--eval-every", "2",
              "--n-test", "6", "--seq-len", "24", "--thought-len", "2", "--batch-size", "2",
              "--train-difficulty", "1", "--test-difficulty", "1"]
     whole = str(tmp_path / "whole")
     train.main(small + ["--out", whole])
-    rows = star.read_jsonl(os.path.join(whole, "metrics.jsonl"))
+    rows = read_jsonl(os.path.join(whole, "metrics.jsonl"))
     assert [r["step"] for r in rows] == [0, 2, 4]
     assert os.path.exists(os.path.join(whole, "accuracy.png"))
     assert "thought" in open(os.path.join(whole, "samples_step4.txt")).read()
 
     cut = str(tmp_path / "cut")
-    real_append = star.append_jsonl
+    real_append = qs.append_jsonl
 
-    def crash_at_step_4(path, row):
-        if row.get("step") == 4:
+    def crash_at_step_4(path, *rows):
+        if rows[0].get("step") == 4:
             raise KeyboardInterrupt  # killed after step 4's checkpoints, before its commit
-        real_append(path, row)
-    monkeypatch.setattr(star, "append_jsonl", crash_at_step_4)
+        real_append(path, *rows)
+    monkeypatch.setattr(qs, "append_jsonl", crash_at_step_4)
     with pytest.raises(KeyboardInterrupt):
         train.main(small + ["--out", cut])
-    monkeypatch.setattr(star, "append_jsonl", real_append)
+    monkeypatch.setattr(qs, "append_jsonl", real_append)
     train.main(small + ["--out", cut])
-    resumed = star.read_jsonl(os.path.join(cut, "metrics.jsonl"))
+    resumed = read_jsonl(os.path.join(cut, "metrics.jsonl"))
     assert [r["step"] for r in resumed] == [0, 2, 4]
     for a, b in zip(rows, resumed):
         for arm in ("plain", "quiet"):

@@ -8,6 +8,7 @@ prefix sampler equals the naive one; the run end to end, resumed without redoing
 Run: python -m pytest tests/test_search.py
 """
 
+import argparse
 import math
 import os
 import random
@@ -17,9 +18,8 @@ import torch
 import torch.nn as nn
 
 import search
-import star
 import train
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, generate_naive, read_jsonl
 from tasks import EOT, NEWLINE, PAD, Problem, Task, decode, encode
 from tasks.base import split_lines
 
@@ -199,18 +199,18 @@ def test_token_accounting_is_exact():
     # best-of-N's pool: n samples, the shared prompt encoded once
     cost = search.Cost()
     search.rollouts(model, TASK, [(P0, "")], [7], 1.0, gen(), cost)
-    assert (cost.gen, cost.prompt) == (7 * whole, prompt)
+    assert (cost.sampled, cost.prompt) == (7 * whole, prompt)
     # beam search: N steps sampled every round, every solution ends together
     for N, M in ((8, 4), (6, 2)):
         cost = search.Cost()
         search.beam_search(model, TASK, [P0, P0], search.oracle_scorer(TASK), N, M, 1.0, gen(),
                            cost)
-        assert cost.gen == 2 * N * whole
+        assert cost.sampled == 2 * N * whole
     # MCTS is anytime: its count after fewer simulations is a prefix of the same search's
     k, cost = 3, search.Cost()
     res = search.mcts(model, TASK, [P0], search.oracle_scorer(TASK), [1, 5, 9], k, 1.0, 1.0,
                       gen(), cost)
-    assert res[9][2] == cost.gen and 0 < res[1][2] < res[5][2] <= res[9][2]
+    assert res[9][2] == cost.sampled and 0 < res[1][2] < res[5][2] <= res[9][2]
 
 
 def test_mcts_token_count_matches_its_tree(monkeypatch):
@@ -230,7 +230,7 @@ def test_mcts_token_count_matches_its_tree(monkeypatch):
             expected += k * (2 if d < 3 else 5)
             if not n.children[0].finished:
                 expected += 2 * (3 - (d + 1)) + 5
-    assert cost.gen == expected
+    assert cost.sampled == expected
 
 
 def test_majority_vote_tie_rule_and_unparsable_answers():
@@ -242,19 +242,25 @@ def test_majority_vote_tie_rule_and_unparsable_answers():
     assert search.vote([None, "x"], [10.0, 0.1]) == "x"
     assert search.vote([None, None]) is None
     # a pool where every subset has only unparsable answers or one wrong one: never right
-    assert search.vote_accuracy([None, None, "w"], [True, True, False], 2, None,
-                                random.Random(0)) == 0.0
+    assert search.weighted_vote_accuracy([None, None, "w"], [True, True, False], 2,
+                                         [5.0, 5.0, 0.1], random.Random(0)) == 0.0
 
 
-def test_shared_prefix_sampler_equals_the_naive_one():
+def test_continuations_of_prefixes_equal_the_naive_sampler_and_are_counted():
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64)).eval()
+    with torch.no_grad():  # large weights, so the rows really differ
+        for p in model.parameters():
+            p.normal_(0, 0.5) if p.dim() >= 2 else None
     prefixes, copies = [[5, 6, 7, 8, 9], [10, 11]], [3, 2]
-    fast, naive = search.Cost(), search.Cost()
-    a = search.extend(model, prefixes, copies, 12, (NEWLINE, EOT), 0.0, None, fast)
-    b = search.extend_naive(model, prefixes, copies, 12, (NEWLINE, EOT), 0.0, None, naive)
-    assert a == b and len(a) == 5 and fast.gen == naive.gen == sum(map(len, a))
-    assert (fast.prompt, naive.prompt) == (7, 3 * 5 + 2 * 2)  # each prefix encoded once
+    cost = search.Cost()
+    rows = search.continue_prefixes(model, prefixes, copies, 12, (NEWLINE, EOT), 1.0, gen(3),
+                                    cost)
+    tokens, _, lengths = generate_naive(model, prefixes, 12, (NEWLINE, EOT), PAD, 1.0,
+                                        generator=gen(3), banned_tokens=search.BANNED,
+                                        copies=copies)
+    assert rows == [r[:n] for r, n in zip(tokens.tolist(), lengths.tolist())]
+    assert cost.sampled == sum(map(len, rows)) and cost.prompt == 7  # each prefix encoded once
 
 
 def test_search_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
@@ -267,14 +273,14 @@ def test_search_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
             "--budgets", "1,2", "--samples", "2", "--rollouts", "2", "--batch-size", "4",
             "--train-difficulty", "2", "--test-difficulty", "2"]
     train.main(argv)
-    rows = star.read_jsonl(os.path.join(out, "metrics.jsonl"))
+    rows = read_jsonl(os.path.join(out, "metrics.jsonl"))
     stages = [r["stage"] for r in rows]
     assert stages[:3] == ["generator", "labels", "scorers"]
     methods = {(r["method"], r["scorer"]) for r in rows if r["kind"] == "method"}
     assert ("beam search", "PRM") in methods and ("MCTS most-visited", "oracle") in methods
     assert os.path.exists(os.path.join(out, "search.png"))
     train.main(argv)  # finished: nothing is redone, no row added
-    assert star.read_jsonl(os.path.join(out, "metrics.jsonl")) == rows
+    assert read_jsonl(os.path.join(out, "metrics.jsonl")) == rows
 
 
 def test_a_learned_scorer_search_never_calls_the_ground_truth_checker():
@@ -286,3 +292,28 @@ def test_a_learned_scorer_search_never_calls_the_ground_truth_checker():
     score = lambda items: [len(t) / 100 for _, t, _ in items]  # noqa: E731 (a stand-in scorer)
     search.beam_search(ToyLM(), task, [P0], score, 8, 4, 1.0, gen(), search.Cost())
     search.mcts(ToyLM(), task, [P0], score, [6], 3, 1.0, 1.0, gen(), search.Cost())
+
+
+def test_math_shepherd_labels_on_the_toy_model():
+    # ToyLM picks each step uniformly from a/b/c, so a rollout from a prefix is right with a
+    # known probability: after "b\n" it must then pick c and a (1/9), after "b\nc\n" a (1/3),
+    # after "b\nc\na\n" always; after a wrong first step never. A label is the share of R
+    # rollouts that are right: checked within 5 standard errors (false failure < 1e-5)
+    R = 300
+    args = argparse.Namespace(rollouts=R, sample_batch_size=6 * R, temperature=1.0)
+    texts = [[RIGHT, "a\nb\nc\nA: 1"]]
+    rows, cost = search.shepherd_labels(ToyLM(), TASK, [P0], texts, args, seed=0)
+    assert len(rows) == 2 and cost.sampled > 0
+    (prompt, comp, reads, labels), (_, comp2, reads2, labels2) = rows
+    assert prompt == encode(TASK.prompt(P0)) and comp == encode(RIGHT) + [EOT]
+    assert reads == search.step_reads(comp) and len(labels) == len(reads) == 4
+    for got, p in zip(labels, [1 / 9, 1 / 3, 1.0, 1.0]):
+        assert abs(got - p) <= 5 * math.sqrt(p * (1 - p) / R) + 1e-12, (labels, p)
+    assert labels2 == [0.0, 0.0, 0.0, 0.0]  # wrong from its first step; its outcome wrong too
+
+
+def test_the_process_reward_model_reads_the_end_of_every_step():
+    comp = encode("b\nc\nA: 1") + [EOT]
+    assert search.step_reads(comp) == [1, 3, 8]  # the two newlines and the end-of-text
+    assert [comp[j] for j in search.step_reads(comp)] == [NEWLINE, NEWLINE, EOT]
+    assert search.step_reads(encode("b\nc\n")) == [1, 3]  # a prefix: its steps so far

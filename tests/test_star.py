@@ -18,8 +18,8 @@ import torch
 
 import star
 import train
-from model import GPT, get_config
-from tasks import decode, get_task, sample_problems
+from model import GPT, get_config, read_jsonl, save_checkpoint
+from tasks import PAD, TOKENIZER, decode, get_task, sample_problems
 
 TINY_RUN = ["--task", "addition", "--n-train", "16", "--n-unlabeled", "12", "--n-test", "12",
             "--steps", "30", "--star-steps", "8", "--iterations", "2", "--batch-size", "8",
@@ -27,14 +27,14 @@ TINY_RUN = ["--task", "addition", "--n-train", "16", "--n-unlabeled", "12", "--n
 
 
 def metrics_without_time(out):
-    rows = star.read_jsonl(os.path.join(out, "metrics.jsonl"))
+    rows = read_jsonl(os.path.join(out, "metrics.jsonl"))
     return [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]
 
 
 def test_star_runs_end_to_end_and_writes_its_outputs(tmp_path):
     out = str(tmp_path / "run")
     train.main(["--method", "star", "--out", out, "--direct-baseline"] + TINY_RUN)
-    rows = star.read_jsonl(os.path.join(out, "metrics.jsonl"))
+    rows = read_jsonl(os.path.join(out, "metrics.jsonl"))
     assert [r["iteration"] for r in rows if r["kind"] == "iteration"] == [0, 1, 2]
     assert [r["kind"] for r in rows].count("direct") == 1
     assert rows[2]["train_steps"] == round(8 * 1.2)  # steps grow per iteration
@@ -56,7 +56,7 @@ def loop_setup(tmp_path):
     torch.manual_seed(0)
     model = GPT(get_config("tiny", n_layer=1, n_embd=32, n_head=2))
     start = str(tmp_path / "start.pt")
-    star.save_checkpoint(start, model, "arith-char-v1")
+    save_checkpoint(start, model, TOKENIZER)
     return task, P, D, args, model, start
 
 
@@ -105,7 +105,7 @@ def test_rejected_samples_never_enter_the_training_set(loop_setup, monkeypatch):
 def test_restart_and_continue_start_from_the_right_weights(loop_setup, monkeypatch, restart):
     task, P, D, args, model, start = loop_setup
     args.restart = restart
-    prev = star.load_checkpoint(start)[0]
+    prev = star.load_checkpoint(start)[0]  # the loader star.py itself uses
     with torch.no_grad():
         for p in prev.parameters():
             p.add_(1.0)  # M(n-1) differs from M0
@@ -143,3 +143,16 @@ def test_resume_after_interruption_gives_the_same_metrics(tmp_path, monkeypatch)
     monkeypatch.setattr(star, "finetune", real_finetune)
     train.main(["--method", "star", "--out", out] + TINY_RUN)  # started again: resumes
     assert metrics_without_time(out) == metrics_without_time(ref)
+
+
+def test_collate_targets_exactly_the_completion():
+    # the loss covers every completion token (the first one is predicted from the prompt's last
+    # position) and nothing else: no prompt token, no padding
+    examples = [([10, 11, 12], [20, 21, 96]), ([13], [22, 96]), ([14, 15], [96])]
+    idx, tgt = star.collate(examples, "cpu")
+    assert idx.shape == tgt.shape == (3, 5)  # the longest sequence (6 tokens) minus one
+    assert tgt.tolist() == [[-1, -1, 20, 21, 96],
+                            [22, 96, -1, -1, -1],
+                            [-1, 96, -1, -1, -1]]
+    assert idx[0].tolist() == [10, 11, 12, 20, 21]  # inputs: the sequence without its last token
+    assert idx[1, :2].tolist() == [13, 22] and (idx[1, 2:] == PAD).all()

@@ -22,6 +22,12 @@ BAD_INPUT = [  # (arguments, words the one-line error must contain)
     (["--checkpoint", "no/such/model.pt"], ["--checkpoint", "no/such/model.pt"]),
     (["--train-difficulty", "0-40"], ["--train-difficulty", "0-40", "1-12"]),
     (["--temperature", "-1"], ["--temperature", "-1"]),
+    # a flag the method does not use is refused, not ignored
+    (["--method", "star", "--budgets", "1,2"], ["--budgets", "star", "--star-steps"]),
+    (["--method", "sft", "--iterations", "2"], ["--iterations", "sft"]),
+    (["--method", "quiet_star", "--checkpoint", "m.pt"], ["--checkpoint", "quiet_star"]),
+    (["--method", "quiet_star", "--steps", "5"], ["--steps", "quiet_star", "--think-steps"]),
+    (["--method", "search", "--no-rationalize"], ["--no-rationalize", "search"]),
 ]
 
 
@@ -59,3 +65,16 @@ def test_methods_that_do_not_split_their_work_refuse_torchrun(method, monkeypatc
     with pytest.raises(SystemExit) as e:
         train.main(["--method", method])
     assert e.value.code == 2 and "torchrun" in capsys.readouterr().err
+
+
+def test_defaults_come_from_the_methods_table_and_flags_override_them(tmp_path):
+    import star
+    import vstar
+    for method, table in (("star", star.DEFAULTS), ("vstar", vstar.DEFAULTS)):
+        args = train.get_parser().parse_args(["--method", method, "--out", str(tmp_path)])
+        train.resolve(args, train.get_parser())
+        for name, value in table["tiny"].items():
+            assert getattr(args, name) == value, (method, name)
+    args = train.get_parser().parse_args(["--method", "vstar", "--samples", "3"])
+    train.resolve(args, train.get_parser())
+    assert args.samples == 3 and args.iterations == vstar.DEFAULTS["tiny"]["iterations"]

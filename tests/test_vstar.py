@@ -14,10 +14,9 @@ from itertools import combinations
 import pytest
 import torch
 
-import star
 import train
 import vstar
-from model import GPT, GPTConfig, sequence_logprobs
+from model import GPT, GPTConfig, ScalarHead, read_jsonl, sequence_logprobs
 
 PAD = 99
 
@@ -69,6 +68,7 @@ def brute_best_of_k(scores, correct, k):
 
 
 def brute_majority(answers, right, k):
+    """Every k-subset; the most-voted answer wins, a tie of t answers credits 1/t each."""
     total = 0.0
     subsets = list(combinations(range(len(answers)), k))
     for s in subsets:
@@ -79,7 +79,7 @@ def brute_majority(answers, right, k):
         if votes:
             top = max(votes.values())
             winners = [a for a, v in votes.items() if v == top]
-            total += (right in winners) / len(winners)
+            total += sum(w in right for w in winners) / len(winners)
     return total / len(subsets)
 
 
@@ -99,19 +99,23 @@ def test_estimators_equal_brute_force_over_all_k_subsets(seed):
         assert math.isclose(vstar.pass_at_k(n, sum(correct), k), brute_pass, abs_tol=1e-12)
         assert math.isclose(vstar.pass_at_k(n, sum(correct), k),
                             1 - math.comb(n - sum(correct), k) / math.comb(n, k))
-        assert math.isclose(vstar.majority_at_k(answers, "8", k),
-                            brute_majority(answers, "8", k), abs_tol=1e-12)
+        assert math.isclose(vstar.majority_at_k(answers, {"8"}, k),
+                            brute_majority(answers, {"8"}, k), abs_tol=1e-12)
+        # several right answers (countdown: every right trace is its own answer)
+        assert math.isclose(vstar.majority_at_k(answers, {"8", "9"}, k),
+                            brute_majority(answers, {"8", "9"}, k), abs_tol=1e-12)
 
 
 def test_an_unparsable_answer_never_wins_the_vote():
-    assert vstar.majority_at_k([None, None, None], None, 2) == 0.0
-    assert vstar.majority_at_k([None, None, "3"], "3", 3) == 1.0
+    assert vstar.majority_at_k([None, None, None], {None}, 2) == 0.0
+    assert vstar.majority_at_k([None, None, "3"], {"3"}, 3) == 1.0
+    assert vstar.majority_at_k(["3", "4"], set(), 2) == 0.0  # no right answer in the pool
 
 
 def test_verifier_scores_ignore_padding_and_batch_mates():
     torch.manual_seed(1)
     gpt = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64)).eval()
-    orm = vstar.ORM(gpt)
+    orm = ScalarHead(gpt)
     torch.nn.init.normal_(orm.head.weight)
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10]]
     comps = [[20, 21, 96], [22, 96], [23, 24, 25, 26, 27, 96]]
@@ -128,7 +132,7 @@ def test_vstar_runs_end_to_end(tmp_path):
                 "--n-test", "6", "--steps", "20", "--batch-size", "8", "--samples", "4",
                 "--eval-samples", "4", "--verifier-steps", "3", "--iterations", "1",
                 "--train-difficulty", "1-2", "--test-difficulty", "1-2", "--temperature", "1.5"])
-    rows = star.read_jsonl(os.path.join(out, "metrics.jsonl"))
+    rows = read_jsonl(os.path.join(out, "metrics.jsonl"))
     assert [r.get("iteration") for r in rows] == [0, 1, None]
     ev = rows[-1]
     assert ev["k"] == [1, 2, 4]
