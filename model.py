@@ -311,6 +311,16 @@ def noise(B, T, V, temperature, generator, seeds, device):
                         for s in seeds])
 
 
+def compute_dtype(model):
+    """The dtype the forward pass computes keys and values in: bf16 under autocast on a GPU, the
+    weights' dtype otherwise. The KV cache is kept in it: decoding is bound by reading the
+    cache, and an fp32 cache under bf16 autocast would double that traffic."""
+    device_type = next(model.parameters()).device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return next(model.parameters()).dtype
+
+
 def _expand(prompts, copies):
     if copies is None:
         return [1] * len(prompts)
@@ -348,7 +358,7 @@ def generate(model, prompts, max_new_tokens, stop_tokens, pad_id, temperature=1.
         raise ValueError(f"prompt ({T0}) + max_new_tokens ({max_new_tokens}) exceeds "
                          f"block_size {model.config.block_size}")
     cache = KVCache(model.config, len(prompts), T0 + max_new_tokens, device,
-                    next(model.parameters()).dtype)
+                    compute_dtype(model))
     logits = model(idx, pos=pos, mask=padded_mask(valid, T0), cache=cache)[:, -1]  # (U, V)
     if any(c != 1 for c in copies):  # each prompt's cache rows copied to its continuations
         rep = torch.tensor(copies, device=device)

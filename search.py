@@ -59,22 +59,18 @@ from tasks import EOT, EOTH, NEWLINE, PAD, SOT, TOKENIZER, decode, encode
 # Every setting of a run, per preset (train.py fills the flags left unset from here, and refuses
 # the others). Budgets are N: samples of best-of-N and the votes, beams of beam search,
 # simulations of MCTS.
+_SHARED = dict(task="countdown", temperature=1.0, beta=0.1, verifier_lr=1e-4, beam_width=4,
+               mcts_children=4, mcts_c=1.0, checkpoint=None, compile=False)
 DEFAULTS = {
-    "tiny": dict(task="countdown", n_train=1000, n_unlabeled=200, n_test=100, steps=1200,
-                 batch_size=32, lr=2e-3, sample_batch_size=300, samples=2, temperature=1.0,
-                 eval_samples=16, beta=0.1, verifier_steps=200, verifier_lr=1e-4, rollouts=4,
-                 budgets="1,2,4,8,16", beam_width=4, mcts_children=4, mcts_c=1.0,
-                 checkpoint=None, compile=False),
-    "small": dict(task="countdown", n_train=1000, n_unlabeled=1000, n_test=300, steps=3000,
-                  batch_size=64, lr=1e-3, sample_batch_size=500, samples=4, temperature=1.0,
-                  eval_samples=32, beta=0.1, verifier_steps=1000, verifier_lr=1e-4, rollouts=8,
-                  budgets="1,2,4,8,16,32", beam_width=4, mcts_children=4, mcts_c=1.0,
-                  checkpoint=None, compile=False),
-    "gpu": dict(task="countdown", n_train=2000, n_unlabeled=5000, n_test=1000, steps=3000,
-                batch_size=256, lr=1e-3, sample_batch_size=2048, samples=8, temperature=1.0,
-                eval_samples=64, beta=0.1, verifier_steps=2000, verifier_lr=1e-4, rollouts=8,
-                budgets="1,2,4,8,16,32,64", beam_width=4, mcts_children=4, mcts_c=1.0,
-                checkpoint=None, compile=False),
+    "tiny": dict(_SHARED, n_train=1000, n_unlabeled=200, n_test=100, steps=1200, batch_size=32,
+                 lr=2e-3, sample_batch_size=300, samples=2, eval_samples=16, verifier_steps=200,
+                 rollouts=4, budgets="1,2,4,8,16"),
+    "small": dict(_SHARED, n_train=1000, n_unlabeled=1000, n_test=300, steps=3000,
+                  batch_size=64, lr=1e-3, sample_batch_size=500, samples=4, eval_samples=32,
+                  verifier_steps=1000, rollouts=8, budgets="1,2,4,8,16,32"),
+    "gpu": dict(_SHARED, n_train=2000, n_unlabeled=5000, n_test=1000, steps=3000,
+                batch_size=256, lr=1e-3, sample_batch_size=2048, samples=8, eval_samples=64,
+                verifier_steps=2000, rollouts=8, budgets="1,2,4,8,16,32,64"),
 }
 STEP_TOKENS = 24      # longest step line (countdown's "100*12=1200" is 11 tokens)
 ROLLOUT_TOKENS = 160  # longest rollout to the end of a solution
@@ -178,15 +174,15 @@ def prm_scorer(prm, task, batch_size=256):
     right answer); a prefix's score is the minimum over its steps so far."""
     @torch.no_grad()
     def score(items):
-        out = []
+        scores = []
         for i in range(0, len(items), batch_size):
             chunk = items[i:i + batch_size]
             comps = [encode(t) + ([EOT] if fin else []) for _, t, fin in chunk]
             with autocast(str(prm.head.weight.device)):
                 logits, mask = prm([encode(task.prompt(p)) for p, _, _ in chunk], comps,
                                    [step_reads(c) for c in comps])
-            out += torch.sigmoid(logits.float()).masked_fill(~mask, 1.0).min(1).values.tolist()
-        return out
+            scores += torch.sigmoid(logits.float()).masked_fill(~mask, 1.0).min(1).values.tolist()
+        return scores
     return score
 
 
@@ -388,7 +384,7 @@ def mcts(model, task, problems, scorer, sims, k, c, temperature, generator, cost
     cost.prompt)."""
     roots = [Node("") for _ in problems]
     found = [[] for _ in problems]  # every evaluated solution with its value
-    out = {}
+    results = {}
     for s in range(1, max(sims) + 1):
         paths = [select(r, c) for r in roots]
         grow = [i for i, path in enumerate(paths) if not path[-1].finished]
@@ -418,8 +414,8 @@ def mcts(model, task, problems, scorer, sims, k, c, temperature, generator, cost
             for p, f in zip(problems, found):
                 a = vote([task.extract_answer(t) for t, _ in f], [v for _, v in f])
                 voted.append(next((t for t, _ in f if task.extract_answer(t) == a), ""))
-            out[s] = ([most_visited(r) for r in roots], voted, cost.sampled, cost.prompt)
-    return out
+            results[s] = ([most_visited(r) for r in roots], voted, cost.sampled, cost.prompt)
+    return results
 
 
 # -----------------------------------------------------------------------------

@@ -42,19 +42,16 @@ from tasks import EOT, EOTH, PAD, SOT, TOKENIZER, decode, encode
 
 # Every setting of a run, per preset: train.py fills each flag left unset from here and refuses
 # a flag that is not listed. "tiny" fits a 2-core CPU in minutes, "gpu" one H100.
+_SHARED = dict(task="addition", n_train=300, step_growth=1.2, samples=1, temperature=0.0,
+               rationalize=True, restart=True, direct_baseline=False, checkpoint=None,
+               compile=False)
 DEFAULTS = {
-    "tiny": dict(task="addition", n_train=300, n_unlabeled=600, n_test=300, steps=1500,
-                 batch_size=32, lr=2e-3, sample_batch_size=300, iterations=4, star_steps=400,
-                 step_growth=1.2, samples=1, temperature=0.0, rationalize=True, restart=True,
-                 direct_baseline=False, checkpoint=None, compile=False),
-    "small": dict(task="addition", n_train=300, n_unlabeled=2000, n_test=500, steps=3000,
-                  batch_size=64, lr=1e-3, sample_batch_size=500, iterations=6, star_steps=800,
-                  step_growth=1.2, samples=1, temperature=0.0, rationalize=True, restart=True,
-                  direct_baseline=False, checkpoint=None, compile=False),
-    "gpu": dict(task="addition", n_train=300, n_unlabeled=10000, n_test=2000, steps=3000,
-                batch_size=256, lr=1e-3, sample_batch_size=2048, iterations=8, star_steps=1000,
-                step_growth=1.2, samples=1, temperature=0.0, rationalize=True, restart=True,
-                direct_baseline=False, checkpoint=None, compile=False),
+    "tiny": dict(_SHARED, n_unlabeled=600, n_test=300, steps=1500, batch_size=32, lr=2e-3,
+                 sample_batch_size=300, iterations=4, star_steps=400),
+    "small": dict(_SHARED, n_unlabeled=2000, n_test=500, steps=3000, batch_size=64, lr=1e-3,
+                  sample_batch_size=500, iterations=6, star_steps=800),
+    "gpu": dict(_SHARED, n_unlabeled=10000, n_test=2000, steps=3000, batch_size=256, lr=1e-3,
+                sample_batch_size=2048, iterations=8, star_steps=1000),
 }
 # --method sft is iteration 0 alone: M0 trained on P (or --checkpoint as it is), evaluated
 SFT_FLAGS = ("task", "n_train", "n_test", "steps", "batch_size", "lr", "sample_batch_size",

@@ -49,19 +49,15 @@ from tasks import EOT, PAD, TOKENIZER, encode
 # Every setting of a run, per preset (train.py fills the flags left unset from here, and refuses
 # the others). V-STaR's SFT set is a whole training set with gold solutions, not STaR's small
 # P: with P = 300 the tiny generator memorised it (4% greedy on held-out expressions).
+_SHARED = dict(task="expression", n_train=2000, samples=8, temperature=0.7, beta=0.1,
+               verifier_lr=1e-4, checkpoint=None, compile=False)
 DEFAULTS = {
-    "tiny": dict(task="expression", n_train=2000, n_unlabeled=600, n_test=300, steps=1500,
-                 batch_size=32, lr=2e-3, sample_batch_size=300, iterations=2, samples=8,
-                 temperature=0.7, beta=0.1, verifier_steps=300, verifier_lr=1e-4,
-                 eval_samples=16, checkpoint=None, compile=False),
-    "small": dict(task="expression", n_train=2000, n_unlabeled=2000, n_test=500, steps=3000,
-                  batch_size=64, lr=1e-3, sample_batch_size=500, iterations=3, samples=8,
-                  temperature=0.7, beta=0.1, verifier_steps=1000, verifier_lr=1e-4,
-                  eval_samples=32, checkpoint=None, compile=False),
-    "gpu": dict(task="expression", n_train=2000, n_unlabeled=10000, n_test=2000, steps=3000,
-                batch_size=256, lr=1e-3, sample_batch_size=2048, iterations=3, samples=8,
-                temperature=0.7, beta=0.1, verifier_steps=2000, verifier_lr=1e-4,
-                eval_samples=64, checkpoint=None, compile=False),
+    "tiny": dict(_SHARED, n_unlabeled=600, n_test=300, steps=1500, batch_size=32, lr=2e-3,
+                 sample_batch_size=300, iterations=2, verifier_steps=300, eval_samples=16),
+    "small": dict(_SHARED, n_unlabeled=2000, n_test=500, steps=3000, batch_size=64, lr=1e-3,
+                  sample_batch_size=500, iterations=3, verifier_steps=1000, eval_samples=32),
+    "gpu": dict(_SHARED, n_unlabeled=10000, n_test=2000, steps=3000, batch_size=256, lr=1e-3,
+                sample_batch_size=2048, iterations=3, verifier_steps=2000, eval_samples=64),
 }
 
 # -----------------------------------------------------------------------------

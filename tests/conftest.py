@@ -1,6 +1,7 @@
 """pytest options of this repository: `python -m pytest --exercises` also runs the classroom
 exercises' checks (tests/test_exercises.py), which are skipped by default because they fail
-until a student has done the exercise (README, "Classroom exercises")."""
+until a student has done the exercise (README, "Classroom exercises"). Tests marked slow run by
+default (CI runs them); `python -m pytest -m "not slow"` leaves them out while you iterate."""
 
 import pytest
 
@@ -12,6 +13,8 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "exercise(n): the check of README exercise n")
+    config.addinivalue_line("markers", "slow: runs a whole method or starts processes (seconds "
+                            "to a minute); run by default and in CI, skip with -m 'not slow'")
 
 
 def pytest_collection_modifyitems(config, items):

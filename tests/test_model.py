@@ -301,3 +301,30 @@ def test_seed_for_is_stable_and_separates_its_parts():
     assert len(seeds) == 3 * 30 * 4
     assert seed_for(1, 23) != seed_for(12, 3)  # no concatenation collisions
     assert 0 <= seed_for("x") < 2 ** 63
+
+
+def test_bf16_autocast_cache_is_bf16_and_agrees_with_the_naive_sampler():
+    # on a GPU the forward runs under bf16 autocast and the cache is kept in bf16; here the same
+    # on the CPU. bf16 keeps 8 bits of mantissa (relative error up to 2^-8 = 0.4% per rounding),
+    # so the cached and the recomputed keys may round differently: the tokens must agree (the
+    # large-weight model keeps its logits far apart) and the log-probs within 0.05 nats
+    model = random_model(14, std=0.5, dtype=torch.float32)
+    prompts = prompts_of([7, 3, 12], seed=16)
+    made = []
+    real_init = KVCache.__init__
+
+    def spy(self, *a, **k):
+        real_init(self, *a, **k)
+        made.append(self.k.dtype)
+    KVCache.__init__ = spy
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fast = generate(model, prompts, 40, (5,), PAD, temperature=0)
+            naive = generate_naive(model, prompts, 40, (5,), PAD, temperature=0)
+    finally:
+        KVCache.__init__ = real_init
+    assert made == [torch.bfloat16]
+    assert torch.equal(fast[0], naive[0]) and torch.equal(fast[2], naive[2])
+    assert (fast[1] - naive[1]).abs().max() < 0.05
+    fp32 = generate(model, prompts, 40, (5,), PAD, temperature=0)
+    assert (fp32[0] == fast[0]).float().mean() > 0.9  # bf16 changes little of the greedy text

@@ -199,6 +199,7 @@ def test_greedy_accuracy_equals_token_by_token_generation():
     assert EOT in qs.BANNED  # the text never ends inside a line
 
 
+@pytest.mark.slow
 def test_run_resumes_after_an_interruption(tmp_path, monkeypatch):
     small = ["--method", "quiet_star", "--base-steps", "3", "--think-steps", "4", "--eval-every", "2",
              "--n-test", "6", "--seq-len", "24", "--thought-len", "2", "--batch-size", "2",

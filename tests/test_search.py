@@ -263,6 +263,7 @@ def test_continuations_of_prefixes_equal_the_naive_sampler_and_are_counted():
     assert cost.sampled == sum(map(len, rows)) and cost.prompt == 7  # each prefix encoded once
 
 
+@pytest.mark.slow
 def test_search_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
     # an untrained generator writes garbage to the end of every budget: keep the budgets short
     monkeypatch.setattr(search, "ROLLOUT_TOKENS", 32)

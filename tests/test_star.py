@@ -31,6 +31,7 @@ def metrics_without_time(out):
     return [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]
 
 
+@pytest.mark.slow
 def test_star_runs_end_to_end_and_writes_its_outputs(tmp_path):
     out = str(tmp_path / "run")
     train.main(["--method", "star", "--out", out, "--direct-baseline"] + TINY_RUN)
@@ -121,6 +122,7 @@ def test_restart_and_continue_start_from_the_right_weights(loop_setup, monkeypat
     assert torch.equal(got["w"], want)
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_gives_the_same_metrics(tmp_path, monkeypatch):
     ref = str(tmp_path / "uninterrupted")
     train.main(["--method", "star", "--out", ref] + TINY_RUN)

@@ -126,6 +126,7 @@ def test_verifier_scores_ignore_padding_and_batch_mates():
                    for a, b in zip(together, alone)), kind
 
 
+@pytest.mark.slow
 def test_vstar_runs_end_to_end(tmp_path):
     out = str(tmp_path / "run")
     train.main(["--method", "vstar", "--out", out, "--n-train", "16", "--n-unlabeled", "8",
