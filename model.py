@@ -386,7 +386,7 @@ def generate(model, prompts, max_new_tokens, stop_tokens, pad_id, temperature=1.
         tokens[:, t] = torch.where(done, pad_id, tok)
         logp[:, t] = torch.where(done, 0.0, lp)
         lengths += (~done).long()
-        done |= torch.isin(tok, stop)
+        done |= (tok[:, None] == stop).any(1)
         # one sync every 8 tokens to stop early when every row is finished (a step line of
         # search is 5-12 tokens, so it stops soon after its newline)
         if t == max_new_tokens - 1 or (t % 8 == 7 and bool(done.all())):

@@ -223,7 +223,8 @@ def star_iteration(prev, start_path, task, P, D, args, n, device):
     # seeds derive from the iteration alone, so a resumed run samples what it would have
     # 1-2. rationales from M(n-1), kept when the final answer checks out
     texts, n_tok = sample(prev, task, D, n=args.samples, temperature=args.temperature,
-                          batch_size=args.sample_batch_size, seed=seed_for(args.seed, "generate", n),
+                          batch_size=args.sample_batch_size,
+                          seed=seed_for(args.seed, "generate", n),
                           desc=f"iter {n}: generate")
     kept, solved = keep_verified(task, D, texts)
     n_generated = len(kept)

@@ -247,7 +247,8 @@ def build_data(task, args):
     that makes its own data (Quiet-STaR's text) gets none."""
     if args.n_train is None:
         return None, None, None
-    test = sample_problems(task, args.n_test, args.test_difficulty, seed=seed_for(args.seed, "test"))
+    test = sample_problems(task, args.n_test, args.test_difficulty,
+                           seed=seed_for(args.seed, "test"))
     held_out = frozenset(p.question for p in test)
     P = sample_problems(task, args.n_train, args.train_difficulty, seed=seed_for(args.seed, "P"),
                         exclude=held_out)

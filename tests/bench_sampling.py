@@ -8,8 +8,8 @@ are asserted identical token for token. Prints a table. Not collected by pytest 
   python tests/bench_sampling.py --preset gpu --batch-sizes 1 64 512
 
 The recompute baseline is model.generate_naive: the whole left-padded sequence through the
-model for every new token, what sampling costs without a cache. On a GPU the sampler runs under bf16 autocast and
-the recompute baseline too, so both see the same arithmetic.
+model for every new token, what sampling costs without a cache. On a GPU the sampler runs
+under bf16 autocast and the recompute baseline too, so both see the same arithmetic.
 """
 
 import argparse

@@ -201,9 +201,9 @@ def test_greedy_accuracy_equals_token_by_token_generation():
 
 @pytest.mark.slow
 def test_run_resumes_after_an_interruption(tmp_path, monkeypatch):
-    small = ["--method", "quiet_star", "--base-steps", "3", "--think-steps", "4", "--eval-every", "2",
-             "--n-test", "6", "--seq-len", "24", "--thought-len", "2", "--batch-size", "2",
-             "--train-difficulty", "1", "--test-difficulty", "1"]
+    small = ["--method", "quiet_star", "--base-steps", "3", "--think-steps", "4",
+             "--eval-every", "2", "--n-test", "6", "--seq-len", "24", "--thought-len", "2",
+             "--batch-size", "2", "--train-difficulty", "1", "--test-difficulty", "1"]
     whole = str(tmp_path / "whole")
     train.main(small + ["--out", whole])
     rows = read_jsonl(os.path.join(whole, "metrics.jsonl"))
