@@ -410,6 +410,7 @@ def generate_naive(model, prompts, max_new_tokens, stop_tokens, pad_id, temperat
     idx, pos, valid = left_pad(rows, pad_id, device)
     B, V = len(rows), model.config.vocab_size
     u = noise(B, max_new_tokens, V, temperature, generator, seeds, device)
+    stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
     tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     logp = torch.zeros(B, max_new_tokens, device=device)
     lengths = torch.zeros(B, dtype=torch.long, device=device)
@@ -421,7 +422,7 @@ def generate_naive(model, prompts, max_new_tokens, stop_tokens, pad_id, temperat
         tokens[:, t] = torch.where(done, pad_id, tok)
         logp[:, t] = torch.where(done, 0.0, F.log_softmax(logits, -1)[torch.arange(B), tok])
         lengths += (~done).long()
-        done |= torch.isin(tok, torch.tensor(list(stop_tokens), dtype=torch.long, device=device))
+        done |= (tok[:, None] == stop).any(1)
         if bool(done.all()):
             break
         idx = torch.cat([idx, tok[:, None]], 1)

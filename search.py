@@ -94,10 +94,8 @@ def continue_prefixes(model, prefixes, copies, max_new, stop, temperature, gener
     or max_new tokens; returned as token lists, prefix 0's copies first. model.generate encodes
     each prefix once and copies its cache rows to its continuations, so beam search's refill,
     MCTS's expansion, Math-Shepherd's rollouts and best-of-N's shared prompt are cheap."""
-    keep = [(p, c) for p, c in zip(prefixes, copies) if c > 0]
-    if not keep:
+    if not prefixes:
         return []
-    prefixes, copies = [p for p, _ in keep], [c for _, c in keep]
     max_new = min(max_new, model.config.block_size - max(map(len, prefixes)))
     if max_new < 1:
         raise ValueError(f"a prefix of {max(map(len, prefixes))} tokens leaves no room in the "
@@ -448,9 +446,10 @@ def pool_rows(model, task, test, scorers, budgets, args, generator, t0):
         w = value[scorer] if scorer else [None] * len(test)
         return [sum(f(*x, k) for x in zip(answers, right, w)) / len(test) for k in ks]
 
-    def majority(a, r, w, k):  # the answers of right samples are the right answers
-        return vstar.majority_at_k(a, {x for x, ok in zip(a, r) if ok}, k)
-    acc = {("majority vote", "-"): curve(majority),
+    rights = [vstar.right_answers(a, r) for a, r in zip(answers, right)]
+    majority = [sum(vstar.majority_at_k(a, s, k) for a, s in zip(answers, rights)) / len(test)
+                for k in ks]  # exact over every k-subset
+    acc = {("majority vote", "-"): majority,
            ("weighted vote", "DPO"): curve(
                lambda a, r, w, k: weighted_vote_accuracy(a, r, k, w, rng), "DPO"),
            ("best-of-N", "DPO"): curve(lambda a, r, w, k: vstar.best_of_k(w, r, k), "DPO"),

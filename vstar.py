@@ -103,6 +103,11 @@ def majority_at_k(answers, right_answers, k):
     return sum(_majority_credit(answers, a, k) for a in set(right_answers) if a is not None)
 
 
+def right_answers(answers, right):
+    """The answers that count as right in one problem's pool: those of its right samples."""
+    return {a for a, ok in zip(answers, right) if ok}
+
+
 def _majority_credit(answers, right_answer, k):
     """majority_at_k for one answer, over all k-subsets by dynamic programming over answer
     groups: for every j (votes for right_answer), count the ways the other groups stay below j,
@@ -255,11 +260,12 @@ def curves(right, answers, verifier_scores, ks):
     right[i], answers[i]: each sample's label and canonical answer for problem i."""
     res = {"k": ks, "pass@k": [], "majority@k": []}
     res.update({f"best-of-k {name}": [] for name in verifier_scores})
+    rights = [right_answers(a, r) for a, r in zip(answers, right)]
     for k in ks:
         row = {key: 0.0 for key in res if key != "k"}
         for i, (r, a) in enumerate(zip(right, answers)):
             row["pass@k"] += pass_at_k(len(r), sum(r), k)
-            row["majority@k"] += majority_at_k(a, {x for x, ok in zip(a, r) if ok}, k)
+            row["majority@k"] += majority_at_k(a, rights[i], k)
             for name, s in verifier_scores.items():
                 row[f"best-of-k {name}"] += best_of_k(s[i], r, k)
         for key in row:
