@@ -33,6 +33,7 @@ Departures from GPT-2, on purpose:
 2. No dropout: the models are small and the data is generated afresh, so it is left out.
 """
 
+import functools
 import hashlib
 import json
 import math
@@ -80,32 +81,41 @@ def get_config(preset, **overrides):
 class KVCache:
     """Keys and values of every layer for a batch, preallocated and written in place.
 
-    `pos` counts the columns already written. A forward pass with the cache writes its T new
-    tokens at columns [pos, pos + T) of every layer, attends over columns [0, pos + T), and then
+    k[layer] and v[layer] are (B, n_head, max_len, head_size), one tensor per layer (a compiled
+    step that writes into a slice of one big tensor copies all of it back every step). `pos`
+    counts the columns already written. A forward pass with the cache writes its T new tokens
+    at columns [pos, pos + T) of every layer, attends over columns [0, pos + T), and then
     advances pos by T. All rows share the column index: ragged prompts are left-padded so that
     they end together, and each row's real position ids are passed separately.
+    The compiled decode step instead sets `col`, a (1,) tensor holding the column of its one new
+    token, and attends over all max_len columns under a mask: the same shapes at every step,
+    so that it is traced once (see decode_step).
     """
 
     def __init__(self, config, batch_size, max_len, device, dtype=torch.float32):
-        hs = config.n_embd // config.n_head
-        shape = (config.n_layer, batch_size, config.n_head, max_len, hs)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch_size, config.n_head, max_len, config.n_embd // config.n_head)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.pos = 0
+        self.col = None
 
     def update(self, layer, k, v):
-        T = k.size(2)
-        end = self.pos + T
-        if end > self.k.size(3):
-            raise ValueError(f"KV cache overflow: need {end} columns, have {self.k.size(3)}")
-        self.k[layer, :, :, self.pos:end] = k
-        self.v[layer, :, :, self.pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        K, V = self.k[layer], self.v[layer]
+        if self.col is not None:  # fixed shapes: write one column, return all of them (masked)
+            K.index_copy_(2, self.col, k)
+            V.index_copy_(2, self.col, v)
+            return K, V
+        end = self.pos + k.size(2)
+        if end > K.size(2):
+            raise ValueError(f"KV cache overflow: need {end} columns, have {K.size(2)}")
+        K[:, :, self.pos:end] = k
+        V[:, :, self.pos:end] = v
+        return K[:, :, :end], V[:, :, :end]
 
     def repeat_rows(self, repeats):
         """Row b becomes repeats[b] consecutive rows: a prompt encoded once serves its copies."""
-        self.k = self.k.repeat_interleave(repeats, dim=1)  # (L, B', nh, max_len, hs)
-        self.v = self.v.repeat_interleave(repeats, dim=1)
+        self.k = [x.repeat_interleave(repeats, dim=0) for x in self.k]  # (B', nh, max_len, hs)
+        self.v = [x.repeat_interleave(repeats, dim=0) for x in self.v]
 
 
 # -----------------------------------------------------------------------------
@@ -330,9 +340,28 @@ def _expand(prompts, copies):
     return list(copies)
 
 
+def decode_step(model, tok, pos, mask, cache):
+    """Logits (B, V) of the next token after one new token per row, tok (B, 1) at position ids
+    pos (B, 1), with a fixed-shape cache: the new keys and values go to column cache.col and
+    the mask (B, 1, 1, max_len) hides the columns not yet written. Every call has the same
+    shapes, so torch.compile traces it once (compiled_decode_step); what GPT.forward does for
+    one token, without its Python-side position bookkeeping."""
+    x = model.transformer.wte(tok) + model.transformer.wpe(pos)
+    for layer, block in enumerate(model.transformer.h):
+        x = block(x, mask, cache, layer)
+    return model.lm_head(model.transformer.ln_f(x))[:, -1]
+
+
+@functools.cache
+def compiled_decode_step(device_type):
+    """decode_step through torch.compile; on CUDA with mode="reduce-overhead", which captures it
+    as a CUDA graph: one launch per token instead of a few dozen small kernels."""
+    return torch.compile(decode_step, mode="reduce-overhead" if device_type == "cuda" else None)
+
+
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens, stop_tokens, pad_id, temperature=1.0, top_k=None,
-             generator=None, banned_tokens=(), seeds=None, copies=None):
+             generator=None, banned_tokens=(), seeds=None, copies=None, compiled=False):
     """Sample continuations of a batch of ragged prompts with the KV cache.
 
     prompts: list of U token lists (any lengths). copies: how many continuations of each
@@ -344,6 +373,8 @@ def generate(model, prompts, max_new_tokens, stop_tokens, pad_id, temperature=1.
     generator: a torch.Generator for the batch's noise; or seeds: one int per output row, each
     row's noise then comes from its own generator (its sample is then the same whatever batch or
     process it lands in: star.sample and torchrun rely on it).
+    compiled: decode through compiled_decode_step (off by default; the first call of each new
+    batch shape compiles, which takes seconds to a minute). The same tokens as the eager loop.
     Returns (tokens, logp, lengths):
       tokens (B, max_new_tokens) long, pad_id after each row's stop;
       logp (B, max_new_tokens) float, the model's log-prob of each sampled token at temperature 1
@@ -376,6 +407,13 @@ def generate(model, prompts, max_new_tokens, stop_tokens, pad_id, temperature=1.
     done = torch.zeros(B, dtype=torch.bool, device=device)
     lengths = torch.zeros(B, dtype=torch.long, device=device)
     next_pos = pos[:, -1] + 1  # (B,) position id of each row's next token
+    if compiled:  # from here on, the new token of step t is written at column T0 + t
+        step = compiled_decode_step(device.type)
+        cache.col = torch.tensor([T0], device=device)
+        columns = torch.arange(T0 + max_new_tokens, device=device)
+        if device.type == "cuda":  # a CUDA graph reads these at fixed addresses
+            for x in cache.k + cache.v + [cache.col]:
+                torch._dynamo.mark_static_address(x)
     for t in range(max_new_tokens):
         logits = logits.float()
         if len(banned):
@@ -391,9 +429,13 @@ def generate(model, prompts, max_new_tokens, stop_tokens, pad_id, temperature=1.
         # search is 5-12 tokens, so it stops soon after its newline)
         if t == max_new_tokens - 1 or (t % 8 == 7 and bool(done.all())):
             break
-        # the new token is the last column, so it may see every real column before it
-        mask = valid[:, None, None, :T0 + t + 1] if ragged else None  # (B, 1, 1, Tk)
-        logits = model(tok[:, None], pos=next_pos[:, None], mask=mask, cache=cache)[:, -1]
+        if compiled:  # every column of the cache, those not yet written hidden
+            cache.col.fill_(T0 + t)
+            mask = (valid & (columns <= T0 + t))[:, None, None, :]  # (B, 1, 1, max_len)
+            logits = step(model, tok[:, None], next_pos[:, None], mask, cache)
+        else:  # the new token is the last column, so it may see every real column before it
+            mask = valid[:, None, None, :T0 + t + 1] if ragged else None  # (B, 1, 1, Tk)
+            logits = model(tok[:, None], pos=next_pos[:, None], mask=mask, cache=cache)[:, -1]
         next_pos = next_pos + 1
     return tokens, logp, lengths
 

@@ -30,8 +30,8 @@ Deliberate departures:
    vstar.majority_at_k), the weighted vote by Monte Carlo over random N-subsets (no exact count
    is known for it); the cost of N samples is N times the pool's mean tokens per sample (its
    exact expectation).
-3. The PRM's score of a prefix is its minimum step score too (search-and-learn uses the last
-   step's); it learns from the generator's samples of P+D, with --rollouts per step prefix
+3. The PRM scores a finished solution by its minimum step score (Math-Shepherd) and a prefix by
+   its last step's (search-and-learn); it learns from the generator's samples of P+D, with --rollouts per step prefix
    (4 on a CPU; Math-Shepherd: 8), distinct prefixes rolled out once. The DPO verifier learns
    from the same samples plus P's gold solutions (as V-STaR), and scores a prefix too, by the
    mean log-probability of its steps.
@@ -150,13 +150,14 @@ def oracle_scorer(task):
     return score
 
 
-def dpo_scorer(dpo, task):
-    """V-STaR's DPO verifier (vstar.train_dpo) as a scorer: exp(mean log V(y|x)) over the
-    tokens of a finished solution, or of a prefix's steps so far (a per-token geometric mean
-    probability, in (0, 1], so it can weight a vote)."""
+def logprob_scorer(model, task):
+    """A language model as a scorer: exp(mean log p(y|x)) over the tokens of a finished
+    solution, or of a prefix's steps so far (a per-token geometric mean probability, in (0, 1],
+    so it can weight a vote). With V-STaR's DPO verifier (vstar.train_dpo) this is V-STaR's
+    score; with the generator itself, its own confidence: the baseline a verifier must beat."""
     def score(items):
         comps = [encode(t) + ([EOT] if fin else []) for _, t, fin in items]
-        logp = vstar.scores(dpo, [encode(task.prompt(p)) for p, _, _ in items], comps, "dpo")
+        logp = vstar.scores(model, [encode(task.prompt(p)) for p, _, _ in items], comps, "dpo")
         return [math.exp(lp / max(1, len(c))) for lp, c in zip(logp, comps)]
     return score
 
@@ -169,7 +170,9 @@ def step_reads(completion):
 
 def prm_scorer(prm, task, batch_size=256):
     """Math-Shepherd's solution score: the minimum over steps of the PRM's P(step leads to a
-    right answer); a prefix's score is the minimum over its steps so far."""
+    right answer). A prefix's score is its last step's, as search-and-learn scores the beams:
+    under the minimum, sibling prefixes whose new steps score above their shared parent's
+    minimum would all tie, and beam search would keep whichever was sampled first."""
     @torch.no_grad()
     def score(items):
         scores = []
@@ -179,7 +182,11 @@ def prm_scorer(prm, task, batch_size=256):
             with autocast(str(prm.head.weight.device)):
                 logits, mask = prm([encode(task.prompt(p)) for p, _, _ in chunk], comps,
                                    [step_reads(c) for c in comps])
-            scores += torch.sigmoid(logits.float()).masked_fill(~mask, 1.0).min(1).values.tolist()
+            p = torch.sigmoid(logits.float())  # (B, reads)
+            last = p.gather(1, (mask.sum(1, keepdim=True) - 1).clamp(min=0)).squeeze(1)
+            lowest = p.masked_fill(~mask, 1.0).min(1).values
+            scores += [(lo if fin else la) for lo, la, (_, _, fin) in
+                       zip(lowest.tolist(), last.tolist(), chunk)]
         return scores
     return score
 
@@ -438,7 +445,7 @@ def pool_rows(model, task, test, scorers, budgets, args, generator, t0):
     right = [[task.check(p, t) for t in ts] for p, ts in zip(test, texts)]
     answers = [[task.extract_answer(t) for t in ts] for ts in texts]
     flat = [(p, t, True) for p, ts in zip(test, texts) for t in ts]
-    value = {name: scorers[name](flat) for name in ("DPO", "PRM")}
+    value = {name: scorers[name](flat) for name in ("DPO", "PRM", "generator")}
     value = {name: [v[i * n:(i + 1) * n] for i in range(len(test))] for name, v in value.items()}
     ks, rng = [k for k in budgets if k <= n], random.Random(seed_for(args.seed, "weighted vote"))
 
@@ -454,12 +461,16 @@ def pool_rows(model, task, test, scorers, budgets, args, generator, t0):
                lambda a, r, w, k: weighted_vote_accuracy(a, r, k, w, rng), "DPO"),
            ("best-of-N", "DPO"): curve(lambda a, r, w, k: vstar.best_of_k(w, r, k), "DPO"),
            ("best-of-N", "PRM"): curve(lambda a, r, w, k: vstar.best_of_k(w, r, k), "PRM"),
+           ("best-of-N", "generator"): curve(lambda a, r, w, k: vstar.best_of_k(w, r, k),
+                                             "generator"),
            ("pass@N", "oracle"): curve(lambda a, r, w, k: vstar.pass_at_k(n, sum(r), k))}
     # N samples cost N times the mean sample; the prompt is encoded once per problem
     per_sample = cost.sampled / (n * len(test))
     prompt = cost.prompt / len(test)
-    quality = {"kind": "scorer quality", "stage": "pool", **{  # held-out, on the pool
-        f"pair_acc {name}": vstar.pair_accuracy(right, value[name]) for name in value}}
+    pairs = {name: vstar.pair_accuracy(right, value[name]) for name in value}
+    quality = {"kind": "scorer quality", "stage": "pool",  # held-out, on the pool
+               **{f"pair_acc {name}": acc for name, (acc, _) in pairs.items()},
+               **{f"pair_ties {name}": ties for name, (_, ties) in pairs.items()}}
     return [quality] + [method_row("pool", m, s, ks, a, [k * per_sample for k in ks],
                                    [prompt] * len(ks), t0) for (m, s), a in acc.items()]
 
@@ -522,7 +533,8 @@ def run(args, task, P, D, test, out, device, new_model):
     prm = ScalarHead(gpt).to(device).eval()
     prm.head.load_state_dict(ckpt["extra"]["head"])
     scorers = {"oracle": oracle_scorer(task), "PRM": prm_scorer(prm, task),
-               "DPO": dpo_scorer(load_checkpoint(dpo_path, device)[0].eval(), task)}
+               "DPO": logprob_scorer(load_checkpoint(dpo_path, device)[0].eval(), task),
+               "generator": logprob_scorer(model, task)}
 
     def generator_for(*stage):  # a stage's own seed, so a resumed run samples what it would have
         return torch.Generator(device=device).manual_seed(seed_for(args.seed, *stage))
@@ -531,7 +543,7 @@ def run(args, task, P, D, test, out, device, new_model):
         t0 = time.time()
         append_jsonl(metrics, *pool_rows(model, task, test, scorers, budgets, args,
                                          generator_for("pool"), t0))
-    for name in ("DPO", "PRM", "oracle"):
+    for name in ("DPO", "PRM", "generator", "oracle"):
         stage = f"beam {name}"
         if stage not in done:
             t0, acc, sampled, prompt = time.time(), [], [], []
@@ -578,8 +590,9 @@ def report(args, rows):
              f"learned scorers trained on {lab['samples']} samples of P+D "
              f"({lab['samples_right']:.3f} right); Math-Shepherd rollouts: "
              f"{lab['rollout_tokens']} tokens" if lab else "",
-             "held-out pair accuracy: " + ", ".join(f"{k[9:]} {v:.3f}" for k, v in quality.items()
-                                                    if k.startswith("pair_acc")), "",
+             "held-out pair accuracy (ties count 1/2; share tied): " + ", ".join(
+                 f"{k[9:]} {v:.3f} ({quality.get('pair_ties ' + k[9:], float('nan')):.0%})"
+                 for k, v in quality.items() if k.startswith("pair_acc")), "",
              "accuracy (generated tokens per problem) at budget N; oracle rows are upper bounds "
              "guided by the ground truth", "",
              "| method | scorer | " + " | ".join(f"N={b}" for b in budgets) + " |",
@@ -594,7 +607,8 @@ def report(args, rows):
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(8.5, 5))
     names = list(dict.fromkeys(r["method"] for r in methods))  # a colour per method
-    style = {"oracle": ("--", "s"), "PRM": ("-.", "^"), "DPO": ("-", "o"), "-": ("-", "o")}
+    style = {"oracle": ("--", "s"), "PRM": ("-.", "^"), "DPO": ("-", "o"), "generator": (":", "x"),
+             "-": ("-", "o")}
     for r in methods:
         ls, marker = style.get(r["scorer"], ("-", "o"))
         ax.plot(r["tokens"], r["accuracy"], ls=ls, marker=marker,

@@ -36,6 +36,7 @@ import random
 import time
 from itertools import product
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -166,6 +167,31 @@ def orm_reads(completion):
     return [len(completion) - 1]
 
 
+# GenRM (Zhang et al. 2024): verification as next-token prediction. After a candidate solution
+# comes a fixed question, and the verifier's score is p(Yes) as the next token. In this
+# character tokenizer the verdicts are the one-character tokens "Y" and "N".
+GENRM_QUESTION = "\nIs the answer correct? "
+YES, NO = encode("Y")[0], encode("N")[0]
+
+
+def genrm_input(prompt, completion):
+    """What GenRM reads before its verdict: the problem, the solution (without its
+    end-of-text) and the question."""
+    body = completion[:-1] if completion and completion[-1] == EOT else completion
+    return prompt + body + encode(GENRM_QUESTION)
+
+
+def train_genrm(sft_path, labelled, args, device):
+    """GenRM: G_SFT fine-tuned with the next-token loss on the verdict of every labelled sample
+    ("Y" after a right one, "N" after a wrong one), the same samples as DPO's and the ORM's,
+    at the generator's SFT learning rate."""
+    model = load_checkpoint(sft_path, device)[0]
+    examples = [(genrm_input(p, c), [YES if ok else NO]) for p, c, ok in labelled]
+    star.finetune(model, examples, args.verifier_steps, args.lr,
+                  2 * args.batch_size, seed=seed_for(args.seed, "genrm"), desc="GenRM verifier")
+    return model.eval()
+
+
 def pairs_of(labelled):
     """(prompt, right completion, wrong completion) for every right x wrong pair of a problem."""
     by_prompt = {}
@@ -221,13 +247,18 @@ def train_orm(sft_path, labelled, args, device):
 @torch.no_grad()
 def scores(verifier, prompts, completions, kind, batch_size=256):
     """Verifier scores: 'dpo' = log V(y|x) summed, 'dpo-mean' = per completion token, 'orm' =
-    the head's logit. Under torchrun each process scores every world-th batch."""
+    the head's logit, 'genrm' = p(Yes). Under torchrun each process scores every world-th
+    batch."""
     rank, world = rank_world()
     mine = {}
     for i in range(rank * batch_size, len(prompts), world * batch_size):
         p, c = prompts[i:i + batch_size], completions[i:i + batch_size]
         if kind == "orm":
             mine[i] = verifier(p, c, [orm_reads(x) for x in c])[0][:, 0].float().tolist()
+        elif kind == "genrm":  # p(Yes)
+            inputs = [genrm_input(a, b) for a, b in zip(p, c)]
+            s = sequence_logprobs(verifier, inputs, [[YES]] * len(inputs), PAD)
+            mine[i] = s.float().exp().tolist()
         else:
             s = sequence_logprobs(verifier, p, c, PAD).float()
             if kind == "dpo-mean":
@@ -255,33 +286,55 @@ def load_labelled(path):
     return [(r["prompt"], r["completion"], r["right"]) for r in read_jsonl(path)]
 
 
-def curves(right, answers, verifier_scores, ks):
-    """Mean over problems of pass@k, best-of-k per verifier, majority@k, for each k.
+def per_problem(right, answers, verifier_scores, k):
+    """Each problem's pass@k, majority@k and best-of-k per verifier, at one k.
     right[i], answers[i]: each sample's label and canonical answer for problem i."""
-    res = {"k": ks, "pass@k": [], "majority@k": []}
-    res.update({f"best-of-k {name}": [] for name in verifier_scores})
-    rights = [right_answers(a, r) for a, r in zip(answers, right)]
+    rows = {"pass@k": [], "majority@k": []}
+    rows.update({f"best-of-k {name}": [] for name in verifier_scores})
+    for i, (r, a) in enumerate(zip(right, answers)):
+        rows["pass@k"].append(pass_at_k(len(r), sum(r), k))
+        rows["majority@k"].append(majority_at_k(a, right_answers(a, r), k))
+        for name, s in verifier_scores.items():
+            rows[f"best-of-k {name}"].append(best_of_k(s[i], r, k))
+    return rows
+
+
+def curves(right, answers, verifier_scores, ks):
+    """Mean over problems of pass@k, majority@k and best-of-k per verifier, for each k; and at
+    the largest k, the 95% bootstrap interval of each, and of each one's lead over majority."""
+    res = {"k": ks}
     for k in ks:
-        row = {key: 0.0 for key in res if key != "k"}
-        for i, (r, a) in enumerate(zip(right, answers)):
-            row["pass@k"] += pass_at_k(len(r), sum(r), k)
-            row["majority@k"] += majority_at_k(a, rights[i], k)
-            for name, s in verifier_scores.items():
-                row[f"best-of-k {name}"] += best_of_k(s[i], r, k)
-        for key in row:
-            res[key].append(row[key] / len(right))
+        rows = per_problem(right, answers, verifier_scores, k)
+        for key, values in rows.items():
+            res.setdefault(key, []).append(sum(values) / len(values))
+    res["ci"] = {key: bootstrap_ci(v) for key, v in rows.items()}
+    res["lead over majority ci"] = {
+        key: bootstrap_ci([x - y for x, y in zip(v, rows["majority@k"])])
+        for key, v in rows.items() if key.startswith("best-of")}
     return res
 
 
 def pair_accuracy(right, s):
-    """Share of held-out (right, wrong) pairs of the same problem the verifier ranks right."""
-    good = total = 0
+    """(share of held-out (right, wrong) pairs of the same problem that the scores rank right,
+    share of pairs they tie). A tie counts 1/2, what picking one of the two at random scores:
+    a constant score ranks pairs at exactly 0.5."""
+    good = ties = total = 0
     for r, sc in zip(right, s):
         for a, b in product(range(len(r)), repeat=2):
             if r[a] and not r[b]:
                 total += 1
-                good += sc[a] > sc[b]
-    return good / total if total else float("nan")
+                ties += sc[a] == sc[b]
+                good += (sc[a] > sc[b]) + 0.5 * (sc[a] == sc[b])
+    return (good / total, ties / total) if total else (float("nan"), float("nan"))
+
+
+def bootstrap_ci(values, reps=2000, seed=0):
+    """95% percentile-bootstrap interval of the mean of per-problem values, resampling problems;
+    for a difference between two methods, pass the per-problem differences."""
+    values = np.asarray(values, dtype=float)
+    idx = np.random.default_rng(seed).integers(0, len(values), (reps, len(values)))
+    lo, hi = np.percentile(values[idx].mean(1), [2.5, 97.5])
+    return float(lo), float(hi)
 
 
 def run(args, task, P, D, test, out, device, new_model):
@@ -338,6 +391,7 @@ def run(args, task, P, D, test, out, device, new_model):
         [x for n in range(1, args.iterations + 1) for x in load_labelled(lab_path(n))]
     dpo, n_pairs = train_dpo(generator_path(0), d_ver, args, device)
     orm = train_orm(generator_path(0), d_ver, args, device)
+    genrm = train_genrm(generator_path(0), d_ver, args, device)
     save_checkpoint(os.path.join(out, "verifier_dpo.pt"), dpo, TOKENIZER)
 
     # test time: n samples per held-out problem from the final generator, drawn once
@@ -349,9 +403,17 @@ def run(args, task, P, D, test, out, device, new_model):
     prompts = [encode(task.prompt(p)) for p, ts in zip(test, texts) for _ in ts]
     comps = [encode(t) + [EOT] for ts in texts for t in ts]
     flat_sum = scores(dpo, prompts, comps, "dpo")
-    flat = {"dpo": flat_sum,  # "dpo-mean" as scores() defines it, without a second pass:
-            "dpo-mean": [s / len(c) for s, c in zip(flat_sum, comps)],
-            "orm": scores(orm, prompts, comps, "orm")}
+    ref_sum = scores(load_checkpoint(generator_path(0), device)[0].eval(), prompts, comps, "dpo")
+    flat = {"dpo": flat_sum,  # the paper's score, log V(y|x)
+            "dpo-mean": [s / len(c) for s, c in zip(flat_sum, comps)],  # per completion token
+            "dpo-reward": [s - r for s, r in zip(flat_sum, ref_sum)],  # DPO's implicit reward
+            "orm": scores(orm, prompts, comps, "orm"),
+            "genrm": scores(genrm, prompts, comps, "genrm"),
+            # the baselines a learned verifier must beat: the generator's own confidence (its
+            # mean token log-prob), the shortest solution first, and no preference at all
+            "generator": scores(generator, prompts, comps, "dpo-mean"),
+            "length": [-len(c) for c in comps],
+            "random": [0.0] * len(comps)}
     n = args.eval_samples
     verifier_scores = {name: [f[i * n:(i + 1) * n] for i in range(len(test))]
                        for name, f in flat.items()}
@@ -361,9 +423,11 @@ def run(args, task, P, D, test, out, device, new_model):
     ks = [2 ** i for i in range(int(math.log2(n)) + 1)]
     res = curves(right, answers, verifier_scores, ks)
     greedy = [r for r in read_jsonl(metrics) if r.get("kind") == "iteration"][-1]["accuracy"]
+    pairs = {name: pair_accuracy(right, s) for name, s in verifier_scores.items()}
     row = {"kind": "eval", "greedy": greedy, "n": args.eval_samples, "pairs": n_pairs,
            "d_ver": len(d_ver), **res,
-           **{f"pair_acc {name}": pair_accuracy(right, s) for name, s in verifier_scores.items()},
+           **{f"pair_acc {name}": acc for name, (acc, _) in pairs.items()},
+           **{f"pair_ties {name}": ties for name, (_, ties) in pairs.items()},
            "wall_s": round(time.time() - t0, 1)}
     append_jsonl(metrics, row)
 
@@ -381,19 +445,31 @@ def report(args, rows):
     ev = next((r for r in rows if r.get("kind") == "eval"), None)
     if ev is None:
         return "\n".join(lines)
-    keys = [k for k in ev if k.startswith("pass@") or k.startswith("best-of") or k == "majority@k"]
+    keys = [k for k in ev["ci"]]
     lines += ["", "| k | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for i, k in enumerate(ev["k"]):
         lines.append(f"| {k} | " + " | ".join(f"{ev[key][i]:.3f}" for key in keys) + " |")
-    lines += ["", f"greedy {ev['greedy']:.3f}; held-out pair accuracy: " +
-              ", ".join(f"{k[9:]} {ev[k]:.3f}" for k in ev if k.startswith("pair_acc")) +
-              f"; {ev['pairs']} training pairs from {ev['d_ver']} labelled samples"]
+    lines.append("| 95% CI | " + " | ".join("{:.3f}-{:.3f}".format(*ev["ci"][key])
+                                             for key in keys) + " |")
+    n = ev["k"][-1]
+    lines += ["", f"| at k = {n} | accuracy | lead over majority@{n} (95% CI) | "
+              "gap pass@1 -> pass@k closed | held-out pair accuracy (ties) |", "|---|---|---|---|---|"]
+    gap = ev["pass@k"][-1] - ev["pass@k"][0]
+    for key, (lo, hi) in ev["lead over majority ci"].items():
+        name = key[len("best-of-k "):]
+        closed = (ev[key][-1] - ev["pass@k"][0]) / gap if gap > 0 else float("nan")
+        lines.append(f"| {name} | {ev[key][-1]:.3f} | {ev[key][-1] - ev['majority@k'][-1]:+.3f} "
+                     f"({lo:+.3f} to {hi:+.3f}) | {closed:.0%} | {ev['pair_acc ' + name]:.3f} "
+                     f"({ev['pair_ties ' + name]:.0%}) |")
+    lines += ["", f"greedy {ev['greedy']:.3f}; {ev['pairs']} training pairs from "
+              f"{ev['d_ver']} labelled samples"]
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for key in keys:
-        ax.plot(ev["k"], ev[key], marker="o", label=key, ls="--" if key == "pass@k" else "-")
+        if key not in ("best-of-k length", "best-of-k random", "best-of-k dpo-mean"):
+            ax.plot(ev["k"], ev[key], marker="o", label=key, ls="--" if key == "pass@k" else "-")
     ax.axhline(ev["greedy"], color="gray", ls=":", label="greedy")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("k (samples per problem)")

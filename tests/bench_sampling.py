@@ -1,19 +1,31 @@
 """
-Benchmark: new tokens per second of batched greedy sampling, KV cache against full recompute.
+Benchmark: new tokens per second of batched greedy sampling: the KV-cache decode loop, eager and
+compiled, against full recompute; and, when asked, the wall time of each method's default run.
 
-Same model, same prompts (32 tokens), greedy, 128 new tokens, no early stop; the two outputs
-are asserted identical token for token. Prints a table. Not collected by pytest (no test_ prefix).
+Same model, same prompts (32 tokens), greedy, 128 new tokens, no early stop; the outputs are
+asserted identical token for token. Prints a table. Not collected by pytest (no test_ prefix).
 
   python tests/bench_sampling.py                      # preset gpu on cuda, tiny elsewhere
   python tests/bench_sampling.py --preset gpu --batch-sizes 1 64 512
+  python tests/bench_sampling.py --preset gpu --methods sft star vstar search quiet_star
+  git worktree add /tmp/before HEAD~1 && python tests/bench_sampling.py --against /tmp/before
 
 The recompute baseline is model.generate_naive: the whole left-padded sequence through the
-model for every new token, what sampling costs without a cache. On a GPU the sampler runs
-under bf16 autocast and the recompute baseline too, so both see the same arithmetic.
+model for every new token, what sampling costs without a cache. "compiled" is generate's
+compiled=True (model.compiled_decode_step: torch.compile, a CUDA graph on a GPU); its compile
+time is excluded from the rate and printed beside it. Eager and compiled run 3 times each,
+alternating, and the medians are reported; the recompute baseline runs once. On a GPU every sampler runs under bf16
+autocast, so all see the same arithmetic. --methods runs `python train.py --method M --preset P`
+for each M in turn (output under runs/bench/) and prints its wall time. --against DIR times the
+eager sampler of DIR/model.py (another checkout) against this one's, in one process, alternating
+8 times on the same weights and prompts: an A/B that a noisy machine cannot bias.
 """
 
 import argparse
+import importlib.util
 import os
+import statistics
+import subprocess
 import sys
 import time
 
@@ -36,6 +48,33 @@ def timed(fn, device):
     return result, time.perf_counter() - t0
 
 
+def against(other_dir, preset, batch_sizes, prompt_len, new_tokens, device):
+    """Median new tokens/s of this generate and of other_dir/model.py's, alternating."""
+    spec = importlib.util.spec_from_file_location("other_model",
+                                                  os.path.join(other_dir, "model.py"))
+    other = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(other)
+    torch.manual_seed(0)
+    ours = GPT(get_config(preset, block_size=prompt_len + new_tokens)).to(device).eval()
+    theirs = other.GPT(other.get_config(preset, block_size=prompt_len + new_tokens))
+    theirs.load_state_dict(ours.state_dict())
+    theirs = theirs.to(device).eval()
+    print(f"| batch | {other_dir} tok/s | this tree tok/s | this / that |\n|---|---|---|---|")
+    for B in batch_sizes:
+        prompts = torch.randint(0, 96, (B, prompt_len),
+                                generator=torch.Generator().manual_seed(B)).tolist()
+        runs = [("that", other.generate, theirs), ("this", generate, ours)]
+        times = {"that": [], "this": []}
+        for rep in range(8):
+            for name, gen, model in runs if rep % 2 else runs[::-1]:
+                with autocast(device):
+                    times[name].append(timed(lambda: gen(model, prompts, new_tokens, (), PAD,
+                                                         temperature=0), device)[1])
+        that, this = statistics.median(times["that"]), statistics.median(times["this"])
+        n = B * new_tokens
+        print(f"| {B} | {n / that:,.0f} | {n / this:,.0f} | {that / this:.2f}x |", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     ap.add_argument("--preset", default=None, choices=list(PRESETS),
@@ -44,9 +83,17 @@ def main():
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--device", default=autodetect_device())
+    ap.add_argument("--no-compile", action="store_true", help="skip the compiled decode step")
+    ap.add_argument("--methods", nargs="*", default=[],
+                    help="also time these methods' default runs with this preset")
+    ap.add_argument("--against", metavar="DIR",
+                    help="A/B the eager sampler against DIR/model.py (another checkout)")
     args = ap.parse_args()
     device = args.device
     preset = args.preset or ("gpu" if device == "cuda" else "tiny")
+    if args.against:
+        return against(args.against, preset, args.batch_sizes, args.prompt_len,
+                       args.new_tokens, device)
     torch.manual_seed(0)
     model = GPT(get_config(preset, block_size=args.prompt_len + args.new_tokens)).to(device)
     with torch.no_grad():  # larger weights than GPT-2's init: logits far apart, no argmax ties
@@ -54,25 +101,53 @@ def main():
             if p.dim() >= 2:
                 p.normal_(0, 0.1)
     model.eval()
-    print(f"device {device} | preset {preset} ({model.num_params() / 1e6:.2f}M params) | "
-          f"prompt {args.prompt_len} | new tokens {args.new_tokens} | greedy")
-    print("| batch | KV cache tok/s | recompute tok/s | speed-up | identical |")
-    print("|---|---|---|---|---|")
+    name = torch.cuda.get_device_name() if device == "cuda" else device
+    print(f"device {name} | preset {preset} ({model.num_params() / 1e6:.2f}M params) | "
+          f"prompt {args.prompt_len} | new tokens {args.new_tokens} | greedy | "
+          f"torch {torch.__version__}")
+    print("| batch | eager tok/s | compiled tok/s (compile s) | recompute tok/s | "
+          "compiled / eager | eager / recompute | identical |")
+    print("|---|---|---|---|---|---|---|")
     for B in args.batch_sizes:
         g = torch.Generator().manual_seed(B)
         prompts = torch.randint(0, 96, (B, args.prompt_len), generator=g).tolist()
+
+        def run(sampler=generate, **kw):
+            return timed(lambda: sampler(model, prompts, args.new_tokens, (), PAD,
+                                         temperature=0, **kw)[0], device)
         with autocast(device):
             generate(model, prompts[:2], 4, (), PAD, temperature=0)  # warm-up
-            (fast, _, _), t_fast = timed(lambda: generate(
-                model, prompts, args.new_tokens, (), PAD, temperature=0), device)
-            (slow, _, _), t_slow = timed(lambda: generate_naive(
-                model, prompts, args.new_tokens, (), PAD, temperature=0), device)
-        same = torch.equal(fast, slow)
+            outputs, t_fast, t_comp = [], [], []
+            if not args.no_compile:
+                _, t_compile = run(compiled=True)  # compiles for this batch shape
+            for _ in range(3):  # eager and compiled alternate; the medians are reported
+                out, t = run()
+                outputs.append(out)
+                t_fast.append(t)
+                if not args.no_compile:
+                    out, t = run(compiled=True)
+                    outputs.append(out)
+                    t_comp.append(t)
+            t_fast = statistics.median(t_fast)
+            compiled = "-"
+            if not args.no_compile:
+                t_comp = statistics.median(t_comp)
+                compiled = f"{B * args.new_tokens / t_comp:,.0f} ({t_compile:.0f})"
+            slow, t_slow = run(generate_naive)
+        same = all(torch.equal(o, slow) for o in outputs)
         n = B * args.new_tokens
-        print(f"| {B} | {n / t_fast:,.0f} | {n / t_slow:,.0f} | {t_slow / t_fast:.1f}x | "
-              f"{'yes' if same else 'NO'} |", flush=True)
-        assert same, f"batch {B}: KV-cache and recompute outputs differ " \
-                     f"({(fast == slow).all(1).float().mean():.3f} of rows identical)"
+        ratio = "-" if args.no_compile else f"{t_fast / t_comp:.2f}x"
+        print(f"| {B} | {n / t_fast:,.0f} | {compiled} | {n / t_slow:,.0f} | {ratio} | "
+              f"{t_slow / t_fast:.1f}x | {'yes' if same else 'NO'} |", flush=True)
+        assert same, f"batch {B}: the samplers' outputs differ"
+    for method in args.methods:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        cmd = [sys.executable, "train.py", "--method", method, "--preset", preset,
+               "--device", device, "--out", os.path.join("runs", "bench", method)]
+        t0 = time.perf_counter()
+        rc = subprocess.run(cmd, cwd=root).returncode
+        print(f"| {method} | {' '.join(cmd[1:])} | {time.perf_counter() - t0:,.0f} s | "
+              f"exit {rc} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._dynamo.testing import CompileCounterWithBackend
 
-from model import (GPT, GPTConfig, KVCache, ScalarHead, generate, generate_naive, get_config,
+import model as model_module
+
+from model import (GPT, GPTConfig, KVCache, ScalarHead, decode_step, generate, generate_naive, get_config,
                    left_pad, load_checkpoint, noise, padded_mask, pick, save_checkpoint, seed_for,
                    sequence_logprobs, split_batch)
 
@@ -315,7 +318,7 @@ def test_bf16_autocast_cache_is_bf16_and_agrees_with_the_naive_sampler():
 
     def spy(self, *a, **k):
         real_init(self, *a, **k)
-        made.append(self.k.dtype)
+        made.append(self.k[0].dtype)
     KVCache.__init__ = spy
     try:
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -328,3 +331,24 @@ def test_bf16_autocast_cache_is_bf16_and_agrees_with_the_naive_sampler():
     assert (fast[1] - naive[1]).abs().max() < 0.05
     fp32 = generate(model, prompts, 40, (5,), PAD, temperature=0)
     assert (fp32[0] == fast[0]).float().mean() > 0.9  # bf16 changes little of the greedy text
+
+
+def test_compiled_decode_step_gives_the_eager_tokens_and_is_traced_once(monkeypatch):
+    # generate(compiled=True) decodes through decode_step with a fixed-shape cache (the new
+    # column written at a tensor index, unwritten columns masked) under torch.compile. Traced
+    # here with the aot_eager backend: dynamo and AOTAutograd build the graph inductor would
+    # compile, without the C++ build (15-35 s on a 2-core CPU; tests/bench_sampling.py runs
+    # inductor and asserts the same tokens). One trace for all the steps: a shape or a Python
+    # value that changed per step would retrace every token.
+    counter = CompileCounterWithBackend("aot_eager")
+    monkeypatch.setattr(model_module, "compiled_decode_step",
+                        lambda device_type: torch.compile(decode_step, backend=counter))
+    model = random_model(17)
+    prompts, copies, stop = prompts_of([6, 1, 9], seed=18), [2, 1, 3], (5, 17)
+    for kw in (dict(temperature=0), dict(temperature=1.0, seeds=list(range(6)), top_k=30)):
+        eager = generate(model, prompts, 30, stop, PAD, copies=copies, **kw)
+        compiled = generate(model, prompts, 30, stop, PAD, copies=copies, compiled=True, **kw)
+        assert torch.equal(eager[0], compiled[0]) and torch.equal(eager[2], compiled[2])
+        assert torch.allclose(eager[1], compiled[1], atol=1e-9)
+    assert counter.frame_count == 1  # the second call, with other noise, reused the trace
+    assert eager[2].max() > 8  # some rows ran many steps through the compiled step

@@ -17,6 +17,7 @@ import torch
 import train
 import vstar
 from model import GPT, GPTConfig, ScalarHead, read_jsonl, sequence_logprobs
+from tasks import EOT, decode, encode
 
 PAD = 99
 
@@ -119,11 +120,45 @@ def test_verifier_scores_ignore_padding_and_batch_mates():
     torch.nn.init.normal_(orm.head.weight)
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10]]
     comps = [[20, 21, 96], [22, 96], [23, 24, 25, 26, 27, 96]]
-    for kind, model in [("orm", orm), ("dpo", gpt), ("dpo-mean", gpt)]:
+    for kind, model in [("orm", orm), ("dpo", gpt), ("dpo-mean", gpt), ("genrm", gpt)]:
         together = vstar.scores(model, prompts, comps, kind)
         alone = [vstar.scores(model, [p], [c], kind)[0] for p, c in zip(prompts, comps)]
         assert all(math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6)
                    for a, b in zip(together, alone)), kind
+
+
+def test_genrm_score_is_p_yes_after_the_question_by_hand():
+    torch.manual_seed(2)
+    gpt = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64)).eval()
+    prompts = [encode("Q: 3 4 T: 12\n"), encode("Q: 5 T: 5\n")]
+    comps = [encode("4*3=12\nA: 12") + [EOT], encode("A: 5") + [EOT]]
+    got = vstar.scores(gpt, prompts, comps, "genrm")
+    for p, c, score in zip(prompts, comps, got):
+        # what GenRM reads: problem, solution without its end-of-text, the question
+        text = decode(p) + decode(c[:-1]) + "\nIs the answer correct? "
+        with torch.no_grad():
+            probs = torch.softmax(gpt(torch.tensor([encode(text)]))[0, -1], -1)
+        assert math.isclose(score, probs[encode("Y")[0]].item(), rel_tol=1e-5)
+    assert got[0] != got[1]
+
+
+def test_pair_accuracy_counts_a_tie_as_half_on_a_hand_example():
+    # problem 0: right samples scored 3 and 1, wrong ones 1 and 0 -> pairs (3,1) win, (3,0) win,
+    # (1,1) tie, (1,0) win; problem 1 has no wrong sample and adds no pair
+    acc, ties = vstar.pair_accuracy([[True, True, False, False], [True]], [[3, 1, 1, 0], [5]])
+    assert (acc, ties) == ((3 + 0.5) / 4, 1 / 4)
+    # a score that ranks every pair backwards, and a constant one (no preference at all)
+    assert vstar.pair_accuracy([[True, False]], [[0, 1]]) == (0.0, 0.0)
+    assert vstar.pair_accuracy([[True, False, True]], [[7, 7, 7]]) == (0.5, 1.0)
+
+
+def test_bootstrap_interval_covers_the_mean_and_narrows_with_more_problems():
+    values = [1.0] * 30 + [0.0] * 70
+    lo, hi = vstar.bootstrap_ci(values)
+    assert lo < 0.3 < hi and 0.1 < hi - lo < 0.25  # binomial: +-1.96 * 0.046
+    lo4, hi4 = vstar.bootstrap_ci(values * 4)
+    assert hi4 - lo4 < 0.6 * (hi - lo)  # 4x the problems: about half the width
+    assert vstar.bootstrap_ci([0.2] * 10) == (0.2, 0.2)
 
 
 @pytest.mark.slow
@@ -140,6 +175,10 @@ def test_vstar_runs_end_to_end(tmp_path):
     for key in ["pass@k", "majority@k", "best-of-k dpo", "best-of-k orm"]:
         assert len(ev[key]) == 3 and all(0 <= x <= 1 for x in ev[key])
     # pass@k is an upper bound of every selection rule
-    for key in ["majority@k", "best-of-k dpo", "best-of-k dpo-mean", "best-of-k orm"]:
+    for key in ["majority@k", "best-of-k dpo", "best-of-k dpo-mean", "best-of-k orm",
+                "best-of-k generator", "best-of-k length"]:
         assert all(x <= p + 1e-12 for x, p in zip(ev[key], ev["pass@k"])), key
+    # no preference at all picks a random sample: pass@1 at every k, pairs ranked at 1/2
+    assert all(abs(x - ev["pass@k"][0]) < 1e-12 for x in ev["best-of-k random"])
+    assert ev["pair_acc random"] in (0.5, None) or math.isnan(ev["pair_acc random"])
     assert os.path.exists(os.path.join(out, "vstar.png"))
