@@ -31,10 +31,11 @@ Deliberate departures:
    is known for it); the cost of N samples is N times the pool's mean tokens per sample (its
    exact expectation).
 3. The PRM scores a finished solution by its minimum step score (Math-Shepherd) and a prefix by
-   its last step's (search-and-learn); it learns from the generator's samples of P+D, with --rollouts per step prefix
-   (4 on a CPU; Math-Shepherd: 8), distinct prefixes rolled out once. The DPO verifier learns
-   from the same samples plus P's gold solutions (as V-STaR), and scores a prefix too, by the
-   mean log-probability of its steps.
+   its last step's (search-and-learn); it learns from the generator's samples of P+D, with
+   --rollouts per step prefix (4 on a CPU; Math-Shepherd: 8), distinct prefixes rolled out once.
+   The DPO verifier learns from the same samples plus P's gold solutions (as V-STaR), and scores
+   a prefix too, by the mean log-probability of its steps; so does the generator itself, the
+   baseline every learned scorer must beat.
 4. MCTS is anytime: one search of the largest budget is read off after 1, 2, 4, .. simulations;
    a rollout's value is the scorer's score of the finished solution (no PUCT prior). A node is
    expanded once, by --mcts-children samples: a step none of them drew is never tried there.
@@ -162,12 +163,6 @@ def logprob_scorer(model, task):
     return score
 
 
-def step_reads(completion):
-    """Where the process reward model (model.ScalarHead) reads a completion: the end of every
-    step, its newline, and the final end-of-text."""
-    return [j for j, t in enumerate(completion) if t in (NEWLINE, EOT)]
-
-
 def prm_scorer(prm, task, batch_size=256):
     """Math-Shepherd's solution score: the minimum over steps of the PRM's P(step leads to a
     right answer). A prefix's score is its last step's, as search-and-learn scores the beams:
@@ -181,7 +176,7 @@ def prm_scorer(prm, task, batch_size=256):
             comps = [encode(t) + ([EOT] if fin else []) for _, t, fin in chunk]
             with autocast(str(prm.head.weight.device)):
                 logits, mask = prm([encode(task.prompt(p)) for p, _, _ in chunk], comps,
-                                   [step_reads(c) for c in comps])
+                                   [vstar.step_reads(c) for c in comps])
             p = torch.sigmoid(logits.float())  # (B, reads)
             last = p.gather(1, (mask.sum(1, keepdim=True) - 1).clamp(min=0)).squeeze(1)
             lowest = p.masked_fill(~mask, 1.0).min(1).values
@@ -194,12 +189,6 @@ def prm_scorer(prm, task, batch_size=256):
 # -----------------------------------------------------------------------------
 # Training the PRM on Math-Shepherd's Monte Carlo labels
 
-def step_prefixes(text):
-    """The prefixes of a solution that end after one of its steps (not the whole solution)."""
-    lines = text.split("\n")
-    return ["".join(line + "\n" for line in lines[:k]) for k in range(1, len(lines))]
-
-
 def shepherd_labels(model, task, problems, texts, args, seed):
     """Math-Shepherd: a step prefix's soft label is the share of args.rollouts completions from
     it that the outcome verifier accepts; a whole solution's label is its own outcome.
@@ -207,7 +196,7 @@ def shepherd_labels(model, task, problems, texts, args, seed):
     Returns (prompt ids, completion ids, read positions, one label per read) for every sample,
     the rows model.train_bce takes, and the cost."""
     keys = list(dict.fromkeys((i, pre) for i, ts in enumerate(texts) for t in ts
-                              for pre in step_prefixes(t)))
+                              for pre in vstar.step_prefixes(t)))
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     cost, label, R = Cost(), {}, args.rollouts
     chunk_size = max(1, args.sample_batch_size // R)
@@ -224,8 +213,9 @@ def shepherd_labels(model, task, problems, texts, args, seed):
     for i, (p, ts) in enumerate(zip(problems, texts)):
         for t in ts:
             c = encode(t) + [EOT]
-            rows.append((encode(task.prompt(p)), c, step_reads(c),
-                         [label[(i, pre)] for pre in step_prefixes(t)] + [float(task.check(p, t))]))
+            labels = [label[(i, pre)] for pre in vstar.step_prefixes(t)]
+            rows.append((encode(task.prompt(p)), c, vstar.step_reads(c),
+                         labels + [float(task.check(p, t))]))
     return rows, cost
 
 

@@ -14,11 +14,12 @@ The recompute baseline is model.generate_naive: the whole left-padded sequence t
 model for every new token, what sampling costs without a cache. "compiled" is generate's
 compiled=True (model.compiled_decode_step: torch.compile, a CUDA graph on a GPU); its compile
 time is excluded from the rate and printed beside it. Eager and compiled run 3 times each,
-alternating, and the medians are reported; the recompute baseline runs once. On a GPU every sampler runs under bf16
-autocast, so all see the same arithmetic. --methods runs `python train.py --method M --preset P`
-for each M in turn (output under runs/bench/) and prints its wall time. --against DIR times the
-eager sampler of DIR/model.py (another checkout) against this one's, in one process, alternating
-8 times on the same weights and prompts: an A/B that a noisy machine cannot bias.
+alternating, and the medians are reported; the recompute baseline runs once. On a GPU every
+sampler runs under bf16 autocast, so all see the same arithmetic. --methods runs
+`python train.py --method M --preset P` for each M in turn (output under runs/bench/) and
+prints its wall time. --against DIR times the eager sampler of DIR/model.py (another
+checkout) against this one's, in one process, alternating 8 times on the same weights and
+prompts: an A/B that a noisy machine cannot bias.
 """
 
 import argparse

@@ -17,10 +17,9 @@ import torch.nn.functional as F
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import model as model_module
-
-from model import (GPT, GPTConfig, KVCache, ScalarHead, decode_step, generate, generate_naive, get_config,
-                   left_pad, load_checkpoint, noise, padded_mask, pick, save_checkpoint, seed_for,
-                   sequence_logprobs, split_batch)
+from model import (GPT, GPTConfig, KVCache, ScalarHead, decode_step, generate, generate_naive,
+                   get_config, left_pad, load_checkpoint, noise, padded_mask, pick,
+                   save_checkpoint, seed_for, sequence_logprobs, split_batch)
 
 PAD = 99
 TOKENIZER = "arith-char-v1"  # tasks.TOKENIZER; model.py stores whatever name it is given

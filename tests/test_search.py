@@ -19,8 +19,9 @@ import torch.nn as nn
 
 import search
 import train
+import vstar
 from model import GPT, GPTConfig, generate_naive, read_jsonl
-from tasks import EOT, NEWLINE, PAD, Problem, Task, decode, encode
+from tasks import EOT, NEWLINE, PAD, Problem, Task, decode, encode, get_task
 from tasks.base import split_lines
 
 GOLD = ["b", "c", "a"]  # the toy's one right path
@@ -307,7 +308,7 @@ def test_math_shepherd_labels_on_the_toy_model():
     assert len(rows) == 2 and cost.sampled > 0
     (prompt, comp, reads, labels), (_, comp2, reads2, labels2) = rows
     assert prompt == encode(TASK.prompt(P0)) and comp == encode(RIGHT) + [EOT]
-    assert reads == search.step_reads(comp) and len(labels) == len(reads) == 4
+    assert reads == vstar.step_reads(comp) and len(labels) == len(reads) == 4
     for got, p in zip(labels, [1 / 9, 1 / 3, 1.0, 1.0]):
         assert abs(got - p) <= 5 * math.sqrt(p * (1 - p) / R) + 1e-12, (labels, p)
     assert labels2 == [0.0, 0.0, 0.0, 0.0]  # wrong from its first step; its outcome wrong too
@@ -315,6 +316,21 @@ def test_math_shepherd_labels_on_the_toy_model():
 
 def test_the_process_reward_model_reads_the_end_of_every_step():
     comp = encode("b\nc\nA: 1") + [EOT]
-    assert search.step_reads(comp) == [1, 3, 8]  # the two newlines and the end-of-text
-    assert [comp[j] for j in search.step_reads(comp)] == [NEWLINE, NEWLINE, EOT]
-    assert search.step_reads(encode("b\nc\n")) == [1, 3]  # a prefix: its steps so far
+    assert vstar.step_reads(comp) == [1, 3, 8]  # the two newlines and the end-of-text
+    assert [comp[j] for j in vstar.step_reads(comp)] == [NEWLINE, NEWLINE, EOT]
+    assert vstar.step_reads(encode("b\nc\n")) == [1, 3]  # a prefix: its steps so far
+    assert vstar.orm_reads(comp) == [8]  # the outcome model reads the end-of-text only
+
+
+def test_exact_step_labels_mark_the_first_wrong_step_and_everything_after():
+    # the diagnostic verifier's labels: a prefix is right iff every step in it is (countdown:
+    # valid arithmetic and the target still reachable), then the outcome at the end-of-text
+    task = get_task("countdown")
+    p = Problem(question="3 4 5 T: 27", answer="27", difficulty=3, data=((3, 4, 5), 27))
+    texts = ["5+4=9\n9*3=27\nA: 27",    # right
+             "5+4=9\n9*3=28\nA: 27",    # an arithmetic slip in step 2
+             "5*4=20\n20+3=23\nA: 27"]  # step 1 is valid but 27 is then out of reach
+    labelled = [(encode(task.prompt(p)), encode(t) + [EOT], task.check(p, t)) for t in texts]
+    rows = vstar.exact_step_rows(task, [p], labelled)
+    assert [labels for _, _, _, labels in rows] == [[1, 1, 1], [1, 0, 0], [0, 0, 0]]
+    assert all(reads == vstar.step_reads(c) for _, c, reads, _ in rows)

@@ -1,7 +1,8 @@
 """
 Guards vstar.py: the DPO loss against its hand formula and one optimiser step's effect; the
 best-of-k, pass@k and majority@k estimators against brute-force enumeration of every k-subset;
-verifier scores that padding and batch-mates cannot change; the V-STaR run end to end.
+verifier scores that padding and batch-mates cannot change; GenRM's p(Yes) by hand; tie-aware
+pair accuracy and the bootstrap interval; the V-STaR run end to end.
 
 Run: python -m pytest tests/test_vstar.py
 """
@@ -167,7 +168,7 @@ def test_vstar_runs_end_to_end(tmp_path):
     train.main(["--method", "vstar", "--out", out, "--n-train", "16", "--n-unlabeled", "8",
                 "--n-test", "6", "--steps", "20", "--batch-size", "8", "--samples", "4",
                 "--eval-samples", "4", "--verifier-steps", "3", "--iterations", "1",
-                "--train-difficulty", "1-2", "--test-difficulty", "1-2", "--temperature", "1.5"])
+                "--train-difficulty", "2-3", "--test-difficulty", "2-3", "--temperature", "1.5"])
     rows = read_jsonl(os.path.join(out, "metrics.jsonl"))
     assert [r.get("iteration") for r in rows] == [0, 1, None]
     ev = rows[-1]
