@@ -416,10 +416,12 @@ def mcts(model, task, problems, scorer, sims, k, c, temperature, generator, cost
 # -----------------------------------------------------------------------------
 # The run: generator, learned scorers, every method at every budget; resumable by stage
 
-def method_row(stage, method, scorer, budgets, acc, sampled, prompt, t0):
+def method_row(stage, method, scorer, budgets, acc, sampled, prompt, last, t0):
+    """One method's metrics; `last` holds each test problem's rightness at the largest budget
+    (the bootstrap intervals of the report are computed from it)."""
     return {"kind": "method", "stage": stage, "method": method, "scorer": scorer,
             "oracle": scorer == "oracle", "budget": budgets, "accuracy": acc, "tokens": sampled,
-            "prompt_tokens": prompt, "wall_s": round(time.time() - t0, 1)}
+            "prompt_tokens": prompt, "last": last, "wall_s": round(time.time() - t0, 1)}
 
 
 def pool_rows(model, task, test, scorers, budgets, args, generator, t0):
@@ -439,14 +441,13 @@ def pool_rows(model, task, test, scorers, budgets, args, generator, t0):
     value = {name: [v[i * n:(i + 1) * n] for i in range(len(test))] for name, v in value.items()}
     ks, rng = [k for k in budgets if k <= n], random.Random(seed_for(args.seed, "weighted vote"))
 
-    def curve(f, scorer=None):  # mean over problems of f(answers, rightness, scores, k)
+    def curve(f, scorer=None):  # f(answers, rightness, scores, k) per problem, for every k
         w = value[scorer] if scorer else [None] * len(test)
-        return [sum(f(*x, k) for x in zip(answers, right, w)) / len(test) for k in ks]
+        return [[f(*x, k) for x in zip(answers, right, w)] for k in ks]
 
     rights = [vstar.right_answers(a, r) for a, r in zip(answers, right)]
-    majority = [sum(vstar.majority_at_k(a, s, k) for a, s in zip(answers, rights)) / len(test)
-                for k in ks]  # exact over every k-subset
-    acc = {("majority vote", "-"): majority,
+    acc = {("majority vote", "-"): [[vstar.majority_at_k(a, s, k) for a, s in zip(answers, rights)]
+                                    for k in ks],  # exact over every k-subset
            ("weighted vote", "DPO"): curve(
                lambda a, r, w, k: weighted_vote_accuracy(a, r, k, w, rng), "DPO"),
            ("best-of-N", "DPO"): curve(lambda a, r, w, k: vstar.best_of_k(w, r, k), "DPO"),
@@ -461,8 +462,9 @@ def pool_rows(model, task, test, scorers, budgets, args, generator, t0):
     quality = {"kind": "scorer quality", "stage": "pool",  # held-out, on the pool
                **{f"pair_acc {name}": acc for name, (acc, _) in pairs.items()},
                **{f"pair_ties {name}": ties for name, (_, ties) in pairs.items()}}
-    return [quality] + [method_row("pool", m, s, ks, a, [k * per_sample for k in ks],
-                                   [prompt] * len(ks), t0) for (m, s), a in acc.items()]
+    return [quality] + [method_row("pool", m, s, ks, [sum(v) / len(v) for v in a],
+                                   [k * per_sample for k in ks], [prompt] * len(ks), a[-1], t0)
+                        for (m, s), a in acc.items()]
 
 
 def run(args, task, P, D, test, out, device, new_model):
@@ -474,7 +476,8 @@ def run(args, task, P, D, test, out, device, new_model):
     budgets = [int(b) for b in str(args.budgets).split(",")]
     generator_path = os.path.join(out, "generator.pt")
     lab_path, ms_path = os.path.join(out, "labelled.jsonl"), os.path.join(out, "shepherd.jsonl")
-    acc_of = lambda texts: sum(task.check(p, t) for p, t in zip(test, texts)) / len(test)  # noqa
+    right_of = lambda texts: [float(task.check(p, t)) for p, t in zip(test, texts)]  # noqa
+    acc_of = lambda texts: sum(right_of(texts)) / len(test)  # noqa
 
     if "generator" not in done:  # M0 of star.py, or the model given by --checkpoint as it is
         t0 = time.time()
@@ -547,7 +550,7 @@ def run(args, task, P, D, test, out, device, new_model):
                 tqdm.write(f"beam search ({name}) N={N}: accuracy {acc[-1]:.3f}, "
                            f"{sampled[-1]:.0f} tokens per problem")
             append_jsonl(metrics, method_row(stage, "beam search", name, budgets, acc, sampled,
-                                             prompt, t0))
+                                             prompt, right_of(texts), t0))
         stage = f"mcts {name}"
         if stage not in done:
             t0 = time.time()
@@ -556,9 +559,11 @@ def run(args, task, P, D, test, out, device, new_model):
             sampled = [res[s][2] / len(test) for s in budgets]
             prompt = [res[s][3] / len(test) for s in budgets]
             rows = [method_row(stage, "MCTS most-visited", name, budgets,
-                               [acc_of(res[s][0]) for s in budgets], sampled, prompt, t0),
+                               [acc_of(res[s][0]) for s in budgets], sampled, prompt,
+                               right_of(res[budgets[-1]][0]), t0),
                     method_row(stage, "MCTS weighted vote", name, budgets,
-                               [acc_of(res[s][1]) for s in budgets], sampled, prompt, t0)]
+                               [acc_of(res[s][1]) for s in budgets], sampled, prompt,
+                               right_of(res[budgets[-1]][1]), t0)]
             append_jsonl(metrics, *rows)
             tqdm.write(f"MCTS ({name}) {budgets[-1]} simulations: accuracy "
                        f"{rows[0]['accuracy'][-1]:.3f}, {sampled[-1]:.0f} tokens per problem")
@@ -592,6 +597,20 @@ def report(args, rows):
                                                            r["tokens"])}
         lines.append(f"| {r['method']} | {r['scorer']} | " +
                      " | ".join(cell.get(b, "-") for b in budgets) + " |")
+    # 95% bootstrap intervals over the test problems at each method's largest budget, and of
+    # its lead over majority vote at the same N (paired: the same problems resampled)
+    majority = next((r for r in methods if r["method"] == "majority vote"), None)
+    lines += ["", "| method | scorer | N | accuracy (95% CI) | lead over majority vote (95% CI) |",
+              "|---|---|---|---|---|"]
+    for r in methods:
+        N, acc, last = r["budget"][-1], r["accuracy"][-1], r["last"]
+        lead = "-"
+        if majority and majority["budget"][-1] == N and r is not majority:
+            diff = [x - y for x, y in zip(last, majority["last"])]
+            lead = "{:+.3f} ({:+.3f} to {:+.3f})".format(
+                sum(diff) / len(diff), *vstar.bootstrap_ci(diff))
+        lines.append(f"| {r['method']} | {r['scorer']} | {N} | {acc:.3f} "
+                     "({:.3f} to {:.3f}) | {} |".format(*vstar.bootstrap_ci(last), lead))
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -280,6 +280,11 @@ def test_search_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
     assert stages[:3] == ["generator", "labels", "scorers"]
     methods = {(r["method"], r["scorer"]) for r in rows if r["kind"] == "method"}
     assert ("beam search", "PRM") in methods and ("MCTS most-visited", "oracle") in methods
+    assert ("beam search", "generator") in methods and ("best-of-N", "generator") in methods
+    for r in rows:  # each problem's rightness at the largest budget, whose mean is the accuracy
+        if r["kind"] == "method":
+            assert len(r["last"]) == 3 and all(0 <= x <= 1 for x in r["last"])
+            assert abs(sum(r["last"]) / 3 - r["accuracy"][-1]) < 1e-9, r["method"]
     assert os.path.exists(os.path.join(out, "search.png"))
     train.main(argv)  # finished: nothing is redone, no row added
     assert read_jsonl(os.path.join(out, "metrics.jsonl")) == rows
