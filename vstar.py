@@ -329,14 +329,15 @@ def load_labelled(path):
     return [(r["prompt"], r["completion"], r["right"]) for r in read_jsonl(path)]
 
 
-def per_problem(right, answers, verifier_scores, k):
+def per_problem(right, answers, rights, verifier_scores, k):
     """Each problem's pass@k, majority@k and best-of-k per verifier, at one k.
-    right[i], answers[i]: each sample's label and canonical answer for problem i."""
+    right[i], answers[i]: each sample's label and canonical answer for problem i; rights[i]:
+    its set of right answers (right_answers)."""
     rows = {"pass@k": [], "majority@k": []}
     rows.update({f"best-of-k {name}": [] for name in verifier_scores})
     for i, (r, a) in enumerate(zip(right, answers)):
         rows["pass@k"].append(pass_at_k(len(r), sum(r), k))
-        rows["majority@k"].append(majority_at_k(a, right_answers(a, r), k))
+        rows["majority@k"].append(majority_at_k(a, rights[i], k))
         for name, s in verifier_scores.items():
             rows[f"best-of-k {name}"].append(best_of_k(s[i], r, k))
     return rows
@@ -346,8 +347,9 @@ def curves(right, answers, verifier_scores, ks):
     """Mean over problems of pass@k, majority@k and best-of-k per verifier, for each k; and at
     the largest k, the 95% bootstrap interval of each, and of each one's lead over majority."""
     res = {"k": ks}
+    rights = [right_answers(a, r) for a, r in zip(answers, right)]  # once per problem, not per k
     for k in ks:
-        rows = per_problem(right, answers, verifier_scores, k)
+        rows = per_problem(right, answers, rights, verifier_scores, k)
         for key, values in rows.items():
             res.setdefault(key, []).append(sum(values) / len(values))
     res["ci"] = {key: bootstrap_ci(v) for key, v in rows.items()}
@@ -493,7 +495,7 @@ def report(args, rows):
     ev = next((r for r in rows if r.get("kind") == "eval"), None)
     if ev is None:
         return "\n".join(lines)
-    keys = [k for k in ev["ci"]]
+    keys = list(ev["ci"])
     lines += ["", "| k | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for i, k in enumerate(ev["k"]):
         lines.append(f"| {k} | " + " | ".join(f"{ev[key][i]:.3f}" for key in keys) + " |")
