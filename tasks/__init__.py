@@ -18,6 +18,7 @@ A new task is one new file (a Task subclass) and one line in TASKS below.
 import random
 
 from .addition import Addition
+from .chain import Chain
 from .base import Problem, Task
 from .countdown import Countdown, reachable, solve
 from .expression import Expression
@@ -26,6 +27,7 @@ from .tokenizer import NAME as TOKENIZER  # saved in every checkpoint
 
 TASKS = {
     "addition": Addition(),
+    "chain": Chain(),
     "countdown": Countdown(),
     "expression": Expression(),
 }
@@ -65,6 +67,6 @@ def sample_problems(task, n, difficulties, seed, exclude=frozenset()) -> list[Pr
     return problems
 
 
-__all__ = ["TASKS", "get_task", "sample_problems", "Problem", "Task", "Addition", "Countdown",
+__all__ = ["TASKS", "get_task", "sample_problems", "Problem", "Task", "Addition", "Chain", "Countdown",
            "Expression", "reachable", "solve", "get_tokenizer", "encode", "decode",
            "EOT", "SOT", "EOTH", "PAD", "NEWLINE", "TOKENIZER"]

@@ -21,7 +21,7 @@ from tasks import (EOT, NEWLINE, PAD, SOT, TASKS, Problem, decode, encode, get_t
 from tasks import expression as E
 from tasks.countdown import apply_op, apply_step
 
-N_PER_DIFFICULTY = 40  # 40 * (12 + 8 + 4) = 960 problems across the three tasks
+N_PER_DIFFICULTY = 40  # 40 * (12 + 8 + 8 + 4) = 1280 problems across the four tasks
 
 
 def problems(task, n=N_PER_DIFFICULTY, seed=0):
@@ -69,10 +69,15 @@ def test_example_formats():
     assert cd.check(p, cd.gold_completion(p))
     assert cd.hint(p) == " ".join(cd.rationale(p))
 
+    ch = get_task("chain")  # left to right, mod 10: ((8+8)*8+5) % 10
+    p = Problem("8+8*8+5", "3", 3, (8, (("+", 8), ("*", 8), ("+", 5))))
+    assert ch.gold_completion(p) == "8+8=6\n6*8=8\n8+5=3\nA: 3"
+    assert ch.running(p.data) == ["6", "8", "3"]
+
 
 def test_registry():
-    assert set(TASKS) == {"addition", "countdown", "expression"}
-    with pytest.raises(ValueError, match="choose from addition, countdown, expression"):
+    assert set(TASKS) == {"addition", "chain", "countdown", "expression"}
+    with pytest.raises(ValueError, match="choose from addition, chain, countdown, expression"):
         get_task("subtraction")
 
 
@@ -130,9 +135,9 @@ def test_random_text_rejected(name):
 
 # ---------------------------------------------------------------- process verifier
 
-@pytest.mark.parametrize("name", ["addition", "expression"])
+@pytest.mark.parametrize("name", ["addition", "chain", "expression"])
 def test_process_verifier_flags_only_the_corrupted_step(name):
-    # Addition compares lines with gold; expression is value-based: in both, a corrupted step is
+    # Addition and chain compare lines with gold; expression is value-based: in all, a corrupted step is
     # flagged alone and the outcome (which reads only the answer line) is still right.
     task, rng, tested = get_task(name), random.Random(3), 0
     for p in problems(task, n=10):
