@@ -42,6 +42,7 @@ import random
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -567,6 +568,15 @@ def train_bce(model, rows, steps, lr, batch_size, seed, desc):
 
 # -----------------------------------------------------------------------------
 # Training-loop pieces every method shares: the schedule, seeds, run files
+
+def bootstrap_ci(values, reps=2000, seed=0):
+    """95% percentile-bootstrap interval of the mean of per-problem values, resampling problems;
+    for a difference between two methods, pass the per-problem differences."""
+    values = np.asarray(values, dtype=float)
+    idx = np.random.default_rng(seed).integers(0, len(values), (reps, len(values)))
+    lo, hi = np.percentile(values[idx].mean(1), [2.5, 97.5])
+    return float(lo), float(hi)
+
 
 def lr_at(step, steps, lr, warmup):
     """Linear warm-up, then cosine decay to lr/10."""

@@ -40,7 +40,9 @@ Deliberate departures from the paper and its code:
 """
 
 import copy
+import math
 import os
+import random
 import time
 
 import torch
@@ -48,55 +50,71 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model import (GPT, append_jsonl, autocast, get_config, load_checkpoint, lr_at, pick,
-                   read_jsonl, save_checkpoint, seed_for, write_atomic)
+from model import (GPT, append_jsonl, autocast, bootstrap_ci, get_config, load_checkpoint, lr_at,
+                   pick, read_jsonl, save_checkpoint, seed_for, write_atomic)
 from tasks import EOT, EOTH, PAD, SOT, TOKENIZER, decode, encode, sample_problems
 
 # Every setting of a run, per preset (train.py fills the flags left unset from here, and refuses
 # the others). The loss weights and the meta-token multiplier are the official code's.
-_SHARED = dict(task="addition", thought_temperature=1.0, base_weight=0.5, mixed_weight=0.5,
-               reinforce_weight=1.0, meta_lr_mult=100.0)
+_SHARED = dict(task="chain", worked_fraction=0.5, thought_temperature=1.0, base_weight=0.5,
+               mixed_weight=0.5, reinforce_weight=1.0, meta_lr_mult=100.0, meta_max_change=0.01,
+               meta_init="paren", unbounded_weight=False, head_lr_mult=20.0)
 DEFAULTS = {
-    "tiny": dict(_SHARED, base_steps=1000, think_steps=100, batch_size=32, lr=2e-3,
-                 continue_lr=5e-4, n_test=240, seq_len=48, thought_len=4, n_true=2, n_thoughts=2,
-                 think_stride=2, eval_every=25, train_difficulty="2-3", test_difficulty="2-3"),
+    "tiny": dict(_SHARED, base_steps=1000, think_steps=200, batch_size=32, lr=2e-3,
+                 continue_lr=5e-4, n_test=400, seq_len=48, thought_len=5, n_true=2, n_thoughts=2,
+                 think_stride=2, eval_every=50, train_difficulty="3", test_difficulty="3"),
     "small": dict(_SHARED, base_steps=3000, think_steps=500, batch_size=32, lr=1e-3,
-                  continue_lr=3e-4, n_test=500, seq_len=64, thought_len=6, n_true=4,
-                  n_thoughts=2, think_stride=1, eval_every=100, train_difficulty="2-4",
-                  test_difficulty="2-4"),
+                  continue_lr=3e-4, n_test=1000, seq_len=64, thought_len=7, n_true=2,
+                  n_thoughts=2, think_stride=1, eval_every=100, train_difficulty="4",
+                  test_difficulty="4"),
     "gpu": dict(_SHARED, base_steps=5000, think_steps=2000, batch_size=64, lr=1e-3,
-                continue_lr=3e-4, n_test=2000, seq_len=128, thought_len=12, n_true=4,
-                n_thoughts=2, think_stride=1, eval_every=200, train_difficulty="2-5",
-                test_difficulty="2-5"),
+                continue_lr=3e-4, n_test=2000, seq_len=128, thought_len=11, n_true=2,
+                n_thoughts=2, think_stride=1, eval_every=200, train_difficulty="6",
+                test_difficulty="6"),
 }
+META = [SOT, EOTH]
 BANNED = (SOT, EOTH, EOT, PAD)  # never sampled as a thought token nor emitted as text
 
 # -----------------------------------------------------------------------------
 # The text: arithmetic lines packed into sequences; the answer tokens are the hard ones
 
 
-def line(p):
-    return f"{p.question}={p.answer}\n"
+def scratch(task, p):
+    """The work a worked line shows: the result of each step of the task's rationale, "6,8,3"."""
+    return ",".join(step.rsplit("=", 1)[-1] for step in task.rationale(p))
 
 
-def pack(problems, T):
+def line(task, p, worked):
+    """"8+8*8+5=3\n" (bare) or "8+8*8+5=(6,8,3)3\n" (worked: the steps shown in brackets)."""
+    work = f"({scratch(task, p)})" if worked else ""
+    return f"{p.question}={work}{p.answer}\n"
+
+
+def show_work(n, fraction, seed):
+    """Which of n lines show their work: each one independently, with probability fraction."""
+    rng = random.Random(seed)
+    return [rng.random() < fraction for _ in range(n)]
+
+
+def pack(task, problems, worked, T):
     """Whole lines packed into rows of T+1 tokens (inputs are [:T], targets [1:]), right-padded.
 
     Returns (seqs (N, T+1) long, ans (N, T+1) long): ans is the index of the problem whose answer
-    token sits at that column (its digits and the newline that ends it: the model must also know
-    how long the answer is), -1 elsewhere. A line is never split across rows.
+    digit sits at that column, for bare lines only, -1 elsewhere: the hard tokens are the answer
+    digits of lines that do not show their work. A line is never split across rows.
     """
     rows, ans, cur, cur_ans = [], [], [], []
-    for i, p in enumerate(problems):
-        ids = encode(line(p))
+    for i, (p, w) in enumerate(zip(problems, worked)):
+        text = line(task, p, w)
+        ids = encode(text)
         if len(ids) > T + 1:
-            raise ValueError(f"line {line(p)!r} is longer than the sequence ({T + 1})")
+            raise ValueError(f"line {text!r} is longer than the sequence ({T + 1})")
         if len(cur) + len(ids) > T + 1:
             rows.append(cur), ans.append(cur_ans)
             cur, cur_ans = [], []
-        n_q = len(p.question) + 1  # "a+b=" is context; what follows is the answer
+        n_q = len(ids) - len(p.answer) - 1  # "a+b=" and any work shown: what follows is the answer
         cur += ids
-        cur_ans += [-1] * n_q + [i] * (len(ids) - n_q)
+        cur_ans += [-1] * n_q + [-1 if w else i] * len(p.answer) + [-1]  # the newline: -1
     rows.append(cur), ans.append(cur_ans)
     seqs = torch.full((len(rows), T + 1), PAD, dtype=torch.long)
     where = torch.full((len(rows), T + 1), -1, dtype=torch.long)
@@ -106,13 +124,22 @@ def pack(problems, T):
 
 
 def train_batch(task, args, step, held_out):
-    """batch_size rows of fresh problems, drawn from a seed derived from the step (so a resumed
-    run sees the same batches); test questions never appear."""
+    """batch_size rows of fresh lines (worked_fraction of them showing their work), drawn from a
+    seed derived from the step (so a resumed run sees the same batches); test questions never
+    appear."""
     seed = seed_for(args.seed, "batch", step)
     n = args.batch_size * ((args.seq_len + 1) // 6 + 1)  # more than fit (a line is >= 6)
-    seqs, _ = pack(sample_problems(task, n, args.train_difficulty, seed, exclude=held_out),
-                   args.seq_len)
+    problems = sample_problems(task, n, args.train_difficulty, seed, exclude=held_out)
+    seqs, _ = pack(task, problems, show_work(n, args.worked_fraction, seed), args.seq_len)
     return seqs[:args.batch_size]
+
+
+def text_logits(logits):
+    """Logits of the next text token, in float: the meta-tokens are not text, so they get no
+    probability (they start as copies of "(" and ")", whose mass they would otherwise share)."""
+    logits = logits.float().clone()
+    logits[..., META] = float("-inf")
+    return logits
 
 
 def targets(seqs):
@@ -125,29 +152,48 @@ def targets(seqs):
 # The pieces: meta-tokens, the mixing head, a cache that keeps gradients, the thought mask
 
 
-def init_meta_tokens(model):
-    """Start and end of thought start as the embedding of a pause: the paper uses "---"; in a
-    character vocabulary that is "-"."""
+def init_meta_tokens(model, how="paren"):
+    """Start and end of thought start as the embeddings of existing tokens: "(" and ")", the
+    delimiters of the work shown in the text (how="paren"), or both as the pause "-" (how="dash":
+    the paper's "---" in a character vocabulary)."""
+    start, end = "()" if how == "paren" else "--"
     with torch.no_grad():
         wte = model.transformer.wte.weight
-        wte[SOT] = wte[encode("-")[0]]
-        wte[EOTH] = wte[encode("-")[0]]
+        wte[SOT] = wte[encode(start)[0]]
+        wte[EOTH] = wte[encode(end)[0]]
 
 
 class MixingHead(nn.Module):
-    """w = MLP([h_base, h_thought]); mixed = (1 - w) h_base + w h_thought, before the LM head.
-    The last layer starts at zero, so w = 0 and the model starts exactly as the base model."""
+    """w = sigmoid(MLP([h_base, h_thought])); mixed = (1 - w) h_base + w h_thought, before the LM
+    head. The last layer's weights start at zero and its bias at logit(w0), so w starts at w0
+    everywhere and the model starts close to the base model. bounded=False is the official
+    code's head: w = MLP(...) itself, unbounded, starting at exactly 0."""
 
-    def __init__(self, n_embd):
+    def __init__(self, n_embd, bounded=True, w0=0.01):
         super().__init__()
+        self.bounded = bounded
         self.mlp = nn.Sequential(nn.Linear(2 * n_embd, n_embd), nn.ReLU(),
                                  nn.Linear(n_embd, n_embd), nn.ReLU(), nn.Linear(n_embd, 1))
         nn.init.zeros_(self.mlp[-1].weight)
-        nn.init.zeros_(self.mlp[-1].bias)
+        nn.init.constant_(self.mlp[-1].bias, math.log(w0 / (1 - w0)) if bounded else 0.0)
 
     def forward(self, h_base, h_thought):
-        w = self.mlp(torch.cat([h_base, h_thought], dim=-1))  # (..., 1), unbounded as in the code
+        w = self.mlp(torch.cat([h_base, h_thought], dim=-1))  # (..., 1)
+        if self.bounded:
+            w = torch.sigmoid(w)
         return (1 - w) * h_base + w * h_thought, w.squeeze(-1)
+
+
+class FixedHead(nn.Module):
+    """A mixing "head" with one weight everywhere: the diagnostic of whether thoughts can help
+    at all (w = 0: the base model alone; w = 1: the prediction after the thought alone)."""
+
+    def __init__(self, w):
+        super().__init__()
+        self.w = w
+
+    def forward(self, h_base, h_thought):
+        return (1 - self.w) * h_base + self.w * h_thought, torch.full_like(h_base[..., 0], self.w)
 
 
 class ConcatCache:
@@ -279,7 +325,7 @@ def think_naive(model, head, prefix, thought_len, future=(), temperature=0.0, ge
 def talk_logp(th, n_thoughts):
     """log p(talk target) under the mixed prediction (B*n, P, n_true), 0 where there is none."""
     tgt = th["talk_targets"].repeat_interleave(n_thoughts, 0)  # (B*n, P, n_true)
-    logp = F.log_softmax(th["mixed_logits"].float(), -1).gather(-1, tgt.clamp(min=0)[..., None])
+    logp = F.log_softmax(text_logits(th["mixed_logits"]), -1).gather(-1, tgt.clamp(min=0)[..., None])
     return logp.squeeze(-1) * (tgt >= 0), tgt >= 0
 
 
@@ -287,7 +333,7 @@ def quiet_star_loss(th, seqs, n_thoughts, args):
     """(loss, stats): w_base * base NLL + w_mixed * mixed NLL + beta * REINFORCE."""
     y = targets(seqs)
     V = th["base_logits"].size(-1)
-    nll_base = F.cross_entropy(th["base_logits"].float().reshape(-1, V), y.reshape(-1),
+    nll_base = F.cross_entropy(text_logits(th["base_logits"]).reshape(-1, V), y.reshape(-1),
                                ignore_index=-1)
     logp, valid = talk_logp(th, n_thoughts)  # (B*n, P, n_true)
     nll_mixed = -logp.sum() / valid.sum().clamp(min=1)
@@ -309,14 +355,18 @@ def quiet_star_loss(th, seqs, n_thoughts, args):
 
 
 @torch.no_grad()
-def evaluate(model, head, data, problems, args, batch_size=64):
+def evaluate(model, head, data, args, batch_size=64):
     """With head=None the plain model; else greedy thoughts at every position (n_true=1).
-    Returns answer-token NLL, greedy answer accuracy (all answer tokens right) overall and per
-    difficulty, and for a thinking model the mean mixing weight and its pass-0 answer NLL."""
+    Returns, over the answer tokens of the bare lines in data (pack's output): their mean NLL,
+    greedy accuracy (a line is right when all its answer tokens are), each line's NLL (summed
+    over its answer tokens) and rightness for paired intervals, and for a thinking model the
+    mean mixing weight there and the NLL of its pass 0 (the same model without thoughts)."""
     seqs_all, ans_all = data
     device = next(model.parameters()).device
-    tot = {"nll": 0.0, "nll_nothought": 0.0, "w": 0.0, "n": 0}
-    wrong = set()
+    n = int(ans_all.max()) + 1
+    nll, nll0 = torch.zeros(n, dtype=torch.float64), 0.0
+    right, measured = torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
+    w_sum, n_tok = 0.0, 0
     for s in range(0, len(seqs_all), batch_size):
         seqs, ans = seqs_all[s:s + batch_size].to(device), ans_all[s:s + batch_size, 1:]
         y = targets(seqs)  # (B, T)
@@ -328,45 +378,58 @@ def evaluate(model, head, data, problems, args, batch_size=64):
                 th = think(model, head, seqs, torch.arange(T, device=device),
                             args.thought_len, 1, temperature=0.0)
                 logits, w = th["mixed_logits"][:, :, 0], th["w"][:, :, 0]  # (B, T, V)
-        logp = F.log_softmax(logits.float(), -1).gather(-1, y.clamp(min=0)[..., None])[..., 0]
-        hard = (ans >= 0).to(device)
-        tot["nll"] -= logp[hard].sum().item()
-        tot["n"] += int(hard.sum())
+        logits = text_logits(logits)
+        logp = F.log_softmax(logits, -1).gather(-1, y.clamp(min=0)[..., None])[..., 0]
+        hard = ans >= 0
+        idx = ans[hard]
+        nll.index_add_(0, idx, -logp.cpu()[hard].double())
+        measured[idx] = True
+        miss = (logits.argmax(-1) != y).cpu()[hard]
+        right[idx[miss]] = False
+        n_tok += int(hard.sum())
         if head is not None:
-            lp0 = F.log_softmax(th["base_logits"].float(), -1)  # pass 0: no thought
-            lp0 = lp0.gather(-1, y.clamp(min=0)[..., None])[..., 0]
-            tot["nll_nothought"] -= lp0[hard].sum().item()
-            tot["w"] += w.float()[hard].sum().item()
-        miss = (logits.argmax(-1) != y).cpu() & (ans >= 0)
-        wrong.update(ans[miss].tolist())
-    by_diff = {}
-    for i, p in enumerate(problems):
-        by_diff.setdefault(p.difficulty, []).append(i not in wrong)
-    res = {"answer_nll": tot["nll"] / tot["n"],
-           "accuracy": 1 - len(wrong) / len(problems),
-           "accuracy_by_difficulty": {str(d): sum(v) / len(v) for d, v in sorted(by_diff.items())}}
+            lp0 = F.log_softmax(text_logits(th["base_logits"]), -1)  # pass 0: no thought
+            nll0 -= lp0.gather(-1, y.clamp(min=0)[..., None])[..., 0].cpu()[hard].sum().item()
+            w_sum += w.float().cpu()[hard].sum().item()
+    res = {"answer_nll": nll[measured].sum().item() / n_tok,
+           "accuracy": right[measured].float().mean().item(),
+           "line_nll": [round(x, 5) for x in nll[measured].tolist()],
+           "line_right": [int(x) for x in right[measured].tolist()]}
     if head is not None:
-        res["answer_nll_nothought"] = tot["nll_nothought"] / tot["n"]
-        res["mixing_weight"] = tot["w"] / tot["n"]
+        res["answer_nll_nothought"] = nll0 / n_tok
+        res["mixing_weight"] = w_sum / n_tok
     return res
 
 
+def paired(quiet, plain):
+    """The change from the plain arm to the thinking one on the same lines, with 95% bootstrap
+    intervals: answer NLL in percent of the plain arm's, and accuracy in points."""
+    d_nll = [a - b for a, b in zip(quiet["line_nll"], plain["line_nll"])]
+    scale = 100 / (sum(plain["line_nll"]) / len(plain["line_nll"]))
+    d_acc = [a - b for a, b in zip(quiet["line_right"], plain["line_right"])]
+    return {"nll_pct": scale * sum(d_nll) / len(d_nll),
+            "nll_pct_ci": [scale * x for x in bootstrap_ci(d_nll)],
+            "acc": sum(d_acc) / len(d_acc), "acc_ci": list(bootstrap_ci(d_acc))}
+
+
 @torch.no_grad()
-def sample_lines(model, head, problems, thought_len, k=6):
-    """A few held-out lines for a person to read: before each answer token, the greedy thought,
-    the mixing weight, and the token then predicted (teacher-forced on the true text, as
-    evaluate() reads accuracy: a line is right when every answer token is predicted)."""
+def sample_lines(model, head, task, problems, thought_len, k=6):
+    """A few held-out bare lines for a person to read: before each answer token, the greedy
+    thought, the mixing weight, and the token then predicted (teacher-forced on the true text,
+    as evaluate() reads accuracy: a line is right when every answer token is predicted)."""
     device = next(model.parameters()).device
     lines = []
     for p in problems[:k]:
-        ids = encode(line(p))
+        text = line(task, p, worked=False)
+        ids = encode(text)
         n_q = len(p.question) + 1  # "a+b=": the answer starts after it
-        at = torch.arange(n_q - 1, len(ids) - 1, device=device)  # the answer's predictors
+        at = torch.arange(n_q - 1, n_q - 1 + len(p.answer), device=device)  # its predictors
         th = think(model, head, torch.tensor([ids], device=device), at, thought_len, 1,
                    temperature=0.0)
         pred = th["mixed_logits"][0, :, 0].argmax(-1).tolist()
-        verdict = "right" if pred == ids[n_q:] else "wrong"
-        lines.append(f"{line(p).strip()}   [{verdict}: predicted {decode(pred)!r}]")
+        verdict = "right" if pred == ids[n_q:n_q + len(p.answer)] else "wrong"
+        lines.append(f"{text.strip()}   [{verdict}: predicted {decode(pred)!r}; "
+                     f"the work: {scratch(task, p)}]")
         for i, t in enumerate(at.tolist()):
             lines.append(f"    after {decode(ids[:t + 1])!r}: thought "
                          f"{decode(th['thoughts'][0, i].tolist())!r} "
@@ -383,7 +446,7 @@ def lm_step(model, opt, seqs, lr):
     y = targets(seqs)
     with autocast(str(seqs.device)):
         logits = model(seqs[:, :-1])
-    loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1),
+    loss = F.cross_entropy(text_logits(logits).reshape(-1, logits.size(-1)), y.reshape(-1),
                            ignore_index=-1)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -392,12 +455,24 @@ def lm_step(model, opt, seqs, lr):
     return loss.item()
 
 
+def move_meta_tokens(wte, before, median_norm, mult, max_change):
+    """Departure 2: the meta-token rows (before: as they were before the optimizer step) move
+    mult times as far as Adam moved them, but each at most max_change times the median row norm
+    (before the step) per step; max_change = inf: no bound, as in the official code."""
+    with torch.no_grad():
+        step = mult * (wte[META] - before)
+        step *= (max_change * median_norm / step.norm(dim=1, keepdim=True)).clamp(max=1.0)
+        wte[META] = before + step
+
+
 def quiet_star_step(model, head, opt, seqs, lr, step, args):
     for g in opt.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("lr_mult", 1.0)
     generator = torch.Generator(device=seqs.device).manual_seed(
         seed_for(args.seed, "thoughts", step))
-    at = torch.arange(0, args.seq_len, args.think_stride, device=seqs.device)
+    # with a stride k, step s thinks at positions s % k, s % k + k, ...: every position in turn
+    at = torch.arange(step % args.think_stride, args.seq_len, args.think_stride,
+                      device=seqs.device)
     with autocast(str(seqs.device)):
         th = think(model, head, seqs, at, args.thought_len, args.n_true, args.n_thoughts,
                     args.thought_temperature, generator)
@@ -406,10 +481,9 @@ def quiet_star_step(model, head, opt, seqs, lr, step, args):
     loss.backward()
     torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(head.parameters()), 1.0)
     wte = model.transformer.wte.weight
-    before = wte[[SOT, EOTH]].detach().clone()
+    before, median_norm = wte[META].detach().clone(), wte.detach().norm(dim=1).median()
     opt.step()
-    with torch.no_grad():  # departure 2: the meta-tokens move meta_lr_mult times as far
-        wte[[SOT, EOTH]] = before + args.meta_lr_mult * (wte[[SOT, EOTH]] - before)
+    move_meta_tokens(wte, before, median_norm, args.meta_lr_mult, args.meta_max_change)
     return stats
 
 
@@ -425,7 +499,10 @@ def run(args, task, P, D, test, out, device, new_model):
     problems = sample_problems(task, args.n_test, args.test_difficulty,
                                seed=seed_for(args.seed, "test"))
     held_out = frozenset(p.question for p in problems)
-    data = pack(problems, args.seq_len)
+    data = pack(task, problems, show_work(len(problems), args.worked_fraction,
+                                          seed_for(args.seed, "test work")), args.seq_len)
+    bare = [p for p, w in zip(problems, show_work(len(problems), args.worked_fraction,
+                                                  seed_for(args.seed, "test work"))) if not w]
     path = lambda arm, step: os.path.join(out, f"{arm}_step{step}.pt")  # noqa: E731
 
     def cont_lr(s):  # the same schedule for both arms
@@ -444,28 +521,34 @@ def run(args, task, P, D, test, out, device, new_model):
                 bar.set_postfix(loss=f"{loss:.3f}")
         base.eval()
         save_checkpoint(path("base", 0), base, TOKENIZER)
-        quiet, head = copy.deepcopy(base), MixingHead(cfg.n_embd).to(device)
-        init_meta_tokens(quiet)
+        # the diagnostic: can thoughts help this base at all? Its greedy thoughts, mixed in with
+        # a fixed weight: w = 0 is the base alone, w = 1 the prediction after the thought alone
+        quiet = copy.deepcopy(base)
+        init_meta_tokens(quiet, args.meta_init)
         row = {"kind": "base", "step": 0, "base_steps": args.base_steps,
-               "plain": evaluate(base, None, data, problems, args),
-               "quiet": evaluate(quiet, head, data, problems, args),
+               "plain": evaluate(base, None, data, args),
+               "w=0": evaluate(quiet, FixedHead(0.0), data, args),
+               "w=1": evaluate(quiet, FixedHead(1.0), data, args),
                "wall_s": round(time.time() - t0, 1)}
         append_jsonl(metrics, row)
         rows.append(row)
         tqdm.write(f"base LM: answer NLL {row['plain']['answer_nll']:.3f}, accuracy "
-                   f"{row['plain']['accuracy']:.3f} (with the zero mixing head: "
-                   f"{row['quiet']['answer_nll']:.3f}, {row['quiet']['accuracy']:.3f})")
+                   f"{row['plain']['accuracy']:.3f} on {len(bare)} bare held-out lines. "
+                   f"Its {args.thought_len}-token thoughts, mixed with a fixed weight: w = 0 "
+                   f"{row['w=0']['answer_nll']:.3f} ({row['w=0']['accuracy']:.3f}), w = 1 "
+                   f"{row['w=1']['answer_nll']:.3f} ({row['w=1']['accuracy']:.3f})")
 
     # stage 2: both arms start from the base, or from the last committed step
     done = max([r["step"] for r in rows if r["kind"] == "eval"], default=0)
     plain, ck = load_checkpoint(path("base" if done == 0 else "plain", done), device)
     quiet, ckq = load_checkpoint(path("base" if done == 0 else "quiet", done), device)
-    head = MixingHead(cfg.n_embd).to(device)
+    head = MixingHead(cfg.n_embd, bounded=not args.unbounded_weight).to(device)
     if done == 0:
-        init_meta_tokens(quiet)
+        init_meta_tokens(quiet, args.meta_init)
     opt_p = plain.configure_optimizer(args.continue_lr)
     opt_q = quiet.configure_optimizer(args.continue_lr)
-    opt_q.add_param_group({"params": list(head.parameters()), "weight_decay": 0.0})
+    opt_q.add_param_group({"params": list(head.parameters()), "weight_decay": 0.0,
+                           "lr_mult": args.head_lr_mult})
     if done > 0:
         head.load_state_dict(ckq["extra"]["head"])
         opt_q.load_state_dict(ckq["extra"]["opt"])
@@ -492,19 +575,22 @@ def run(args, task, P, D, test, out, device, new_model):
         save_checkpoint(path("quiet", s + 1), quiet, TOKENIZER,
                         extra={"head": head.state_dict(), "opt": opt_q.state_dict()})
         write_atomic(os.path.join(out, f"samples_step{s + 1}.txt"),
-                          sample_lines(quiet, head, problems, args.thought_len))
+                     sample_lines(quiet, head, task, bare, args.thought_len))
         mean = {k: sum(d[k] for d in stats) / len(stats) for k in stats[0]}
         row = {"kind": "eval", "step": s + 1, "tokens_seen": (s + 1) * args.batch_size *
-               args.seq_len, "plain": evaluate(plain, None, data, problems, args),
-               "quiet": evaluate(quiet, head, data, problems, args),
+               args.seq_len, "plain": evaluate(plain, None, data, args),
+               "quiet": evaluate(quiet, head, data, args),
                "train": mean, "wall_s": round(time.time() - t0, 1)}
+        row["change"] = paired(row["quiet"], row["plain"])
         append_jsonl(metrics, row)  # the commit point
         for arm in ("plain", "quiet"):  # only the newest committed models are kept (and base)
             if done > 0 and os.path.exists(path(arm, done)):
                 os.remove(path(arm, done))
         done = s + 1
+        c = row["change"]
         tqdm.write(f"step {s + 1}: answer NLL {row['quiet']['answer_nll']:.3f} with thoughts "
-                   f"vs {row['plain']['answer_nll']:.3f} without | accuracy "
+                   f"vs {row['plain']['answer_nll']:.3f} without ({c['nll_pct']:+.1f}%, 95% CI "
+                   f"{c['nll_pct_ci'][0]:+.1f} to {c['nll_pct_ci'][1]:+.1f}) | accuracy "
                    f"{row['quiet']['accuracy']:.3f} vs {row['plain']['accuracy']:.3f} | "
                    f"w {row['quiet']['mixing_weight']:+.3f}")
         plain.train(), quiet.train()
@@ -519,30 +605,44 @@ def report(args, rows):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = sorted(rows, key=lambda r: r["step"])
-    steps = [r["step"] for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    base = next(r for r in rows if r["kind"] == "base")
+    evals = sorted((r for r in rows if r["kind"] == "eval"), key=lambda r: r["step"])
+    steps = [0] + [r["step"] for r in evals]
+    quiet = [base["w=0"]] + [r["quiet"] for r in evals]  # at step 0 both arms are the base
+    plain = [base["plain"]] + [r["plain"] for r in evals]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for ax, key, label in ((axes[0], "answer_nll", "answer-token NLL (nats)"),
                            (axes[1], "accuracy", "greedy answer accuracy")):
-        ax.plot(steps, [r["quiet"][key] for r in rows], marker="o",
+        ax.plot(steps, [q[key] for q in quiet], marker="o",
                 label=f"Quiet-STaR ({args.thought_len}-token thoughts)")
-        ax.plot(steps, [r["plain"][key] for r in rows], marker="s",
+        ax.plot(steps, [p[key] for p in plain], marker="s",
                 label="base continued, no thoughts (same steps, same tokens)")
-        ax.set_xlabel("steps after the base model")
+        ax.axhline(base["w=1"][key], color="gray", ls=":",
+                   label="base's own thoughts, fixed w = 1 (the diagnostic)")
         ax.set_ylabel(label)
+    axes[2].plot(steps, [q["mixing_weight"] for q in quiet], marker="o", color="C2")
+    axes[2].set_ylabel("mixing weight w at the answer tokens")
+    for ax in axes:
+        ax.set_xlabel("steps after the base model")
         ax.grid(alpha=0.3)
     axes[1].set_ylim(0, 1.02)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"Quiet-STaR on {args.task} text (held-out answers)")
+    fig.suptitle(f"Quiet-STaR on {args.task} text (answers of held-out lines that do not show "
+                 "their work)")
     fig.tight_layout()
     fig.savefig(os.path.join(args.out, "accuracy.png"), dpi=110)
     plt.close(fig)
-    lines = ["| step | NLL, thoughts | NLL, no thoughts | NLL change | acc, thoughts | "
-             "acc, no thoughts | mixing w | wall s |", "|" + "---|" * 8]
-    for r in rows:
-        q, p = r["quiet"], r["plain"]
+    lines = [f"Diagnostic, before training ({len(base['plain']['line_nll'])} bare held-out lines): "
+             f"answer NLL {base['w=0']['answer_nll']:.3f} at w = 0, {base['w=1']['answer_nll']:.3f}"
+             f" at w = 1; accuracy {base['w=0']['accuracy']:.3f} and "
+             f"{base['w=1']['accuracy']:.3f}.", "",
+             "| step | NLL, thoughts | NLL, no thoughts | NLL change (95% CI) | acc, thoughts | "
+             "acc, no thoughts | acc change (95% CI) | mixing w | wall s |", "|" + "---|" * 9]
+    for r in evals:
+        q, p, c = r["quiet"], r["plain"], r["change"]
         lines.append(f"| {r['step']} | {q['answer_nll']:.4f} | {p['answer_nll']:.4f} | "
-                     f"{100 * (q['answer_nll'] / p['answer_nll'] - 1):+.1f}% | "
-                     f"{q['accuracy']:.3f} | {p['accuracy']:.3f} | {q['mixing_weight']:+.3f} | "
-                     f"{r['wall_s']} |")
+                     f"{c['nll_pct']:+.1f}% ({c['nll_pct_ci'][0]:+.1f} to "
+                     f"{c['nll_pct_ci'][1]:+.1f}) | {q['accuracy']:.3f} | {p['accuracy']:.3f} | "
+                     f"{c['acc']:+.3f} ({c['acc_ci'][0]:+.3f} to {c['acc_ci'][1]:+.3f}) | "
+                     f"{q['mixing_weight']:+.3f} | {r['wall_s']} |")
     return "\n".join(lines)

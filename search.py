@@ -53,8 +53,8 @@ from tqdm import tqdm
 
 import star
 import vstar
-from model import (ScalarHead, append_jsonl, autocast, generate, load_checkpoint, read_jsonl,
-                   save_checkpoint, seed_for, train_bce, write_jsonl)
+from model import (ScalarHead, append_jsonl, autocast, bootstrap_ci, generate, load_checkpoint,
+                   read_jsonl, save_checkpoint, seed_for, train_bce, write_jsonl)
 from tasks import EOT, EOTH, NEWLINE, PAD, SOT, TOKENIZER, decode, encode
 
 # Every setting of a run, per preset (train.py fills the flags left unset from here, and refuses
@@ -608,9 +608,9 @@ def report(args, rows):
         if majority and majority["budget"][-1] == N and r is not majority:
             diff = [x - y for x, y in zip(last, majority["last"])]
             lead = "{:+.3f} ({:+.3f} to {:+.3f})".format(
-                sum(diff) / len(diff), *vstar.bootstrap_ci(diff))
+                sum(diff) / len(diff), *bootstrap_ci(diff))
         lines.append(f"| {r['method']} | {r['scorer']} | {N} | {acc:.3f} "
-                     "({:.3f} to {:.3f}) | {} |".format(*vstar.bootstrap_ci(last), lead))
+                     "({:.3f} to {:.3f}) | {} |".format(*bootstrap_ci(last), lead))
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -51,6 +51,16 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def fraction(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number")
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not between 0 and 1")
+    return value
+
+
 def positive(cast):
     def check(text):
         try:
@@ -174,6 +184,17 @@ def get_parser():
                    help="Quiet-STaR: weight of REINFORCE on the thought tokens")
     p.add_argument("--meta-lr-mult", type=positive(float),
                    help="Quiet-STaR: start/end-of-thought embeddings learn this much faster")
+    p.add_argument("--meta-max-change", type=positive(float),
+                   help="Quiet-STaR: most a meta-token row moves per step, times the median "
+                        "row norm (inf: unbounded, the official code)")
+    p.add_argument("--meta-init", choices=["paren", "dash"],
+                   help="Quiet-STaR: meta-tokens start as '(' and ')' or both as '-' (the paper)")
+    p.add_argument("--unbounded-weight", action="store_const", const=True,
+                   help="Quiet-STaR: the official code's unbounded mixing weight, not a sigmoid")
+    p.add_argument("--head-lr-mult", type=positive(float),
+                   help="Quiet-STaR: the mixing head learns this much faster than the model")
+    p.add_argument("--worked-fraction", type=fraction,
+                   help="Quiet-STaR: share of text lines that show their work (0: none)")
     p.add_argument("--eval-every", type=positive(int),
                    help="Quiet-STaR: steps between evaluations (the metrics rows)")
     return p

@@ -47,13 +47,13 @@ import random
 import time
 from itertools import product
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 import star
-from model import (ScalarHead, all_gather, append_jsonl, autocast, load_checkpoint, rank_world,
+from model import (ScalarHead, all_gather, append_jsonl, autocast, bootstrap_ci, load_checkpoint,
+                   rank_world,
                    read_jsonl, save_checkpoint, seed_for, sequence_logprobs, split_batch,
                    train_bce, wrap_ddp, write_jsonl)
 from tasks import EOT, NEWLINE, PAD, TOKENIZER, decode, encode
@@ -371,15 +371,6 @@ def pair_accuracy(right, s):
                 ties += sc[a] == sc[b]
                 good += (sc[a] > sc[b]) + 0.5 * (sc[a] == sc[b])
     return (good / total, ties / total) if total else (float("nan"), float("nan"))
-
-
-def bootstrap_ci(values, reps=2000, seed=0):
-    """95% percentile-bootstrap interval of the mean of per-problem values, resampling problems;
-    for a difference between two methods, pass the per-problem differences."""
-    values = np.asarray(values, dtype=float)
-    idx = np.random.default_rng(seed).integers(0, len(values), (reps, len(values)))
-    lo, hi = np.percentile(values[idx].mean(1), [2.5, 97.5])
-    return float(lo), float(hi)
 
 
 def run(args, task, P, D, test, out, device, new_model):

@@ -67,6 +67,6 @@ def sample_problems(task, n, difficulties, seed, exclude=frozenset()) -> list[Pr
     return problems
 
 
-__all__ = ["TASKS", "get_task", "sample_problems", "Problem", "Task", "Addition", "Chain", "Countdown",
-           "Expression", "reachable", "solve", "get_tokenizer", "encode", "decode",
+__all__ = ["TASKS", "get_task", "sample_problems", "Problem", "Task", "Addition", "Chain",
+           "Countdown", "Expression", "reachable", "solve", "get_tokenizer", "encode", "decode",
            "EOT", "SOT", "EOTH", "PAD", "NEWLINE", "TOKENIZER"]

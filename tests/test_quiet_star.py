@@ -37,7 +37,9 @@ def random_head(n_embd, seed=1):
 
 
 def arithmetic_rows(n=4, T=16):
-    seqs, ans = qs.pack(sample_problems(get_task("addition"), 3 * n, [1, 2], seed=0), T)
+    """Chain lines, every other one showing its work: "3+4=7", "3+4*2=(7,4)4"."""
+    problems = sample_problems(get_task("chain"), 3 * n, [1, 2], seed=0)
+    seqs, ans = qs.pack(get_task("chain"), problems, [i % 2 == 1 for i in range(3 * n)], T)
     return seqs[:n], ans[:n]
 
 
@@ -97,7 +99,7 @@ def test_thought_mask_every_position():
 
 def test_zero_mixing_head_gives_the_base_models_predictions():
     model = tiny_model()
-    head = qs.MixingHead(32)  # as initialised: last layer zero
+    head = qs.MixingHead(32, bounded=False)  # the official code's head, as initialised: w = 0
     qs.init_meta_tokens(model)
     seqs, _ = arithmetic_rows()
     T, n_true = seqs.size(1) - 1, 3
@@ -110,8 +112,11 @@ def test_zero_mixing_head_gives_the_base_models_predictions():
     for j in range(n_true):
         t = torch.arange(T - j)  # talk token j at position t predicts what base does at t + j
         assert torch.allclose(out["mixed_logits"][:, t, j], base[:, t + j], atol=1e-5)
-    # and the meta-tokens start as the embedding of the pause "-"
+    # and the meta-tokens start as the embeddings of "(" and ")", or both of the pause "-"
     wte = model.transformer.wte.weight
+    assert torch.equal(wte[SOT], wte[encode("(")[0]])
+    assert torch.equal(wte[EOTH], wte[encode(")")[0]])
+    qs.init_meta_tokens(model, "dash")
     assert torch.equal(wte[SOT], wte[encode("-")[0]]) and torch.equal(wte[EOTH], wte[SOT])
 
 
@@ -141,8 +146,9 @@ def test_reinforce_gradient_does_not_reach_forced_tokens():
 def test_reward_is_centred_per_position_and_clamped():
     # one row, two thoughts, one position, n_true = 2, vocabulary of 3; thought of 1 token
     logits = torch.log(torch.tensor([[0.5, 0.25, 0.25], [0.25, 0.5, 0.25]]))
-    mixed = torch.stack([logits, logits[[1, 0]]])[:, None]  # (2 thoughts, P=1, n_true=2, V)
-    out = {"base_logits": torch.zeros(1, 2, 3),
+    mixed = torch.stack([logits, logits[[1, 0]]])[:, None]  # (2 thoughts, P=1, n_true=2, 3)
+    mixed = torch.nn.functional.pad(mixed, (0, 97), value=float("-inf"))  # the other tokens: p 0
+    out = {"base_logits": torch.zeros(1, 2, 100),
            "talk_targets": torch.tensor([[[0, 1]]]),  # (B=1, P=1, n_true=2)
            "mixed_logits": mixed,
            "thought_logp": torch.tensor([[[-1.0]], [[-2.0]]])}  # (2, 1, 1)
@@ -190,11 +196,11 @@ def test_greedy_accuracy_equals_token_by_token_generation():
     task = get_task("addition")
     problems = sample_problems(task, 6, [1], seed=3)
     args = argparse.Namespace(thought_len=2)
-    res = qs.evaluate(model, head, qs.pack(problems, 7), problems, args)  # a line per row
+    res = qs.evaluate(model, head, qs.pack(task, problems, [False] * 6, 7), args)  # a line per row
     right = 0
     for p in problems:
-        toks = decode_with_thoughts(model, head, encode(p.question + "="), len(p.answer) + 1, 2)
-        right += toks == encode(p.answer + "\n")
+        toks = decode_with_thoughts(model, head, encode(p.question + "="), len(p.answer), 2)
+        right += toks == encode(p.answer)
     assert res["accuracy"] == right / len(problems)
     assert EOT in qs.BANNED  # the text never ends inside a line
 
@@ -226,7 +232,7 @@ def test_run_resumes_after_an_interruption(tmp_path, monkeypatch):
     resumed = read_jsonl(os.path.join(cut, "metrics.jsonl"))
     assert [r["step"] for r in resumed] == [0, 2, 4]
     for a, b in zip(rows, resumed):
-        for arm in ("plain", "quiet"):
+        for arm in ("plain", "quiet") if a["kind"] == "eval" else ("plain", "w=0", "w=1"):
             assert abs(a[arm]["answer_nll"] - b[arm]["answer_nll"]) < 1e-5, (a["step"], arm)
     assert json.load(open(os.path.join(cut, "config.json")))["thought_len"] == 2
 
@@ -243,9 +249,54 @@ def test_meta_tokens_move_meta_lr_mult_times_as_far():
         before = wte[[SOT, EOTH]].detach().clone()
         other = wte[5].detach().clone()
         args = loss_args(seed=0, seq_len=seqs.size(1) - 1, think_stride=1, thought_len=2,
-                         n_true=2, n_thoughts=2, thought_temperature=1.0, meta_lr_mult=mult)
+                         n_true=2, n_thoughts=2, thought_temperature=1.0, meta_lr_mult=mult,
+                         meta_max_change=float("inf"))
         qs.quiet_star_step(model, head, opt, seqs, 1e-3, 0, args)
         moves[mult] = (wte[[SOT, EOTH]].detach() - before, wte[5].detach() - other)
     assert moves[1.0][0].abs().sum() > 0
     assert torch.allclose(moves[100.0][0], 100 * moves[1.0][0], rtol=1e-4, atol=1e-7)
     assert torch.allclose(moves[100.0][1], moves[1.0][1])  # an ordinary token: unchanged
+
+
+def test_bounded_mixing_weight_stays_between_0_and_1():
+    head = random_head(32)  # last layer far from zero: w would be anywhere without the bound
+    h = 10 * torch.randn(2, 50, 32), 10 * torch.randn(2, 50, 32)
+    mixed, w = head(*h)
+    assert ((w > 0) & (w < 1)).all() and w.min() < 0.01 and w.max() > 0.99  # the bound works
+    assert torch.allclose(mixed, (1 - w[..., None]) * h[0] + w[..., None] * h[1])
+    head.bounded = False  # the official code's head: the same network, unbounded
+    assert ((head(*h)[1] < 0) | (head(*h)[1] > 1)).any()
+    assert torch.allclose(qs.MixingHead(32)(*h)[1], torch.tensor(0.01))  # starts near 0
+
+
+def test_meta_token_change_per_step_is_bounded():
+    seqs, _ = arithmetic_rows()
+    model, head = tiny_model(), qs.MixingHead(32)
+    qs.init_meta_tokens(model)
+    opt = model.configure_optimizer(1e-3)
+    opt.add_param_group({"params": list(head.parameters()), "weight_decay": 0.0})
+    wte = model.transformer.wte.weight
+    args = loss_args(seed=0, seq_len=seqs.size(1) - 1, think_stride=1, thought_len=2, n_true=2,
+                     n_thoughts=2, thought_temperature=1.0, meta_lr_mult=100.0,
+                     meta_max_change=0.01)
+    for step in range(3):
+        before = wte[[SOT, EOTH]].detach().clone()
+        cap = 0.01 * wte.detach().norm(dim=1).median()
+        qs.quiet_star_step(model, head, opt, seqs, 1e-3, step, args)
+        moved = (wte[[SOT, EOTH]].detach() - before).norm(dim=1)
+        assert (moved > 0).all() and (moved <= cap * (1 + 1e-5)).all(), (moved, cap)
+        assert torch.allclose(moved, cap, rtol=1e-4)  # x100 of Adam's step is always above it
+
+
+def test_only_bare_lines_answers_are_measured():
+    task = get_task("chain")
+    p = sample_problems(task, 2, [3], seed=0)
+    assert qs.line(task, p[0], worked=True) == (
+        f"{p[0].question}=({','.join(task.running(p[0].data))}){p[0].answer}\n")
+    seqs, ans = qs.pack(task, p, [True, False], 40)
+    text = qs.line(task, p[0], True) + qs.line(task, p[1], False)
+    assert seqs[0, :len(text)].tolist() == encode(text)
+    hard = (ans[0] >= 0).nonzero().flatten().tolist()
+    start = len(qs.line(task, p[0], True)) + len(p[1].question) + 1
+    assert hard == list(range(start, start + len(p[1].answer)))  # the digits, not the newline
+    assert (ans[0, hard] == 1).all()

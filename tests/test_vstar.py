@@ -17,7 +17,7 @@ import torch
 
 import train
 import vstar
-from model import GPT, GPTConfig, ScalarHead, read_jsonl, sequence_logprobs
+from model import GPT, GPTConfig, ScalarHead, bootstrap_ci, read_jsonl, sequence_logprobs
 from tasks import EOT, decode, encode
 
 PAD = 99
@@ -155,11 +155,11 @@ def test_pair_accuracy_counts_a_tie_as_half_on_a_hand_example():
 
 def test_bootstrap_interval_covers_the_mean_and_narrows_with_more_problems():
     values = [1.0] * 30 + [0.0] * 70
-    lo, hi = vstar.bootstrap_ci(values)
+    lo, hi = bootstrap_ci(values)
     assert lo < 0.3 < hi and 0.1 < hi - lo < 0.25  # binomial: +-1.96 * 0.046
-    lo4, hi4 = vstar.bootstrap_ci(values * 4)
+    lo4, hi4 = bootstrap_ci(values * 4)
     assert hi4 - lo4 < 0.6 * (hi - lo)  # 4x the problems: about half the width
-    assert vstar.bootstrap_ci([0.2] * 10) == (0.2, 0.2)
+    assert bootstrap_ci([0.2] * 10) == (0.2, 0.2)
 
 
 @pytest.mark.slow
