@@ -13,30 +13,45 @@ Teach Themselves to Think Before Speaking" (arXiv 2403.09629), Algorithm 1 and t
      the mean over the thoughts sampled at the same position (negatives clamped to 0);
      loss = w_base * NLL(base) + w_mixed * NLL(mixed) + beta * REINFORCE(sampled thought tokens).
 
-The text is arithmetic with no written steps ("37+486=523\n" lines), so the answer digits are
-tokens that need computation to predict: the hard tokens. A base language model is trained on it
-from scratch; Quiet-STaR continues from it, and so does the comparison (the same base, the same
-batches and steps, plain next-token loss, no thoughts).
+The text: lines of the chain task (tasks/chain.py), half of which show their work:
+    8+8*8+5=3            a bare line: the answer digit needs three lookups in one forward pass
+    8+8*8+5:(6,8,3)3     a worked line: the running digit after each operation, then the answer
+A base language model trained from scratch on this text writes the work well when a line asks
+for it and answers badly when it does not. The hard tokens measured are the answer digits of
+bare held-out lines. Quiet-STaR continues from the base, and so does the comparison (the same
+base, the same batches and steps, plain next-token loss, no thoughts). As in the paper, the base
+already reasons in text; Quiet-STaR teaches it to reason silently where that helps the next
+token. Before training, a diagnostic mixes the base's own greedy thoughts in with a fixed weight
+(w = 0: no thought; w = 1: the prediction after the thought alone): can thoughts help at all?
 
 Run: python train.py --method quiet_star          (python train.py --help: thought flags)
 Test: python -m pytest tests/test_quiet_star.py
 
-Deliberate departures from the paper and its code:
+Deliberate departures from the paper and its code (each flag restores the code's choice):
 1. A tiny GPT trained from scratch on arithmetic text, not Mistral-7B on OpenWebMath.
 2. Meta-token learning rate: the code stores the start/end embeddings divided by 100 so that
    Adam moves them 100x faster. model.py's embedding is one tensor, so instead the change Adam
    made to those two rows is multiplied by --meta-lr-mult after every step (nearly the same
-   effect; weight decay and gradient clipping see the rows unscaled).
-3. Thought log-probs for REINFORCE are taken at the sampling temperature (the code uses 3).
-4. The evaluation thinks greedily (deterministic thoughts), so "greedy answer accuracy" can be
+   effect; weight decay and gradient clipping see the rows unscaled), and each row moves at most
+   --meta-max-change times the median row norm per step (--meta-max-change inf: unbounded).
+   Unbounded, a start-of-thought row went from norm 0.23 to 2.01 in 6 steps.
+3. The meta-tokens start as "(" and ")", the brackets of the work in the text (the paper starts
+   both at "---"; --meta-init dash starts both at "-").
+4. The mixing weight is w = tanh(MLP(...)), in (-1, 1) and exactly the code's unbounded weight
+   near 0 (--mixing linear: the code's; --mixing sigmoid: in (0, 1)); the head learns
+   --head-lr-mult times faster than the model.
+5. Thought log-probs for REINFORCE are taken at the sampling temperature (the code uses 3).
+6. The meta-tokens are not text: their logits are masked out of every next-token prediction.
+7. The evaluation thinks greedily (deterministic thoughts), so "greedy answer accuracy" can be
    read exactly from teacher-forced argmaxes: greedy decoding is right iff every answer token
    is the argmax given the right prefix (tests/test_quiet_star.py decodes token by token with
    think_naive and checks that it agrees).
-5. Not a departure, a mechanism: the gradient flows through the thoughts' keys and values as
-   in the code; model.KVCache writes in place, which autograd refuses once a written slice was
-   read ("modified by an inplace operation"), so ConcatCache below grows by concatenation.
-6. The tiny (CPU) preset thinks at every second position (--think-stride 2) and for 100 steps,
-   to fit ten minutes on two cores; the other presets think at every token, as the paper.
+8. The tiny (CPU) preset thinks at every second position (--think-stride 2; step s thinks at
+   positions s % 2, s % 2 + 2, ..., so every position in turn), to fit ten minutes on two
+   cores; the other presets think at every token, as the paper.
+Not a departure, a mechanism: the gradient flows through the thoughts' keys and values as in the
+code; model.KVCache writes in place, which autograd refuses once a written slice was read
+("modified by an inplace operation"), so ConcatCache below grows by concatenation.
 """
 
 import copy
@@ -58,7 +73,7 @@ from tasks import EOT, EOTH, PAD, SOT, TOKENIZER, decode, encode, sample_problem
 # the others). The loss weights and the meta-token multiplier are the official code's.
 _SHARED = dict(task="chain", worked_fraction=0.5, thought_temperature=1.0, base_weight=0.5,
                mixed_weight=0.5, reinforce_weight=1.0, meta_lr_mult=100.0, meta_max_change=0.01,
-               meta_init="paren", unbounded_weight=False, head_lr_mult=20.0)
+               meta_init="paren", mixing="tanh", head_lr_mult=20.0)
 DEFAULTS = {
     "tiny": dict(_SHARED, base_steps=1000, think_steps=200, batch_size=32, lr=2e-3,
                  continue_lr=5e-4, n_test=400, seq_len=48, thought_len=5, n_true=2, n_thoughts=2,
@@ -85,9 +100,12 @@ def scratch(task, p):
 
 
 def line(task, p, worked):
-    """"8+8*8+5=3\n" (bare) or "8+8*8+5=(6,8,3)3\n" (worked: the steps shown in brackets)."""
-    work = f"({scratch(task, p)})" if worked else ""
-    return f"{p.question}={work}{p.answer}\n"
+    """"8+8*8+5=3\n" (bare) or "8+8*8+5:(6,8,3)3\n" (worked: the steps shown in brackets).
+    A worked line writes ":" where a bare one writes "=", so the token before a bare answer
+    says that a digit comes next, not a bracket: the answer is the only hard thing there."""
+    if worked:
+        return f"{p.question}:({scratch(task, p)}){p.answer}\n"
+    return f"{p.question}={p.answer}\n"
 
 
 def show_work(n, fraction, seed):
@@ -164,23 +182,25 @@ def init_meta_tokens(model, how="paren"):
 
 
 class MixingHead(nn.Module):
-    """w = sigmoid(MLP([h_base, h_thought])); mixed = (1 - w) h_base + w h_thought, before the LM
-    head. The last layer's weights start at zero and its bias at logit(w0), so w starts at w0
-    everywhere and the model starts close to the base model. bounded=False is the official
-    code's head: w = MLP(...) itself, unbounded, starting at exactly 0."""
+    """w = bound(MLP([h_base, h_thought])); mixed = (1 - w) h_base + w h_thought, before the LM
+    head. The last layer starts at zero, so w = 0 and the model starts as the base model.
+    bound: "tanh" keeps w in (-1, 1) and is the identity near 0, so it learns as the official
+    code's head does while the weight is small; "linear" is that head, unbounded; "sigmoid"
+    keeps w in (0, 1), starting at w0 (it cannot start at 0)."""
 
-    def __init__(self, n_embd, bounded=True, w0=0.01):
+    def __init__(self, n_embd, bound="tanh", w0=0.01):
         super().__init__()
-        self.bounded = bounded
+        if bound not in ("tanh", "linear", "sigmoid"):
+            raise ValueError(f"unknown mixing bound {bound!r}; choose tanh, linear or sigmoid")
+        self.bound = bound
         self.mlp = nn.Sequential(nn.Linear(2 * n_embd, n_embd), nn.ReLU(),
                                  nn.Linear(n_embd, n_embd), nn.ReLU(), nn.Linear(n_embd, 1))
         nn.init.zeros_(self.mlp[-1].weight)
-        nn.init.constant_(self.mlp[-1].bias, math.log(w0 / (1 - w0)) if bounded else 0.0)
+        nn.init.constant_(self.mlp[-1].bias, math.log(w0 / (1 - w0)) if bound == "sigmoid" else 0)
 
     def forward(self, h_base, h_thought):
-        w = self.mlp(torch.cat([h_base, h_thought], dim=-1))  # (..., 1)
-        if self.bounded:
-            w = torch.sigmoid(w)
+        z = self.mlp(torch.cat([h_base, h_thought], dim=-1))  # (..., 1)
+        w = {"tanh": torch.tanh, "linear": lambda x: x, "sigmoid": torch.sigmoid}[self.bound](z)
         return (1 - w) * h_base + w * h_thought, w.squeeze(-1)
 
 
@@ -426,7 +446,7 @@ def sample_lines(model, head, task, problems, thought_len, k=6):
         at = torch.arange(n_q - 1, n_q - 1 + len(p.answer), device=device)  # its predictors
         th = think(model, head, torch.tensor([ids], device=device), at, thought_len, 1,
                    temperature=0.0)
-        pred = th["mixed_logits"][0, :, 0].argmax(-1).tolist()
+        pred = text_logits(th["mixed_logits"][0, :, 0]).argmax(-1).tolist()
         verdict = "right" if pred == ids[n_q:n_q + len(p.answer)] else "wrong"
         lines.append(f"{text.strip()}   [{verdict}: predicted {decode(pred)!r}; "
                      f"the work: {scratch(task, p)}]")
@@ -542,7 +562,7 @@ def run(args, task, P, D, test, out, device, new_model):
     done = max([r["step"] for r in rows if r["kind"] == "eval"], default=0)
     plain, ck = load_checkpoint(path("base" if done == 0 else "plain", done), device)
     quiet, ckq = load_checkpoint(path("base" if done == 0 else "quiet", done), device)
-    head = MixingHead(cfg.n_embd, bounded=not args.unbounded_weight).to(device)
+    head = MixingHead(cfg.n_embd, args.mixing).to(device)
     if done == 0:
         init_meta_tokens(quiet, args.meta_init)
     opt_p = plain.configure_optimizer(args.continue_lr)

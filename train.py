@@ -189,8 +189,9 @@ def get_parser():
                         "row norm (inf: unbounded, the official code)")
     p.add_argument("--meta-init", choices=["paren", "dash"],
                    help="Quiet-STaR: meta-tokens start as '(' and ')' or both as '-' (the paper)")
-    p.add_argument("--unbounded-weight", action="store_const", const=True,
-                   help="Quiet-STaR: the official code's unbounded mixing weight, not a sigmoid")
+    p.add_argument("--mixing", choices=["tanh", "linear", "sigmoid"],
+                   help="Quiet-STaR: the mixing weight's bound: tanh (-1..1), linear (none, the "
+                        "official code), sigmoid (0..1)")
     p.add_argument("--head-lr-mult", type=positive(float),
                    help="Quiet-STaR: the mixing head learns this much faster than the model")
     p.add_argument("--worked-fraction", type=fraction,

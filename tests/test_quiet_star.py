@@ -99,7 +99,7 @@ def test_thought_mask_every_position():
 
 def test_zero_mixing_head_gives_the_base_models_predictions():
     model = tiny_model()
-    head = qs.MixingHead(32, bounded=False)  # the official code's head, as initialised: w = 0
+    head = qs.MixingHead(32)  # as initialised: last layer zero, so w = tanh(0) = 0
     qs.init_meta_tokens(model)
     seqs, _ = arithmetic_rows()
     T, n_true = seqs.size(1) - 1, 3
@@ -258,15 +258,21 @@ def test_meta_tokens_move_meta_lr_mult_times_as_far():
     assert torch.allclose(moves[100.0][1], moves[1.0][1])  # an ordinary token: unchanged
 
 
-def test_bounded_mixing_weight_stays_between_0_and_1():
-    head = random_head(32)  # last layer far from zero: w would be anywhere without the bound
+def test_mixing_weight_stays_in_its_bounds():
     h = 10 * torch.randn(2, 50, 32), 10 * torch.randn(2, 50, 32)
-    mixed, w = head(*h)
-    assert ((w > 0) & (w < 1)).all() and w.min() < 0.01 and w.max() > 0.99  # the bound works
-    assert torch.allclose(mixed, (1 - w[..., None]) * h[0] + w[..., None] * h[1])
-    head.bounded = False  # the official code's head: the same network, unbounded
-    assert ((head(*h)[1] < 0) | (head(*h)[1] > 1)).any()
-    assert torch.allclose(qs.MixingHead(32)(*h)[1], torch.tensor(0.01))  # starts near 0
+    for bound, lo, hi in (("tanh", -1, 1), ("sigmoid", 0, 1)):
+        head = random_head(32)  # last layer far from zero: w would be anywhere without a bound
+        head.bound = bound
+        mixed, w = head(*h)
+        assert ((w > lo) & (w < hi)).all(), bound
+        assert w.min() < lo + 0.01 and w.max() > hi - 0.01, bound  # the bound has work to do
+        assert torch.allclose(mixed, (1 - w[..., None]) * h[0] + w[..., None] * h[1])
+    head.bound = "linear"  # the official code's head: the same network, unbounded
+    assert ((head(*h)[1] < -1) | (head(*h)[1] > 1)).any()
+    assert (qs.MixingHead(32)(*h)[1] == 0).all()  # tanh starts at exactly 0
+    assert torch.allclose(qs.MixingHead(32, "sigmoid")(*h)[1], torch.tensor(0.01))
+    with pytest.raises(ValueError, match="choose tanh, linear or sigmoid"):
+        qs.MixingHead(32, "relu")
 
 
 def test_meta_token_change_per_step_is_bounded():
@@ -292,7 +298,7 @@ def test_only_bare_lines_answers_are_measured():
     task = get_task("chain")
     p = sample_problems(task, 2, [3], seed=0)
     assert qs.line(task, p[0], worked=True) == (
-        f"{p[0].question}=({','.join(task.running(p[0].data))}){p[0].answer}\n")
+        f"{p[0].question}:({','.join(task.running(p[0].data))}){p[0].answer}\n")
     seqs, ans = qs.pack(task, p, [True, False], 40)
     text = qs.line(task, p[0], True) + qs.line(task, p[1], False)
     assert seqs[0, :len(text)].tolist() == encode(text)
