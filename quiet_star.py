@@ -345,7 +345,8 @@ def think_naive(model, head, prefix, thought_len, future=(), temperature=0.0, ge
 def talk_logp(th, n_thoughts):
     """log p(talk target) under the mixed prediction (B*n, P, n_true), 0 where there is none."""
     tgt = th["talk_targets"].repeat_interleave(n_thoughts, 0)  # (B*n, P, n_true)
-    logp = F.log_softmax(text_logits(th["mixed_logits"]), -1).gather(-1, tgt.clamp(min=0)[..., None])
+    logp = F.log_softmax(text_logits(th["mixed_logits"]), -1)
+    logp = logp.gather(-1, tgt.clamp(min=0)[..., None])
     return logp.squeeze(-1) * (tgt >= 0), tgt >= 0
 
 
@@ -519,10 +520,9 @@ def run(args, task, P, D, test, out, device, new_model):
     problems = sample_problems(task, args.n_test, args.test_difficulty,
                                seed=seed_for(args.seed, "test"))
     held_out = frozenset(p.question for p in problems)
-    data = pack(task, problems, show_work(len(problems), args.worked_fraction,
-                                          seed_for(args.seed, "test work")), args.seq_len)
-    bare = [p for p, w in zip(problems, show_work(len(problems), args.worked_fraction,
-                                                  seed_for(args.seed, "test work"))) if not w]
+    worked = show_work(len(problems), args.worked_fraction, seed_for(args.seed, "test work"))
+    data = pack(task, problems, worked, args.seq_len)
+    bare = [p for p, w in zip(problems, worked) if not w]  # the lines measured
     path = lambda arm, step: os.path.join(out, f"{arm}_step{step}.pt")  # noqa: E731
 
     def cont_lr(s):  # the same schedule for both arms

@@ -138,7 +138,8 @@ def test_random_text_rejected(name):
 @pytest.mark.parametrize("name", ["addition", "chain", "expression"])
 def test_process_verifier_flags_only_the_corrupted_step(name):
     # Addition and chain compare lines with gold; expression is value-based: in all, a
-    # corrupted step is flagged alone and the outcome (which reads only the answer line) is still right.
+    # corrupted step is flagged alone and the outcome (which reads only the answer line) is
+    # still right.
     task, rng, tested = get_task(name), random.Random(3), 0
     for p in problems(task, n=10):
         steps = task.rationale(p)
