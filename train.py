@@ -237,6 +237,9 @@ def resolve(args, parser):
             setattr(args, name, value)
     if getattr(args, "eval_samples", None) and args.eval_samples & (args.eval_samples - 1):
         parser.error(f"argument --eval-samples: {args.eval_samples} is not a power of 2")
+    if getattr(args, "worked_fraction", None) == 1:
+        parser.error("argument --worked-fraction: 1 leaves no bare lines to measure; "
+                     "choose 0 <= fraction < 1")
     if getattr(args, "temperature", None) is not None and args.temperature < 0:
         parser.error(f"argument --temperature: {args.temperature} must be 0 or more")
     if args.checkpoint is not None and not os.path.isfile(args.checkpoint):

@@ -14,7 +14,7 @@ import train
 
 BAD_INPUT = [  # (arguments, words the one-line error must contain)
     (["--method", "magic"], ["magic", "sft", "star"]),
-    (["--task", "poetry"], ["poetry", "addition", "countdown", "expression"]),
+    (["--task", "poetry"], ["poetry", "addition", "chain", "countdown", "expression"]),
     (["--preset", "huge"], ["huge", "tiny", "gpu"]),
     (["--n-train", "0"], ["--n-train", "'0'", "greater than 0"]),
     (["--steps", "-5"], ["--steps", "'-5'", "greater than 0"]),
@@ -28,6 +28,9 @@ BAD_INPUT = [  # (arguments, words the one-line error must contain)
     (["--method", "quiet_star", "--checkpoint", "m.pt"], ["--checkpoint", "quiet_star"]),
     (["--method", "quiet_star", "--steps", "5"], ["--steps", "quiet_star", "--think-steps"]),
     (["--method", "search", "--no-rationalize"], ["--no-rationalize", "search"]),
+    (["--method", "quiet_star", "--worked-fraction", "1.5"], ["--worked-fraction", "'1.5'"]),
+    (["--method", "quiet_star", "--worked-fraction", "1"], ["--worked-fraction", "no bare"]),
+    (["--method", "quiet_star", "--mixing", "relu"], ["--mixing", "relu", "tanh"]),
 ]
 
 
