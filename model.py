@@ -9,8 +9,9 @@ token embedding. Parameter names and shapes map one-to-one onto Hugging Face's G
 
 What the methods need from it, all here:
 - forward(idx, pos, mask, cache, return_hidden): explicit position ids and attention mask (for
-  left-padded batches and Quiet-STaR's thought mask), a KV cache passed explicitly, and the
-  final hidden states (for a verifier's head or Quiet-STaR's mixing head);
+  left-padded batches and Quiet-STaR's thought mask), a KV cache passed explicitly (KVCache,
+  or ConcatCache when gradients must flow through it), and the final hidden states (for a
+  verifier's head or Quiet-STaR's mixing head);
 - generate(): the one sampler. Batched sampling of ragged prompts (left padding, per-row
   positions), several copies of a prompt from one prefill, temperature, top-k, a
   torch.Generator or per-row seeds, per-row stop tokens (end-of-text, or a newline for one
@@ -22,7 +23,8 @@ What the methods need from it, all here:
   outcome and process reward models of vstar.py and search.py);
 - save_checkpoint / load_checkpoint, device detection, bf16 autocast;
 - what every training loop shares: lr_at (the schedule), seed_for (derived seeds), atomic
-  JSONL and text writes, and the torchrun helpers (wrap_ddp, split_batch, all_gather).
+  JSONL and text writes, bootstrap_ci (the 95% intervals), and the torchrun helpers (wrap_ddp,
+  split_batch, all_gather).
 
 Run the tests: python -m pytest tests/test_model.py
 Benchmark the sampler: python tests/bench_sampling.py
@@ -117,6 +119,26 @@ class KVCache:
         """Row b becomes repeats[b] consecutive rows: a prompt encoded once serves its copies."""
         self.k = [x.repeat_interleave(repeats, dim=0) for x in self.k]  # (B', nh, max_len, hs)
         self.v = [x.repeat_interleave(repeats, dim=0) for x in self.v]
+
+
+class ConcatCache:
+    """A KV cache for training, KVCache's interface (update, pos), that grows by concatenation:
+    gradients flow through the cached keys and values (Quiet-STaR's thoughts attend to them),
+    and autograd refuses KVCache's in-place writes once a written slice was read."""
+
+    def __init__(self, n_layer):
+        self.k, self.v, self.pos = [None] * n_layer, [None] * n_layer, 0
+
+    def update(self, layer, k, v):
+        if self.k[layer] is not None:
+            k, v = torch.cat([self.k[layer], k], 2), torch.cat([self.v[layer], v], 2)
+        self.k[layer], self.v[layer] = k, v
+        return k, v
+
+    def repeat_rows(self, n):
+        """Each row n times (row b -> rows b*n .. b*n+n-1): n thoughts share one pass 0."""
+        self.k = [k.repeat_interleave(n, 0) for k in self.k]
+        self.v = [v.repeat_interleave(n, 0) for v in self.v]
 
 
 # -----------------------------------------------------------------------------

@@ -1,9 +1,9 @@
 """
 Quiet-STaR: the model thinks after every token, and learns which thoughts help predict the text.
 
-Follows Zelikman, Harik, Shao, Jayasiri, Haber, Goodman 2024, "Quiet-STaR: Language Models Can
-Teach Themselves to Think Before Speaking" (arXiv 2403.09629), Algorithm 1 and the official code
-(ezelikman/quiet-star). For every position t of a training sequence, in parallel:
+Follows Zelikman et al. 2024, "Quiet-STaR: Language Models Can Teach Themselves to Think Before
+Speaking" (arXiv 2403.09629), Algorithm 1 and the official code (ezelikman/quiet-star). For every
+position t of a training sequence, in parallel:
   1. think: append <|startofthought|>, sample thought_len tokens, append <|endofthought|>
      (one forward pass per token for all positions at once, reusing the KV cache; the attention
      mask lets each thought see its real prefix x[:t+1] and its own earlier thought tokens only);
@@ -16,42 +16,27 @@ Teach Themselves to Think Before Speaking" (arXiv 2403.09629), Algorithm 1 and t
 The text: lines of the chain task (tasks/chain.py), half of which show their work:
     8+8*8+5=3            a bare line: the answer digit needs three lookups in one forward pass
     8+8*8+5:(6,8,3)3     a worked line: the running digit after each operation, then the answer
-A base language model trained from scratch on this text writes the work well when a line asks
-for it and answers badly when it does not. The hard tokens measured are the answer digits of
-bare held-out lines. Quiet-STaR continues from the base, and so does the comparison (the same
-base, the same batches and steps, plain next-token loss, no thoughts). As in the paper, the base
-already reasons in text; Quiet-STaR teaches it to reason silently where that helps the next
-token. Before training, a diagnostic mixes the base's own greedy thoughts in with a fixed weight
-(w = 0: no thought; w = 1: the prediction after the thought alone): can thoughts help at all?
+As in the paper, the base (trained here from scratch on this text) already reasons in text, and
+Quiet-STaR teaches it to reason silently. Measured: the answer digits of bare held-out lines,
+against the equal-compute continuation (same base, batches and steps, no thoughts), after a
+diagnostic (the base's own thoughts mixed in at a fixed w = 0 and w = 1: can they help at all?).
 
 Run: python train.py --method quiet_star          (python train.py --help: thought flags)
 Test: python -m pytest tests/test_quiet_star.py
 
-Deliberate departures from the paper and its code (each flag restores the code's choice):
+Departures from the paper and its code (a flag restores each of the code's choices):
 1. A tiny GPT trained from scratch on arithmetic text, not Mistral-7B on OpenWebMath.
-2. Meta-token learning rate: the code stores the start/end embeddings divided by 100 so that
-   Adam moves them 100x faster. model.py's embedding is one tensor, so instead the change Adam
-   made to those two rows is multiplied by --meta-lr-mult after every step (nearly the same
-   effect; weight decay and gradient clipping see the rows unscaled), and each row moves at most
-   --meta-max-change times the median row norm per step (--meta-max-change inf: unbounded).
-   Unbounded, a start-of-thought row went from norm 0.23 to 2.01 in 6 steps.
-3. The meta-tokens start as "(" and ")", the brackets of the work in the text (the paper starts
-   both at "---"; --meta-init dash starts both at "-").
-4. The mixing weight is w = tanh(MLP(...)), in (-1, 1) and exactly the code's unbounded weight
-   near 0 (--mixing linear: the code's; --mixing sigmoid: in (0, 1)); the head learns
+2. Meta-tokens: Adam's step on their rows is multiplied by --meta-lr-mult (the code divides the
+   embeddings by 100) and capped per step by --meta-max-change (inf: the code's, under which a
+   start-of-thought row went from norm 0.23 to 2.01 in 6 steps); they start as "(" and ")"
+   (--meta-init dash: the paper's "---") and are never text (move_meta_tokens, text_logits).
+3. A tanh-bounded mixing weight (--mixing linear: the code's; MixingHead), learning
    --head-lr-mult times faster than the model.
-5. Thought log-probs for REINFORCE are taken at the sampling temperature (the code uses 3).
-6. The meta-tokens are not text: their logits are masked out of every next-token prediction.
-7. The evaluation thinks greedily (deterministic thoughts), so "greedy answer accuracy" can be
-   read exactly from teacher-forced argmaxes: greedy decoding is right iff every answer token
-   is the argmax given the right prefix (tests/test_quiet_star.py decodes token by token with
-   think_naive and checks that it agrees).
-8. The tiny (CPU) preset thinks at every second position (--think-stride 2; step s thinks at
-   positions s % 2, s % 2 + 2, ..., so every position in turn), to fit ten minutes on two
-   cores; the other presets think at every token, as the paper.
-Not a departure, a mechanism: the gradient flows through the thoughts' keys and values as in the
-code; model.KVCache writes in place, which autograd refuses once a written slice was read
-("modified by an inplace operation"), so ConcatCache below grows by concatenation.
+4. REINFORCE's thought log-probs are at the sampling temperature (the code uses 3).
+5. Evaluation thinks greedily, so greedy answer accuracy is read exactly from teacher-forced
+   argmaxes (tests/test_quiet_star.py checks it against token-by-token decoding).
+6. The tiny preset thinks at every second position (--think-stride 2; step s starts at s % 2,
+   so every position in turn) to fit ten minutes on two cores; the others at every token.
 """
 
 import copy
@@ -65,27 +50,26 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model import (GPT, append_jsonl, autocast, bootstrap_ci, get_config, load_checkpoint, lr_at,
-                   pick, read_jsonl, save_checkpoint, seed_for, write_atomic)
+from model import (GPT, ConcatCache, append_jsonl, autocast, bootstrap_ci, get_config,
+                   load_checkpoint, lr_at, pick, read_jsonl, right_pad, save_checkpoint, seed_for,
+                   write_atomic)
 from tasks import EOT, EOTH, PAD, SOT, TOKENIZER, decode, encode, sample_problems
 
 # Every setting of a run, per preset (train.py fills the flags left unset from here, and refuses
 # the others). The loss weights and the meta-token multiplier are the official code's.
-_SHARED = dict(task="chain", worked_fraction=0.5, thought_temperature=1.0, base_weight=0.5,
-               mixed_weight=0.5, reinforce_weight=1.0, meta_lr_mult=100.0, meta_max_change=0.01,
-               meta_init="paren", mixing="tanh", head_lr_mult=20.0)
-DEFAULTS = {
-    "tiny": dict(_SHARED, base_steps=1000, think_steps=200, batch_size=32, lr=2e-3,
-                 continue_lr=5e-4, n_test=400, seq_len=48, thought_len=5, n_true=2, n_thoughts=2,
-                 think_stride=2, eval_every=50, train_difficulty="3", test_difficulty="3"),
-    "small": dict(_SHARED, base_steps=3000, think_steps=500, batch_size=32, lr=1e-3,
-                  continue_lr=3e-4, n_test=1000, seq_len=64, thought_len=7, n_true=2,
-                  n_thoughts=2, think_stride=1, eval_every=100, train_difficulty="4",
-                  test_difficulty="4"),
-    "gpu": dict(_SHARED, base_steps=5000, think_steps=2000, batch_size=64, lr=1e-3,
-                continue_lr=3e-4, n_test=2000, seq_len=128, thought_len=11, n_true=2,
-                n_thoughts=2, think_stride=1, eval_every=200, train_difficulty="6",
-                test_difficulty="6"),
+_SHARED = dict(task="chain", worked_fraction=0.5, n_true=2, n_thoughts=2, thought_temperature=1.0,
+               base_weight=0.5, mixed_weight=0.5, reinforce_weight=1.0, meta_lr_mult=100.0,
+               meta_max_change=0.01, meta_init="paren", mixing="tanh", head_lr_mult=20.0)
+DEFAULTS = {  # the thoughts are as long as the work at the training difficulty ("6,8,3": 5)
+    "tiny": dict(_SHARED, base_steps=1000, think_steps=200, batch_size=32, lr=2e-3, n_test=400,
+                 continue_lr=5e-4, seq_len=48, thought_len=5, think_stride=2, eval_every=50,
+                 train_difficulty="3", test_difficulty="3"),
+    "small": dict(_SHARED, base_steps=3000, think_steps=500, batch_size=32, lr=1e-3, n_test=1000,
+                  continue_lr=3e-4, seq_len=64, thought_len=7, think_stride=1, eval_every=100,
+                  train_difficulty="4", test_difficulty="4"),
+    "gpu": dict(_SHARED, base_steps=5000, think_steps=2000, batch_size=64, lr=1e-3, n_test=2000,
+                continue_lr=3e-4, seq_len=128, thought_len=11, think_stride=1, eval_every=200,
+                train_difficulty="6", test_difficulty="6"),
 }
 META = [SOT, EOTH]
 BANNED = (SOT, EOTH, EOT, PAD)  # never sampled as a thought token nor emitted as text
@@ -100,9 +84,8 @@ def scratch(task, p):
 
 
 def line(task, p, worked):
-    """"8+8*8+5=3\n" (bare) or "8+8*8+5:(6,8,3)3\n" (worked: the steps shown in brackets).
-    A worked line writes ":" where a bare one writes "=", so the token before a bare answer
-    says that a digit comes next, not a bracket: the answer is the only hard thing there."""
+    """"8+8*8+5=3\n" (bare) or "8+8*8+5:(6,8,3)3\n" (worked): ":" where a bare line has "=",
+    so the token before a bare answer announces a digit, never a bracket."""
     if worked:
         return f"{p.question}:({scratch(task, p)}){p.answer}\n"
     return f"{p.question}={p.answer}\n"
@@ -115,12 +98,9 @@ def show_work(n, fraction, seed):
 
 
 def pack(task, problems, worked, T):
-    """Whole lines packed into rows of T+1 tokens (inputs are [:T], targets [1:]), right-padded.
-
-    Returns (seqs (N, T+1) long, ans (N, T+1) long): ans is the index of the problem whose answer
-    digit sits at that column, for bare lines only, -1 elsewhere: the hard tokens are the answer
-    digits of lines that do not show their work. A line is never split across rows.
-    """
+    """Whole lines (never split) packed into rows of T+1 tokens, right-padded: (seqs, ans), both
+    (N, T+1); ans holds the index of the problem whose answer digit sits at that column, for bare
+    lines only (the hard tokens), -1 elsewhere."""
     rows, ans, cur, cur_ans = [], [], [], []
     for i, (p, w) in enumerate(zip(problems, worked)):
         text = line(task, p, w)
@@ -133,18 +113,14 @@ def pack(task, problems, worked, T):
         n_q = len(ids) - len(p.answer) - 1  # "a+b=" and any work shown: what follows is the answer
         cur += ids
         cur_ans += [-1] * n_q + [-1 if w else i] * len(p.answer) + [-1]  # the newline: -1
-    rows.append(cur), ans.append(cur_ans)
-    seqs = torch.full((len(rows), T + 1), PAD, dtype=torch.long)
-    where = torch.full((len(rows), T + 1), -1, dtype=torch.long)
-    for b, (r, a) in enumerate(zip(rows, ans)):
-        seqs[b, :len(r)], where[b, :len(a)] = torch.tensor(r), torch.tensor(a)
-    return seqs, where
+    pad = T + 1 - len(cur)  # the last row, padded to T+1, sets the width of the batch
+    rows.append(cur + [PAD] * pad), ans.append(cur_ans + [-1] * pad)
+    return right_pad(rows, PAD, "cpu"), right_pad(ans, -1, "cpu")
 
 
 def train_batch(task, args, step, held_out):
-    """batch_size rows of fresh lines (worked_fraction of them showing their work), drawn from a
-    seed derived from the step (so a resumed run sees the same batches); test questions never
-    appear."""
+    """batch_size rows of fresh lines, from a seed derived from the step (a resumed run sees the
+    same batches); test questions never appear."""
     seed = seed_for(args.seed, "batch", step)
     n = args.batch_size * ((args.seq_len + 1) // 6 + 1)  # more than fit (a line is >= 6)
     problems = sample_problems(task, n, args.train_difficulty, seed, exclude=held_out)
@@ -152,28 +128,31 @@ def train_batch(task, args, step, held_out):
     return seqs[:args.batch_size]
 
 
-def text_logits(logits):
-    """Logits of the next text token, in float: the meta-tokens are not text, so they get no
+def text_logits(logits, banned=META):
+    """Float logits with the banned tokens at -inf. The meta-tokens are not text, so they get no
     probability (they start as copies of "(" and ")", whose mass they would otherwise share)."""
     logits = logits.float().clone()
-    logits[..., META] = float("-inf")
+    logits[..., list(banned)] = float("-inf")
     return logits
 
 
 def targets(seqs):
     """Next-token targets of seqs[:, :-1], with padding ignored (-1)."""
-    y = seqs[:, 1:].clone()
-    y[y == PAD] = -1
-    return y
+    return seqs[:, 1:].masked_fill(seqs[:, 1:] == PAD, -1)
+
+
+def target_logp(logits, y):
+    """log p(y) under the next-text-token distribution of logits (..., V); 0 where y = -1."""
+    logp = F.log_softmax(text_logits(logits), -1).gather(-1, y.clamp(min=0)[..., None])[..., 0]
+    return logp * (y >= 0)
 
 # -----------------------------------------------------------------------------
-# The pieces: meta-tokens, the mixing head, a cache that keeps gradients, the thought mask
+# The pieces: meta-tokens, the mixing head, the thought mask, the thought tokens
 
 
 def init_meta_tokens(model, how="paren"):
-    """Start and end of thought start as the embeddings of existing tokens: "(" and ")", the
-    delimiters of the work shown in the text (how="paren"), or both as the pause "-" (how="dash":
-    the paper's "---" in a character vocabulary)."""
+    """Start and end of thought start as "(" and ")", the brackets of the work (how="paren"), or
+    both as the pause "-" (how="dash": the paper's "---" in a character vocabulary)."""
     start, end = "()" if how == "paren" else "--"
     with torch.no_grad():
         wte = model.transformer.wte.weight
@@ -183,10 +162,8 @@ def init_meta_tokens(model, how="paren"):
 
 class MixingHead(nn.Module):
     """w = bound(MLP([h_base, h_thought])); mixed = (1 - w) h_base + w h_thought, before the LM
-    head. The last layer starts at zero, so w = 0 and the model starts as the base model.
-    bound: "tanh" keeps w in (-1, 1) and is the identity near 0, so it learns as the official
-    code's head does while the weight is small; "linear" is that head, unbounded; "sigmoid"
-    keeps w in (0, 1), starting at w0 (it cannot start at 0)."""
+    head; the last layer starts at zero, so w = 0 (the base model). bound: "tanh", w in (-1, 1),
+    near 0 the official code's head; "linear", that head; "sigmoid", w in (0, 1), from w0."""
 
     def __init__(self, n_embd, bound="tanh", w0=0.01):
         super().__init__()
@@ -205,8 +182,8 @@ class MixingHead(nn.Module):
 
 
 class FixedHead(nn.Module):
-    """A mixing "head" with one weight everywhere: the diagnostic of whether thoughts can help
-    at all (w = 0: the base model alone; w = 1: the prediction after the thought alone)."""
+    """The diagnostic's head: one weight w everywhere (w = 0: the base model alone; w = 1: the
+    prediction after the thought alone). No parameters, so it draws nothing from the RNG."""
 
     def __init__(self, w):
         super().__init__()
@@ -214,25 +191,6 @@ class FixedHead(nn.Module):
 
     def forward(self, h_base, h_thought):
         return (1 - self.w) * h_base + self.w * h_thought, torch.full_like(h_base[..., 0], self.w)
-
-
-class ConcatCache:
-    """A KV cache for training: the same interface as model.KVCache (update, pos), but it grows
-    by concatenation, so the thought tokens' gradients flow into the keys they attend to."""
-
-    def __init__(self, n_layer):
-        self.k, self.v, self.pos = [None] * n_layer, [None] * n_layer, 0
-
-    def update(self, layer, k, v):
-        if self.k[layer] is not None:
-            k, v = torch.cat([self.k[layer], k], 2), torch.cat([self.v[layer], v], 2)
-        self.k[layer], self.v[layer] = k, v
-        return k, v
-
-    def repeat_rows(self, n):
-        """Each row n times (row b -> rows b*n .. b*n+n-1): n thoughts share one pass 0."""
-        self.k = [k.repeat_interleave(n, 0) for k in self.k]
-        self.v = [v.repeat_interleave(n, 0) for v in self.v]
 
 
 def thought_mask(T, at, k):
@@ -252,11 +210,9 @@ def thought_token(logits, temperature, generator):
     """(token, its log-prob) per row from logits (..., V) with the meta-tokens banned, picked by
     model.pick (greedy at temperature 0). The log-prob is at the sampling temperature (1 when
     greedy): it is what REINFORCE differentiates."""
-    logits = logits.float().clone()
-    logits[..., list(BANNED)] = float("-inf")
-    u = None
-    if temperature > 0:
-        u = torch.rand(logits.shape, generator=generator, device=logits.device)
+    logits = text_logits(logits, BANNED)
+    u = torch.rand(logits.shape, generator=generator, device=logits.device) \
+        if temperature > 0 else None
     tok = pick(logits, temperature, u=u)
     logp = F.log_softmax(logits / (temperature or 1.0), dim=-1)
     return tok, logp.gather(-1, tok[..., None]).squeeze(-1)
@@ -345,9 +301,7 @@ def think_naive(model, head, prefix, thought_len, future=(), temperature=0.0, ge
 def talk_logp(th, n_thoughts):
     """log p(talk target) under the mixed prediction (B*n, P, n_true), 0 where there is none."""
     tgt = th["talk_targets"].repeat_interleave(n_thoughts, 0)  # (B*n, P, n_true)
-    logp = F.log_softmax(text_logits(th["mixed_logits"]), -1)
-    logp = logp.gather(-1, tgt.clamp(min=0)[..., None])
-    return logp.squeeze(-1) * (tgt >= 0), tgt >= 0
+    return target_logp(th["mixed_logits"], tgt), tgt >= 0
 
 
 def quiet_star_loss(th, seqs, n_thoughts, args):
@@ -358,8 +312,8 @@ def quiet_star_loss(th, seqs, n_thoughts, args):
                                ignore_index=-1)
     logp, valid = talk_logp(th, n_thoughts)  # (B*n, P, n_true)
     nll_mixed = -logp.sum() / valid.sum().clamp(min=1)
-    # reward: how much more likely the true continuation is with this thought than with the
-    # average thought at the same position; only better-than-average thoughts are pushed up
+    # reward: how much likelier the true text is with this thought than with the average one
+    # at the same position; only better-than-average thoughts are pushed up
     r = logp.detach().sum(-1).view(-1, n_thoughts, logp.size(1))  # (B, n, P)
     adv = (r - r.mean(1, keepdim=True)).clamp(min=0).view(-1, logp.size(1))  # (B*n, P)
     has = valid[..., 0].float()  # positions with at least one true token to predict
@@ -377,48 +331,39 @@ def quiet_star_loss(th, seqs, n_thoughts, args):
 
 @torch.no_grad()
 def evaluate(model, head, data, args, batch_size=64):
-    """With head=None the plain model; else greedy thoughts at every position (n_true=1).
-    Returns, over the answer tokens of the bare lines in data (pack's output): their mean NLL,
-    greedy accuracy (a line is right when all its answer tokens are), each line's NLL (summed
-    over its answer tokens) and rightness for paired intervals, and for a thinking model the
-    mean mixing weight there and the NLL of its pass 0 (the same model without thoughts)."""
+    """Over the answer tokens of the bare lines in data (pack's output), with head=None the plain
+    model, else greedy thoughts at every position (n_true=1): mean NLL, greedy accuracy, each
+    line's NLL and rightness (for paired intervals), and the mean mixing weight there."""
     seqs_all, ans_all = data
     device = next(model.parameters()).device
-    n = int(ans_all.max()) + 1
-    nll, nll0 = torch.zeros(n, dtype=torch.float64), 0.0
-    right, measured = torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
-    w_sum, n_tok = 0.0, 0
+    logps, wrongs, ws = [], [], []
     for s in range(0, len(seqs_all), batch_size):
-        seqs, ans = seqs_all[s:s + batch_size].to(device), ans_all[s:s + batch_size, 1:]
+        seqs = seqs_all[s:s + batch_size].to(device)
         y = targets(seqs)  # (B, T)
-        T = y.size(1)
         with autocast(str(device)):
             if head is None:
-                logits = model(seqs[:, :T])
+                logits = model(seqs[:, :-1])
             else:
-                th = think(model, head, seqs, torch.arange(T, device=device),
-                            args.thought_len, 1, temperature=0.0)
-                logits, w = th["mixed_logits"][:, :, 0], th["w"][:, :, 0]  # (B, T, V)
-        logits = text_logits(logits)
-        logp = F.log_softmax(logits, -1).gather(-1, y.clamp(min=0)[..., None])[..., 0]
-        hard = ans >= 0
-        idx = ans[hard]
-        nll.index_add_(0, idx, -logp.cpu()[hard].double())
-        measured[idx] = True
-        miss = (logits.argmax(-1) != y).cpu()[hard]
-        right[idx[miss]] = False
-        n_tok += int(hard.sum())
-        if head is not None:
-            lp0 = F.log_softmax(text_logits(th["base_logits"]), -1)  # pass 0: no thought
-            nll0 -= lp0.gather(-1, y.clamp(min=0)[..., None])[..., 0].cpu()[hard].sum().item()
-            w_sum += w.float().cpu()[hard].sum().item()
-    res = {"answer_nll": nll[measured].sum().item() / n_tok,
-           "accuracy": right[measured].float().mean().item(),
-           "line_nll": [round(x, 5) for x in nll[measured].tolist()],
-           "line_right": [int(x) for x in right[measured].tolist()]}
+                th = think(model, head, seqs, torch.arange(y.size(1), device=device),
+                           args.thought_len, 1, temperature=0.0)
+                logits = th["mixed_logits"][:, :, 0]  # (B, T, V)
+                ws.append(th["w"][:, :, 0].float().cpu())
+        logps.append(target_logp(logits, y).cpu())
+        wrongs.append((text_logits(logits).argmax(-1) != y).cpu())
+    ans = ans_all[:, 1:]
+    hard = ans >= 0
+    _, line_of = ans[hard].unique(return_inverse=True)  # each hard token's line, in line order
+    n = int(line_of.max()) + 1
+    nll = torch.zeros(n, dtype=torch.float64)
+    nll.index_add_(0, line_of, -torch.cat(logps)[hard].double())
+    right = torch.ones(n, dtype=torch.bool)
+    right[line_of[torch.cat(wrongs)[hard]]] = False
+    res = {"answer_nll": nll.sum().item() / int(hard.sum()),
+           "accuracy": right.float().mean().item(),
+           "line_nll": [round(x, 5) for x in nll.tolist()],
+           "line_right": [int(x) for x in right.tolist()]}
     if head is not None:
-        res["answer_nll_nothought"] = nll0 / n_tok
-        res["mixing_weight"] = w_sum / n_tok
+        res["mixing_weight"] = torch.cat(ws)[hard].double().mean().item()
     return res
 
 
@@ -435,9 +380,8 @@ def paired(quiet, plain):
 
 @torch.no_grad()
 def sample_lines(model, head, task, problems, thought_len, k=6):
-    """A few held-out bare lines for a person to read: before each answer token, the greedy
-    thought, the mixing weight, and the token then predicted (teacher-forced on the true text,
-    as evaluate() reads accuracy: a line is right when every answer token is predicted)."""
+    """A few bare held-out lines to read: before each answer token, the greedy thought, the
+    mixing weight and the token then predicted (teacher-forced, as evaluate() reads accuracy)."""
     device = next(model.parameters()).device
     lines = []
     for p in problems[:k]:
@@ -461,25 +405,28 @@ def sample_lines(model, head, task, problems, thought_len, k=6):
 # Training: the base model, then Quiet-STaR and the equal-compute continuation side by side
 
 
-def lm_step(model, opt, seqs, lr):
+def optimizer_step(opt, loss, params, lr):
+    """Every group at lr (times its lr_mult), the gradient clipped to norm 1 over params."""
     for g in opt.param_groups:
-        g["lr"] = lr
-    y = targets(seqs)
-    with autocast(str(seqs.device)):
-        logits = model(seqs[:, :-1])
-    loss = F.cross_entropy(text_logits(logits).reshape(-1, logits.size(-1)), y.reshape(-1),
-                           ignore_index=-1)
+        g["lr"] = lr * g.get("lr_mult", 1.0)
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
+
+
+def lm_step(model, opt, seqs, lr):
+    with autocast(str(seqs.device)):
+        logits = model(seqs[:, :-1])
+    loss = F.cross_entropy(text_logits(logits).reshape(-1, logits.size(-1)),
+                           targets(seqs).reshape(-1), ignore_index=-1)
+    optimizer_step(opt, loss, model.parameters(), lr)
     return loss.item()
 
 
 def move_meta_tokens(wte, before, median_norm, mult, max_change):
-    """Departure 2: the meta-token rows (before: as they were before the optimizer step) move
-    mult times as far as Adam moved them, but each at most max_change times the median row norm
-    (before the step) per step; max_change = inf: no bound, as in the official code."""
+    """Departure 2: the meta-token rows move mult times as far as Adam moved them from `before`,
+    each at most max_change x the median row norm before the step (inf: the official code)."""
     with torch.no_grad():
         step = mult * (wte[META] - before)
         step *= (max_change * median_norm / step.norm(dim=1, keepdim=True)).clamp(max=1.0)
@@ -487,8 +434,6 @@ def move_meta_tokens(wte, before, median_norm, mult, max_change):
 
 
 def quiet_star_step(model, head, opt, seqs, lr, step, args):
-    for g in opt.param_groups:
-        g["lr"] = lr * g.get("lr_mult", 1.0)
     generator = torch.Generator(device=seqs.device).manual_seed(
         seed_for(args.seed, "thoughts", step))
     # with a stride k, step s thinks at positions s % k, s % k + k, ...: every position in turn
@@ -498,12 +443,9 @@ def quiet_star_step(model, head, opt, seqs, lr, step, args):
         th = think(model, head, seqs, at, args.thought_len, args.n_true, args.n_thoughts,
                     args.thought_temperature, generator)
     loss, stats = quiet_star_loss(th, seqs, args.n_thoughts, args)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(head.parameters()), 1.0)
     wte = model.transformer.wte.weight
     before, median_norm = wte[META].detach().clone(), wte.detach().norm(dim=1).median()
-    opt.step()
+    optimizer_step(opt, loss, list(model.parameters()) + list(head.parameters()), lr)
     move_meta_tokens(wte, before, median_norm, args.meta_lr_mult, args.meta_max_change)
     return stats
 
@@ -525,9 +467,6 @@ def run(args, task, P, D, test, out, device, new_model):
     bare = [p for p, w in zip(problems, worked) if not w]  # the lines measured
     path = lambda arm, step: os.path.join(out, f"{arm}_step{step}.pt")  # noqa: E731
 
-    def cont_lr(s):  # the same schedule for both arms
-        return lr_at(s, args.think_steps, args.continue_lr, warmup=args.think_steps // 10 + 1)
-
     if not any(r["kind"] == "base" for r in rows):  # stage 1: the base language model
         t0 = time.time()
         torch.manual_seed(args.seed)
@@ -541,8 +480,7 @@ def run(args, task, P, D, test, out, device, new_model):
                 bar.set_postfix(loss=f"{loss:.3f}")
         base.eval()
         save_checkpoint(path("base", 0), base, TOKENIZER)
-        # the diagnostic: can thoughts help this base at all? Its greedy thoughts, mixed in with
-        # a fixed weight: w = 0 is the base alone, w = 1 the prediction after the thought alone
+        # the diagnostic: its own greedy thoughts mixed in at w = 0 and w = 1
         quiet = copy.deepcopy(base)
         init_meta_tokens(quiet, args.meta_init)
         row = {"kind": "base", "step": 0, "base_steps": args.base_steps,
@@ -551,12 +489,7 @@ def run(args, task, P, D, test, out, device, new_model):
                "w=1": evaluate(quiet, FixedHead(1.0), data, args),
                "wall_s": round(time.time() - t0, 1)}
         append_jsonl(metrics, row)
-        rows.append(row)
-        tqdm.write(f"base LM: answer NLL {row['plain']['answer_nll']:.3f}, accuracy "
-                   f"{row['plain']['accuracy']:.3f} on {len(bare)} bare held-out lines. "
-                   f"Its {args.thought_len}-token thoughts, mixed with a fixed weight: w = 0 "
-                   f"{row['w=0']['answer_nll']:.3f} ({row['w=0']['accuracy']:.3f}), w = 1 "
-                   f"{row['w=1']['answer_nll']:.3f} ({row['w=1']['accuracy']:.3f})")
+        tqdm.write(diagnostic(row))
 
     # stage 2: both arms start from the base, or from the last committed step
     done = max([r["step"] for r in rows if r["kind"] == "eval"], default=0)
@@ -576,20 +509,18 @@ def run(args, task, P, D, test, out, device, new_model):
         tqdm.write(f"resuming {out} after step {done}")
     plain.train(), quiet.train()
     t0, stats = time.time(), []
-    bar = tqdm(range(done, args.think_steps), desc="Quiet-STaR", leave=False,
-               dynamic_ncols=True)
+    bar = tqdm(range(done, args.think_steps), desc="Quiet-STaR", leave=False, dynamic_ncols=True)
     for s in bar:
-        seqs = train_batch(task, args, s, held_out).to(device)
-        lm_step(plain, opt_p, seqs, cont_lr(s))  # the same batch, no thoughts
-        stats.append(quiet_star_step(quiet, head, opt_q, seqs, cont_lr(s), s, args))
+        seqs = train_batch(task, args, s, held_out).to(device)  # both arms: this batch, this lr
+        lr = lr_at(s, args.think_steps, args.continue_lr, warmup=args.think_steps // 10 + 1)
+        lm_step(plain, opt_p, seqs, lr)
+        stats.append(quiet_star_step(quiet, head, opt_q, seqs, lr, s, args))
         if s % 5 == 0:
-            bar.set_postfix(mixed=f"{stats[-1]['nll_mixed']:.3f}",
-                            base=f"{stats[-1]['nll_base']:.3f}")
+            bar.set_postfix({k: f"{v:.3f}" for k, v in stats[-1].items()})
         if (s + 1) % args.eval_every and s + 1 != args.think_steps:
             continue
         plain.eval(), quiet.eval()
-        # checkpoints carry their step in the name: one written just before an interruption
-        # is never mistaken for the last committed one
+        # a step in the name: one written just before an interruption is never taken as committed
         save_checkpoint(path("plain", s + 1), plain, TOKENIZER,
                         extra={"opt": opt_p.state_dict()})
         save_checkpoint(path("quiet", s + 1), quiet, TOKENIZER,
@@ -607,18 +538,34 @@ def run(args, task, P, D, test, out, device, new_model):
             if done > 0 and os.path.exists(path(arm, done)):
                 os.remove(path(arm, done))
         done = s + 1
-        c = row["change"]
-        tqdm.write(f"step {s + 1}: answer NLL {row['quiet']['answer_nll']:.3f} with thoughts "
-                   f"vs {row['plain']['answer_nll']:.3f} without ({c['nll_pct']:+.1f}%, 95% CI "
-                   f"{c['nll_pct_ci'][0]:+.1f} to {c['nll_pct_ci'][1]:+.1f}) | accuracy "
-                   f"{row['quiet']['accuracy']:.3f} vs {row['plain']['accuracy']:.3f} | "
-                   f"w {row['quiet']['mixing_weight']:+.3f}")
+        tqdm.write(table_row(row))
         plain.train(), quiet.train()
         t0, stats = time.time(), []
     return quiet, head
 
 # -----------------------------------------------------------------------------
 # Report: the plot of both measures over training, and the table
+
+
+def diagnostic(base):
+    """The base row's line: can this base's own thoughts help it at all?"""
+    w0, w1 = base["w=0"], base["w=1"]
+    return (f"Diagnostic, before training ({len(w0['line_nll'])} bare held-out lines): answer "
+            f"NLL {w0['answer_nll']:.3f} at w = 0 (the base), {w1['answer_nll']:.3f} at w = 1 "
+            f"(after its own thought alone); accuracy {w0['accuracy']:.3f} and "
+            f"{w1['accuracy']:.3f}.")
+
+
+TABLE_HEAD = ("| step | NLL, thoughts | NLL, no thoughts | NLL change (95% CI) | acc, thoughts | "
+              "acc, no thoughts | acc change (95% CI) | mixing w | wall s |\n" + "|---" * 9 + "|")
+
+
+def table_row(r):
+    q, p, c = r["quiet"], r["plain"], r["change"]
+    return (f"| {r['step']} | {q['answer_nll']:.4f} | {p['answer_nll']:.4f} | "
+            f"{c['nll_pct']:+.1f}% ({c['nll_pct_ci'][0]:+.1f} to {c['nll_pct_ci'][1]:+.1f}) | "
+            f"{q['accuracy']:.3f} | {p['accuracy']:.3f} | {c['acc']:+.3f} ({c['acc_ci'][0]:+.3f}"
+            f" to {c['acc_ci'][1]:+.3f}) | {q['mixing_weight']:+.3f} | {r['wall_s']} |")
 
 
 def report(args, rows):
@@ -631,19 +578,17 @@ def report(args, rows):
     quiet = [base["w=0"]] + [r["quiet"] for r in evals]  # at step 0 both arms are the base
     plain = [base["plain"]] + [r["plain"] for r in evals]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for ax, key, label in ((axes[0], "answer_nll", "answer-token NLL (nats)"),
-                           (axes[1], "accuracy", "greedy answer accuracy")):
-        ax.plot(steps, [q[key] for q in quiet], marker="o",
+    for ax, key, label in zip(axes, ("answer_nll", "accuracy", "mixing_weight"),
+                              ("answer-token NLL (nats)", "greedy answer accuracy",
+                               "mixing weight w at the answer tokens")):
+        ax.plot(steps, [q[key] for q in quiet], marker="o", color="C0" if ax != axes[2] else "C2",
                 label=f"Quiet-STaR ({args.thought_len}-token thoughts)")
-        ax.plot(steps, [p[key] for p in plain], marker="s",
-                label="base continued, no thoughts (same steps, same tokens)")
-        ax.axhline(base["w=1"][key], color="gray", ls=":",
-                   label="base's own thoughts, fixed w = 1 (the diagnostic)")
-        ax.set_ylabel(label)
-    axes[2].plot(steps, [q["mixing_weight"] for q in quiet], marker="o", color="C2")
-    axes[2].set_ylabel("mixing weight w at the answer tokens")
-    for ax in axes:
-        ax.set_xlabel("steps after the base model")
+        if key != "mixing_weight":
+            ax.plot(steps, [p[key] for p in plain], marker="s",
+                    label="base continued, no thoughts (same steps, same tokens)")
+            ax.axhline(base["w=1"][key], color="gray", ls=":",
+                       label="base's own thoughts, fixed w = 1 (the diagnostic)")
+        ax.set(xlabel="steps after the base model", ylabel=label)
         ax.grid(alpha=0.3)
     axes[1].set_ylim(0, 1.02)
     axes[0].legend(fontsize=8)
@@ -652,17 +597,4 @@ def report(args, rows):
     fig.tight_layout()
     fig.savefig(os.path.join(args.out, "accuracy.png"), dpi=110)
     plt.close(fig)
-    lines = [f"Diagnostic, before training ({len(base['plain']['line_nll'])} bare held-out lines): "
-             f"answer NLL {base['w=0']['answer_nll']:.3f} at w = 0, {base['w=1']['answer_nll']:.3f}"
-             f" at w = 1; accuracy {base['w=0']['accuracy']:.3f} and "
-             f"{base['w=1']['accuracy']:.3f}.", "",
-             "| step | NLL, thoughts | NLL, no thoughts | NLL change (95% CI) | acc, thoughts | "
-             "acc, no thoughts | acc change (95% CI) | mixing w | wall s |", "|" + "---|" * 9]
-    for r in evals:
-        q, p, c = r["quiet"], r["plain"], r["change"]
-        lines.append(f"| {r['step']} | {q['answer_nll']:.4f} | {p['answer_nll']:.4f} | "
-                     f"{c['nll_pct']:+.1f}% ({c['nll_pct_ci'][0]:+.1f} to "
-                     f"{c['nll_pct_ci'][1]:+.1f}) | {q['accuracy']:.3f} | {p['accuracy']:.3f} | "
-                     f"{c['acc']:+.3f} ({c['acc_ci'][0]:+.3f} to {c['acc_ci'][1]:+.3f}) | "
-                     f"{q['mixing_weight']:+.3f} | {r['wall_s']} |")
-    return "\n".join(lines)
+    return "\n".join([diagnostic(base), "", TABLE_HEAD] + [table_row(r) for r in evals])

@@ -18,8 +18,8 @@ Departures from the papers, on purpose:
    bracketed list format: one step per line is what the search methods expand on.
 2. Both operands have exactly n digits (leading digit nonzero; 0..9 when n = 1), so the
    difficulty is exactly the number of columns.
-3. The process verifier compares step k with gold step k character for character: addition has
-   one right scratchpad, so any other line at that position is a wrong step.
+3. The process verifier (Task's default) compares step k with gold step k character for
+   character: addition has one right scratchpad, so any other line there is a wrong step.
 """
 
 from .base import Problem, Task
@@ -46,8 +46,3 @@ class Addition(Task):
             steps.append(f"{da}+{db}+{carry}={s} {partial} C{s // 10}")
             carry = s // 10
         return steps
-
-    def step_ok(self, p, i, line):
-        # Right iff it is the gold line at this position; lines past the last column are wrong.
-        gold = self.rationale(p)
-        return i < len(gold) and line == gold[i]

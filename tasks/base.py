@@ -14,8 +14,9 @@ The newline is the step boundary that beam search and MCTS expand on.
 
 Test: python -m pytest tests/test_tasks.py
 
-To add a task: subclass Task in a new file (name, difficulties, sample, rationale, step_ok or
-check_steps) and add one line to the registry in tasks/__init__.py.
+To add a task: subclass Task in a new file (name, difficulties, sample, rationale, and step_ok or
+check_steps unless a step is right only when it equals the gold one) and add one line to the
+registry in tasks/__init__.py.
 """
 
 import random
@@ -64,8 +65,10 @@ class Task:
         raise NotImplementedError
 
     def step_ok(self, p, i, line) -> bool:
-        """Is step line i (0-based) right? Used by the default check_steps."""
-        raise NotImplementedError
+        """Is step line i (0-based) right? Used by the default check_steps. By default: it is
+        gold step i (a task with one right scratchpad); lines past the last step are wrong."""
+        gold = self.rationale(p)
+        return i < len(gold) and line == gold[i]
 
     # ---- shared: formatting ----
 
