@@ -5,14 +5,16 @@ Every method here is given the same generator and a budget, and counts exactly t
 made the generator sample, so that methods are compared at equal compute (the x-axis of
 search.png). The recipes follow the public implementations summarised in ../shared/PAPERS.md:
 - majority vote, self-consistency (Wang et al. 2022, arXiv 2203.11171), and the vote weighted by
-  a verifier's scores; best-of-N with a verifier (Cobbe et al. 2021, arXiv 2110.14168): V-STaR's
-  DPO verifier (Hosseini et al. 2024, arXiv 2402.06457), trained by vstar.train_dpo;
+  a verifier's scores; best-of-N with a verifier (Cobbe et al. 2021, arXiv 2110.14168): GenRM-CoT
+  (Zhang et al. 2024, arXiv 2408.15240), the best verifier of vstar.py, trained by
+  vstar.train_genrm_cot; its per-step verdicts, weighted by the generator's own probability
+  (product_scorer), are a process scorer for the searches below;
 - a process reward model trained on Math-Shepherd's Monte Carlo labels (Wang et al. 2024,
   arXiv 2312.08935): a step's soft label is the fraction of rollouts from it that reach the
   right answer; a solution's score is its minimum step score;
-- step-level beam search guided by that PRM, as HF search-and-learn does it (Snell et al. 2024,
-  arXiv 2408.03314): N beams each sample one step (a line), duplicates are dropped, the N/M best
-  survive and are each repeated M times;
+- step-level beam search guided by a process scorer, as HF search-and-learn does it (Snell et
+  al. 2024, arXiv 2408.03314): N beams each sample one step (a line), duplicates are dropped,
+  the N/M best survive and are each repeated M times;
 - MCTS over reasoning steps (RAP, Hao et al. 2023, arXiv 2305.14992; rStar-math, Guan et al.
   2025, arXiv 2501.04519): UCT selection (Kocsis and Szepesvari 2006), expansion by sampling a
   few distinct next steps, evaluation by a rollout to the end scored by the verifier, backup.
@@ -33,9 +35,10 @@ Deliberate departures:
 3. The PRM scores a finished solution by its minimum step score (Math-Shepherd) and a prefix by
    its last step's (search-and-learn); it learns from the generator's samples of P+D, with
    --rollouts per step prefix (4 on a CPU; Math-Shepherd: 8), distinct prefixes rolled out once.
-   The DPO verifier learns from the same samples plus P's gold solutions (as V-STaR), and scores
-   a prefix too, by the mean log-probability of its steps; so does the generator itself, the
-   baseline every learned scorer must beat.
+   GenRM-CoT learns from the same samples and P's gold solutions, as V-STaR's verifiers do
+   (their steps recomputed by the task), and scores a prefix by p(every step so far is right);
+   the generator itself scores by its mean token probability, the baseline every learned
+   scorer must beat.
 4. MCTS is anytime: one search of the largest budget is read off after 1, 2, 4, .. simulations;
    a rollout's value is the scorer's score of the finished solution (no PUCT prior). A node is
    expanded once, by --mcts-children samples: a step none of them drew is never tried there.
@@ -60,10 +63,10 @@ from tasks import EOT, EOTH, NEWLINE, PAD, SOT, TOKENIZER, decode, encode
 # Every setting of a run, per preset (train.py fills the flags left unset from here, and refuses
 # the others). Budgets are N: samples of best-of-N and the votes, beams of beam search,
 # simulations of MCTS.
-_SHARED = dict(task="countdown", temperature=1.0, beta=0.1, verifier_lr=1e-4, beam_width=4,
+_SHARED = dict(task="countdown", temperature=1.0, verifier_lr=1e-4, beam_width=4,
                mcts_children=4, mcts_c=1.0, checkpoint=None, compile=False)
 DEFAULTS = {
-    "tiny": dict(_SHARED, n_train=1000, n_unlabeled=200, n_test=100, steps=1200, batch_size=32,
+    "tiny": dict(_SHARED, n_train=1000, n_unlabeled=200, n_test=200, steps=1200, batch_size=32,
                  lr=2e-3, sample_batch_size=300, samples=2, eval_samples=16, verifier_steps=200,
                  rollouts=4, budgets="1,2,4,8,16"),
     "small": dict(_SHARED, n_train=1000, n_unlabeled=1000, n_test=300, steps=3000,
@@ -154,12 +157,30 @@ def oracle_scorer(task):
 def logprob_scorer(model, task):
     """A language model as a scorer: exp(mean log p(y|x)) over the tokens of a finished
     solution, or of a prefix's steps so far (a per-token geometric mean probability, in (0, 1],
-    so it can weight a vote). With V-STaR's DPO verifier (vstar.train_dpo) this is V-STaR's
-    score; with the generator itself, its own confidence: the baseline a verifier must beat."""
+    so it can weight a vote). With the generator itself: its own confidence, the baseline a
+    verifier must beat."""
     def score(items):
         comps = [encode(t) + ([EOT] if fin else []) for _, t, fin in items]
         logp = vstar.scores(model, [encode(task.prompt(p)) for p, _, _ in items], comps, "dpo")
         return [math.exp(lp / max(1, len(c))) for lp, c in zip(logp, comps)]
+    return score
+
+
+def cot_scorer(verifier, task):
+    """GenRM-CoT's p(Yes): a finished solution's p(every step is right), or a prefix's so far."""
+    def score(items):
+        return vstar.cot_scores(verifier, task, [t for _, t, _ in items],
+                                [fin for _, _, fin in items])
+    return score
+
+
+def product_scorer(*scorers):
+    """The product of several scorers' values. GenRM-CoT x generator: the verifier's p(every
+    step so far is right) weighted by the generator's per-token probability, its prior on which
+    step to take. Guided by the verifier alone, beam search keeps the prefixes whose arithmetic
+    is surest (`1-1=0`), which are seldom on a path to the target."""
+    def score(items):
+        return [math.prod(values) for values in zip(*(s(items) for s in scorers))]
     return score
 
 
@@ -437,7 +458,7 @@ def pool_rows(model, task, test, scorers, budgets, args, generator, t0):
     right = [[task.check(p, t) for t in ts] for p, ts in zip(test, texts)]
     answers = [[task.extract_answer(t) for t in ts] for ts in texts]
     flat = [(p, t, True) for p, ts in zip(test, texts) for t in ts]
-    value = {name: scorers[name](flat) for name in ("DPO", "PRM", "generator")}
+    value = {name: scorers[name](flat) for name in ("GenRM-CoT", "PRM", "generator")}
     value = {name: [v[i * n:(i + 1) * n] for i in range(len(test))] for name, v in value.items()}
     ks, rng = [k for k in budgets if k <= n], random.Random(seed_for(args.seed, "weighted vote"))
 
@@ -448,9 +469,10 @@ def pool_rows(model, task, test, scorers, budgets, args, generator, t0):
     rights = [vstar.right_answers(a, r) for a, r in zip(answers, right)]
     acc = {("majority vote", "-"): [[vstar.majority_at_k(a, s, k) for a, s in zip(answers, rights)]
                                     for k in ks],  # exact over every k-subset
-           ("weighted vote", "DPO"): curve(
-               lambda a, r, w, k: weighted_vote_accuracy(a, r, k, w, rng), "DPO"),
-           ("best-of-N", "DPO"): curve(lambda a, r, w, k: vstar.best_of_k(w, r, k), "DPO"),
+           ("weighted vote", "GenRM-CoT"): curve(
+               lambda a, r, w, k: weighted_vote_accuracy(a, r, k, w, rng), "GenRM-CoT"),
+           ("best-of-N", "GenRM-CoT"): curve(lambda a, r, w, k: vstar.best_of_k(w, r, k),
+                                             "GenRM-CoT"),
            ("best-of-N", "PRM"): curve(lambda a, r, w, k: vstar.best_of_k(w, r, k), "PRM"),
            ("best-of-N", "generator"): curve(lambda a, r, w, k: vstar.best_of_k(w, r, k),
                                              "generator"),
@@ -511,23 +533,24 @@ def run(args, task, P, D, test, out, device, new_model):
                                "rollout_tokens": cost.sampled,
                                "wall_s": round(time.time() - t0, 1)})
         tqdm.write(f"labels: {right:.3f} of {len(labelled)} samples of P+D right")
-    dpo_path, prm_path = os.path.join(out, "dpo.pt"), os.path.join(out, "prm.pt")
+    cot_path, prm_path = os.path.join(out, "genrm_cot.pt"), os.path.join(out, "prm.pt")
     if "scorers" not in done:
         t0 = time.time()
         gold = [(p, c, True) for p, c in star.gold_examples(task, P, with_hints=False)]
-        dpo, n_pairs = vstar.train_dpo(generator_path, gold + vstar.load_labelled(lab_path), args,
-                                       device)
-        save_checkpoint(dpo_path, dpo, TOKENIZER)
+        cot = vstar.train_genrm_cot(generator_path, task, gold + vstar.load_labelled(lab_path),
+                                    args, device)
+        save_checkpoint(cot_path, cot, TOKENIZER)
         prm = train_prm(generator_path, read_jsonl(ms_path), args, device)
         save_checkpoint(prm_path, prm.gpt, TOKENIZER, extra={"head": prm.head.state_dict()})
-        append_jsonl(metrics, {"kind": "scorers", "stage": "scorers", "dpo_pairs": n_pairs,
+        append_jsonl(metrics, {"kind": "scorers", "stage": "scorers",
                                "wall_s": round(time.time() - t0, 1)})
     gpt, ckpt = load_checkpoint(prm_path, device)
     prm = ScalarHead(gpt).to(device).eval()
     prm.head.load_state_dict(ckpt["extra"]["head"])
     scorers = {"oracle": oracle_scorer(task), "PRM": prm_scorer(prm, task),
-               "DPO": logprob_scorer(load_checkpoint(dpo_path, device)[0].eval(), task),
+               "GenRM-CoT": cot_scorer(load_checkpoint(cot_path, device)[0].eval(), task),
                "generator": logprob_scorer(model, task)}
+    scorers["GenRM-CoT x generator"] = product_scorer(scorers["GenRM-CoT"], scorers["generator"])
 
     def generator_for(*stage):  # a stage's own seed, so a resumed run samples what it would have
         return torch.Generator(device=device).manual_seed(seed_for(args.seed, *stage))
@@ -536,7 +559,7 @@ def run(args, task, P, D, test, out, device, new_model):
         t0 = time.time()
         append_jsonl(metrics, *pool_rows(model, task, test, scorers, budgets, args,
                                          generator_for("pool"), t0))
-    for name in ("DPO", "PRM", "generator", "oracle"):
+    for name in ("GenRM-CoT x generator", "PRM", "generator", "oracle"):
         stage = f"beam {name}"
         if stage not in done:
             t0, acc, sampled, prompt = time.time(), [], [], []
@@ -616,8 +639,8 @@ def report(args, rows):
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(8.5, 5))
     names = list(dict.fromkeys(r["method"] for r in methods))  # a colour per method
-    style = {"oracle": ("--", "s"), "PRM": ("-.", "^"), "DPO": ("-", "o"), "generator": (":", "x"),
-             "-": ("-", "o")}
+    style = {"oracle": ("--", "s"), "PRM": ("-.", "^"), "GenRM-CoT": ("-", "o"),
+             "GenRM-CoT x generator": ("-", "D"), "generator": (":", "x"), "-": ("-", "o")}
     for r in methods:
         ls, marker = style.get(r["scorer"], ("-", "o"))
         ax.plot(r["tokens"], r["accuracy"], ls=ls, marker=marker,

@@ -51,37 +51,30 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def fraction(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number")
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not between 0 and 1")
-    return value
-
-
-def positive(cast):
+def checked(cast, ok, rule):
+    """An argparse type: text -> cast(text), refused with `rule` unless ok(value)."""
     def check(text):
         try:
             value = cast(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number")
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"{text!r} must be greater than 0")
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{text!r} {rule}")
         return value
-    check.__name__ = f"positive {cast.__name__}"
+    check.__name__ = cast.__name__
     return check
 
 
-def non_negative_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more")
-    return value
+def positive(cast):
+    return checked(cast, lambda v: v > 0, "must be greater than 0")
+
+
+def non_negative(cast):
+    return checked(cast, lambda v: v >= 0, "must be 0 or more")
+
+
+non_negative_int = non_negative(int)
+fraction = checked(float, lambda v: 0 <= v <= 1, "is not between 0 and 1")
 
 
 def get_parser():
@@ -141,6 +134,9 @@ def get_parser():
     # verifiers (V-STaR, search)
     p.add_argument("--beta", type=positive(float),
                    help="DPO's beta (the DPO paper's default 0.1; V-STaR gives none)")
+    p.add_argument("--dpo-nll", type=non_negative(float),
+                   help="V-STaR: weight of the right solutions' mean token NLL added to DPO's "
+                        "loss (RPO); 0 is the paper's plain DPO")
     p.add_argument("--verifier-steps", type=positive(int), help="training steps of each verifier")
     p.add_argument("--verifier-lr", type=positive(float), help="learning rate of the verifiers")
     p.add_argument("--eval-samples", type=positive(int),

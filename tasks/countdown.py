@@ -160,6 +160,22 @@ class Countdown(Task):
                 return False
         return pool == [target]
 
+    def recheck(self, text):
+        # The arithmetic of each step line, recomputed from its operands ("x" where the rules
+        # forbid the operation). Not rechecked: that the operands are still available and that
+        # the last number left is the target (the process verifier checks both).
+        lines = split_lines(text)
+        if parse_answer_line(lines[-1]) is not None:
+            lines = lines[:-1]
+        steps = []
+        for line in lines:
+            m = STEP_LINE.fullmatch(line)
+            if m is None:
+                return None
+            c = apply_op(int(m.group(1)), m.group(2), int(m.group(3)))
+            steps.append((line[:line.index("=") + 1], m.group(4), "x" if c is None else str(c)))
+        return steps
+
     def check_steps(self, p, text):
         numbers, target = p.data
         lines = split_lines(text)

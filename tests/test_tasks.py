@@ -172,6 +172,31 @@ def test_countdown_process_verifier_after_a_corrupted_step():
         assert not task.check(p, text)
 
 
+def test_countdown_rationale_marks_exactly_the_step_the_process_verifier_rejects():
+    # GenRM-CoT's rationale (task.recheck): each step recomputed from its operands. On gold
+    # traces with one step's arithmetic broken, the steps whose recomputation differs from the
+    # claim are exactly the one the process verifier rejects first; a gold trace has none.
+    task, rng = get_task("countdown"), random.Random(6)
+    for p in problems(task, n=40):
+        steps = task.rationale(p)
+        gold = task.gold_completion(p)
+        assert [q + claim for q, claim, _ in task.recheck(gold)] == steps  # every step, in order
+        assert all(claim == should for _, claim, should in task.recheck(gold))
+        k = rng.randrange(len(steps))
+        lhs, c = steps[k].split("=")
+        bad = task.completion(steps[:k] + [f"{lhs}={corrupt_digit(rng, c)}"] + steps[k + 1:],
+                              p.answer)
+        marked = [claim != should for _, claim, should in task.recheck(bad)]
+        assert marked == [j == k for j in range(len(steps))]
+        assert task.check_steps(p, bad).index(False) == k
+    # an operation the rules forbid recomputes to "x"; a prefix (no answer line yet) is checked
+    # too; a line that is not a step leaves no rationale
+    assert task.recheck("7-9=2\n5/2=2\n") == [("7-9=", "2", "x"), ("5/2=", "2", "x")]
+    assert task.recheck("3*4=12\nA: 12") == [("3*4=", "12", "12")]
+    assert task.recheck("3*4=12\nhello\nA: 12") is None and task.recheck("") is None
+    assert get_task("expression").recheck("7*5-6\nA: 29") is None  # no rationale there
+
+
 def test_countdown_dead_end_step_is_wrong_but_valid():
     # A valid step after which the target is unreachable is wrong; the step after it may be
     # valid too, and is also wrong (still unreachable).

@@ -1,8 +1,9 @@
 """
 Guards vstar.py: the DPO loss against its hand formula and one optimiser step's effect; the
 best-of-k, pass@k and majority@k estimators against brute-force enumeration of every k-subset;
-verifier scores that padding and batch-mates cannot change; GenRM's p(Yes) by hand; tie-aware
-pair accuracy and the bootstrap interval; the V-STaR run end to end.
+verifier scores that padding and batch-mates cannot change; GenRM's p(Yes) and GenRM-CoT's
+product of step probabilities by hand; tie-aware pair accuracy and the bootstrap interval; the
+V-STaR run end to end.
 
 Run: python -m pytest tests/test_vstar.py
 """
@@ -18,7 +19,7 @@ import torch
 import train
 import vstar
 from model import GPT, GPTConfig, ScalarHead, bootstrap_ci, read_jsonl, sequence_logprobs
-from tasks import EOT, decode, encode
+from tasks import EOT, decode, encode, get_task
 
 PAD = 99
 
@@ -141,6 +142,33 @@ def test_genrm_score_is_p_yes_after_the_question_by_hand():
             probs = torch.softmax(gpt(torch.tensor([encode(text)]))[0, -1], -1)
         assert math.isclose(score, probs[encode("Y")[0]].item(), rel_tol=1e-5)
     assert got[0] != got[1]
+
+
+def test_genrm_cot_score_is_the_product_of_each_claims_probability_by_hand():
+    # p(Yes) of GenRM-CoT = prod over steps of p(claimed result + newline | the step alone)
+    torch.manual_seed(3)
+    gpt = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64)).eval()
+    task = get_task("countdown")
+    texts = ["4*3=12\n12+5=17\nA: 17", "4*3=12\n", "4*3=12\n12+5=17", "4*3=1x\nA: 1"]
+    got = vstar.cot_scores(gpt, task, texts, finished=[True, False, True, True])
+
+    def p_claim(step, claim):
+        ids = encode(step + claim + "\n")
+        with torch.no_grad():
+            logp = torch.log_softmax(gpt(torch.tensor([ids[:-1]]))[0], -1)
+        return math.exp(sum(logp[j - 1, ids[j]].item() for j in range(len(step), len(ids))))
+
+    assert math.isclose(got[0], p_claim("4*3=", "12") * p_claim("12+5=", "17"), rel_tol=1e-4)
+    assert math.isclose(got[1], p_claim("4*3=", "12"), rel_tol=1e-4)  # a prefix: its steps
+    assert got[2] == 0.0 and got[3] == 0.0  # finished without an answer; not a step
+    one_by_one = [vstar.cot_scores(gpt, task, [t], [f], batch_size=1)[0]
+                  for t, f in zip(texts, [True, False, True, True])]
+    assert all(math.isclose(a, b, rel_tol=1e-4) for a, b in zip(got, one_by_one))
+    # its training rows: every step of right and wrong samples alike, with the right result
+    labelled = [(encode("Q: 3 4 T: 12\n"), encode("4*3=12\nA: 12") + [EOT], True),
+                (encode("Q: 3 4 T: 7\n"), encode("4*3=7\nA: 7") + [EOT], False)]
+    assert [(decode(q), decode(c)) for q, c in vstar.recheck_examples(task, labelled)] == \
+        [("4*3=", "12\n"), ("4*3=", "12\n")]
 
 
 def test_pair_accuracy_counts_a_tie_as_half_on_a_hand_example():
