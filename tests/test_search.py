@@ -301,6 +301,18 @@ def test_a_learned_scorer_search_never_calls_the_ground_truth_checker():
     search.mcts(ToyLM(), task, [P0], score, [6], 3, 1.0, 1.0, gen(), search.Cost())
 
 
+def test_product_scorer_multiplies_each_items_values_and_calls_each_scorer_once():
+    calls = []
+
+    def scorer(values):
+        def score(items):
+            calls.append(len(items))
+            return values
+        return score
+    both = search.product_scorer(scorer([0.5, 1.0, 0.0]), scorer([0.25, 0.75, 0.9]))
+    assert both([(P0, "a", False)] * 3) == [0.125, 0.75, 0.0] and calls == [3, 3]
+
+
 def test_math_shepherd_labels_on_the_toy_model():
     # ToyLM picks each step uniformly from a/b/c, so a rollout from a prefix is right with a
     # known probability: after "b\n" it must then pick c and a (1/9), after "b\nc\n" a (1/3),
