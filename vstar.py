@@ -23,7 +23,8 @@ bootstrap intervals. See pass_at_k, best_of_k, majority_at_k and pair_accuracy b
 Beside the DPO verifier, scored the same way on the same samples:
 - the comparisons, trained on exactly the same labelled samples from G_SFT: an ORM (a scalar
   head, binary cross-entropy), GenRM (Zhang et al. 2024, arXiv 2408.15240: after the
-  solution, "Is the answer correct?" and the score is p(Yes) as the next token) and GenRM-CoT
+  solution, "Is the answer correct?" and the score is p(Yes) as the next token; trained mixed
+  with the right solutions, the paper's unified training) and GenRM-CoT
   (the same paper: a verification rationale before the verdict; here the task's rationale,
   every step recomputed alone, and p(Yes) = p(every recomputation equals its claim));
 - the baselines every learned verifier must beat: the generator's own mean token log-prob (its
@@ -69,6 +70,7 @@ from tasks import EOT, NEWLINE, PAD, TOKENIZER, decode, encode
 # Countdown, because checking a solution there is easier than finding one (on expression the
 # DPO verifier closed 9% of the pass@1 -> pass@16 gap, on countdown 41%); one iteration, since
 # more did not move the generator (greedy 0.390, 0.387, 0.390 over T = 0, 1, 2 on countdown).
+# DPO with the NLL term (dpo_nll) at lr 3e-4: the best of the README's sweep of the DPO verifier.
 _SHARED = dict(task="countdown", n_train=2000, samples=8, temperature=0.7, beta=0.1,
                dpo_nll=1.0, verifier_lr=3e-4, checkpoint=None, compile=False)
 DEFAULTS = {
@@ -203,9 +205,11 @@ def genrm_input(prompt, completion):
 def train_genrm(sft_path, labelled, args, device):
     """GenRM: G_SFT fine-tuned with the next-token loss on the verdict of every labelled sample
     ("Y" after a right one, "N" after a wrong one), the same samples as DPO's and the ORM's,
-    at the generator's SFT learning rate."""
+    mixed with the generator's SFT data (the right ones as solutions: the paper's unified
+    training), at the generator's SFT learning rate."""
     model = load_checkpoint(sft_path, device)[0]
-    examples = [(genrm_input(p, c), [YES if ok else NO]) for p, c, ok in labelled]
+    examples = [(genrm_input(p, c), [YES if ok else NO]) for p, c, ok in labelled] + \
+        [(p, c) for p, c, ok in labelled if ok]
     star.finetune(model, examples, args.verifier_steps, args.lr,
                   2 * args.batch_size, seed=seed_for(args.seed, "genrm"), desc="GenRM verifier")
     return model.eval()
