@@ -459,6 +459,8 @@ def pool_rows(model, task, test, scorers, budgets, args, generator, t0):
     answers = [[task.extract_answer(t) for t in ts] for ts in texts]
     flat = [(p, t, True) for p, ts in zip(test, texts) for t in ts]
     value = {name: scorers[name](flat) for name in ("GenRM-CoT", "PRM", "generator")}
+    value["length"] = [-len(t) for _, t, _ in flat]  # baselines: the shortest solution first,
+    value["random"] = [0.0] * len(flat)               # and no preference (= one sample)
     value = {name: [v[i * n:(i + 1) * n] for i in range(len(test))] for name, v in value.items()}
     ks, rng = [k for k in budgets if k <= n], random.Random(seed_for(args.seed, "weighted vote"))
 
@@ -471,11 +473,8 @@ def pool_rows(model, task, test, scorers, budgets, args, generator, t0):
                                     for k in ks],  # exact over every k-subset
            ("weighted vote", "GenRM-CoT"): curve(
                lambda a, r, w, k: weighted_vote_accuracy(a, r, k, w, rng), "GenRM-CoT"),
-           ("best-of-N", "GenRM-CoT"): curve(lambda a, r, w, k: vstar.best_of_k(w, r, k),
-                                             "GenRM-CoT"),
-           ("best-of-N", "PRM"): curve(lambda a, r, w, k: vstar.best_of_k(w, r, k), "PRM"),
-           ("best-of-N", "generator"): curve(lambda a, r, w, k: vstar.best_of_k(w, r, k),
-                                             "generator"),
+           **{("best-of-N", name): curve(lambda a, r, w, k: vstar.best_of_k(w, r, k), name)
+              for name in value},
            ("pass@N", "oracle"): curve(lambda a, r, w, k: vstar.pass_at_k(n, sum(r), k))}
     # N samples cost N times the mean sample; the prompt is encoded once per problem
     per_sample = cost.sampled / (n * len(test))
@@ -642,6 +641,8 @@ def report(args, rows):
     style = {"oracle": ("--", "s"), "PRM": ("-.", "^"), "GenRM-CoT": ("-", "o"),
              "GenRM-CoT x generator": ("-", "D"), "generator": (":", "x"), "-": ("-", "o")}
     for r in methods:
+        if r["scorer"] in ("length", "random"):  # in the table; flat lines in the plot
+            continue
         ls, marker = style.get(r["scorer"], ("-", "o"))
         ax.plot(r["tokens"], r["accuracy"], ls=ls, marker=marker,
                 color=plt.cm.tab10(names.index(r["method"]) % 10),
