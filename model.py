@@ -41,7 +41,7 @@ import json
 import math
 import os
 import random
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -496,6 +496,35 @@ def generate_naive(model, prompts, max_new_tokens, stop_tokens, pad_id, temperat
     return tokens, logp, lengths
 
 
+class Cost:
+    """Tokens spent: `sampled` by the model (what test-time methods are compared at), and
+    `prompt` fed to it as prefixes to encode (counted apart: a KV cache makes them cheap)."""
+
+    def __init__(self):
+        self.sampled, self.prompt = 0, 0
+
+
+def continue_prefixes(model, prefixes, copies, max_new, stop, temperature, generator, cost,
+                      pad_id, banned_tokens=()):
+    """copies[u] continuations of each token list prefixes[u], each until a stop token (kept)
+    or max_new tokens, counted into `cost`; returned as token lists, prefix 0's copies first.
+    generate encodes each prefix once and copies its cache rows to its continuations."""
+    if not prefixes:
+        return []
+    max_new = min(max_new, model.config.block_size - max(map(len, prefixes)))
+    if max_new < 1:
+        raise ValueError(f"a prefix of {max(map(len, prefixes))} tokens leaves no room in the "
+                         f"block ({model.config.block_size})")
+    with autocast(str(next(model.parameters()).device)):
+        tokens, _, lengths = generate(model, prefixes, max_new, stop, pad_id, temperature,
+                                      generator=generator, banned_tokens=banned_tokens,
+                                      copies=copies)
+    lengths = lengths.tolist()
+    cost.sampled += sum(lengths)
+    cost.prompt += sum(map(len, prefixes))
+    return [row[:n] for row, n in zip(tokens.tolist(), lengths)]
+
+
 # -----------------------------------------------------------------------------
 # Log-probabilities of given completions
 
@@ -614,6 +643,22 @@ def seed_for(*parts):
     different parts: seed_for(seed, "star", n, i, j) is sample j of problem i in iteration n."""
     digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1  # 63 bits: any torch.Generator takes it
+
+
+@contextmanager
+def figure(path, **subplots):
+    """(fig, axes) of plt.subplots(**subplots), drawn off screen (the Agg backend), laid out,
+    saved to path at 110 dpi and closed when the block ends: every method's plot."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(**subplots)
+    try:
+        yield fig, axes
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def write_atomic(path, text):

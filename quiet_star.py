@@ -50,7 +50,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model import (GPT, ConcatCache, append_jsonl, autocast, bootstrap_ci, get_config,
+from model import (GPT, ConcatCache, append_jsonl, autocast, bootstrap_ci, figure, get_config,
                    load_checkpoint, lr_at, pick, read_jsonl, right_pad, save_checkpoint, seed_for,
                    write_atomic)
 from tasks import EOT, EOTH, PAD, SOT, TOKENIZER, decode, encode, sample_problems
@@ -569,32 +569,27 @@ def table_row(r):
 
 
 def report(args, rows):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     base = next(r for r in rows if r["kind"] == "base")
     evals = sorted((r for r in rows if r["kind"] == "eval"), key=lambda r: r["step"])
     steps = [0] + [r["step"] for r in evals]
     quiet = [base["w=0"]] + [r["quiet"] for r in evals]  # at step 0 both arms are the base
     plain = [base["plain"]] + [r["plain"] for r in evals]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for ax, key, label in zip(axes, ("answer_nll", "accuracy", "mixing_weight"),
-                              ("answer-token NLL (nats)", "greedy answer accuracy",
-                               "mixing weight w at the answer tokens")):
-        ax.plot(steps, [q[key] for q in quiet], marker="o", color="C0" if ax != axes[2] else "C2",
-                label=f"Quiet-STaR ({args.thought_len}-token thoughts)")
-        if key != "mixing_weight":
-            ax.plot(steps, [p[key] for p in plain], marker="s",
-                    label="base continued, no thoughts (same steps, same tokens)")
-            ax.axhline(base["w=1"][key], color="gray", ls=":",
-                       label="base's own thoughts, fixed w = 1 (the diagnostic)")
-        ax.set(xlabel="steps after the base model", ylabel=label)
-        ax.grid(alpha=0.3)
-    axes[1].set_ylim(0, 1.02)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"Quiet-STaR on {args.task} text (answers of held-out lines that do not show "
-                 "their work)")
-    fig.tight_layout()
-    fig.savefig(os.path.join(args.out, "accuracy.png"), dpi=110)
-    plt.close(fig)
+    with figure(os.path.join(args.out, "accuracy.png"), ncols=3, figsize=(15, 4)) as (fig, axes):
+        for ax, key, label in zip(axes, ("answer_nll", "accuracy", "mixing_weight"),
+                                  ("answer-token NLL (nats)", "greedy answer accuracy",
+                                   "mixing weight w at the answer tokens")):
+            ax.plot(steps, [q[key] for q in quiet], marker="o",
+                    color="C0" if ax != axes[2] else "C2",
+                    label=f"Quiet-STaR ({args.thought_len}-token thoughts)")
+            if key != "mixing_weight":
+                ax.plot(steps, [p[key] for p in plain], marker="s",
+                        label="base continued, no thoughts (same steps, same tokens)")
+                ax.axhline(base["w=1"][key], color="gray", ls=":",
+                           label="base's own thoughts, fixed w = 1 (the diagnostic)")
+            ax.set(xlabel="steps after the base model", ylabel=label)
+            ax.grid(alpha=0.3)
+        axes[1].set_ylim(0, 1.02)
+        axes[0].legend(fontsize=8)
+        fig.suptitle(f"Quiet-STaR on {args.task} text (answers of held-out lines that do not show "
+                     "their work)")
     return "\n".join([diagnostic(base), "", TABLE_HEAD] + [table_row(r) for r in evals])

@@ -1,25 +1,23 @@
 """
 Test-time search: spend more generated tokens per problem, and measure what accuracy they buy.
 
-Every method here is given the same generator and a budget, and counts exactly the tokens it
-made the generator sample, so that methods are compared at equal compute (the x-axis of
-search.png). The recipes follow the public implementations summarised in ../shared/PAPERS.md:
-- majority vote, self-consistency (Wang et al. 2022, arXiv 2203.11171), and the vote weighted by
-  a verifier's scores; best-of-N with a verifier (Cobbe et al. 2021, arXiv 2110.14168): GenRM-CoT
-  (Zhang et al. 2024, arXiv 2408.15240), the best verifier of vstar.py, trained by
-  vstar.train_genrm_cot; its per-step verdicts, weighted by the generator's own probability
-  (product_scorer), are a process scorer for the searches below;
-- a process reward model trained on Math-Shepherd's Monte Carlo labels (Wang et al. 2024,
-  arXiv 2312.08935): a step's soft label is the fraction of rollouts from it that reach the
-  right answer; a solution's score is its minimum step score;
-- step-level beam search guided by a process scorer, as HF search-and-learn does it (Snell et
-  al. 2024, arXiv 2408.03314): N beams each sample one step (a line), duplicates are dropped,
-  the N/M best survive and are each repeated M times;
-- MCTS over reasoning steps (RAP, Hao et al. 2023, arXiv 2305.14992; rStar-math, Guan et al.
-  2025, arXiv 2501.04519): UCT selection (Kocsis and Szepesvari 2006), expansion by sampling a
-  few distinct next steps, evaluation by a rollout to the end scored by the verifier, backup.
-The task's exact process verifier can guide beam search and MCTS too: that is an oracle, an
-upper bound, always labelled "oracle"; it never guides a method reported as a real one.
+Every method is given the same generator and a budget N, and counts exactly the tokens it made
+the generator sample, so methods are compared at equal compute (the x-axis of search.png). The
+recipes follow the public implementations summarised in ../shared/PAPERS.md:
+- majority vote (self-consistency, Wang et al. 2022, arXiv 2203.11171), the vote weighted by a
+  verifier, and best-of-N (Cobbe et al. 2021, arXiv 2110.14168) with GenRM-CoT (Zhang et al.
+  2024, arXiv 2408.15240; vstar.train_genrm_cot), the best verifier of vstar.py;
+- a process reward model on Math-Shepherd's Monte Carlo labels (Wang et al. 2024, arXiv
+  2312.08935): a step's soft label is the share of rollouts from it that reach the right answer;
+- step-level beam search as HF search-and-learn does it (Snell et al. 2024, arXiv 2408.03314):
+  N beams each sample one step (a line), duplicates are dropped, the N/M best survive and are
+  each repeated M times;
+- MCTS over steps (RAP, Hao et al. 2023, arXiv 2305.14992; rStar-math, Guan et al. 2025, arXiv
+  2501.04519): UCT selection, expansion by a few distinct sampled steps, a rollout to the end
+  scored by the verifier, backup.
+Beam search and MCTS are guided by a learned process scorer (GenRM-CoT's p(every step so far is
+right) times the generator's own probability; the PRM), by the generator alone (the baseline),
+or by the task's exact process verifier: an oracle, an upper bound, always labelled "oracle".
 
 Run: python train.py --method search             (countdown by default; --task for another)
 Test: python -m pytest tests/test_search.py
@@ -27,25 +25,19 @@ Test: python -m pytest tests/test_search.py
 Deliberate departures:
 1. The generator is M0 of star.py (fine-tuned on P), not a STaR-improved one, so the run fits
    a CPU; --checkpoint runs the same search on any trained generator.
-2. Best-of-N and the votes are evaluated from one pool of --eval-samples samples per problem:
-   best-of-N and majority vote exactly over every N-subset (vstar.best_of_k,
-   vstar.majority_at_k), the weighted vote by Monte Carlo over random N-subsets (no exact count
-   is known for it); the cost of N samples is N times the pool's mean tokens per sample (its
-   exact expectation).
-3. The PRM scores a finished solution by its minimum step score (Math-Shepherd) and a prefix by
-   its last step's (search-and-learn); it learns from the generator's samples of P+D, with
-   --rollouts per step prefix (4 on a CPU; Math-Shepherd: 8), distinct prefixes rolled out once.
-   GenRM-CoT learns from the same samples and P's gold solutions, as V-STaR's verifiers do
-   (their steps recomputed by the task), and scores a prefix by p(every step so far is right);
-   the generator itself scores by its mean token probability, the baseline every learned
-   scorer must beat.
+2. Best-of-N and the votes come from one pool of --eval-samples samples per problem: best-of-N
+   and majority vote exactly over every N-subset (vstar.best_of_k, vstar.majority_at_k), the
+   weighted vote by Monte Carlo over random N-subsets; N samples cost N times the pool's mean.
+3. The PRM scores a solution by its minimum step score (Math-Shepherd) and a prefix by its last
+   step's (search-and-learn); it learns from the generator's samples of P+D with --rollouts per
+   distinct step prefix (4 on a CPU; Math-Shepherd: 8). GenRM-CoT learns from the same samples
+   and P's gold solutions, as V-STaR's verifiers do.
 4. MCTS is anytime: one search of the largest budget is read off after 1, 2, 4, .. simulations;
    a rollout's value is the scorer's score of the finished solution (no PUCT prior). A node is
    expanded once, by --mcts-children samples: a step none of them drew is never tried there.
 5. A step is one line of at most STEP_TOKENS tokens; a line that does not end in time, or a
    prefix that would overflow the model's block, is finished as it is (and judged wrong).
 """
-
 import math
 import os
 import random
@@ -56,8 +48,8 @@ from tqdm import tqdm
 
 import star
 import vstar
-from model import (ScalarHead, append_jsonl, autocast, bootstrap_ci, generate, load_checkpoint,
-                   read_jsonl, save_checkpoint, seed_for, train_bce, write_jsonl)
+from model import (Cost, ScalarHead, append_jsonl, autocast, bootstrap_ci, continue_prefixes,
+                   figure, load_checkpoint, read_jsonl, save_checkpoint, seed_for, write_jsonl)
 from tasks import EOT, EOTH, NEWLINE, PAD, SOT, TOKENIZER, decode, encode
 
 # Every setting of a run, per preset (train.py fills the flags left unset from here, and refuses
@@ -83,35 +75,8 @@ BANNED = (SOT, EOTH, PAD)
 
 
 # -----------------------------------------------------------------------------
-# Sampling continuations of prefixes, with exact token accounting
-
-class Cost:
-    """Tokens spent: `sampled` by the generator (what methods are compared at), and `prompt`
-    fed to it as prefixes to encode (counted apart: a KV cache makes them cheap)."""
-
-    def __init__(self):
-        self.sampled, self.prompt = 0, 0
-
-
-def continue_prefixes(model, prefixes, copies, max_new, stop, temperature, generator, cost):
-    """copies[u] continuations of each token list prefixes[u], each until a stop token (kept)
-    or max_new tokens; returned as token lists, prefix 0's copies first. model.generate encodes
-    each prefix once and copies its cache rows to its continuations, so beam search's refill,
-    MCTS's expansion, Math-Shepherd's rollouts and best-of-N's shared prompt are cheap."""
-    if not prefixes:
-        return []
-    max_new = min(max_new, model.config.block_size - max(map(len, prefixes)))
-    if max_new < 1:
-        raise ValueError(f"a prefix of {max(map(len, prefixes))} tokens leaves no room in the "
-                         f"block ({model.config.block_size})")
-    with autocast(str(next(model.parameters()).device)):
-        tokens, _, lengths = generate(model, prefixes, max_new, stop, PAD, temperature,
-                                      generator=generator, banned_tokens=BANNED, copies=copies)
-    lengths = lengths.tolist()
-    cost.sampled += sum(lengths)
-    cost.prompt += sum(map(len, prefixes))
-    return [row[:n] for row, n in zip(tokens.tolist(), lengths)]
-
+# Steps and rollouts: continuations of prefixes (model.continue_prefixes), tokens counted, so
+# beam search's refill, MCTS's expansion, Math-Shepherd's rollouts and the pool are cheap
 
 def prefix_ids(task, p, text):
     """What the generator reads: the prompt, then the steps so far (each ended by a newline)."""
@@ -124,11 +89,11 @@ def fits(model, task, p, text):
 
 
 def sample_steps(model, task, nodes, copies, temperature, generator, cost):
-    """One more line for copies[i] continuations of each (problem, prefix text) nodes[i]:
-    (line, finished) pairs. A line ended by end-of-text, or by running out of tokens, finishes
-    its solution."""
+    """One more line for copies[i] continuations of each (problem, prefix text) nodes[i]: (line,
+    finished) pairs; a line ended by end-of-text, or by running out of tokens, is finished."""
     rows = continue_prefixes(model, [prefix_ids(task, p, text) for p, text in nodes], copies,
-                             STEP_TOKENS, (NEWLINE, EOT), temperature, generator, cost)
+                             STEP_TOKENS, (NEWLINE, EOT), temperature, generator, cost, PAD,
+                             BANNED)
     return [(decode(t for t in row if t not in (NEWLINE, EOT)), not row or row[-1] != NEWLINE)
             for row in rows]
 
@@ -137,7 +102,7 @@ def rollouts(model, task, nodes, copies, temperature, generator, cost):
     """copies[i] completions to the end (end-of-text) of each (problem, prefix text) nodes[i]:
     the texts of the finished solutions, prefix included."""
     rows = continue_prefixes(model, [prefix_ids(task, p, text) for p, text in nodes], copies,
-                             ROLLOUT_TOKENS, (EOT,), temperature, generator, cost)
+                             ROLLOUT_TOKENS, (EOT,), temperature, generator, cost, PAD, BANNED)
     starts = [text for (_, text), c in zip(nodes, copies) for _ in range(c)]
     return [s + decode(t for t in row if t != EOT) for s, row in zip(starts, rows)]
 
@@ -155,10 +120,9 @@ def oracle_scorer(task):
 
 
 def logprob_scorer(model, task):
-    """A language model as a scorer: exp(mean log p(y|x)) over the tokens of a finished
-    solution, or of a prefix's steps so far (a per-token geometric mean probability, in (0, 1],
-    so it can weight a vote). With the generator itself: its own confidence, the baseline a
-    verifier must beat."""
+    """A language model as a scorer: exp(mean log p(y|x)) over a finished solution's tokens or a
+    prefix's steps so far, in (0, 1] so it can weight a vote. With the generator itself: its
+    own confidence, the baseline a verifier must beat."""
     def score(items):
         comps = [encode(t) + ([EOT] if fin else []) for _, t, fin in items]
         logp = vstar.scores(model, [encode(task.prompt(p)) for p, _, _ in items], comps, "dpo")
@@ -175,10 +139,9 @@ def cot_scorer(verifier, task):
 
 
 def product_scorer(*scorers):
-    """The product of several scorers' values. GenRM-CoT x generator: the verifier's p(every
-    step so far is right) weighted by the generator's per-token probability, its prior on which
-    step to take. Guided by the verifier alone, beam search keeps the prefixes whose arithmetic
-    is surest (`1-1=0`), which are seldom on a path to the target."""
+    """The product of scorers' values. GenRM-CoT x generator: p(every step so far is right)
+    weighted by the generator's prior on which step to take (alone, the verifier favours the
+    surest arithmetic, `1-1=0`, seldom on a path to the target)."""
     def score(items):
         return [math.prod(values) for values in zip(*(s(items) for s in scorers))]
     return score
@@ -186,9 +149,8 @@ def product_scorer(*scorers):
 
 def prm_scorer(prm, task, batch_size=256):
     """Math-Shepherd's solution score: the minimum over steps of the PRM's P(step leads to a
-    right answer). A prefix's score is its last step's, as search-and-learn scores the beams:
-    under the minimum, sibling prefixes whose new steps score above their shared parent's
-    minimum would all tie, and beam search would keep whichever was sampled first."""
+    right answer). A prefix's is its last step's, as search-and-learn scores beams (under the
+    minimum, siblings scoring above their parent's minimum would all tie)."""
     @torch.no_grad()
     def score(items):
         scores = []
@@ -212,10 +174,9 @@ def prm_scorer(prm, task, batch_size=256):
 
 def shepherd_labels(model, task, problems, texts, args, seed):
     """Math-Shepherd: a step prefix's soft label is the share of args.rollouts completions from
-    it that the outcome verifier accepts; a whole solution's label is its own outcome.
-    Distinct prefixes (a problem's samples often share first steps) are rolled out once.
-    Returns (prompt ids, completion ids, read positions, one label per read) for every sample,
-    the rows model.train_bce takes, and the cost."""
+    it that the outcome verifier accepts; a whole solution's label is its own outcome. Distinct
+    prefixes are rolled out once. Returns the rows model.train_bce takes (prompt ids, completion
+    ids, read positions, one label per read) for every sample, and the cost."""
     keys = list(dict.fromkeys((i, pre) for i, ts in enumerate(texts) for t in ts
                               for pre in vstar.step_prefixes(t)))
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
@@ -240,13 +201,6 @@ def shepherd_labels(model, task, problems, texts, args, seed):
     return rows, cost
 
 
-def train_prm(generator_path, rows, args, device):
-    """The PRM from the generator's weights: binary cross-entropy against the soft labels."""
-    prm = ScalarHead(load_checkpoint(generator_path, device)[0]).to(device)
-    return train_bce(prm, rows, args.verifier_steps, args.verifier_lr, 2 * args.batch_size,
-                     seed=seed_for(args.seed, "prm"), desc="PRM (Math-Shepherd)")
-
-
 # -----------------------------------------------------------------------------
 # Votes over a pool of samples
 
@@ -254,9 +208,8 @@ def vote(answers, weights=None):
     """The answer with the most votes (or, with weights, the largest summed weight).
 
     An unparsable answer (None) casts no vote, so it never wins; with no parsable answer the
-    result is None (wrong). Ties go to the tied answer that appears first in `answers`; the
-    pool's samples are i.i.d. and the subsets are drawn in random order, so that is a uniform
-    tie break."""
+    result is None (wrong). Ties go to the tied answer that appears first in `answers`: the
+    samples are i.i.d. and drawn in random order, so that is a uniform tie break."""
     total, first = {}, {}
     for j, a in enumerate(answers):
         if a is not None:
@@ -267,8 +220,7 @@ def vote(answers, weights=None):
 
 def weighted_vote_accuracy(answers, right, k, weights, rng, trials=32):
     """Mean rightness of the weighted vote over `trials` random k-subsets of one problem's pool:
-    a Monte-Carlo estimate, since no exact count over subsets is known for summed weights (the
-    plain majority vote is counted exactly: vstar.majority_at_k)."""
+    Monte Carlo, as no exact count is known for summed weights (vstar.majority_at_k is exact)."""
     right_of = {a: ok for a, ok in zip(answers, right)}  # an answer's samples agree on rightness
     hits = 0
     for _ in range(trials):
@@ -330,12 +282,9 @@ def beam_search(model, task, problems, scorer, N, M, temperature, generator, cos
     for i, b in enumerate(beams):  # past MAX_STEPS: what is left is judged as it is
         pool[i] += [text for text, _ in b]
     items = [(problems[i], t, True) for i in range(len(problems)) for t in pool[i]]
-    values = iter(scorer(items)) if items else iter(())
-    chosen = []
-    for i in range(len(problems)):
-        vs = [(next(values), j) for j in range(len(pool[i]))]
-        chosen.append(pool[i][max(vs)[1]] if vs else "")  # highest score; ties: the latest
-    return chosen
+    values = iter(scorer(items) if items else [])
+    vs = [[(next(values), j) for j in range(len(pool[i]))] for i in range(len(problems))]
+    return [pool[i][max(v)[1]] if v else "" for i, v in enumerate(vs)]  # ties: the latest
 
 
 # -----------------------------------------------------------------------------
@@ -395,9 +344,8 @@ def most_visited(root):
 def mcts(model, task, problems, scorer, sims, k, c, temperature, generator, cost):
     """One tree per problem, all grown in lockstep, max(sims) simulations each: select by UCT;
     expand the leaf by sampling k next steps (duplicates merged); evaluate its first new child
-    by a rollout to the end, scored; back up. After each number of simulations in `sims`,
-    records (answer by most-visited path, answer by value-weighted vote, cost.sampled,
-    cost.prompt)."""
+    by a rollout to the end, scored; back up. After s simulations for each s in `sims`, records
+    (answers by most-visited path, by value-weighted vote, cost.sampled, cost.prompt)."""
     roots = [Node("") for _ in problems]
     found = [[] for _ in problems]  # every evaluated solution with its value
     results = {}
@@ -463,19 +411,15 @@ def pool_rows(model, task, test, scorers, budgets, args, generator, t0):
     value["random"] = [0.0] * len(flat)               # and no preference (= one sample)
     value = {name: [v[i * n:(i + 1) * n] for i in range(len(test))] for name, v in value.items()}
     ks, rng = [k for k in budgets if k <= n], random.Random(seed_for(args.seed, "weighted vote"))
-
-    def curve(f, scorer=None):  # f(answers, rightness, scores, k) per problem, for every k
-        w = value[scorer] if scorer else [None] * len(test)
-        return [[f(*x, k) for x in zip(answers, right, w)] for k in ks]
-
     rights = [vstar.right_answers(a, r) for a, r in zip(answers, right)]
-    acc = {("majority vote", "-"): [[vstar.majority_at_k(a, s, k) for a, s in zip(answers, rights)]
-                                    for k in ks],  # exact over every k-subset
-           ("weighted vote", "GenRM-CoT"): curve(
-               lambda a, r, w, k: weighted_vote_accuracy(a, r, k, w, rng), "GenRM-CoT"),
-           **{("best-of-N", name): curve(lambda a, r, w, k: vstar.best_of_k(w, r, k), name)
+    per_k = [vstar.per_problem(right, answers, rights, value, k) for k in ks]  # exact estimators
+    acc = {("majority vote", "-"): [rows["majority@k"] for rows in per_k],
+           ("weighted vote", "GenRM-CoT"): [
+               [weighted_vote_accuracy(a, r, k, w, rng) for a, r, w in
+                zip(answers, right, value["GenRM-CoT"])] for k in ks],
+           **{("best-of-N", name): [rows[f"best-of-k {name}"] for rows in per_k]
               for name in value},
-           ("pass@N", "oracle"): curve(lambda a, r, w, k: vstar.pass_at_k(n, sum(r), k))}
+           ("pass@N", "oracle"): [rows["pass@k"] for rows in per_k]}
     # N samples cost N times the mean sample; the prompt is encoded once per problem
     per_sample = cost.sampled / (n * len(test))
     prompt = cost.prompt / len(test)
@@ -517,13 +461,11 @@ def run(args, task, P, D, test, out, device, new_model):
 
     if "labels" not in done:  # the generator's own samples of P+D, labelled two ways
         t0 = time.time()
-        texts, n_tok = star.sample(model, task, P + D, n=args.samples,
-                                   temperature=args.temperature,
+        texts, n_tok = star.sample(model, task, P + D, n=args.samples, temperature=args.temperature,
                                    batch_size=args.sample_batch_size,
                                    seed=seed_for(args.seed, "labels"), desc="samples of P+D")
         labelled = vstar.label(task, P + D, texts)
-        ms, cost = shepherd_labels(model, task, P + D, texts, args,
-                                   seed_for(args.seed, "rollouts"))
+        ms, cost = shepherd_labels(model, task, P + D, texts, args, seed_for(args.seed, "rollouts"))
         vstar.save_labelled(lab_path, labelled)
         write_jsonl(ms_path, ms)
         right = sum(ok for _, _, ok in labelled) / len(labelled)
@@ -539,7 +481,8 @@ def run(args, task, P, D, test, out, device, new_model):
         cot = vstar.train_genrm_cot(generator_path, task, gold + vstar.load_labelled(lab_path),
                                     args, device)
         save_checkpoint(cot_path, cot, TOKENIZER)
-        prm = train_prm(generator_path, read_jsonl(ms_path), args, device)
+        prm = vstar.train_head(generator_path, read_jsonl(ms_path), args, device, "prm",
+                               "PRM (Math-Shepherd)")
         save_checkpoint(prm_path, prm.gpt, TOKENIZER, extra={"head": prm.head.state_dict()})
         append_jsonl(metrics, {"kind": "scorers", "stage": "scorers",
                                "wall_s": round(time.time() - t0, 1)})
@@ -558,37 +501,35 @@ def run(args, task, P, D, test, out, device, new_model):
         t0 = time.time()
         append_jsonl(metrics, *pool_rows(model, task, test, scorers, budgets, args,
                                          generator_for("pool"), t0))
+    def budget_row(stage, method, name, results, t0):  # results[i]: (texts, sampled, prompt)
+        return method_row(stage, method, name, budgets, [acc_of(t) for t, _, _ in results],
+                          [n / len(test) for _, n, _ in results],
+                          [n / len(test) for _, _, n in results], right_of(results[-1][0]), t0)
+
     for name in ("GenRM-CoT x generator", "PRM", "generator", "oracle"):
         stage = f"beam {name}"
         if stage not in done:
-            t0, acc, sampled, prompt = time.time(), [], [], []
+            t0, results = time.time(), []
             for N in tqdm(budgets, desc=f"beam search ({name})", leave=False):
                 cost = Cost()
                 texts = beam_search(model, task, test, scorers[name], N, args.beam_width,
                                     args.temperature, generator_for(stage, N), cost)
-                acc.append(acc_of(texts))
-                sampled.append(cost.sampled / len(test))
-                prompt.append(cost.prompt / len(test))
-                tqdm.write(f"beam search ({name}) N={N}: accuracy {acc[-1]:.3f}, "
-                           f"{sampled[-1]:.0f} tokens per problem")
-            append_jsonl(metrics, method_row(stage, "beam search", name, budgets, acc, sampled,
-                                             prompt, right_of(texts), t0))
+                results.append((texts, cost.sampled, cost.prompt))
+                tqdm.write(f"beam search ({name}) N={N}: accuracy {acc_of(texts):.3f}, "
+                           f"{cost.sampled / len(test):.0f} tokens per problem")
+            append_jsonl(metrics, budget_row(stage, "beam search", name, results, t0))
         stage = f"mcts {name}"
         if stage not in done:
             t0 = time.time()
             res = mcts(model, task, test, scorers[name], budgets, args.mcts_children, args.mcts_c,
                        args.temperature, generator_for(stage), Cost())
-            sampled = [res[s][2] / len(test) for s in budgets]
-            prompt = [res[s][3] / len(test) for s in budgets]
-            rows = [method_row(stage, "MCTS most-visited", name, budgets,
-                               [acc_of(res[s][0]) for s in budgets], sampled, prompt,
-                               right_of(res[budgets[-1]][0]), t0),
-                    method_row(stage, "MCTS weighted vote", name, budgets,
-                               [acc_of(res[s][1]) for s in budgets], sampled, prompt,
-                               right_of(res[budgets[-1]][1]), t0)]
+            rows = [budget_row(stage, f"MCTS {how}", name,
+                               [(res[s][j], res[s][2], res[s][3]) for s in budgets], t0)
+                    for j, how in enumerate(("most-visited", "weighted vote"))]
             append_jsonl(metrics, *rows)
             tqdm.write(f"MCTS ({name}) {budgets[-1]} simulations: accuracy "
-                       f"{rows[0]['accuracy'][-1]:.3f}, {sampled[-1]:.0f} tokens per problem")
+                       f"{rows[0]['accuracy'][-1]:.3f}, {rows[0]['tokens'][-1]:.0f} tokens per "
+                       "problem")
 
 
 # -----------------------------------------------------------------------------
@@ -633,32 +574,27 @@ def report(args, rows):
                 sum(diff) / len(diff), *bootstrap_ci(diff))
         lines.append(f"| {r['method']} | {r['scorer']} | {N} | {acc:.3f} "
                      "({:.3f} to {:.3f}) | {} |".format(*bootstrap_ci(last), lead))
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8.5, 5))
-    names = list(dict.fromkeys(r["method"] for r in methods))  # a colour per method
-    style = {"oracle": ("--", "s"), "PRM": ("-.", "^"), "GenRM-CoT": ("-", "o"),
-             "GenRM-CoT x generator": ("-", "D"), "generator": (":", "x"), "-": ("-", "o")}
-    for r in methods:
-        if r["scorer"] in ("length", "random"):  # in the table; flat lines in the plot
-            continue
-        ls, marker = style.get(r["scorer"], ("-", "o"))
-        ax.plot(r["tokens"], r["accuracy"], ls=ls, marker=marker,
-                color=plt.cm.tab10(names.index(r["method"]) % 10),
-                label=r["method"] + ("" if r["scorer"] == "-" else f" ({r['scorer']})"))
-    if greedy:
-        ax.plot([greedy["tokens"]], [greedy["accuracy"]], "k*", ms=12, label="greedy")
-    ax.set_xscale("log")
-    ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 5)))
-    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax.set_xlabel("generated tokens per problem")
-    ax.set_ylabel("test accuracy")
-    ax.set_title(f"test-time search on {args.task} (dashed: oracle-guided upper bounds)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    fig.tight_layout()
-    fig.savefig(os.path.join(args.out, "search.png"), dpi=110)
-    plt.close(fig)
+    from matplotlib import colormaps, ticker
+    with figure(os.path.join(args.out, "search.png"), figsize=(8.5, 5)) as (fig, ax):
+        names = list(dict.fromkeys(r["method"] for r in methods))  # a colour per method
+        style = {"oracle": ("--", "s"), "PRM": ("-.", "^"), "GenRM-CoT": ("-", "o"),
+                 "GenRM-CoT x generator": ("-", "D"), "generator": (":", "x"), "-": ("-", "o")}
+        for r in methods:
+            if r["scorer"] in ("length", "random"):  # in the table; flat lines in the plot
+                continue
+            ls, marker = style.get(r["scorer"], ("-", "o"))
+            ax.plot(r["tokens"], r["accuracy"], ls=ls, marker=marker,
+                    color=colormaps["tab10"](names.index(r["method"]) % 10),
+                    label=r["method"] + ("" if r["scorer"] == "-" else f" ({r['scorer']})"))
+        if greedy:
+            ax.plot([greedy["tokens"]], [greedy["accuracy"]], "k*", ms=12, label="greedy")
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1, 2, 5)))
+        ax.xaxis.set_major_formatter(ticker.ScalarFormatter())
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+        ax.set_xlabel("generated tokens per problem")
+        ax.set_ylabel("test accuracy")
+        ax.set_title(f"test-time search on {args.task} (dashed: oracle-guided upper bounds)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     return "\n".join(lines)

@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model import (all_gather, append_jsonl, autocast, generate, is_main, load_checkpoint, lr_at,
-                   rank_world, read_jsonl, right_pad, save_checkpoint, seed_for, split_batch,
-                   wrap_ddp, write_atomic, write_jsonl)
+from model import (all_gather, append_jsonl, autocast, figure, generate, is_main,
+                   load_checkpoint, lr_at, rank_world, read_jsonl, right_pad, save_checkpoint,
+                   seed_for, split_batch, wrap_ddp, write_atomic, write_jsonl)
 from tasks import EOT, EOTH, PAD, SOT, TOKENIZER, decode, encode
 
 # Every setting of a run, per preset: train.py fills each flag left unset from here and refuses
@@ -363,41 +363,37 @@ def summary_table(rows, difficulties):
 def plot(out, rows, difficulties, title, trained=()):
     """STaR's Figure 4: test accuracy per difficulty across iterations; the run with and without
     rationalization side by side when both folders exist. Iteration 0 alone: one bar chart."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib import colormaps
     runs = [(title, rows)]
     twin = out[:-len("-norat")] if out.endswith("-norat") else out + "-norat"
     if os.path.exists(os.path.join(twin, "metrics.jsonl")):
         twin_rows = read_jsonl(os.path.join(twin, "metrics.jsonl"))
         with_rat, without = (rows, twin_rows) if twin.endswith("-norat") else (twin_rows, rows)
         runs = [("with rationalization", with_rat), ("without rationalization", without)]
-    fig, axes = plt.subplots(1, len(runs), figsize=(5.5 * len(runs) + 1.5, 4), squeeze=False)
-    for ax, (name, rs) in zip(axes[0], runs):
-        its = [r for r in rs if r["kind"] == "iteration"]
-        if len(its) == 1:
-            acc = its[0]["accuracy_by_difficulty"]
-            ax.bar([str(d) for d in difficulties], [acc.get(str(d), 0) for d in difficulties])
-            ax.set_xlabel("difficulty")
-        else:
-            for i, d in enumerate(difficulties):
-                color = plt.cm.viridis(i / max(1, len(difficulties) - 1))
-                ax.plot([r["iteration"] for r in its],
-                        [r["accuracy_by_difficulty"].get(str(d), float("nan")) for r in its],
-                        marker="o", color=color,
-                        label=f"{d}" if d in trained else f"{d} (never trained on)")
-            ax.set_xlabel("STaR iteration")
-            ax.set_xticks([r["iteration"] for r in its])
-            if ax is axes[0][-1]:  # one legend, outside the data
-                ax.legend(title="difficulty", fontsize=8, loc="center left",
-                          bbox_to_anchor=(1.02, 0.5))
-        ax.set_ylim(0, 1.02)
-        ax.set_ylabel("test accuracy (greedy)")
-        ax.set_title(name)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "accuracy.png"), dpi=110)
-    plt.close(fig)
+    with figure(os.path.join(out, "accuracy.png"), ncols=len(runs),
+                figsize=(5.5 * len(runs) + 1.5, 4), squeeze=False) as (fig, axes):
+        for ax, (name, rs) in zip(axes[0], runs):
+            its = [r for r in rs if r["kind"] == "iteration"]
+            if len(its) == 1:
+                acc = its[0]["accuracy_by_difficulty"]
+                ax.bar([str(d) for d in difficulties], [acc.get(str(d), 0) for d in difficulties])
+                ax.set_xlabel("difficulty")
+            else:
+                for i, d in enumerate(difficulties):
+                    color = colormaps["viridis"](i / max(1, len(difficulties) - 1))
+                    ax.plot([r["iteration"] for r in its],
+                            [r["accuracy_by_difficulty"].get(str(d), float("nan")) for r in its],
+                            marker="o", color=color,
+                            label=f"{d}" if d in trained else f"{d} (never trained on)")
+                ax.set_xlabel("STaR iteration")
+                ax.set_xticks([r["iteration"] for r in its])
+                if ax is axes[0][-1]:  # one legend, outside the data
+                    ax.legend(title="difficulty", fontsize=8, loc="center left",
+                              bbox_to_anchor=(1.02, 0.5))
+            ax.set_ylim(0, 1.02)
+            ax.set_ylabel("test accuracy (greedy)")
+            ax.set_title(name)
+            ax.grid(alpha=0.3)
 
 
 def report(args, rows):

@@ -61,7 +61,6 @@ def checked(cast, ok, rule):
         if not ok(value):
             raise argparse.ArgumentTypeError(f"{text!r} {rule}")
         return value
-    check.__name__ = cast.__name__
     return check
 
 

@@ -58,10 +58,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import star
-from model import (ScalarHead, all_gather, append_jsonl, autocast, bootstrap_ci, load_checkpoint,
-                   rank_world,
-                   read_jsonl, save_checkpoint, seed_for, sequence_logprobs, split_batch,
-                   train_bce, wrap_ddp, write_jsonl)
+from model import (ScalarHead, all_gather, append_jsonl, autocast, bootstrap_ci, figure,
+                   load_checkpoint, rank_world, read_jsonl, save_checkpoint, seed_for,
+                   sequence_logprobs, split_batch, train_bce, wrap_ddp, write_jsonl)
 from tasks import EOT, NEWLINE, PAD, TOKENIZER, decode, encode
 
 # Every setting of a run, per preset (train.py fills the flags left unset from here, and refuses
@@ -334,12 +333,18 @@ def train_dpo(sft_path, labelled, args, device):
     return policy.eval(), len(pairs)
 
 
+def train_head(sft_path, rows, args, device, name, desc):
+    """A verifier with a scalar head on G_SFT (model.ScalarHead), trained with binary
+    cross-entropy on rows (model.train_bce): the ORM, the diagnostic, search's PRM."""
+    model = ScalarHead(load_checkpoint(sft_path, device)[0]).to(device)
+    return train_bce(model, rows, args.verifier_steps, args.verifier_lr, 2 * args.batch_size,
+                     seed=seed_for(args.seed, name), desc=desc)
+
+
 def train_orm(sft_path, labelled, args, device):
     """The comparison verifier: G_SFT with a scalar head, BCE on the same labelled samples."""
-    orm = ScalarHead(load_checkpoint(sft_path, device)[0]).to(device)
     rows = [(p, c, orm_reads(c), [float(ok)]) for p, c, ok in labelled]
-    return train_bce(orm, rows, args.verifier_steps, args.verifier_lr, 2 * args.batch_size,
-                     seed=seed_for(args.seed, "orm"), desc="ORM verifier")
+    return train_head(sft_path, rows, args, device, "orm", "ORM verifier")
 
 
 @torch.no_grad()
@@ -489,9 +494,8 @@ def run(args, task, P, D, test, out, device, new_model):
     cot = train_genrm_cot(generator_path(0), task, d_ver, args, device) \
         if task.recheck(task.gold_completion(P[0])) is not None else None  # no rationale
     # the diagnostic: the same network as the ORM, trained on exact step labels
-    exact = ScalarHead(load_checkpoint(generator_path(0), device)[0]).to(device)
-    train_bce(exact, exact_step_rows(task, P + D, d_ver), args.verifier_steps, args.verifier_lr,
-              2 * args.batch_size, seed=seed_for(args.seed, "exact"), desc="exact-label PRM")
+    exact = train_head(generator_path(0), exact_step_rows(task, P + D, d_ver), args, device,
+                       "exact", "exact-label PRM")
     save_checkpoint(os.path.join(out, "verifier_dpo.pt"), dpo, TOKENIZER)
 
     # test time: n samples per held-out problem from the final generator, drawn once
@@ -567,21 +571,16 @@ def report(args, rows):
                      f"({ev['pair_ties ' + name]:.0%}) |")
     lines += ["", f"greedy {ev['greedy']:.3f}; {ev['pairs']} training pairs from "
               f"{ev['d_ver']} labelled samples"]
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for key in keys:
-        if key not in ("best-of-k length", "best-of-k random", "best-of-k dpo-mean"):
-            ax.plot(ev["k"], ev[key], marker="o", label=key, ls="--" if key == "pass@k" else "-")
-    ax.axhline(ev["greedy"], color="gray", ls=":", label="greedy")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("k (samples per problem)")
-    ax.set_ylabel("held-out accuracy")
-    ax.set_title(f"V-STaR on {args.task}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(args.out, "vstar.png"), dpi=110)
-    plt.close(fig)
+    with figure(os.path.join(args.out, "vstar.png"), figsize=(6.5, 4)) as (fig, ax):
+        for key in keys:
+            if key not in ("best-of-k length", "best-of-k random", "best-of-k dpo-mean"):
+                ax.plot(ev["k"], ev[key], marker="o", label=key,
+                        ls="--" if key == "pass@k" else "-")
+        ax.axhline(ev["greedy"], color="gray", ls=":", label="greedy")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("k (samples per problem)")
+        ax.set_ylabel("held-out accuracy")
+        ax.set_title(f"V-STaR on {args.task}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     return "\n".join(lines)

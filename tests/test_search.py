@@ -20,7 +20,7 @@ import torch.nn as nn
 import search
 import train
 import vstar
-from model import GPT, GPTConfig, generate_naive, read_jsonl
+from model import GPT, GPTConfig, continue_prefixes, generate_naive, read_jsonl
 from tasks import EOT, NEWLINE, PAD, Problem, Task, decode, encode, get_task
 from tasks.base import split_lines
 
@@ -255,8 +255,8 @@ def test_continuations_of_prefixes_equal_the_naive_sampler_and_are_counted():
             p.normal_(0, 0.5) if p.dim() >= 2 else None
     prefixes, copies = [[5, 6, 7, 8, 9], [10, 11]], [3, 2]
     cost = search.Cost()
-    rows = search.continue_prefixes(model, prefixes, copies, 12, (NEWLINE, EOT), 1.0, gen(3),
-                                    cost)
+    rows = continue_prefixes(model, prefixes, copies, 12, (NEWLINE, EOT), 1.0, gen(3), cost, PAD,
+                             search.BANNED)
     tokens, _, lengths = generate_naive(model, prefixes, 12, (NEWLINE, EOT), PAD, 1.0,
                                         generator=gen(3), banned_tokens=search.BANNED,
                                         copies=copies)
