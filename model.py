@@ -95,10 +95,13 @@ class KVCache:
     so that it is traced once (see decode_step).
     """
 
-    def __init__(self, config, batch_size, max_len, device, dtype=torch.float32):
+    def __init__(self, config, batch_size, max_len, device, dtype=torch.float32, zero=False):
+        # zero=False leaves the memory as it is: columns are read only once written, except by
+        # the compiled step, whose mask must not meet a NaN in an unwritten column (zero=True)
         shape = (batch_size, config.n_head, max_len, config.n_embd // config.n_head)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        new = torch.zeros if zero else torch.empty
+        self.k = [new(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [new(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.pos = 0
         self.col = None
 
@@ -354,7 +357,8 @@ def compute_dtype(model):
     return next(model.parameters()).dtype
 
 
-def _expand(prompts, copies):
+def copies_of(prompts, copies):
+    """The number of continuations of each prompt (1 each by default), checked."""
     if copies is None:
         return [1] * len(prompts)
     if len(copies) != len(prompts) or any(c < 1 for c in copies):
@@ -382,6 +386,54 @@ def compiled_decode_step(device_type):
     return torch.compile(decode_step, mode="reduce-overhead" if device_type == "cuda" else None)
 
 
+def prefill(model, prompts, copies, max_new_tokens, pad_id, zero_cache=False):
+    """Encode each prompt once, left-padded, into a cache with room for max_new_tokens more, and
+    copy its cache rows to its copies. Returns the next-token logits (B, V), the cache, each
+    row's next position id (B,) and the key-validity mask of every cache column (B, max_len)."""
+    device = next(model.parameters()).device
+    idx, pos, valid = left_pad(prompts, pad_id, device)  # (U, T0)
+    T0 = idx.size(1)
+    if T0 + max_new_tokens > model.config.block_size:
+        raise ValueError(f"prompt ({T0}) + max_new_tokens ({max_new_tokens}) exceeds "
+                         f"block_size {model.config.block_size}")
+    cache = KVCache(model.config, len(prompts), T0 + max_new_tokens, device,
+                    compute_dtype(model), zero=zero_cache)
+    logits = model(idx, pos=pos, mask=padded_mask(valid, T0), cache=cache)[:, -1]  # (U, V)
+    if any(c != 1 for c in copies):  # each prompt's cache rows copied to its continuations
+        rep = torch.tensor(copies, device=device)
+        cache.repeat_rows(rep)
+        logits, valid, pos = (x.repeat_interleave(rep, dim=0) for x in (logits, valid, pos))
+    valid = torch.cat([valid, valid.new_ones(valid.size(0), max_new_tokens)], 1)
+    return logits, cache, pos[:, -1] + 1, valid
+
+
+def decode_one_token(model, tok, pos, valid, cache):
+    """Logits (B, V) after one new token per row (tok, pos: (B,)), appended to the cache as its
+    next column, which may see every real column before it (valid: (B, max_len) real columns,
+    or None when no row has padding). The eager twin of decode_step."""
+    mask = None if valid is None else valid[:, None, None, :cache.pos + 1]  # (B, 1, 1, T)
+    return model(tok[:, None], pos=pos[:, None], mask=mask, cache=cache)[:, -1]
+
+
+def finish(toks, seen, stop, pad_id, max_new_tokens):
+    """The decode loop's outputs from its per-step token ids and logits (lists of (B,) and
+    (B, V)): each row cut after its first stop token, padded to max_new_tokens. Done once at the
+    end, so that the loop itself spends no work on bookkeeping."""
+    tokens = torch.stack(toks, 1)  # (B, n)
+    B, n = tokens.shape
+    stopped = torch.isin(tokens, stop)  # (B, n)
+    first = stopped.int().argmax(1)  # the first stop of each row (0 if it has none)
+    lengths = torch.where(stopped.any(1), first + 1, n)  # (B,)
+    keep = torch.arange(n, device=tokens.device)[None] < lengths[:, None]  # (B, n)
+    seen = torch.stack(seen, 1)  # (B, n, V)
+    lp = seen.gather(2, tokens[..., None]).squeeze(2) - torch.logsumexp(seen, -1)  # (B, n)
+    out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=tokens.device)
+    logp = torch.zeros(B, max_new_tokens, device=tokens.device)
+    out[:, :n] = torch.where(keep, tokens, pad_id)
+    logp[:, :n] = torch.where(keep, lp, 0.0)
+    return out, logp, lengths
+
+
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens, stop_tokens, pad_id, temperature=1.0, top_k=None,
              generator=None, banned_tokens=(), seeds=None, copies=None, compiled=False):
@@ -405,62 +457,44 @@ def generate(model, prompts, max_new_tokens, stop_tokens, pad_id, temperature=1.
       lengths (B,) tokens generated per row, the stop token included.
     """
     device = next(model.parameters()).device
-    copies = _expand(prompts, copies)
-    idx, pos, valid = left_pad(prompts, pad_id, device)  # (U, T0)
-    T0 = idx.size(1)
-    if T0 + max_new_tokens > model.config.block_size:
-        raise ValueError(f"prompt ({T0}) + max_new_tokens ({max_new_tokens}) exceeds "
-                         f"block_size {model.config.block_size}")
-    cache = KVCache(model.config, len(prompts), T0 + max_new_tokens, device,
-                    compute_dtype(model))
-    logits = model(idx, pos=pos, mask=padded_mask(valid, T0), cache=cache)[:, -1]  # (U, V)
-    if any(c != 1 for c in copies):  # each prompt's cache rows copied to its continuations
-        rep = torch.tensor(copies, device=device)
-        cache.repeat_rows(rep)
-        logits, valid, pos = (x.repeat_interleave(rep, dim=0) for x in (logits, valid, pos))
-    B = logits.size(0)
-    valid = torch.cat([valid, torch.ones(B, max_new_tokens, dtype=torch.bool, device=device)], 1)
-    ragged = bool((~valid).any())  # without padding, decoding needs no mask at all
+    logits, cache, pos, valid = prefill(model, prompts, copies_of(prompts, copies),
+                                        max_new_tokens, pad_id, zero_cache=compiled)
+    B, V = logits.shape
     stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
-    banned = torch.tensor(list(banned_tokens), dtype=torch.long, device=device)
-    u = noise(B, max_new_tokens, model.config.vocab_size, temperature, generator, seeds, device)
-
-    tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
-    logp = torch.zeros(B, max_new_tokens, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    lengths = torch.zeros(B, dtype=torch.long, device=device)
-    next_pos = pos[:, -1] + 1  # (B,) position id of each row's next token
-    if compiled:  # from here on, the new token of step t is written at column T0 + t
-        step = compiled_decode_step(device.type)
+    ban = torch.zeros(V, device=device)  # added to the logits: -inf at the banned ids
+    ban[list(banned_tokens)] = float("-inf")
+    u = noise(B, max_new_tokens, V, temperature, generator, seeds, device)
+    ragged = valid if bool((~valid).any()) else None  # without padding, no mask at all
+    if compiled:
+        step, T0 = compiled_decode_step(device.type), cache.pos
         cache.col = torch.tensor([T0], device=device)
-        columns = torch.arange(T0 + max_new_tokens, device=device)
+        columns = torch.arange(valid.size(1), device=device)
         if device.type == "cuda":  # a CUDA graph reads these at fixed addresses
             for x in cache.k + cache.v + [cache.col]:
                 torch._dynamo.mark_static_address(x)
+    toks, seen = [], []  # each step's token ids (B,) and logits (B, V)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
     for t in range(max_new_tokens):
-        logits = logits.float()
-        if len(banned):
-            logits[:, banned] = float("-inf")
+        logits = logits.float() + ban
         tok = pick(logits, temperature, top_k, None if u is None else u[:, t])  # (B,)
-        lp = F.log_softmax(logits, dim=-1).gather(1, tok[:, None]).squeeze(1)  # (B,)
-        # rows that already stopped write padding; no host sync needed for that
-        tokens[:, t] = torch.where(done, pad_id, tok)
-        logp[:, t] = torch.where(done, 0.0, lp)
-        lengths += (~done).long()
-        done |= (tok[:, None] == stop).any(1)
-        # one sync every 8 tokens to stop early when every row is finished (a step line of
-        # search is 5-12 tokens, so it stops soon after its newline)
-        if t == max_new_tokens - 1 or (t % 8 == 7 and bool(done.all())):
+        toks.append(tok)
+        seen.append(logits)
+        if t == max_new_tokens - 1:
             break
-        if compiled:  # every column of the cache, those not yet written hidden
+        # every 8 tokens, one host sync to stop once every row has written a stop token (a
+        # step line of search is 5-12 tokens, so it stops soon after its newline)
+        if t % 8 == 7:
+            done |= torch.isin(torch.stack(toks[-8:], 1), stop).any(1)
+            if bool(done.all()):
+                break
+        if compiled:  # the cache's every column, those not yet written hidden
             cache.col.fill_(T0 + t)
             mask = (valid & (columns <= T0 + t))[:, None, None, :]  # (B, 1, 1, max_len)
-            logits = step(model, tok[:, None], next_pos[:, None], mask, cache)
-        else:  # the new token is the last column, so it may see every real column before it
-            mask = valid[:, None, None, :T0 + t + 1] if ragged else None  # (B, 1, 1, Tk)
-            logits = model(tok[:, None], pos=next_pos[:, None], mask=mask, cache=cache)[:, -1]
-        next_pos = next_pos + 1
-    return tokens, logp, lengths
+            logits = step(model, tok[:, None], pos[:, None], mask, cache)
+        else:
+            logits = decode_one_token(model, tok, pos, ragged, cache)
+        pos = pos + 1
+    return finish(toks, seen, stop, pad_id, max_new_tokens)
 
 
 @torch.no_grad()
@@ -471,7 +505,7 @@ def generate_naive(model, prompts, max_new_tokens, stop_tokens, pad_id, temperat
     generate(), which must agree with it token for token under the same noise (greedy, a
     generator or per-row seeds: tests/test_model.py); the baseline of tests/bench_sampling.py."""
     device = next(model.parameters()).device
-    rows = [p for p, c in zip(prompts, _expand(prompts, copies)) for _ in range(c)]
+    rows = [p for p, c in zip(prompts, copies_of(prompts, copies)) for _ in range(c)]
     idx, pos, valid = left_pad(rows, pad_id, device)
     B, V = len(rows), model.config.vocab_size
     u = noise(B, max_new_tokens, V, temperature, generator, seeds, device)

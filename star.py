@@ -27,9 +27,12 @@ Deliberate departures from the paper:
    --continue-training continues from M(n-1) instead (the ablation the paper argues against).
 """
 
+import functools
+import math
 import os
 import random
 import time
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +64,11 @@ SFT_DEFAULTS = {preset: {k: d[k] for k in SFT_FLAGS} for preset, d in DEFAULTS.i
 # -----------------------------------------------------------------------------
 # Examples and batches
 
+# What one forward and backward pass costs beyond its tokens, counted in tokens: the fixed
+# per-pass work (kernel launches, the optimizer-free part of autograd's bookkeeping) that
+# splitting a batch into more buckets pays again. tests/bench_training.py measures it.
+BUCKET_OVERHEAD = 128
+
 
 def make_example(task, p, completion, hint=False):
     """(prompt ids, completion ids + end-of-text) for one problem and one completion text."""
@@ -87,15 +95,61 @@ def collate(examples, device):
     return idx, tgt.to(device)
 
 
-def batch_loss(forward, batch, device):
-    """Mean token loss of a global batch of examples (under torchrun, of this process's share,
-    scaled so that the averaged gradient is the whole batch's: model.split_batch)."""
-    share, n_targets = split_batch(batch, size=lambda ex: len(ex[1]))
-    idx, tgt = collate(share, device)
+def summed_loss(forward, examples, device, n_targets):
+    """The examples' summed token loss (one right-padded forward pass) over n_targets."""
+    idx, tgt = collate(examples, device)
     with autocast(str(device)):
         logits = forward(idx)  # (B, T, V)
-    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), tgt.view(-1),
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()  # the loss in at least fp32
+    return F.cross_entropy(logits.view(-1, logits.size(-1)), tgt.view(-1),
                            ignore_index=-1, reduction="sum") / n_targets
+
+
+def batch_loss(forward, batch, device):
+    """Mean token loss of a global batch of examples in one padded forward pass (under
+    torchrun, of this process's share, scaled so that the averaged gradient is the whole
+    batch's: model.split_batch). The textbook twin of batch_backward; the tests compare them."""
+    share, n_targets = split_batch(batch, size=lambda ex: len(ex[1]))
+    return summed_loss(forward, share, device, n_targets)
+
+
+def length_buckets(lengths, overhead=None):
+    """Indices of a batch grouped into buckets of similar length, so that little of what a
+    forward pass computes is padding. A bucket costs (rows x its longest length) tokens plus a
+    fixed `overhead` (a forward pass's cost beyond its tokens, in tokens); over the lengths
+    sorted, the cheapest split is found exactly by dynamic programming (n <= a few hundred)."""
+    overhead = BUCKET_OVERHEAD if overhead is None else overhead
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    L = [lengths[i] for i in order]
+    cost, cut = [0] + [math.inf] * len(L), [0] * (len(L) + 1)
+    for j in range(1, len(L) + 1):  # cost[j]: the cheapest split of the j shortest
+        for i in range(j):  # the last bucket holds the sorted items i..j-1
+            c = cost[i] + (j - i) * L[j - 1] + overhead
+            if c < cost[j]:
+                cost[j], cut[j] = c, i
+    buckets, j = [], len(L)
+    while j > 0:
+        buckets.append(order[cut[j]:j])
+        j = cut[j]
+    return buckets[::-1]
+
+
+def batch_backward(forward, batch, device):
+    """batch_loss(...).backward(), bucket by bucket (length_buckets): the same gradient with
+    little padding computed. Each bucket's summed loss is divided by the whole batch's target
+    count, so the gradients add up to the batch mean's. Under torchrun the gradients are
+    averaged only after the last bucket (no_sync before it). Returns the loss value."""
+    share, n_targets = split_batch(batch, size=lambda ex: len(ex[1]))
+    buckets = length_buckets([len(p) + len(c) - 1 for p, c in share])
+    total = 0.0
+    for k, bucket in enumerate(buckets):
+        last = k == len(buckets) - 1
+        with nullcontext() if last or not hasattr(forward, "no_sync") else forward.no_sync():
+            loss = summed_loss(forward, [share[i] for i in bucket], device, n_targets)
+            loss.backward()
+        total += loss.item()
+    return total
 
 
 def finetune(model, examples, steps, lr, batch_size, seed, desc="fine-tune", compile=False):
@@ -114,12 +168,10 @@ def finetune(model, examples, steps, lr, batch_size, seed, desc="fine-tune", com
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup=min(100, steps // 10 + 1))
         batch = [examples[rng.randrange(len(examples))] for _ in range(batch_size)]
-        loss = batch_loss(forward, batch, device)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        losses.append(batch_backward(forward, batch, device))
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        losses.append(loss.item())
         if step % 10 == 0:
             bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
     model.eval()
@@ -129,10 +181,15 @@ def finetune(model, examples, steps, lr, batch_size, seed, desc="fine-tune", com
 # -----------------------------------------------------------------------------
 # Sampling and evaluation
 
-def max_new_tokens(task, problems, block_size, prompt_len):
-    """Room for the longest gold completion of these problems, with slack for a wordy model."""
-    longest = max(len(task.gold_completion(p)) for p in problems) + 1
-    return max(1, min(int(longest * 1.25) + 8, block_size - prompt_len))
+@functools.cache
+def completion_cap(task, difficulty):
+    """How many tokens the sampler lets a model write at a difficulty: a quarter more than the
+    longest gold completion (end-of-text included) of 256 problems that the task samples at
+    that difficulty from a fixed seed, plus 8. It reads the task and the difficulty, never the
+    problems being solved, so no test answer's length leaks into how long the model may write."""
+    rng = random.Random(f"completion cap {task.name} {difficulty}")
+    longest = max(len(task.gold_completion(task.sample(rng, difficulty))) for _ in range(256))
+    return int((longest + 1) * 1.25) + 8
 
 
 def sample(model, task, problems, hint=False, n=1, temperature=0.0, batch_size=256, seed=0,
@@ -152,8 +209,8 @@ def sample(model, task, problems, hint=False, n=1, temperature=0.0, batch_size=2
     for start in bar:
         chunk = jobs[start:start + batch_size]
         prompts = [encode(task.prompt(problems[i], hint=hint)) for _, i, _ in chunk]
-        max_new = max_new_tokens(task, [problems[i] for _, i, _ in chunk],
-                                 model.config.block_size, max(len(q) for q in prompts))
+        max_new = min(max(completion_cap(task, d) for d, _, _ in chunk),
+                      model.config.block_size - max(map(len, prompts)))
         with autocast(str(device)):
             tokens, _, lengths = generate(model, prompts, max_new, stop_tokens=(EOT,),
                                           pad_id=PAD, temperature=temperature,

@@ -280,10 +280,10 @@ def build_data(task, args):
 
 
 def block_size_for(task, problems, preset_size):
-    """A block that holds the longest hinted prompt plus a wordy completion, in 64s."""
-    longest = max(len(encode(task.prompt(p, hint=True) + task.gold_completion(p)))
-                  for p in problems)
-    need = int(longest * 1.25) + 16
+    """A block that holds the longest hinted prompt plus the longest completion the sampler
+    allows at these problems' difficulties (star.completion_cap), in 64s."""
+    need = max(len(encode(task.prompt(p, hint=True))) for p in problems) + \
+        max(star.completion_cap(task, d) for d in {p.difficulty for p in problems})
     return max(preset_size, -(-need // 64) * 64)
 
 

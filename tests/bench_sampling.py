@@ -13,7 +13,9 @@ asserted identical token for token. Prints a table. Not collected by pytest (no 
 The recompute baseline is model.generate_naive: the whole left-padded sequence through the
 model for every new token, what sampling costs without a cache. "compiled" is generate's
 compiled=True (model.compiled_decode_step: torch.compile, a CUDA graph on a GPU); its compile
-time is excluded from the rate and printed beside it. Eager and compiled run 3 times each,
+time is excluded from the rate and printed beside it. "HF generate" is Hugging Face's
+GPT2LMHeadModel.generate on the same weights (greedy, cache on), when transformers is installed
+(it is not in requirements.txt; the column shows "-" without it). Eager, compiled and HF run 3 times each,
 alternating, and the medians are reported; the recompute baseline runs once. On a GPU every
 sampler runs under bf16 autocast, so all see the same arithmetic. --methods runs
 `python train.py --method M --preset P` for each M in turn (output under runs/bench/) and
@@ -47,6 +49,34 @@ def timed(fn, device):
     if device == "cuda":
         torch.cuda.synchronize()
     return result, time.perf_counter() - t0
+
+
+def hugging_face_twin(model):
+    """The same weights in transformers' GPT2LMHeadModel (None when transformers is not
+    installed: it is not a requirement of this project). Its Conv1D weights are our Linear
+    weights transposed."""
+    try:
+        from transformers import GPT2Config, GPT2LMHeadModel
+    except ImportError:
+        return None
+    c = model.config
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size,
+                                    n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
+                                    activation_function="gelu_new", layer_norm_epsilon=1e-5,
+                                    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+    state = {k: v.t() if k.endswith(conv1d) else v for k, v in model.state_dict().items()}
+    hf.load_state_dict(state, strict=False)  # strict=False: HF's own attention-bias buffers
+    return hf.to(next(model.parameters()).device).eval()
+
+
+def hf_generate(hf, prompts, new_tokens):
+    """Greedy continuation by transformers' generate, exactly new_tokens long, no stop."""
+    idx = torch.tensor(prompts, device=hf.device)
+    out = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=new_tokens,
+                      min_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
+                      pad_token_id=PAD, use_cache=True)
+    return out[:, idx.size(1):]
 
 
 def against(other_dir, preset, batch_sizes, prompt_len, new_tokens, device):
@@ -102,13 +132,14 @@ def main():
             if p.dim() >= 2:
                 p.normal_(0, 0.1)
     model.eval()
+    hf = hugging_face_twin(model)
     name = torch.cuda.get_device_name() if device == "cuda" else device
     print(f"device {name} | preset {preset} ({model.num_params() / 1e6:.2f}M params) | "
           f"prompt {args.prompt_len} | new tokens {args.new_tokens} | greedy | "
           f"torch {torch.__version__}")
     print("| batch | eager tok/s | compiled tok/s (compile s) | recompute tok/s | "
-          "compiled / eager | eager / recompute | identical |")
-    print("|---|---|---|---|---|---|---|")
+          "HF generate tok/s | compiled / eager | eager / recompute | eager / HF | identical |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for B in args.batch_sizes:
         g = torch.Generator().manual_seed(B)
         prompts = torch.randint(0, 96, (B, args.prompt_len), generator=g).tolist()
@@ -118,7 +149,7 @@ def main():
                                          temperature=0, **kw)[0], device)
         with autocast(device):
             generate(model, prompts[:2], 4, (), PAD, temperature=0)  # warm-up
-            outputs, t_fast, t_comp = [], [], []
+            outputs, t_fast, t_comp, t_hf = [], [], [], []
             if not args.no_compile:
                 _, t_compile = run(compiled=True)  # compiles for this batch shape
             for _ in range(3):  # eager and compiled alternate; the medians are reported
@@ -129,6 +160,10 @@ def main():
                     out, t = run(compiled=True)
                     outputs.append(out)
                     t_comp.append(t)
+                if hf is not None:
+                    out, t = timed(lambda: hf_generate(hf, prompts, args.new_tokens), device)
+                    outputs.append(out)
+                    t_hf.append(t)
             t_fast = statistics.median(t_fast)
             compiled = "-"
             if not args.no_compile:
@@ -138,8 +173,12 @@ def main():
         same = all(torch.equal(o, slow) for o in outputs)
         n = B * args.new_tokens
         ratio = "-" if args.no_compile else f"{t_fast / t_comp:.2f}x"
-        print(f"| {B} | {n / t_fast:,.0f} | {compiled} | {n / t_slow:,.0f} | {ratio} | "
-              f"{t_slow / t_fast:.1f}x | {'yes' if same else 'NO'} |", flush=True)
+        t_hf = statistics.median(t_hf) if t_hf else None
+        hf_rate, hf_ratio = ("-", "-") if t_hf is None else (f"{n / t_hf:,.0f}",
+                                                             f"{t_hf / t_fast:.2f}x")
+        print(f"| {B} | {n / t_fast:,.0f} | {compiled} | {n / t_slow:,.0f} | {hf_rate} | "
+              f"{ratio} | {t_slow / t_fast:.1f}x | {hf_ratio} | {'yes' if same else 'NO'} |",
+              flush=True)
         assert same, f"batch {B}: the samplers' outputs differ"
     for method in args.methods:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -158,3 +158,68 @@ def test_collate_targets_exactly_the_completion():
                             [-1, 96, -1, -1, -1]]
     assert idx[0].tolist() == [10, 11, 12, 20, 21]  # inputs: the sequence without its last token
     assert idx[1, :2].tolist() == [13, 22] and (idx[1, 2:] == PAD).all()
+
+
+def test_length_buckets_cover_the_batch_once_and_are_the_cheapest_split():
+    import itertools
+    import random as rnd
+    rng = rnd.Random(0)
+    for _ in range(30):
+        lengths = [rng.randint(3, 120) for _ in range(rng.randint(1, 9))]
+        overhead = rng.choice([0, 16, 128, 10**6])
+        buckets = star.length_buckets(lengths, overhead)
+        assert sorted(i for b in buckets for i in b) == list(range(len(lengths)))
+        cost = lambda bs: sum(len(b) * max(lengths[i] for i in b) + overhead for b in bs)  # noqa
+        # brute force: every split of the sorted lengths into consecutive runs
+        order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+        best = min(cost([order[a:b] for a, b in zip((0,) + cuts, cuts + (len(order),))])
+                   for r in range(len(order))
+                   for cuts in itertools.combinations(range(1, len(order)), r))
+        assert cost(buckets) == best
+
+
+def test_bucketed_batch_gives_the_token_weighted_mean_loss_and_the_padded_gradient():
+    # the same batch three ways: one padded forward (batch_loss), bucket by bucket
+    # (batch_backward, what finetune runs), and each example alone, weighted by its tokens
+    task = get_task("addition")
+    batch = star.gold_examples(task, sample_problems(task, 12, (1, 3, 5), seed=3))
+    assert len(star.length_buckets([len(p) + len(c) - 1 for p, c in batch], 16)) > 1
+    torch.manual_seed(0)
+    net = GPT(get_config("tiny", n_layer=2, n_embd=32, n_head=2)).double()
+    alone = [star.summed_loss(net, [ex], "cpu", len(ex[1])).item() for ex in batch]
+    weighted = sum(l * len(c) for l, (_, c) in zip(alone, batch)) / sum(len(c) for _, c in batch)
+    padded = star.batch_loss(net, batch, "cpu")
+    padded.backward()
+    want = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    old, star.BUCKET_OVERHEAD = star.BUCKET_OVERHEAD, 16  # several buckets, not one
+    try:
+        got = star.batch_backward(net, batch, "cpu")
+    finally:
+        star.BUCKET_OVERHEAD = old
+    assert abs(got - weighted) < 1e-12 and abs(padded.item() - weighted) < 1e-12
+    for a, b in zip(want, net.parameters()):
+        assert torch.allclose(a, b.grad, atol=1e-12, rtol=0)
+
+
+def test_completion_cap_reads_the_difficulty_not_the_problems(monkeypatch):
+    # the sampler's length cap is a function of the task and the difficulty: the same for
+    # problems with short and long gold answers, and room for every gold completion
+    task = get_task("addition")
+    for d in (1, 3, 5):
+        fresh = sample_problems(task, 300, [d], seed=77)
+        assert star.completion_cap(task, d) >= max(len(task.gold_completion(p)) + 1
+                                                   for p in fresh)
+    caps = []
+
+    def spy(model, prompts, max_new, **kw):
+        caps.append(max_new)
+        B = len(prompts)
+        return torch.full((B, 1), 96), torch.zeros(B, 1), torch.ones(B, dtype=torch.long)
+    monkeypatch.setattr(star, "generate", spy)
+    net = GPT(get_config("tiny", n_layer=1, n_embd=32, n_head=2))
+    short = [p for p in sample_problems(task, 200, [3], seed=1) if len(p.answer) == 3][:5]
+    long = [p for p in sample_problems(task, 200, [3], seed=2) if len(p.answer) == 4][:5]
+    star.sample(net, task, short)
+    star.sample(net, task, long)
+    assert caps[0] == caps[1] == star.completion_cap(task, 3)
