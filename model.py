@@ -12,7 +12,8 @@ What the methods need from it, all here:
   left-padded batches and Quiet-STaR's thought mask), a KV cache passed explicitly (KVCache,
   or ConcatCache when gradients must flow through it), and the final hidden states (for a
   verifier's head or Quiet-STaR's mixing head);
-- generate(): the one sampler. Batched sampling of ragged prompts (left padding, per-row
+- generate(): the one sampler (prefill, then decode_one_token per step, the outputs assembled
+  once by finish; or the compiled decode_step). Batched sampling of ragged prompts (left padding, per-row
   positions), several copies of a prompt from one prefill, temperature, top-k, a
   torch.Generator or per-row seeds, per-row stop tokens (end-of-text, or a newline for one
   reasoning step); returns tokens, per-token log-probs and lengths. pick() is its token choice,
@@ -536,27 +537,6 @@ class Cost:
 
     def __init__(self):
         self.sampled, self.prompt = 0, 0
-
-
-def continue_prefixes(model, prefixes, copies, max_new, stop, temperature, generator, cost,
-                      pad_id, banned_tokens=()):
-    """copies[u] continuations of each token list prefixes[u], each until a stop token (kept)
-    or max_new tokens, counted into `cost`; returned as token lists, prefix 0's copies first.
-    generate encodes each prefix once and copies its cache rows to its continuations."""
-    if not prefixes:
-        return []
-    max_new = min(max_new, model.config.block_size - max(map(len, prefixes)))
-    if max_new < 1:
-        raise ValueError(f"a prefix of {max(map(len, prefixes))} tokens leaves no room in the "
-                         f"block ({model.config.block_size})")
-    with autocast(str(next(model.parameters()).device)):
-        tokens, _, lengths = generate(model, prefixes, max_new, stop, pad_id, temperature,
-                                      generator=generator, banned_tokens=banned_tokens,
-                                      copies=copies)
-    lengths = lengths.tolist()
-    cost.sampled += sum(lengths)
-    cost.prompt += sum(map(len, prefixes))
-    return [row[:n] for row, n in zip(tokens.tolist(), lengths)]
 
 
 # -----------------------------------------------------------------------------

@@ -23,6 +23,8 @@ diagnostic (the base's own thoughts mixed in at a fixed w = 0 and w = 1: can the
 
 Run: python train.py --method quiet_star          (python train.py --help: thought flags)
 Test: python -m pytest tests/test_quiet_star.py
+Under torchrun both arms train through DDP, each process on its rows of every batch (a step is
+still the whole batch's: lm_step, quiet_star_step), and evaluation batches are split (evaluate).
 
 Departures from the paper and its code (a flag restores each of the code's choices):
 1. A tiny GPT trained from scratch on arithmetic text, not Mistral-7B on OpenWebMath.
@@ -50,9 +52,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model import (GPT, ConcatCache, append_jsonl, autocast, bootstrap_ci, figure, get_config,
-                   load_checkpoint, lr_at, pick, read_jsonl, right_pad, save_checkpoint, seed_for,
-                   write_atomic)
+from model import (GPT, ConcatCache, all_gather, append_jsonl, autocast, bootstrap_ci, figure,
+                   get_config, is_main, load_checkpoint, lr_at, pick, rank_world, read_jsonl,
+                   right_pad, save_checkpoint, seed_for, wrap_ddp, write_atomic)
 from tasks import EOT, EOTH, PAD, SOT, TOKENIZER, decode, encode, sample_problems
 
 # Every setting of a run, per preset (train.py fills the flags left unset from here, and refuses
@@ -60,8 +62,11 @@ from tasks import EOT, EOTH, PAD, SOT, TOKENIZER, decode, encode, sample_problem
 _SHARED = dict(task="chain", worked_fraction=0.5, n_true=2, n_thoughts=2, thought_temperature=1.0,
                base_weight=0.5, mixed_weight=0.5, reinforce_weight=1.0, meta_lr_mult=100.0,
                meta_max_change=0.01, meta_init="paren", mixing="tanh", head_lr_mult=20.0)
-DEFAULTS = {  # the thoughts are as long as the work at the training difficulty ("6,8,3": 5)
-    "tiny": dict(_SHARED, base_steps=1000, think_steps=200, batch_size=32, lr=2e-3, n_test=400,
+# The thoughts are as long as the work at the training difficulty ("6,8,3": 5). 1,500 base
+# steps: with 1,000 the base's own thoughts were not yet the work on some seeds and CPUs, and
+# Quiet-STaR then had nothing to learn from (README, Quiet-STaR).
+DEFAULTS = {
+    "tiny": dict(_SHARED, base_steps=1500, think_steps=200, batch_size=32, lr=2e-3, n_test=400,
                  continue_lr=5e-4, seq_len=48, thought_len=5, think_stride=2, eval_every=50,
                  train_difficulty="3", test_difficulty="3"),
     "small": dict(_SHARED, base_steps=3000, think_steps=500, batch_size=32, lr=1e-3, n_test=1000,
@@ -141,6 +146,14 @@ def targets(seqs):
     return seqs[:, 1:].masked_fill(seqs[:, 1:] == PAD, -1)
 
 
+def talk_columns(seqs, at, n_true):
+    """Talk token j after the thought at position at[i] mixes with the base hidden state at
+    column at[i] + j (P, n_true) and predicts seqs there + 1 (B, P, n_true; -1 past the end)."""
+    T = seqs.size(1) - 1
+    col = at[:, None] + torch.arange(n_true, device=at.device)[None]
+    return col, targets(seqs)[:, col.clamp(max=T - 1)].masked_fill(col >= T, -1)
+
+
 def target_logp(logits, y):
     """log p(y) under the next-text-token distribution of logits (..., V); 0 where y = -1."""
     logp = F.log_softmax(text_logits(logits), -1).gather(-1, y.clamp(min=0)[..., None])[..., 0]
@@ -206,12 +219,14 @@ def thought_mask(T, at, k):
     return torch.cat([real, own], dim=1)[None, None]
 
 
-def thought_token(logits, temperature, generator):
+def thought_token(logits, temperature, generator, rows=None):
     """(token, its log-prob) per row from logits (..., V) with the meta-tokens banned, picked by
     model.pick (greedy at temperature 0). The log-prob is at the sampling temperature (1 when
-    greedy): it is what REINFORCE differentiates."""
+    greedy): it is what REINFORCE differentiates. rows = (index, n): the logits are those rows
+    of a batch of n (a process's share), and get the noise drawn for the whole batch."""
     logits = text_logits(logits, BANNED)
-    u = torch.rand(logits.shape, generator=generator, device=logits.device) \
+    index, n = rows or (slice(None), len(logits))
+    u = torch.rand(n, *logits.shape[1:], generator=generator, device=logits.device)[index] \
         if temperature > 0 else None
     tok = pick(logits, temperature, u=u)
     logp = F.log_softmax(logits / (temperature or 1.0), dim=-1)
@@ -222,7 +237,7 @@ def thought_token(logits, temperature, generator):
 
 
 def think(model, head, seqs, at, thought_len, n_true, n_thoughts=1, temperature=1.0,
-          generator=None):
+          generator=None, rows=None):
     """Thoughts after the positions `at` of every row, all at once, then n_true talk tokens.
 
     seqs: (B, T+1) tokens (the model reads [:, :T]; the extra column is the last talk target).
@@ -234,6 +249,7 @@ def think(model, head, seqs, at, thought_len, n_true, n_thoughts=1, temperature=
       base_logits (B, T, V): pass 0;  thoughts, thought_logp (B*n, P, thought_len);
       mixed_logits (B*n, P, n_true, V) predicting talk_targets (B, P, n_true), -1 past the end;
       w (B*n, P, n_true) the mixing weights;  pass_logits: every pass's logits (for the tests).
+    rows: the thought rows' place in a bigger batch (thought_token), when seqs is a share of it.
     """
     B, T = seqs.size(0), seqs.size(1) - 1
     x = seqs[:, :T]
@@ -242,10 +258,7 @@ def think(model, head, seqs, at, thought_len, n_true, n_thoughts=1, temperature=
     cache.repeat_rows(n_thoughts)
     h0 = h0.repeat_interleave(n_thoughts, 0)  # (B*n, T, C)
     P = len(at)
-    # talk token j at thought i predicts seqs[at+j+1] from base hidden h0[at+j]: valid if at+j < T
-    col = at[:, None] + torch.arange(n_true, device=at.device)[None]  # (P, n_true)
-    ok = col < T
-    talk_targets = targets(seqs)[:, col.clamp(max=T - 1)].masked_fill(~ok, -1)  # (B, P, n_true)
+    col, talk_targets = talk_columns(seqs, at, n_true)  # (P, n_true), (B, P, n_true)
     talk_inputs = seqs[:, (col + 1).clamp(max=T)]  # (B, P, n_true): x[at+j+1], forced after j
 
     inp = torch.full((B * n_thoughts, P), SOT, dtype=torch.long, device=seqs.device)
@@ -255,7 +268,7 @@ def think(model, head, seqs, at, thought_len, n_true, n_thoughts=1, temperature=
                           return_hidden=True)  # (B*n, P, V), (B*n, P, C)
         pass_logits.append(logits)
         if k <= thought_len:  # this pass predicts thought token k: sample it
-            inp, lp = thought_token(logits, temperature, generator)
+            inp, lp = thought_token(logits, temperature, generator, rows)
             thoughts.append(inp), thought_logp.append(lp)
         elif k == thought_len + 1:  # the end of thought is forced, never sampled
             inp = torch.full_like(inp, EOTH)
@@ -304,26 +317,29 @@ def talk_logp(th, n_thoughts):
     return target_logp(th["mixed_logits"], tgt), tgt >= 0
 
 
-def quiet_star_loss(th, seqs, n_thoughts, args):
-    """(loss, stats): w_base * base NLL + w_mixed * mixed NLL + beta * REINFORCE."""
+def quiet_star_loss(th, seqs, n_thoughts, args, counts=None):
+    """(loss, stats): w_base * base NLL + w_mixed * mixed NLL + beta * REINFORCE. The three means
+    divide by counts when given (torchrun: seqs is a share of a batch; see quiet_star_step)."""
     y = targets(seqs)
     V = th["base_logits"].size(-1)
-    nll_base = F.cross_entropy(text_logits(th["base_logits"]).reshape(-1, V), y.reshape(-1),
-                               ignore_index=-1)
     logp, valid = talk_logp(th, n_thoughts)  # (B*n, P, n_true)
-    nll_mixed = -logp.sum() / valid.sum().clamp(min=1)
+    has = valid[..., 0].float()  # positions with at least one true token to predict
+    n_y, n_talk, n_has = counts or ((y >= 0).sum(), valid.sum().clamp(min=1),
+                                    has.sum().clamp(min=1))
+    nll_base = F.cross_entropy(text_logits(th["base_logits"]).reshape(-1, V), y.reshape(-1),
+                               ignore_index=-1, reduction="sum") / n_y
+    nll_mixed = -logp.sum() / n_talk
     # reward: how much likelier the true text is with this thought than with the average one
     # at the same position; only better-than-average thoughts are pushed up
     r = logp.detach().sum(-1).view(-1, n_thoughts, logp.size(1))  # (B, n, P)
     adv = (r - r.mean(1, keepdim=True)).clamp(min=0).view(-1, logp.size(1))  # (B*n, P)
-    has = valid[..., 0].float()  # positions with at least one true token to predict
     # REINFORCE on the sampled thought tokens only: -adv * log p(thought); the forced start/end
     # tokens and the teacher-forced text carry no policy gradient
-    reinforce = -(adv * th["thought_logp"].sum(-1) * has).sum() / has.sum().clamp(min=1)
+    reinforce = -(adv * th["thought_logp"].sum(-1) * has).sum() / n_has
     loss = args.base_weight * nll_base + args.mixed_weight * nll_mixed + \
         args.reinforce_weight * reinforce
     return loss, {"nll_base": nll_base.item(), "nll_mixed": nll_mixed.item(),
-                  "reward": (adv * has).sum().item() / has.sum().clamp(min=1).item()}
+                  "reward": (adv * has).sum().item() / float(n_has)}
 
 # -----------------------------------------------------------------------------
 # Evaluation: NLL of the answer tokens and greedy answer accuracy, with and without thoughts
@@ -333,11 +349,13 @@ def quiet_star_loss(th, seqs, n_thoughts, args):
 def evaluate(model, head, data, args, batch_size=64):
     """Over the answer tokens of the bare lines in data (pack's output), with head=None the plain
     model, else greedy thoughts at every position (n_true=1): mean NLL, greedy accuracy, each
-    line's NLL and rightness (for paired intervals), and the mean mixing weight there."""
+    line's NLL and rightness (for paired intervals), and the mean mixing weight there. Under
+    torchrun each process takes every world-th batch, and every process gets all of them."""
     seqs_all, ans_all = data
     device = next(model.parameters()).device
-    logps, wrongs, ws = [], [], []
-    for s in range(0, len(seqs_all), batch_size):
+    rank, world = rank_world()
+    mine = {}
+    for s in range(rank * batch_size, len(seqs_all), world * batch_size):
         seqs = seqs_all[s:s + batch_size].to(device)
         y = targets(seqs)  # (B, T)
         with autocast(str(device)):
@@ -347,9 +365,10 @@ def evaluate(model, head, data, args, batch_size=64):
                 th = think(model, head, seqs, torch.arange(y.size(1), device=device),
                            args.thought_len, 1, temperature=0.0)
                 logits = th["mixed_logits"][:, :, 0]  # (B, T, V)
-                ws.append(th["w"][:, :, 0].float().cpu())
-        logps.append(target_logp(logits, y).cpu())
-        wrongs.append((text_logits(logits).argmax(-1) != y).cpu())
+        mine[s] = (target_logp(logits, y).cpu(), (text_logits(logits).argmax(-1) != y).cpu(),
+                   None if head is None else th["w"][:, :, 0].float().cpu())
+    batches = {s: b for share in all_gather(mine) for s, b in share.items()}
+    logps, wrongs, ws = zip(*(batches[s] for s in sorted(batches)))
     ans = ans_all[:, 1:]
     hard = ans >= 0
     _, line_of = ans[hard].unique(return_inverse=True)  # each hard token's line, in line order
@@ -416,10 +435,15 @@ def optimizer_step(opt, loss, params, lr):
 
 
 def lm_step(model, opt, seqs, lr):
+    """A next-token step on the batch seqs; under torchrun (model in DDP) on this process's rows,
+    as model.split_batch splits (counted without a sync per row): the whole batch's gradient."""
+    rank, world = rank_world()
+    share = seqs[rank::world]
     with autocast(str(seqs.device)):
-        logits = model(seqs[:, :-1])
+        logits = model(share[:, :-1])
     loss = F.cross_entropy(text_logits(logits).reshape(-1, logits.size(-1)),
-                           targets(seqs).reshape(-1), ignore_index=-1)
+                           targets(share).reshape(-1), ignore_index=-1,
+                           reduction="sum") / ((targets(seqs) >= 0).sum() / world)
     optimizer_step(opt, loss, model.parameters(), lr)
     return loss.item()
 
@@ -433,16 +457,39 @@ def move_meta_tokens(wte, before, median_norm, mult, max_change):
         wte[META] = before + step
 
 
-def quiet_star_step(model, head, opt, seqs, lr, step, args):
+class Thinker(nn.Module):
+    """think() with the model and the mixing head as one module, so that DistributedDataParallel
+    can wrap it (torchrun): one forward (all of think's passes) and one backward per step."""
+
+    def __init__(self, model, head):
+        super().__init__()
+        self.model, self.head = model, head
+
+    def forward(self, *args, **kwargs):
+        return think(self.model, self.head, *args, **kwargs)
+
+
+def quiet_star_step(model, head, opt, seqs, lr, step, args, thinker=None):
+    """One step on the batch seqs; under torchrun through thinker (a DDP-wrapped Thinker) on this
+    process's rows, with the noise the whole batch gives them: the whole batch's step."""
     generator = torch.Generator(device=seqs.device).manual_seed(
         seed_for(args.seed, "thoughts", step))
     # with a stride k, step s thinks at positions s % k, s % k + k, ...: every position in turn
     at = torch.arange(step % args.think_stride, args.seq_len, args.think_stride,
                       device=seqs.device)
-    with autocast(str(seqs.device)):
-        th = think(model, head, seqs, at, args.thought_len, args.n_true, args.n_thoughts,
-                    args.thought_temperature, generator)
-    loss, stats = quiet_star_loss(th, seqs, args.n_thoughts, args)
+    (rank, world), n, dev = rank_world(), args.n_thoughts, seqs.device
+    rows = (torch.arange(rank, len(seqs), world, device=dev)[:, None] * n +
+            torch.arange(n, device=dev)).flatten()  # this process's thoughts, of len(seqs) * n
+    with autocast(str(dev)):
+        th = (thinker or Thinker(model, head))(seqs[rank::world], at, args.thought_len,
+                                               args.n_true, n, args.thought_temperature,
+                                               generator, (rows, len(seqs) * n))
+    # the means of the loss over the whole batch: its targets, its talk targets (every thought's)
+    # and its thoughts at a position with one, per process
+    talk = talk_columns(seqs, at, args.n_true)[1] >= 0  # (B, P, n_true)
+    counts = [(targets(seqs) >= 0).sum() / world, (n * talk.sum()).clamp(min=1) / world,
+              (n * talk[..., 0].sum()).clamp(min=1) / world]
+    loss, stats = quiet_star_loss(th, seqs[rank::world], n, args, counts)
     wte = model.transformer.wte.weight
     before, median_norm = wte[META].detach().clone(), wte.detach().norm(dim=1).median()
     optimizer_step(opt, loss, list(model.parameters()) + list(head.parameters()), lr)
@@ -471,10 +518,10 @@ def run(args, task, P, D, test, out, device, new_model):
         t0 = time.time()
         torch.manual_seed(args.seed)
         base = GPT(cfg).to(device)
-        opt = base.configure_optimizer(args.lr)
+        opt, forward = base.configure_optimizer(args.lr), wrap_ddp(base)  # torchrun: DDP
         bar = tqdm(range(args.base_steps), desc="base LM", leave=False, dynamic_ncols=True)
         for s in bar:
-            loss = lm_step(base, opt, train_batch(task, args, -1 - s, held_out).to(device),
+            loss = lm_step(forward, opt, train_batch(task, args, -1 - s, held_out).to(device),
                            lr_at(s, args.base_steps, args.lr, warmup=100))
             if s % 20 == 0:
                 bar.set_postfix(loss=f"{loss:.3f}")
@@ -508,13 +555,14 @@ def run(args, task, P, D, test, out, device, new_model):
         opt_p.load_state_dict(ck["extra"]["opt"])
         tqdm.write(f"resuming {out} after step {done}")
     plain.train(), quiet.train()
+    forward, thinker = wrap_ddp(plain), wrap_ddp(Thinker(quiet, head))  # torchrun: DDP
     t0, stats = time.time(), []
     bar = tqdm(range(done, args.think_steps), desc="Quiet-STaR", leave=False, dynamic_ncols=True)
     for s in bar:
         seqs = train_batch(task, args, s, held_out).to(device)  # both arms: this batch, this lr
         lr = lr_at(s, args.think_steps, args.continue_lr, warmup=args.think_steps // 10 + 1)
-        lm_step(plain, opt_p, seqs, lr)
-        stats.append(quiet_star_step(quiet, head, opt_q, seqs, lr, s, args))
+        lm_step(forward, opt_p, seqs, lr)
+        stats.append(quiet_star_step(quiet, head, opt_q, seqs, lr, s, args, thinker))
         if s % 5 == 0:
             bar.set_postfix({k: f"{v:.3f}" for k, v in stats[-1].items()})
         if (s + 1) % args.eval_every and s + 1 != args.think_steps:
@@ -527,7 +575,8 @@ def run(args, task, P, D, test, out, device, new_model):
                         extra={"head": head.state_dict(), "opt": opt_q.state_dict()})
         write_atomic(os.path.join(out, f"samples_step{s + 1}.txt"),
                      sample_lines(quiet, head, task, bare, args.thought_len))
-        mean = {k: sum(d[k] for d in stats) / len(stats) for k in stats[0]}
+        shares = all_gather({k: sum(d[k] for d in stats) / len(stats) for k in stats[0]})
+        mean = {k: sum(m[k] for m in shares) / len(shares) for k in shares[0]}  # over processes
         row = {"kind": "eval", "step": s + 1, "tokens_seen": (s + 1) * args.batch_size *
                args.seq_len, "plain": evaluate(plain, None, data, args),
                "quiet": evaluate(quiet, head, data, args),
@@ -535,7 +584,7 @@ def run(args, task, P, D, test, out, device, new_model):
         row["change"] = paired(row["quiet"], row["plain"])
         append_jsonl(metrics, row)  # the commit point
         for arm in ("plain", "quiet"):  # only the newest committed models are kept (and base)
-            if done > 0 and os.path.exists(path(arm, done)):
+            if done > 0 and is_main() and os.path.exists(path(arm, done)):
                 os.remove(path(arm, done))
         done = s + 1
         tqdm.write(table_row(row))

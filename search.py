@@ -21,6 +21,9 @@ or by the task's exact process verifier: an oracle, an upper bound, always label
 
 Run: python train.py --method search             (countdown by default; --task for another)
 Test: python -m pytest tests/test_search.py
+Under torchrun the stages train through model.py's DDP helpers and search a share of the
+problems each (process r takes problem i if i % processes == r; results gathered in order). Every
+sample has its own seed, so a problem's results depend on no other problem, process or count.
 
 Deliberate departures:
 1. The generator is M0 of star.py (fine-tuned on P), not a STaR-improved one, so the run fits
@@ -42,14 +45,16 @@ import math
 import os
 import random
 import time
+from itertools import accumulate
 
 import torch
 from tqdm import tqdm
 
 import star
 import vstar
-from model import (Cost, ScalarHead, append_jsonl, autocast, bootstrap_ci, continue_prefixes,
-                   figure, load_checkpoint, read_jsonl, save_checkpoint, seed_for, write_jsonl)
+from model import (Cost, ScalarHead, all_gather, append_jsonl, autocast, bootstrap_ci, figure,
+                   generate, load_checkpoint, rank_world, read_jsonl, save_checkpoint, seed_for,
+                   sequence_logprobs, write_jsonl)
 from tasks import EOT, EOTH, NEWLINE, PAD, SOT, TOKENIZER, decode, encode
 
 # Every setting of a run, per preset (train.py fills the flags left unset from here, and refuses
@@ -75,8 +80,8 @@ BANNED = (SOT, EOTH, PAD)
 
 
 # -----------------------------------------------------------------------------
-# Steps and rollouts: continuations of prefixes (model.continue_prefixes), tokens counted, so
-# beam search's refill, MCTS's expansion, Math-Shepherd's rollouts and the pool are cheap
+# Steps and rollouts: continuations of prefixes, tokens counted, so beam search's refill,
+# MCTS's expansion, Math-Shepherd's rollouts and the pool are cheap; each row from its own seed
 
 def prefix_ids(task, p, text):
     """What the generator reads: the prompt, then the steps so far (each ended by a newline)."""
@@ -88,27 +93,72 @@ def fits(model, task, p, text):
     return len(prefix_ids(task, p, text)) + STEP_TOKENS <= model.config.block_size
 
 
-def sample_steps(model, task, nodes, copies, temperature, generator, cost):
-    """One more line for copies[i] continuations of each (problem, prefix text) nodes[i]: (line,
-    finished) pairs; a line ended by end-of-text, or by running out of tokens, is finished."""
+def continue_prefixes(model, prefixes, copies, max_new, stop, temperature, seeds, cost):
+    """copies[u] continuations of each token list prefixes[u] (prefix 0's copies first), each
+    until a stop token (kept) or max_new tokens, counted into `cost`. model.generate encodes
+    each prefix once and copies its cache rows to its continuations. Row r is drawn from
+    seeds[r], and every prefix gets all the room the block leaves it, up to max_new (those with
+    less are batched apart, by their room): a row's sample then depends neither on its
+    batch-mates nor on its process (torchrun)."""
+    room = [min(max_new, model.config.block_size - len(x)) for x in prefixes]
+    first, rows = [0, *accumulate(copies)], [None] * len(prefixes)  # prefix u's first row
+    for r in sorted(set(room), reverse=True):
+        group = [u for u in range(len(prefixes)) if room[u] == r]
+        with autocast(str(next(model.parameters()).device)):
+            tokens, _, lengths = generate(
+                model, [prefixes[u] for u in group], r, stop, PAD, temperature,
+                banned_tokens=BANNED, copies=[copies[u] for u in group],
+                seeds=[seeds[first[u] + j] for u in group for j in range(copies[u])])
+        done = iter(row[:n] for row, n in zip(tokens.tolist(), lengths.tolist()))
+        for u in group:
+            rows[u] = [next(done) for _ in range(copies[u])]
+    cost.sampled += sum(len(row) for rs in rows for row in rs)
+    cost.prompt += sum(map(len, prefixes))
+    return [row for rs in rows for row in rs]
+
+
+def sample_steps(model, task, nodes, copies, temperature, seeds, cost):
+    """One more line for copies[i] continuations of each (problem, prefix text) nodes[i], row r
+    from seeds[r]: (line, finished) pairs; a line ended by end-of-text, or by running out of
+    tokens, is finished."""
     rows = continue_prefixes(model, [prefix_ids(task, p, text) for p, text in nodes], copies,
-                             STEP_TOKENS, (NEWLINE, EOT), temperature, generator, cost, PAD,
-                             BANNED)
+                           STEP_TOKENS, (NEWLINE, EOT), temperature, seeds, cost)
     return [(decode(t for t in row if t not in (NEWLINE, EOT)), not row or row[-1] != NEWLINE)
             for row in rows]
 
 
-def rollouts(model, task, nodes, copies, temperature, generator, cost):
-    """copies[i] completions to the end (end-of-text) of each (problem, prefix text) nodes[i]:
-    the texts of the finished solutions, prefix included."""
+def rollouts(model, task, nodes, copies, temperature, seeds, cost):
+    """copies[i] completions to the end (end-of-text) of each (problem, prefix text) nodes[i],
+    row r from seeds[r]: the texts of the finished solutions, prefix included."""
     rows = continue_prefixes(model, [prefix_ids(task, p, text) for p, text in nodes], copies,
-                             ROLLOUT_TOKENS, (EOT,), temperature, generator, cost, PAD, BANNED)
+                           ROLLOUT_TOKENS, (EOT,), temperature, seeds, cost)
     starts = [text for (_, text), c in zip(nodes, copies) for _ in range(c)]
     return [s + decode(t for t in row if t != EOT) for s, row in zip(starts, rows)]
 
 
+def share(n):
+    """This process's problems of n: under torchrun the i with i % processes == rank."""
+    rank, world = rank_world()
+    return list(range(rank, n, world))
+
+
+def gathered(results, counts):
+    """Every process's results (a dict: problem index, or another key, -> result) merged in key
+    order, and its counts (token counts) summed: what one process doing all the shares has."""
+    merged, total = {}, [0] * len(counts)
+    for res, cnt in all_gather((results, list(counts))):
+        merged.update(res)
+        total = [a + b for a, b in zip(total, cnt)]
+    return dict(sorted(merged.items())), total
+
+
 # -----------------------------------------------------------------------------
 # Scorers: (problem, text, finished) items -> values in [0, 1]
+
+def batched(fn, items, size=256):
+    """fn on consecutive batches of items, its results concatenated."""
+    return [v for i in range(0, len(items), size) for v in fn(items[i:i + size])]
+
 
 def oracle_scorer(task):
     """The exact process verifier (ground truth): 1 if every step so far is right (and, when
@@ -122,12 +172,14 @@ def oracle_scorer(task):
 def logprob_scorer(model, task):
     """A language model as a scorer: exp(mean log p(y|x)) over a finished solution's tokens or a
     prefix's steps so far, in (0, 1] so it can weight a vote. With the generator itself: its
-    own confidence, the baseline a verifier must beat."""
-    def score(items):
-        comps = [encode(t) + ([EOT] if fin else []) for _, t, fin in items]
-        logp = vstar.scores(model, [encode(task.prompt(p)) for p, _, _ in items], comps, "dpo")
-        return [math.exp(lp / max(1, len(c))) for lp, c in zip(logp, comps)]
-    return score
+    own confidence, the baseline a verifier must beat. (Not vstar.scores: that splits its
+    batches over the processes, and here each process scores its own problems.)"""
+    @torch.no_grad()
+    def score(chunk):
+        comps = [encode(t) + ([EOT] if fin else []) for _, t, fin in chunk]
+        logp = sequence_logprobs(model, [encode(task.prompt(p)) for p, _, _ in chunk], comps, PAD)
+        return [math.exp(lp / max(1, len(c))) for lp, c in zip(logp.float().tolist(), comps)]
+    return lambda items: batched(score, items)
 
 
 def cot_scorer(verifier, task):
@@ -147,26 +199,22 @@ def product_scorer(*scorers):
     return score
 
 
-def prm_scorer(prm, task, batch_size=256):
+def prm_scorer(prm, task):
     """Math-Shepherd's solution score: the minimum over steps of the PRM's P(step leads to a
     right answer). A prefix's is its last step's, as search-and-learn scores beams (under the
     minimum, siblings scoring above their parent's minimum would all tie)."""
     @torch.no_grad()
-    def score(items):
-        scores = []
-        for i in range(0, len(items), batch_size):
-            chunk = items[i:i + batch_size]
-            comps = [encode(t) + ([EOT] if fin else []) for _, t, fin in chunk]
-            with autocast(str(prm.head.weight.device)):
-                logits, mask = prm([encode(task.prompt(p)) for p, _, _ in chunk], comps,
-                                   [vstar.step_reads(c) for c in comps])
-            p = torch.sigmoid(logits.float())  # (B, reads)
-            last = p.gather(1, (mask.sum(1, keepdim=True) - 1).clamp(min=0)).squeeze(1)
-            lowest = p.masked_fill(~mask, 1.0).min(1).values
-            scores += [(lo if fin else la) for lo, la, (_, _, fin) in
-                       zip(lowest.tolist(), last.tolist(), chunk)]
-        return scores
-    return score
+    def score(chunk):
+        comps = [encode(t) + ([EOT] if fin else []) for _, t, fin in chunk]
+        with autocast(str(prm.head.weight.device)):
+            logits, mask = prm([encode(task.prompt(p)) for p, _, _ in chunk], comps,
+                               [vstar.step_reads(c) for c in comps])
+        p = torch.sigmoid(logits.float())  # (B, reads)
+        last = p.gather(1, (mask.sum(1, keepdim=True) - 1).clamp(min=0)).squeeze(1)
+        lowest = p.masked_fill(~mask, 1.0).min(1).values
+        return [(lo if fin else la) for lo, la, (_, _, fin) in
+                zip(lowest.tolist(), last.tolist(), chunk)]
+    return lambda items: batched(score, items)
 
 
 # -----------------------------------------------------------------------------
@@ -175,11 +223,13 @@ def prm_scorer(prm, task, batch_size=256):
 def shepherd_labels(model, task, problems, texts, args, seed):
     """Math-Shepherd: a step prefix's soft label is the share of args.rollouts completions from
     it that the outcome verifier accepts; a whole solution's label is its own outcome. Distinct
-    prefixes are rolled out once. Returns the rows model.train_bce takes (prompt ids, completion
-    ids, read positions, one label per read) for every sample, and the cost."""
-    keys = list(dict.fromkeys((i, pre) for i, ts in enumerate(texts) for t in ts
+    prefixes are rolled out once, rollout r of prefix `pre` of problem i from seed_for(seed, i,
+    pre, r); under torchrun each process rolls out its share of the problems. Returns the rows
+    model.train_bce takes (prompt ids, completion ids, read positions, one label per read) for
+    every sample, and the cost."""
+    mine = set(share(len(problems)))
+    keys = list(dict.fromkeys((i, pre) for i, ts in enumerate(texts) if i in mine for t in ts
                               for pre in vstar.step_prefixes(t)))
-    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     cost, label, R = Cost(), {}, args.rollouts
     chunk_size = max(1, args.sample_batch_size // R)
     bar = tqdm(range(0, len(keys), chunk_size), desc="Math-Shepherd rollouts", leave=False,
@@ -187,10 +237,12 @@ def shepherd_labels(model, task, problems, texts, args, seed):
     for start in bar:
         chunk = keys[start:start + chunk_size]
         sols = rollouts(model, task, [(problems[i], pre) for i, pre in chunk], [R] * len(chunk),
-                        args.temperature, generator, cost)
+                        args.temperature, [seed_for(seed, i, pre, r) for i, pre in chunk
+                                           for r in range(R)], cost)
         for j, (i, pre) in enumerate(chunk):
             label[(i, pre)] = sum(task.check(problems[i], s) for s in sols[j * R:(j + 1) * R]) / R
         bar.set_postfix(mean_label=f"{sum(label.values()) / len(label):.2f}")
+    label, (cost.sampled, cost.prompt) = gathered(label, (cost.sampled, cost.prompt))
     rows = []
     for i, (p, ts) in enumerate(zip(problems, texts)):
         for t in ts:
@@ -249,20 +301,23 @@ def refill(n_survivors, N):
     return [q + (j < r) for j in range(n_survivors)]
 
 
-def beam_search(model, task, problems, scorer, N, M, temperature, generator, cost):
+def beam_search(model, task, problems, scorer, N, M, temperature, seeds, cost):
     """N beams per problem, all problems in lockstep. Each round every beam samples one step;
     finished solutions go to a pool; the rest are deduplicated, scored, the N // M best kept
     and refilled to N. A problem stops when its pool holds N solutions or nothing is left.
+    Problem i samples row j of round r from seed_for(seeds[i], r, j), whatever the others do.
     Returns each problem's chosen solution (the pool's best by the scorer; "" if none)."""
     keep = max(1, N // min(M, N))
     beams = [[("", N)] for _ in problems]  # (prefix text, copies sampling next)
     pool = [[] for _ in problems]
-    for _ in range(MAX_STEPS):
+    for r in range(MAX_STEPS):
         jobs = [(i, text, c) for i, b in enumerate(beams) for text, c in b]
         if not jobs:
             break
+        row_seeds = [seed_for(seeds[i], r, j) for i, b in enumerate(beams)
+                     for j in range(sum(c for _, c in b))]
         lines = iter(sample_steps(model, task, [(problems[i], text) for i, text, _ in jobs],
-                                  [c for _, _, c in jobs], temperature, generator, cost))
+                                  [c for _, _, c in jobs], temperature, row_seeds, cost))
         live = [[] for _ in problems]
         for i, text, c in jobs:
             for _ in range(c):
@@ -341,11 +396,12 @@ def most_visited(root):
     return node.best[1]
 
 
-def mcts(model, task, problems, scorer, sims, k, c, temperature, generator, cost):
+def mcts(model, task, problems, scorer, sims, k, c, temperature, seeds, cost):
     """One tree per problem, all grown in lockstep, max(sims) simulations each: select by UCT;
     expand the leaf by sampling k next steps (duplicates merged); evaluate its first new child
     by a rollout to the end, scored; back up. After s simulations for each s in `sims`, records
-    (answers by most-visited path, by value-weighted vote, cost.sampled, cost.prompt)."""
+    (answers by most-visited path, by value-weighted vote, cost.sampled, cost.prompt). Problem i
+    draws simulation s's k samples and its rollout from seed_for(seeds[i], s, j), j = 0..k."""
     roots = [Node("") for _ in problems]
     found = [[] for _ in problems]  # every evaluated solution with its value
     results = {}
@@ -353,7 +409,8 @@ def mcts(model, task, problems, scorer, sims, k, c, temperature, generator, cost
         paths = [select(r, c) for r in roots]
         grow = [i for i, path in enumerate(paths) if not path[-1].finished]
         lines = sample_steps(model, task, [(problems[i], paths[i][-1].text) for i in grow],
-                             [k] * len(grow), temperature, generator, cost)
+                             [k] * len(grow), temperature,
+                             [seed_for(seeds[i], s, j) for i in grow for j in range(k)], cost)
         for j, i in enumerate(grow):
             leaf = paths[i][-1]
             for line, fin in lines[j * k:(j + 1) * k]:
@@ -366,7 +423,7 @@ def mcts(model, task, problems, scorer, sims, k, c, temperature, generator, cost
         todo = [i for i, path in enumerate(paths) if not path[-1].finished]
         sols = [path[-1].text for path in paths]
         done_sols = rollouts(model, task, [(problems[i], sols[i]) for i in todo], [1] * len(todo),
-                             temperature, generator, cost)
+                             temperature, [seed_for(seeds[i], s, k) for i in todo], cost)
         for i, sol in zip(todo, done_sols):
             sols[i] = sol
         values = scorer([(p, sol, True) for p, sol in zip(problems, sols)])
@@ -393,23 +450,29 @@ def method_row(stage, method, scorer, budgets, acc, sampled, prompt, last, t0):
             "prompt_tokens": prompt, "last": last, "wall_s": round(time.time() - t0, 1)}
 
 
-def pool_rows(model, task, test, scorers, budgets, args, generator, t0):
-    """Best-of-N, majority vote and weighted vote, from one pool of samples per problem."""
-    n = args.eval_samples
-    cost, texts = Cost(), []
+def pool_rows(model, task, test, scorers, budgets, args, t0):
+    """Best-of-N, majority vote and weighted vote, from one pool of samples per problem (sample j
+    of problem i from seed_for(seed, "pool", i, j)); each process samples and scores its share."""
+    n, mine, learned = args.eval_samples, share(len(test)), ("GenRM-CoT", "PRM", "generator")
+    cost, pool = Cost(), {}
     per = max(1, args.sample_batch_size // n)
-    for i in tqdm(range(0, len(test), per), desc="pool of samples", leave=False):
-        chunk = test[i:i + per]
-        rows = rollouts(model, task, [(p, "") for p in chunk], [n] * len(chunk),
-                        args.temperature, generator, cost)
-        texts += [rows[j * n:(j + 1) * n] for j in range(len(chunk))]
+    for c in tqdm(range(0, len(mine), per), desc="pool of samples", leave=False):
+        chunk = mine[c:c + per]
+        rows = rollouts(model, task, [(test[i], "") for i in chunk], [n] * len(chunk),
+                        args.temperature, [seed_for(args.seed, "pool", i, j) for i in chunk
+                                           for j in range(n)], cost)
+        pool.update((i, rows[j * n:(j + 1) * n]) for j, i in enumerate(chunk))
+    flat = [(test[i], t, True) for i, ts in pool.items() for t in ts]
+    value = {name: scorers[name](flat) for name in learned}
+    pool, (sampled, prompt) = gathered(  # every problem's samples and their values
+        {i: (ts, {name: v[j * n:(j + 1) * n] for name, v in value.items()})
+         for j, (i, ts) in enumerate(pool.items())}, (cost.sampled, cost.prompt))
+    texts = [ts for ts, _ in pool.values()]
+    value = {name: [v[name] for _, v in pool.values()] for name in learned}
+    value["length"] = [[-len(t) for t in ts] for ts in texts]  # baselines: the shortest first,
+    value["random"] = [[0.0] * n for _ in texts]                 # and no preference (= one sample)
     right = [[task.check(p, t) for t in ts] for p, ts in zip(test, texts)]
     answers = [[task.extract_answer(t) for t in ts] for ts in texts]
-    flat = [(p, t, True) for p, ts in zip(test, texts) for t in ts]
-    value = {name: scorers[name](flat) for name in ("GenRM-CoT", "PRM", "generator")}
-    value["length"] = [-len(t) for _, t, _ in flat]  # baselines: the shortest solution first,
-    value["random"] = [0.0] * len(flat)               # and no preference (= one sample)
-    value = {name: [v[i * n:(i + 1) * n] for i in range(len(test))] for name, v in value.items()}
     ks, rng = [k for k in budgets if k <= n], random.Random(seed_for(args.seed, "weighted vote"))
     rights = [vstar.right_answers(a, r) for a, r in zip(answers, right)]
     per_k = [vstar.per_problem(right, answers, rights, value, k) for k in ks]  # exact estimators
@@ -421,8 +484,7 @@ def pool_rows(model, task, test, scorers, budgets, args, generator, t0):
               for name in value},
            ("pass@N", "oracle"): [rows["pass@k"] for rows in per_k]}
     # N samples cost N times the mean sample; the prompt is encoded once per problem
-    per_sample = cost.sampled / (n * len(test))
-    prompt = cost.prompt / len(test)
+    per_sample, prompt = sampled / (n * len(test)), prompt / len(test)
     pairs = {name: vstar.pair_accuracy(right, value[name]) for name in value}
     quality = {"kind": "scorer quality", "stage": "pool",  # held-out, on the pool
                **{f"pair_acc {name}": acc for name, (acc, _) in pairs.items()},
@@ -494,13 +556,14 @@ def run(args, task, P, D, test, out, device, new_model):
                "generator": logprob_scorer(model, task)}
     scorers["GenRM-CoT x generator"] = product_scorer(scorers["GenRM-CoT"], scorers["generator"])
 
-    def generator_for(*stage):  # a stage's own seed, so a resumed run samples what it would have
-        return torch.Generator(device=device).manual_seed(seed_for(args.seed, *stage))
-
+    # this process's share of the test problems, each searched from its own seed: a resumed run,
+    # or any number of processes, samples what one whole run would have
+    mine = share(len(test))
+    seeds = lambda *stage: [seed_for(args.seed, *stage, i) for i in mine]  # noqa: E731
     if "pool" not in done:
         t0 = time.time()
-        append_jsonl(metrics, *pool_rows(model, task, test, scorers, budgets, args,
-                                         generator_for("pool"), t0))
+        append_jsonl(metrics, *pool_rows(model, task, test, scorers, budgets, args, t0))
+
     def budget_row(stage, method, name, results, t0):  # results[i]: (texts, sampled, prompt)
         return method_row(stage, method, name, budgets, [acc_of(t) for t, _, _ in results],
                           [n / len(test) for _, n, _ in results],
@@ -512,19 +575,23 @@ def run(args, task, P, D, test, out, device, new_model):
             t0, results = time.time(), []
             for N in tqdm(budgets, desc=f"beam search ({name})", leave=False):
                 cost = Cost()
-                texts = beam_search(model, task, test, scorers[name], N, args.beam_width,
-                                    args.temperature, generator_for(stage, N), cost)
-                results.append((texts, cost.sampled, cost.prompt))
-                tqdm.write(f"beam search ({name}) N={N}: accuracy {acc_of(texts):.3f}, "
-                           f"{cost.sampled / len(test):.0f} tokens per problem")
+                texts = beam_search(model, task, [test[i] for i in mine], scorers[name], N,
+                                    args.beam_width, args.temperature, seeds(stage, N), cost)
+                texts, (sampled, prompt) = gathered(dict(zip(mine, texts)),
+                                                    (cost.sampled, cost.prompt))
+                results.append((list(texts.values()), sampled, prompt))
+                tqdm.write(f"beam search ({name}) N={N}: accuracy {acc_of(results[-1][0]):.3f}"
+                           f", {sampled / len(test):.0f} tokens per problem")
             append_jsonl(metrics, budget_row(stage, "beam search", name, results, t0))
         stage = f"mcts {name}"
         if stage not in done:
             t0 = time.time()
-            res = mcts(model, task, test, scorers[name], budgets, args.mcts_children, args.mcts_c,
-                       args.temperature, generator_for(stage), Cost())
-            rows = [budget_row(stage, f"MCTS {how}", name,
-                               [(res[s][j], res[s][2], res[s][3]) for s in budgets], t0)
+            res = mcts(model, task, [test[i] for i in mine], scorers[name], budgets,
+                       args.mcts_children, args.mcts_c, args.temperature, seeds(stage), Cost())
+            # after s simulations: every problem's (most-visited, voted) answers, and the tokens
+            res = [gathered(dict(zip(mine, zip(*res[s][:2]))), res[s][2:]) for s in budgets]
+            rows = [budget_row(stage, f"MCTS {how}", name, [([a[j] for a in got.values()], *n)
+                                                            for got, n in res], t0)
                     for j, how in enumerate(("most-visited", "weighted vote"))]
             append_jsonl(metrics, *rows)
             tqdm.write(f"MCTS ({name}) {budgets[-1]} simulations: accuracy "
@@ -592,9 +659,8 @@ def report(args, rows):
         ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1, 2, 5)))
         ax.xaxis.set_major_formatter(ticker.ScalarFormatter())
         ax.xaxis.set_minor_formatter(ticker.NullFormatter())
-        ax.set_xlabel("generated tokens per problem")
-        ax.set_ylabel("test accuracy")
-        ax.set_title(f"test-time search on {args.task} (dashed: oracle-guided upper bounds)")
+        ax.set(xlabel="generated tokens per problem", ylabel="test accuracy",
+               title=f"test-time search on {args.task} (dashed: oracle-guided upper bounds)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     return "\n".join(lines)

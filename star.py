@@ -44,13 +44,15 @@ from model import (all_gather, append_jsonl, autocast, figure, generate, is_main
 from tasks import EOT, EOTH, PAD, SOT, TOKENIZER, decode, encode
 
 # Every setting of a run, per preset: train.py fills each flag left unset from here and refuses
-# a flag that is not listed. "tiny" fits a 2-core CPU in minutes, "gpu" one H100.
+# a flag that is not listed. "tiny" fits a 2-core CPU in minutes, "gpu" one H100. The tiny
+# steps come from a sweep (README, STaR): fewer M0 steps or fewer per iteration lost accuracy,
+# smaller batches too, and a 4th iteration added nothing beyond the interval.
 _SHARED = dict(task="addition", n_train=300, step_growth=1.2, samples=1, temperature=0.0,
                rationalize=True, restart=True, direct_baseline=False, checkpoint=None,
                compile=False)
 DEFAULTS = {
-    "tiny": dict(_SHARED, n_unlabeled=600, n_test=300, steps=1500, batch_size=32, lr=2e-3,
-                 sample_batch_size=300, iterations=4, star_steps=400),
+    "tiny": dict(_SHARED, n_unlabeled=600, n_test=300, steps=1000, batch_size=32, lr=2e-3,
+                 sample_batch_size=300, iterations=3, star_steps=400),
     "small": dict(_SHARED, n_unlabeled=2000, n_test=500, steps=3000, batch_size=64, lr=1e-3,
                   sample_batch_size=500, iterations=6, star_steps=800),
     "gpu": dict(_SHARED, n_unlabeled=10000, n_test=2000, steps=3000, batch_size=256, lr=1e-3,
@@ -154,6 +156,7 @@ def batch_backward(forward, batch, device):
 
 def finetune(model, examples, steps, lr, batch_size, seed, desc="fine-tune", compile=False):
     """Supervised fine-tuning on (prompt, completion) examples; returns the last losses' mean.
+    Each step draws batch_size examples and runs them in length buckets (batch_backward).
     compile=True runs the forward through torch.compile (shapes vary, so dynamic=True)."""
     if not examples:
         raise ValueError("nothing to fine-tune on: the example set is empty")
@@ -218,8 +221,8 @@ def sample(model, task, problems, hint=False, n=1, temperature=0.0, batch_size=2
                                           seeds=[seed_for(seed, i, j) for _, i, j in chunk])
         tokens, lengths = tokens.tolist(), lengths.tolist()
         n_tokens += sum(lengths)
-        for (_, i, j), row, n_tok in zip(chunk, tokens, lengths):
-            row = row[:n_tok]
+        for (d, i, j), row, n_tok in zip(chunk, tokens, lengths):
+            row = row[:min(n_tok, completion_cap(task, d))]  # its own cap, not its batch's
             done.append((i, j, decode(row[:-1] if row and row[-1] == EOT else row)))
     texts = [[None] * n for _ in problems]
     shares = all_gather((done, n_tokens))  # torchrun: every process's share; else just ours
@@ -340,6 +343,8 @@ def run(args, task, P, D, test, out, device, new_model):
                      "\n".join(sample_lines(task, test, texts)))
         row = {"kind": "iteration", "iteration": n, "accuracy": overall,
                "accuracy_by_difficulty": {str(d): a for d, a in acc.items()},
+               # each test problem's rightness, for paired intervals (tests/paired.py)
+               "right": [int(task.check(p, t)) for p, t in zip(test, texts)],
                **stats, "wall_s": round(time.time() - t0, 1)}
         append_jsonl(metrics, row)  # the commit point
         if n > 0 and os.path.exists(ckpt(n - 1)) and is_main():

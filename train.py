@@ -291,9 +291,6 @@ def init_distributed(args, parser):
     """torchrun --nproc_per_node=N train.py ...: join the process group torchrun set up (one
     process per GPU, nccl; or per CPU slot, gloo). Only rank 0 prints, shows bars, writes files."""
     import torch.distributed as dist
-    if args.method in ("search", "quiet_star"):
-        parser.error(f"argument --method: {args.method} does not split its work across "
-                     f"processes yet; start it with python, not torchrun")
     local_rank = int(os.environ["LOCAL_RANK"])
     if args.device.startswith("cuda"):
         args.device = f"cuda:{local_rank}"

@@ -9,6 +9,7 @@ asserted identical token for token. Prints a table. Not collected by pytest (no 
   python tests/bench_sampling.py --preset gpu --batch-sizes 1 64 512
   python tests/bench_sampling.py --preset gpu --methods sft star vstar search quiet_star
   git worktree add /tmp/before HEAD~1 && python tests/bench_sampling.py --against /tmp/before
+  python tests/bench_sampling.py --profile --batch-sizes 1 64   # where the decode loop's time goes
 
 The recompute baseline is model.generate_naive: the whole left-padded sequence through the
 model for every new token, what sampling costs without a cache. "compiled" is generate's
@@ -79,6 +80,21 @@ def hf_generate(hf, prompts, new_tokens):
     return out[:, idx.size(1):]
 
 
+def profile(preset, batch_sizes, prompt_len, new_tokens, device):
+    """Where the eager decode loop's time goes: the operators by their own time, per batch."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as profiler
+    torch.manual_seed(0)
+    model = GPT(get_config(preset, block_size=prompt_len + new_tokens)).to(device).eval()
+    for B in batch_sizes:
+        prompts = torch.randint(0, 96, (B, prompt_len)).tolist()
+        generate(model, prompts, 8, (), PAD, temperature=0)  # warm-up
+        with profiler(activities=[ProfilerActivity.CPU]) as prof:
+            generate(model, prompts, new_tokens, (), PAD, temperature=0)
+        print(f"batch {B}, {new_tokens} new tokens:")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+
 def against(other_dir, preset, batch_sizes, prompt_len, new_tokens, device):
     """Median new tokens/s of this generate and of other_dir/model.py's, alternating."""
     spec = importlib.util.spec_from_file_location("other_model",
@@ -117,11 +133,15 @@ def main():
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled decode step")
     ap.add_argument("--methods", nargs="*", default=[],
                     help="also time these methods' default runs with this preset")
+    ap.add_argument("--profile", action="store_true",
+                    help="print torch.profiler's table of the eager sampler's operators instead")
     ap.add_argument("--against", metavar="DIR",
                     help="A/B the eager sampler against DIR/model.py (another checkout)")
     args = ap.parse_args()
     device = args.device
     preset = args.preset or ("gpu" if device == "cuda" else "tiny")
+    if args.profile:
+        return profile(preset, args.batch_sizes, args.prompt_len, args.new_tokens, device)
     if args.against:
         return against(args.against, preset, args.batch_sizes, args.prompt_len,
                        args.new_tokens, device)

@@ -4,8 +4,12 @@ What tests/test_distributed.py starts under torchrun (2 CPU processes, gloo); no
   torchrun --standalone --nproc_per_node=2 tests/dist_worker.py checks OUT_DIR
       sampling shares and gradients; each process writes OUT_DIR/checks_rank<r>.json
   torchrun --standalone --nproc_per_node=2 tests/dist_worker.py train OUT_DIR [train.py flags]
-      runs train.py, recording every file this process opened for writing or renamed into place;
-      each process writes OUT_DIR/writes_rank<r>.json
+      runs train.py, recording every file this process opened for writing, renamed into place or
+      removed; each process writes OUT_DIR/writes_rank<r>.json (python without torchrun: one
+      process, rank 0)
+  torchrun ... tests/dist_worker.py search OUT_DIR [train.py flags]
+      the same, with search.py's steps and rollouts cut to 12 and 32 tokens, as
+      tests/test_search.py does (an untrained generator writes to the end of every budget)
 """
 
 import builtins
@@ -58,10 +62,13 @@ def checks(out_dir):
     alone, _ = star.sample(net, task, problems, n=2, temperature=1.0, seed=5)
     star.rank_world, star.all_gather = rank_world, all_gather
 
-    # 2. one DDP step on a global batch against the single-process gradient of the whole batch
-    batch = star.gold_examples(task, problems)[:8]
+    # 2. one DDP step on a global batch, bucket by bucket as finetune runs it (a small overhead,
+    # so each process's share takes several buckets and no_sync is used), against the
+    # single-process gradient of the whole batch in one padded pass
+    batch = star.gold_examples(task, problems)[:12]
     ddp = torch.nn.parallel.DistributedDataParallel(random_model())
-    star.batch_loss(ddp, batch, "cpu").backward()
+    star.BUCKET_OVERHEAD = 4
+    star.batch_backward(ddp, batch, "cpu")
     single = random_model()
     model.rank_world = lambda: (0, 1)  # model.split_batch: the whole batch, as one process
     star.batch_loss(single, batch, "cpu").backward()
@@ -80,7 +87,7 @@ def checks(out_dir):
 def train(out_dir, argv):
     """train.main(argv), with every write of this process recorded."""
     writes = []
-    real_open, real_replace = builtins.open, os.replace
+    real_open, real_replace, real_remove = builtins.open, os.replace, os.remove
 
     def spy_open(path, mode="r", *a, **k):
         if any(c in mode for c in "wax+"):
@@ -91,13 +98,17 @@ def train(out_dir, argv):
         writes.append(str(dst))
         return real_replace(src, dst, *a, **k)
 
-    builtins.open, os.replace = spy_open, spy_replace
-    rank = int(os.environ["RANK"])
+    def spy_remove(path, *a, **k):
+        writes.append(str(path))
+        return real_remove(path, *a, **k)
+
+    builtins.open, os.replace, os.remove = spy_open, spy_replace, spy_remove
+    rank = int(os.environ.get("RANK", 0))
     import train as train_py
     try:
         train_py.main(argv)
     finally:
-        builtins.open, os.replace = real_open, real_replace
+        builtins.open, os.replace, os.remove = real_open, real_replace, real_remove
         if rank > 0:
             sys.stdout = sys.__stdout__
         with open(os.path.join(out_dir, f"writes_rank{rank}.json"), "w") as f:
@@ -108,4 +119,7 @@ if __name__ == "__main__":
     if sys.argv[1] == "checks":
         checks(sys.argv[2])
     else:
+        if sys.argv[1] == "search":
+            import search
+            search.STEP_TOKENS, search.ROLLOUT_TOKENS = 12, 32
         train(sys.argv[2], sys.argv[3:])

@@ -3,7 +3,8 @@ Guards search.py: on a toy model and task whose right path is known, beam search
 it; UCT tries every unvisited child first and puts the PARENT's count in its log; backup touches
 the path and nothing else; beam pruning keeps exactly the best distinct prefixes; every method's
 token count is exact; the vote's tie rule and its treatment of unparsable answers; the shared-
-prefix sampler equals the naive one; the run end to end, resumed without redoing a stage.
+prefix sampler equals the naive one, and a seeded row depends on no other row (what torchrun
+needs); the run end to end, resumed without redoing a stage.
 
 Run: python -m pytest tests/test_search.py
 """
@@ -20,7 +21,7 @@ import torch.nn as nn
 import search
 import train
 import vstar
-from model import GPT, GPTConfig, continue_prefixes, generate_naive, read_jsonl
+from model import GPT, GPTConfig, generate_naive, read_jsonl
 from tasks import EOT, NEWLINE, PAD, Problem, Task, decode, encode, get_task
 from tasks.base import split_lines
 
@@ -87,16 +88,12 @@ TASK = PathTask()
 RIGHT = "b\nc\na\nA: 1"
 
 
-def gen(seed=0):
-    return torch.Generator().manual_seed(seed)
-
-
 def test_beam_search_finds_the_known_path():
     # keep = 24 // 24 = 1: the right prefix gets all 24 samples each round; all 24 miss the right
     # letter with probability (2/3)^24 = 6e-5 per round, so a seed fails with p < 2e-4
     for seed in range(3):
         chosen = search.beam_search(ToyLM(), TASK, [P0], search.oracle_scorer(TASK), N=24, M=24,
-                                    temperature=1.0, generator=gen(seed), cost=search.Cost())
+                                    temperature=1.0, seeds=[seed], cost=search.Cost())
         assert chosen == [RIGHT]
 
 
@@ -106,7 +103,7 @@ def test_mcts_finds_the_known_path():
     # samples per expansion, 46 in 200, as 3 * (2/3)^6 predicts)
     for seed in range(3):
         res = search.mcts(ToyLM(), TASK, [P0], search.oracle_scorer(TASK), [40], k=20, c=1.0,
-                          temperature=1.0, generator=gen(seed), cost=search.Cost())
+                          temperature=1.0, seeds=[seed], cost=search.Cost())
         most_visited, voted, _, _ = res[40]
         assert most_visited == [RIGHT] and voted == [RIGHT]
 
@@ -183,7 +180,7 @@ def test_beam_search_keeps_the_top_and_never_two_identical_prefixes(monkeypatch)
     # a scorer that prefers later letters, so that pruning has something to choose
     score = lambda items: [sum(map(ord, t)) / 1000 for _, t, _ in items]  # noqa: E731
     search.beam_search(ToyLM(), TASK, [P0, P0], score, N=8, M=4, temperature=1.0,
-                       generator=gen(), cost=search.Cost())
+                       seeds=[0, 1], cost=search.Cost())
     assert calls
     for cands, scores, keep, kept in calls:
         assert keep == 8 // 4  # N // M survive
@@ -199,18 +196,18 @@ def test_token_accounting_is_exact():
     prompt = len(encode(TASK.prompt(P0)))
     # best-of-N's pool: n samples, the shared prompt encoded once
     cost = search.Cost()
-    search.rollouts(model, TASK, [(P0, "")], [7], 1.0, gen(), cost)
+    search.rollouts(model, TASK, [(P0, "")], [7], 1.0, list(range(7)), cost)
     assert (cost.sampled, cost.prompt) == (7 * whole, prompt)
     # beam search: N steps sampled every round, every solution ends together
     for N, M in ((8, 4), (6, 2)):
         cost = search.Cost()
-        search.beam_search(model, TASK, [P0, P0], search.oracle_scorer(TASK), N, M, 1.0, gen(),
+        search.beam_search(model, TASK, [P0, P0], search.oracle_scorer(TASK), N, M, 1.0, [0, 1],
                            cost)
         assert cost.sampled == 2 * N * whole
     # MCTS is anytime: its count after fewer simulations is a prefix of the same search's
     k, cost = 3, search.Cost()
     res = search.mcts(model, TASK, [P0], search.oracle_scorer(TASK), [1, 5, 9], k, 1.0, 1.0,
-                      gen(), cost)
+                      [0], cost)
     assert res[9][2] == cost.sampled and 0 < res[1][2] < res[5][2] <= res[9][2]
 
 
@@ -223,7 +220,7 @@ def test_mcts_token_count_matches_its_tree(monkeypatch):
         made.append(self)
     monkeypatch.setattr(search.Node, "__init__", record)
     k, cost = 3, search.Cost()
-    search.mcts(ToyLM(), TASK, [P0], search.oracle_scorer(TASK), [12], k, 1.0, 1.0, gen(1), cost)
+    search.mcts(ToyLM(), TASK, [P0], search.oracle_scorer(TASK), [12], k, 1.0, 1.0, [1], cost)
     expected = 0
     for n in made:
         if n.children:  # expanded once: k samples of a line, then one rollout of child 0
@@ -247,21 +244,27 @@ def test_majority_vote_tie_rule_and_unparsable_answers():
                                          [5.0, 5.0, 0.1], random.Random(0)) == 0.0
 
 
-def test_continuations_of_prefixes_equal_the_naive_sampler_and_are_counted():
+def test_seeded_continuations_depend_on_no_other_row():
+    # what lets torchrun split the problems: search samples row r from seeds[r], and gives each
+    # prefix all the room the block leaves it, so a row is the same in any batch or process
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64)).eval()
     with torch.no_grad():  # large weights, so the rows really differ
         for p in model.parameters():
             p.normal_(0, 0.5) if p.dim() >= 2 else None
-    prefixes, copies = [[5, 6, 7, 8, 9], [10, 11]], [3, 2]
+    prefixes, copies, seeds = [[5, 6, 7, 8, 9], [10] * 58, [10, 11]], [3, 1, 2], [4, 8, 15, 1, 6, 2]
     cost = search.Cost()
-    rows = continue_prefixes(model, prefixes, copies, 12, (NEWLINE, EOT), 1.0, gen(3), cost, PAD,
-                             search.BANNED)
-    tokens, _, lengths = generate_naive(model, prefixes, 12, (NEWLINE, EOT), PAD, 1.0,
-                                        generator=gen(3), banned_tokens=search.BANNED,
-                                        copies=copies)
-    assert rows == [r[:n] for r, n in zip(tokens.tolist(), lengths.tolist())]
-    assert cost.sampled == sum(map(len, rows)) and cost.prompt == 7  # each prefix encoded once
+    rows = search.continue_prefixes(model, prefixes, copies, 12, (), 1.0, seeds, cost)
+    assert [len(r) for r in rows] == [12, 12, 12, 6, 12, 12]  # no stop token: each its own room
+    assert cost.sampled == 66 and cost.prompt == 5 + 58 + 2
+    tokens, _, lengths = generate_naive(model, [prefixes[0], prefixes[2]], 12, (), PAD, 1.0,
+                                        banned_tokens=search.BANNED, seeds=[4, 8, 15, 6, 2],
+                                        copies=[3, 2])
+    assert rows[:3] + rows[4:] == tokens.tolist()
+    for u, at in ((0, 0), (1, 3), (2, 4)):  # each prefix alone: the same rows
+        alone = search.continue_prefixes(model, [prefixes[u]], [copies[u]], 12, (), 1.0,
+                                       seeds[at:at + copies[u]], search.Cost())
+        assert alone == rows[at:at + copies[u]]
 
 
 @pytest.mark.slow
@@ -297,8 +300,8 @@ def test_a_learned_scorer_search_never_calls_the_ground_truth_checker():
         check_steps = check
     task = NoPeek()
     score = lambda items: [len(t) / 100 for _, t, _ in items]  # noqa: E731 (a stand-in scorer)
-    search.beam_search(ToyLM(), task, [P0], score, 8, 4, 1.0, gen(), search.Cost())
-    search.mcts(ToyLM(), task, [P0], score, [6], 3, 1.0, 1.0, gen(), search.Cost())
+    search.beam_search(ToyLM(), task, [P0], score, 8, 4, 1.0, [0], search.Cost())
+    search.mcts(ToyLM(), task, [P0], score, [6], 3, 1.0, 1.0, [0], search.Cost())
 
 
 def test_product_scorer_multiplies_each_items_values_and_calls_each_scorer_once():

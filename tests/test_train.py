@@ -62,14 +62,6 @@ def test_a_folder_with_other_settings_is_refused(tmp_path, capsys):
     assert e.value.code == 2 and "--out" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("method", ["search", "quiet_star"])
-def test_methods_that_do_not_split_their_work_refuse_torchrun(method, monkeypatch, capsys):
-    monkeypatch.setenv("LOCAL_RANK", "0")  # what torchrun sets; refused before any process group
-    with pytest.raises(SystemExit) as e:
-        train.main(["--method", method])
-    assert e.value.code == 2 and "torchrun" in capsys.readouterr().err
-
-
 def test_defaults_come_from_the_methods_table_and_flags_override_them(tmp_path):
     import star
     import vstar

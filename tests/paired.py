@@ -1,0 +1,55 @@
+"""
+Is the difference between two runs real? The paired 95% bootstrap interval of the difference in
+test accuracy between the last iteration of two STaR (or sft) runs with the same seed, hence the
+same test problems, from each iteration row's per-problem rightness ("right" in metrics.jsonl).
+
+  python tests/paired.py out/star-addition out/star-addition-norat
+  python tests/paired.py RUN_A RUN_B --iteration 2      # compare iteration 2 of each
+
+Prints each run's accuracy, the difference A - B and its interval (model.bootstrap_ci over
+the per-problem differences). A difference whose interval holds 0 is no difference. Not
+collected by pytest (no test_ prefix).
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from model import bootstrap_ci, read_jsonl  # noqa: E402
+
+
+def rightness(run, iteration):
+    rows = [r for r in read_jsonl(os.path.join(run, "metrics.jsonl"))
+            if r.get("kind") == "iteration" and "right" in r]
+    if not rows:
+        sys.exit(f"paired.py: error: {run!r} has no iteration row with per-problem results")
+    if iteration is None:
+        return rows[-1]
+    for r in rows:
+        if r["iteration"] == iteration:
+            return r
+    sys.exit(f"paired.py: error: {run!r} has no iteration {iteration}; it has "
+             f"{[r['iteration'] for r in rows]}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    ap.add_argument("run_a")
+    ap.add_argument("run_b")
+    ap.add_argument("--iteration", type=int, default=None, help="default: each run's last")
+    args = ap.parse_args()
+    a, b = rightness(args.run_a, args.iteration), rightness(args.run_b, args.iteration)
+    if len(a["right"]) != len(b["right"]):
+        sys.exit("paired.py: error: the runs have different test sets "
+                 f"({len(a['right'])} and {len(b['right'])} problems)")
+    diff = [x - y for x, y in zip(a["right"], b["right"])]
+    lo, hi = bootstrap_ci(diff)
+    print(f"A {args.run_a} (iteration {a['iteration']}): {a['accuracy']:.3f}")
+    print(f"B {args.run_b} (iteration {b['iteration']}): {b['accuracy']:.3f}")
+    print(f"A - B: {sum(diff) / len(diff):+.3f} (paired 95% interval {lo:+.3f} to {hi:+.3f}, "
+          f"{len(diff)} problems)")
+
+
+if __name__ == "__main__":
+    main()
