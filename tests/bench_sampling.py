@@ -8,7 +8,7 @@ asserted identical token for token. Prints a table. Not collected by pytest (no 
   python tests/bench_sampling.py                      # preset gpu on cuda, tiny elsewhere
   python tests/bench_sampling.py --preset gpu --batch-sizes 1 64 512
   python tests/bench_sampling.py --preset gpu --methods sft star vstar search quiet_star
-  git worktree add /tmp/before HEAD~1 && python tests/bench_sampling.py --against /tmp/before
+  git worktree add ../before HEAD~1 && python tests/bench_sampling.py --against ../before
   python tests/bench_sampling.py --profile --batch-sizes 1 64   # where the decode loop's time goes
 
 The recompute baseline is model.generate_naive: the whole left-padded sequence through the
