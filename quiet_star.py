@@ -55,7 +55,7 @@ from tqdm import tqdm
 from model import (GPT, ConcatCache, all_gather, append_jsonl, autocast, bootstrap_ci, figure,
                    get_config, is_main, load_checkpoint, lr_at, pick, rank_world, read_jsonl,
                    right_pad, save_checkpoint, seed_for, wrap_ddp, write_atomic)
-from tasks import EOT, EOTH, PAD, SOT, TOKENIZER, decode, encode, sample_problems
+from tasks import EOT, EOTH, PAD, SOT, TOKENIZER, decode, encode, held_out, sample_problems
 
 # Every setting of a run, per preset (train.py fills the flags left unset from here, and refuses
 # the others). The loss weights and the meta-token multiplier are the official code's.
@@ -123,13 +123,25 @@ def pack(task, problems, worked, T):
     return right_pad(rows, PAD, "cpu"), right_pad(ans, -1, "cpu")
 
 
-def train_batch(task, args, step, held_out):
-    """batch_size rows of fresh lines, from a seed derived from the step (a resumed run sees the
-    same batches); test questions never appear."""
-    seed = seed_for(args.seed, "batch", step)
-    n = args.batch_size * ((args.seq_len + 1) // 6 + 1)  # more than fit (a line is >= 6)
-    problems = sample_problems(task, n, args.train_difficulty, seed, exclude=held_out)
-    seqs, _ = pack(task, problems, show_work(n, args.worked_fraction, seed), args.seq_len)
+def test_problems(task, args):
+    """The held-out lines, no problem twice; every training batch is drawn without them."""
+    return sample_problems(task, args.n_test, args.test_difficulty,
+                           seed=seed_for(args.seed, "test"), distinct=True)
+
+
+def train_problems(task, args, step, test_keys):
+    """More fresh problems than a batch of rows holds (a line is >= 6 tokens), from a seed
+    derived from the step (a resumed run sees the same batches); no test problem among them."""
+    n = args.batch_size * ((args.seq_len + 1) // 6 + 1)
+    return sample_problems(task, n, args.train_difficulty, seed_for(args.seed, "batch", step),
+                           exclude=test_keys)
+
+
+def train_batch(task, args, step, test_keys):
+    """batch_size rows of packed training lines."""
+    problems = train_problems(task, args, step, test_keys)
+    worked = show_work(len(problems), args.worked_fraction, seed_for(args.seed, "batch", step))
+    seqs, _ = pack(task, problems, worked, args.seq_len)
     return seqs[:args.batch_size]
 
 
@@ -506,9 +518,8 @@ def run(args, task, P, D, test, out, device, new_model):
     rows = read_jsonl(metrics)
     need = args.seq_len + args.thought_len + args.n_true + 2
     cfg = get_config(args.preset, block_size=max(need, get_config(args.preset).block_size))
-    problems = sample_problems(task, args.n_test, args.test_difficulty,
-                               seed=seed_for(args.seed, "test"))
-    held_out = frozenset(p.question for p in problems)
+    problems = test_problems(task, args)
+    test_keys = held_out(task, problems)
     worked = show_work(len(problems), args.worked_fraction, seed_for(args.seed, "test work"))
     data = pack(task, problems, worked, args.seq_len)
     bare = [p for p, w in zip(problems, worked) if not w]  # the lines measured
@@ -521,7 +532,7 @@ def run(args, task, P, D, test, out, device, new_model):
         opt, forward = base.configure_optimizer(args.lr), wrap_ddp(base)  # torchrun: DDP
         bar = tqdm(range(args.base_steps), desc="base LM", leave=False, dynamic_ncols=True)
         for s in bar:
-            loss = lm_step(forward, opt, train_batch(task, args, -1 - s, held_out).to(device),
+            loss = lm_step(forward, opt, train_batch(task, args, -1 - s, test_keys).to(device),
                            lr_at(s, args.base_steps, args.lr, warmup=100))
             if s % 20 == 0:
                 bar.set_postfix(loss=f"{loss:.3f}")
@@ -559,7 +570,7 @@ def run(args, task, P, D, test, out, device, new_model):
     t0, stats = time.time(), []
     bar = tqdm(range(done, args.think_steps), desc="Quiet-STaR", leave=False, dynamic_ncols=True)
     for s in bar:
-        seqs = train_batch(task, args, s, held_out).to(device)  # both arms: this batch, this lr
+        seqs = train_batch(task, args, s, test_keys).to(device)  # both arms: this batch, this lr
         lr = lr_at(s, args.think_steps, args.continue_lr, warmup=args.think_steps // 10 + 1)
         lm_step(forward, opt_p, seqs, lr)
         stats.append(quiet_star_step(quiet, head, opt_q, seqs, lr, s, args, thinker))
@@ -582,6 +593,9 @@ def run(args, task, P, D, test, out, device, new_model):
                "quiet": evaluate(quiet, head, data, args),
                "train": mean, "wall_s": round(time.time() - t0, 1)}
         row["change"] = paired(row["quiet"], row["plain"])
+        # against the base's own thoughts at a fixed w = 1: what the training itself added
+        row["vs_fixed"] = paired(row["quiet"], next(r for r in read_jsonl(metrics)
+                                                    if r["kind"] == "base")["w=1"])
         append_jsonl(metrics, row)  # the commit point
         for arm in ("plain", "quiet"):  # only the newest committed models are kept (and base)
             if done > 0 and is_main() and os.path.exists(path(arm, done)):
@@ -605,16 +619,18 @@ def diagnostic(base):
             f"{w1['accuracy']:.3f}.")
 
 
-TABLE_HEAD = ("| step | NLL, thoughts | NLL, no thoughts | NLL change (95% CI) | acc, thoughts | "
-              "acc, no thoughts | acc change (95% CI) | mixing w | wall s |\n" + "|---" * 9 + "|")
+TABLE_HEAD = ("| step | NLL, thoughts | NLL, plain arm | NLL change (95% CI) | acc, thoughts | "
+              "acc, plain arm | acc change (95% CI) | acc over the base's fixed w = 1 thoughts "
+              "(95% CI) | mixing w | wall s |\n" + "|---" * 10 + "|")
 
 
 def table_row(r):
-    q, p, c = r["quiet"], r["plain"], r["change"]
+    q, p, c, f = r["quiet"], r["plain"], r["change"], r.get("vs_fixed")
+    fixed = "-" if f is None else "{:+.3f} ({:+.3f} to {:+.3f})".format(f["acc"], *f["acc_ci"])
     return (f"| {r['step']} | {q['answer_nll']:.4f} | {p['answer_nll']:.4f} | "
             f"{c['nll_pct']:+.1f}% ({c['nll_pct_ci'][0]:+.1f} to {c['nll_pct_ci'][1]:+.1f}) | "
             f"{q['accuracy']:.3f} | {p['accuracy']:.3f} | {c['acc']:+.3f} ({c['acc_ci'][0]:+.3f}"
-            f" to {c['acc_ci'][1]:+.3f}) | {q['mixing_weight']:+.3f} | {r['wall_s']} |")
+            f" to {c['acc_ci'][1]:+.3f}) | {fixed} | {q['mixing_weight']:+.3f} | {r['wall_s']} |")
 
 
 def report(args, rows):
@@ -632,7 +648,7 @@ def report(args, rows):
                     label=f"Quiet-STaR ({args.thought_len}-token thoughts)")
             if key != "mixing_weight":
                 ax.plot(steps, [p[key] for p in plain], marker="s",
-                        label="base continued, no thoughts (same steps, same tokens)")
+                        label="plain arm: base continued, no thoughts (same data and steps)")
                 ax.axhline(base["w=1"][key], color="gray", ls=":",
                            label="base's own thoughts, fixed w = 1 (the diagnostic)")
             ax.set(xlabel="steps after the base model", ylabel=label)

@@ -33,7 +33,7 @@ import star
 import vstar
 from model import (GPT, PRESETS, autodetect_device, get_config, is_main, load_checkpoint,
                    rank_world, read_jsonl, seed_for, write_atomic)
-from tasks import TASKS, encode, get_task, sample_problems
+from tasks import TASKS, distinct_problems, encode, get_task, held_out, sample_problems
 
 METHODS = {"sft": star, "star": star, "vstar": vstar, "search": search, "quiet_star": quiet_star}
 # each method's settings per preset: {preset: {flag: value}}, in the method's own file
@@ -263,20 +263,34 @@ def resolve(args, parser):
 
 
 def build_data(task, args):
-    """Test set first; P and D are drawn so that no test question appears in them. A method
-    that makes its own data (Quiet-STaR's text) gets none."""
+    """Test set first, no problem twice (by task.key: countdown's numbers in any order are one
+    problem); P and D are drawn without any test problem. A method that makes its own data
+    (Quiet-STaR's text) gets none."""
     if args.n_train is None:
         return None, None, None
     test = sample_problems(task, args.n_test, args.test_difficulty,
-                           seed=seed_for(args.seed, "test"))
-    held_out = frozenset(p.question for p in test)
+                           seed=seed_for(args.seed, "test"), distinct=True)
+    report_short_test(task, test, args.n_test, args.test_difficulty)
+    keys = held_out(task, test)
     P = sample_problems(task, args.n_train, args.train_difficulty, seed=seed_for(args.seed, "P"),
-                        exclude=held_out)
+                        exclude=keys)
     D = []  # --method sft has no D
     if args.n_unlabeled:
         D = sample_problems(task, args.n_unlabeled, args.train_difficulty,
-                            seed=seed_for(args.seed, "D"), exclude=held_out)
+                            seed=seed_for(args.seed, "D"), exclude=keys)
     return P, D, test
+
+
+def report_short_test(task, test, n, difficulties):
+    """Say which difficulties have fewer test problems than asked: a test set takes at most
+    TEST_SHARE of a difficulty's distinct problems, the rest stay for training."""
+    for d in dict.fromkeys(difficulties):
+        asked = len(range(difficulties.index(d), n, len(difficulties)))
+        got = sum(p.difficulty == d for p in test)
+        if got < asked and is_main():
+            print(f"test set: {got} problems of difficulty {d}, not {asked}: {task.name} has "
+                  f"{distinct_problems(task, d)} distinct ones there, and the rest are "
+                  "kept for training")
 
 
 def block_size_for(task, problems, preset_size):

@@ -1,50 +1,33 @@
 """
 V-STaR: keep the wrong solutions too, and train a verifier on them with DPO.
 
-Follows Hosseini, Yuan, Malkin, Courville, Sordoni, Agarwal 2024, "V-STaR: Training Verifiers
-for Self-Taught Reasoners" (arXiv 2402.06457), Algorithm 1:
+Hosseini et al. 2024, "V-STaR: Training Verifiers for Self-Taught Reasoners" (arXiv 2402.06457),
+Algorithm 1:
 
     D_GEN <- P (gold);  G_SFT <- SFT(base, D_GEN)
     for n = 1..T:
         S <- k samples per problem of P and D from the current generator, labelled right/wrong
         D_GEN <- D_GEN + the right ones;   D_VER <- D_VER + all of them
         G_n <- SFT(base, D_GEN)                       (restart from the base every iteration)
-    V <- DPO(init = G_SFT, reference = G_SFT, pairs (right, wrong) of the same problem in
-             D_VER, where P's gold solutions count as right)
-    test time: sample candidates from G_T, answer with the one V scores highest.
+    V <- DPO(init = G_SFT, reference = G_SFT, pairs (right, wrong) of a problem in D_VER)
+    test time: sample k candidates from G_T, answer with the one V scores highest.
 
 Run: python train.py --method vstar          (countdown by default)
 
-Evaluation draws n samples per held-out problem once, and computes from them, for k = 1, 2, 4,
-.., n, the unbiased estimates of pass@k (an oracle bound), best-of-k with each verifier, and
-majority@k; plus greedy accuracy, held-out pair accuracy (ties count 1/2) and, at k = n, 95%
-bootstrap intervals. See pass_at_k, best_of_k, majority_at_k and pair_accuracy below.
+Every verifier scores the same n test samples per problem; best-of-k, majority@k and pass@k
+(the ceiling) are exact estimates over k-subsets. What each learns from:
+- outcome labels (right/wrong samples of D_VER): DPO (the paper's), an ORM (a scalar head,
+  BCE) and GenRM (Zhang et al. 2024, arXiv 2408.15240: p("Y") after "Is the answer correct?");
+- the program's per-step labels (every step's arithmetic recomputed by the task): GenRM-CoT
+  (same paper; a verification rationale before the verdict), and the same labels given to a
+  scalar head ("prm on program labels"), which separates format from supervision. Around the
+  learned arithmetic a rule (task.rules_ok, named as such) judges the bookkeeping;
+- nothing: the generator's own mean token log-prob, the shortest first, random order; and the
+  exact check, an oracle. Compute is every token a network processes (compute_per_sample).
 
-Beside the DPO verifier, scored the same way on the same samples:
-- the comparisons, trained on exactly the same labelled samples from G_SFT: an ORM (a scalar
-  head, binary cross-entropy), GenRM (Zhang et al. 2024, arXiv 2408.15240: after the
-  solution, "Is the answer correct?" and the score is p(Yes) as the next token; trained mixed
-  with the right solutions, the paper's unified training) and GenRM-CoT
-  (the same paper: a verification rationale before the verdict; here the task's rationale,
-  every step recomputed alone, and p(Yes) = p(every recomputation equals its claim));
-- the baselines every learned verifier must beat: the generator's own mean token log-prob (its
-  confidence), the shortest solution first, and random order (= pass@1 at every k);
-- a diagnostic: the ORM's network trained on exact step labels from the task's process
-  verifier, the ceiling of learned verification at this size; it tells whether a verifier
-  fails for want of labels or of capacity.
-
-Deliberate departures from the paper:
-1. The generator's samples are drawn from G_(n-1) and G_n is fine-tuned after them (the paper
-   indexes it the other way round); the test-time generator G_T is trained on every right
-   sample, the last iteration's included.
-2. The base model is a fresh, seeded GPT (there is no pretrained model); G_SFT is trained on P.
-3. The verifier's score is log V(y|x) as in the paper; the paper does not say summed or
-   length-normalised, so both are computed and reported ("dpo" and "dpo-mean").
-4. The comparison ORM (model.ScalarHead on G_SFT, read at the completion's last token, binary
-   cross-entropy on right/wrong) is trained on exactly the same labelled samples.
-5. DPO's loss gets the right solutions' mean token NLL added (RPO, Pang et al. 2024, "Iterative
-   Reasoning Preference Optimization", arXiv 2404.19733); --dpo-nll 0 is the paper's plain DPO,
-   which lowered held-out pair accuracy below G_SFT's own at every learning rate tried (README).
+Departures: the base is a fresh seeded GPT; samples come from G_(n-1) and G_n is trained after
+them; DPO's loss adds the right solutions' NLL (RPO, Pang et al. 2024; --dpo-nll 0 is plain
+DPO); "dpo" sums log V(y|x), "dpo-mean" averages it per token (the paper does not say which).
 """
 
 import math
@@ -64,12 +47,8 @@ from model import (ScalarHead, all_gather, append_jsonl, autocast, bootstrap_ci,
 from tasks import EOT, NEWLINE, PAD, TOKENIZER, decode, encode
 
 # Every setting of a run, per preset (train.py fills the flags left unset from here, and refuses
-# the others). V-STaR's SFT set is a whole training set with gold solutions, not STaR's small
-# P: with P = 300 the tiny generator memorised it (4% greedy on held-out expressions).
-# Countdown, because checking a solution there is easier than finding one (on expression the
-# DPO verifier closed 9% of the pass@1 -> pass@16 gap, on countdown 41%); one iteration, since
-# more did not move the generator (greedy 0.390, 0.387, 0.390 over T = 0, 1, 2 on countdown).
-# DPO with the NLL term (dpo_nll) at lr 3e-4: the best of the README's sweep of the DPO verifier.
+# the others). A whole training set of gold solutions (a P of 300 was memorised); countdown,
+# where checking is easier than finding; one iteration (more did not move the generator).
 _SHARED = dict(task="countdown", n_train=2000, samples=8, temperature=0.7, beta=0.1,
                dpo_nll=1.0, verifier_lr=3e-4, checkpoint=None, compile=False)
 DEFAULTS = {
@@ -214,13 +193,11 @@ def train_genrm(sft_path, labelled, args, device):
     return model.eval()
 
 
-# GenRM-CoT (same paper): the verifier first writes a verification rationale, then Yes or No,
-# and at test time p(Yes) is averaged over m sampled rationales. Here the task writes the
-# rationales it learns from (task.recheck): every step recomputed from its operands, each in
-# its own short sequence ("48+11=" -> "59"), so the claim it checks is never in view to be
-# copied; the verdict is Yes iff every recomputation equals its step's claim. Averaged over m
-# sampled rationales, p(Yes) then tends to prod over steps p(claim | the step's operands), which
-# one teacher-forced pass computes exactly (m = infinity): cot_scores.
+# GenRM-CoT (same paper): a verification rationale, then Yes or No; p(Yes) averaged over m
+# sampled rationales. Here the task writes the rationale it learns from (task.recheck): each step
+# recomputed alone ("48+11=" -> "59"), so the claim is never in view to be copied, and Yes iff
+# every recomputation equals its claim. As m grows, p(Yes) tends to the product over steps of
+# p(claim | operands), which one teacher-forced pass computes exactly: cot_scores.
 
 
 def recheck_examples(task, labelled):
@@ -240,15 +217,25 @@ def train_genrm_cot(sft_path, task, labelled, args, device):
     return model.eval()
 
 
-@torch.no_grad()
-def cot_scores(verifier, task, texts, finished=None, batch_size=512):
-    """GenRM-CoT's p(Yes) for each text: the product over its steps of p(claim + newline | the
-    step's operands). 0 where task.recheck finds no rationale, or where a finished solution
-    (finished[i], default True) has no answer."""
+def cot_rows(task, problems, texts, finished=None):
+    """What GenRM-CoT reads for each text: one (the step with its result cut off, the claimed
+    result + newline) pair of token lists per step, or None where the text cannot score as
+    right: task.recheck finds no rationale, or the task's rule (task.rules_ok) rejects the
+    bookkeeping around the arithmetic (a finished[i] text, default True, must be a whole
+    solution that reaches the target)."""
     finished = [True] * len(texts) if finished is None else finished
-    steps = [task.recheck(t) if not fin or task.extract_answer(t) is not None else None
-             for t, fin in zip(texts, finished)]
-    rows = [(encode(q), encode(claim) + [NEWLINE]) for st in steps for q, claim, _ in st or ()]
+    return [None if not task.rules_ok(p, t, fin) or (st := task.recheck(t)) is None else
+            [(encode(q), encode(claim) + [NEWLINE]) for q, claim, _ in st]
+            for p, t, fin in zip(problems, texts, finished)]
+
+
+@torch.no_grad()
+def cot_scores(verifier, task, problems, texts, finished=None, batch_size=512):
+    """GenRM-CoT's p(Yes) for each text: the product over its steps of p(claim + newline | the
+    step's operands), 0 where cot_rows gives None. A finished countdown solution always has
+    one step fewer than its numbers, so none is favoured for being short."""
+    steps = cot_rows(task, problems, texts, finished)
+    rows = [row for st in steps for row in st or ()]
     logp = []
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]
@@ -271,18 +258,34 @@ def step_prefixes(text):
     return ["".join(line + "\n" for line in lines[:k]) for k in range(1, len(lines))]
 
 
-def exact_step_rows(task, problems, labelled):
-    """The diagnostic's training rows: every labelled sample of these problems, read at the
-    end of each step, with exact labels from the task's process verifier (a step prefix is
-    right iff all its steps are, as the oracle judges a prefix) and the outcome at the
-    end-of-text. What a process reward model learns from perfect labels: its ceiling here."""
-    by_prompt = {task.prompt(p): p for p in problems}
+def program_step_rows(task, labelled):
+    """The format control's training rows: GenRM-CoT's own supervision, each step's arithmetic
+    right or wrong as the task's program recomputes it (task.recheck), given to a scalar head
+    read at the end of each step. Samples with no rationale are left out."""
     rows = []
-    for prompt, c, ok in labelled:
-        p, text = by_prompt[decode(prompt)], decode(c[:-1])
-        labels = [float(all(task.check_steps(p, pre))) for pre in step_prefixes(text)]
-        rows.append((prompt, c, step_reads(c), labels + [float(ok)]))
+    for prompt, c, _ in labelled:
+        steps = task.recheck(decode(c[:-1]))
+        if steps:
+            rows.append((prompt, c, step_reads(c)[:len(steps)],
+                         [float(claim == should) for _, claim, should in steps]))
     return rows
+
+
+@torch.no_grad()
+def program_scores(head, task, problems, texts, batch_size=256):
+    """The format control's score, aggregated as GenRM-CoT's is: 0 where task.rules_ok rejects
+    the text or it has no rationale, else the product over its steps of the head's p(the
+    step's arithmetic is right)."""
+    out = []
+    for i in range(0, len(texts), batch_size):
+        ps, ts = problems[i:i + batch_size], texts[i:i + batch_size]
+        comps = [encode(t) + [EOT] for t in ts]
+        n = [len(task.recheck(t) or ()) if task.rules_ok(p, t) else 0 for p, t in zip(ps, ts)]
+        logits, _ = head([encode(task.prompt(p)) for p in ps], comps,
+                         [step_reads(c)[:max(1, k)] for c, k in zip(comps, n)])
+        logp = F.logsigmoid(logits.float())
+        out += [math.exp(logp[b, :k].sum().item()) if k else 0.0 for b, k in enumerate(n)]
+    return out
 
 
 def pairs_of(labelled):
@@ -409,17 +412,33 @@ def per_problem(right, answers, rights, verifier_scores, k):
 def curves(right, answers, verifier_scores, ks):
     """Mean over problems of pass@k, majority@k and best-of-k per verifier, for each k; and at
     the largest k, the 95% bootstrap interval of each, and of each one's lead over majority."""
-    res = {"k": ks}
+    res = {"k": ks, "by_problem": {}}  # by_problem[key][j]: each problem's value at ks[j]
     rights = [right_answers(a, r) for a, r in zip(answers, right)]  # once per problem, not per k
     for k in ks:
         rows = per_problem(right, answers, rights, verifier_scores, k)
         for key, values in rows.items():
             res.setdefault(key, []).append(sum(values) / len(values))
+            res["by_problem"].setdefault(key, []).append([round(v, 6) for v in values])
     res["ci"] = {key: bootstrap_ci(v) for key, v in rows.items()}
-    res["lead over majority ci"] = {
-        key: bootstrap_ci([x - y for x, y in zip(v, rows["majority@k"])])
-        for key, v in rows.items() if key.startswith("best-of")}
+    for base in ("majority@k", "best-of-k generator"):
+        res[f"lead over {base} ci"] = {
+            key: bootstrap_ci([x - y for x, y in zip(v, rows[base])])
+            for key, v in rows.items() if key.startswith("best-of") and key != base}
     return res
+
+
+def compute_per_sample(task, problems, prompts, comps, names):
+    """Tokens every network processes per sample, on average: "sample" (its prompt encoded and
+    its tokens generated) and each scorer's pass over it (every scorer here is a network of
+    the generator's size; a rule or an exact check costs none). Padding is not counted."""
+    n = len(comps)
+    full = sum(len(p) + len(c) for p, c in zip(prompts, comps)) / n
+    texts = [decode(c[:-1]) for c in comps]
+    cot = sum(len(q) + len(c) for rows in cot_rows(task, problems, texts) for q, c in rows or ())
+    cot /= n
+    cost = {"sample": full, "genrm": full + len(encode(GENRM_QUESTION)), "genrm-cot": cot,
+            "dpo-reward": 2 * full, "length": 0.0, "random": 0.0, "exact check (oracle)": 0.0}
+    return {name: cost.get(name, full) for name in ["sample"] + names}
 
 
 def pair_accuracy(right, s):
@@ -493,9 +512,9 @@ def run(args, task, P, D, test, out, device, new_model):
     genrm = train_genrm(generator_path(0), d_ver, args, device)
     cot = train_genrm_cot(generator_path(0), task, d_ver, args, device) \
         if task.recheck(task.gold_completion(P[0])) is not None else None  # no rationale
-    # the diagnostic: the same network as the ORM, trained on exact step labels
-    exact = train_head(generator_path(0), exact_step_rows(task, P + D, d_ver), args, device,
-                       "exact", "exact-label PRM")
+    # the format control: GenRM-CoT's per-step program labels given to the ORM's network
+    control = train_head(generator_path(0), program_step_rows(task, d_ver), args, device,
+                         "program", "PRM on program labels") if cot else None
     save_checkpoint(os.path.join(out, "verifier_dpo.pt"), dpo, TOKENIZER)
 
     # test time: n samples per held-out problem from the final generator, drawn once
@@ -506,6 +525,8 @@ def run(args, task, P, D, test, out, device, new_model):
                            desc="test samples")
     prompts = [encode(task.prompt(p)) for p, ts in zip(test, texts) for _ in ts]
     comps = [encode(t) + [EOT] for ts in texts for t in ts]
+    probs = [p for p, ts in zip(test, texts) for _ in ts]
+    flat_texts = [t for ts in texts for t in ts]
     flat_sum = scores(dpo, prompts, comps, "dpo")
     ref_sum = scores(load_checkpoint(generator_path(0), device)[0].eval(), prompts, comps, "dpo")
     flat = {"dpo": flat_sum,  # the paper's score, log V(y|x)
@@ -513,9 +534,10 @@ def run(args, task, P, D, test, out, device, new_model):
             "dpo-reward": [s - r for s, r in zip(flat_sum, ref_sum)],  # DPO's implicit reward
             "orm": scores(orm, prompts, comps, "orm"),
             "genrm": scores(genrm, prompts, comps, "genrm"),
-            **({"genrm-cot": cot_scores(cot, task, [t for ts in texts for t in ts])}
-               if cot else {}),
-            "prm-exact (diagnostic)": scores(exact.eval(), prompts, comps, "prm"),
+            **({"genrm-cot": cot_scores(cot, task, probs, flat_texts),
+                "prm on program labels": program_scores(control.eval(), task, probs, flat_texts),
+                "exact check (oracle)": [float(task.check(p, t)) for p, t in
+                                         zip(probs, flat_texts)]} if cot else {}),
             # the baselines a learned verifier must beat: the generator's own confidence (its
             # mean token log-prob), the shortest solution first, and no preference at all
             "generator": scores(generator, prompts, comps, "dpo-mean"),
@@ -529,6 +551,7 @@ def run(args, task, P, D, test, out, device, new_model):
     answers = [[task.extract_answer(t) for t in ts] for ts in texts]
     ks = [2 ** i for i in range(int(math.log2(n)) + 1)]
     res = curves(right, answers, verifier_scores, ks)
+    res["tokens"] = compute_per_sample(task, probs, prompts, comps, list(flat))
     greedy = [r for r in read_jsonl(metrics) if r.get("kind") == "iteration"][-1]["accuracy"]
     pairs = {name: pair_accuracy(right, s) for name, s in verifier_scores.items()}
     row = {"kind": "eval", "greedy": greedy, "n": args.eval_samples, "pairs": n_pairs,
@@ -558,29 +581,62 @@ def report(args, rows):
         lines.append(f"| {k} | " + " | ".join(f"{ev[key][i]:.3f}" for key in keys) + " |")
     lines.append("| 95% CI | " + " | ".join("{:.3f}-{:.3f}".format(*ev["ci"][key])
                                              for key in keys) + " |")
-    n = ev["k"][-1]
-    lines += ["", f"| at k = {n} | accuracy | lead over majority@{n} (95% CI) | "
-              "gap pass@1 -> pass@k closed | held-out pair accuracy (ties) |",
-              "|---|---|---|---|---|"]
-    gap = ev["pass@k"][-1] - ev["pass@k"][0]
-    for key, (lo, hi) in ev["lead over majority ci"].items():
-        name = key[len("best-of-k "):]
-        closed = (ev[key][-1] - ev["pass@k"][0]) / gap if gap > 0 else float("nan")
-        lines.append(f"| {name} | {ev[key][-1]:.3f} | {ev[key][-1] - ev['majority@k'][-1]:+.3f} "
-                     f"({lo:+.3f} to {hi:+.3f}) | {closed:.0%} | {ev['pair_acc ' + name]:.3f} "
-                     f"({ev['pair_ties ' + name]:.0%}) |")
+    lines += [""] + equal_compute_table(ev)
     lines += ["", f"greedy {ev['greedy']:.3f}; {ev['pairs']} training pairs from "
               f"{ev['d_ver']} labelled samples"]
-    with figure(os.path.join(args.out, "vstar.png"), figsize=(6.5, 4)) as (fig, ax):
-        for key in keys:
+    plot_curves(ev, os.path.join(args.out, "vstar.png"), args.task)
+    return "\n".join(lines)
+
+
+def paired(ev, a, ja, b, jb):
+    """Mean and 95% paired bootstrap interval of a at ks[ja] minus b at ks[jb], per problem."""
+    diff = [x - y for x, y in zip(ev["by_problem"][a][ja], ev["by_problem"][b][jb])]
+    return "{:+.3f} ({:+.3f} to {:+.3f})".format(sum(diff) / len(diff), *bootstrap_ci(diff))
+
+
+def cost_of(ev, key, k):
+    """Tokens per problem of a method at k samples: k samples, and k passes of its scorer."""
+    name = key[len("best-of-k "):] if key.startswith("best-of-k ") else None
+    return k * (ev["tokens"]["sample"] + (ev["tokens"][name] if name else 0.0))
+
+
+def equal_compute_table(ev):
+    """Each verifier at k = n against the generator's own log-prob at the same k (the same
+    compute: one pass of a network of the same size per sample), and against majority vote
+    at equal total compute: the verifier at the largest k that costs no more than majority@n."""
+    n, ks, J = ev["k"][-1], ev["k"], len(ev["k"]) - 1
+    gap = ev["pass@k"][-1] - ev["pass@k"][0]
+    lines = [f"| at k = {n} | accuracy | tokens per problem | lead over the generator's log-prob "
+             f"(95% paired CI) | k at the compute of majority@{n} | lead over majority@{n} "
+             "there | gap pass@1 -> pass@k closed | held-out pair accuracy (ties) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for key in [k for k in ev["ci"] if k.startswith("best-of-k ")]:
+        name = key[len("best-of-k "):]
+        j = max(i for i, k in enumerate(ks) if cost_of(ev, key, k) <= cost_of(ev, "m", n) + 1e-9
+                or i == 0)
+        vs_gen = "-" if name == "generator" else paired(ev, key, J, "best-of-k generator", J)
+        closed = (ev[key][-1] - ev["pass@k"][0]) / gap if gap > 0 else float("nan")
+        lines.append(f"| {name} | {ev[key][-1]:.3f} | {cost_of(ev, key, n):.0f} | {vs_gen} | "
+                     f"{ks[j]} | {paired(ev, key, j, 'majority@k', J)} | {closed:.0%} | "
+                     f"{ev['pair_acc ' + name]:.3f} ({ev['pair_ties ' + name]:.0%}) |")
+    lines.append(f"| majority vote | {ev['majority@k'][-1]:.3f} | {cost_of(ev, 'm', n):.0f} | "
+                 "- | - | - | - | - |")
+    lines.append(f"| pass@{n} (the ceiling) | {ev['pass@k'][-1]:.3f} | {cost_of(ev, 'm', n):.0f} "
+                 "| - | - | - | 100% | - |")
+    return lines
+
+
+def plot_curves(ev, path, task_name):
+    """vstar.png: held-out accuracy against the tokens every network processed per problem."""
+    with figure(path, figsize=(7, 4.2)) as (fig, ax):
+        for key in ev["ci"]:
             if key not in ("best-of-k length", "best-of-k random", "best-of-k dpo-mean"):
-                ax.plot(ev["k"], ev[key], marker="o", label=key,
-                        ls="--" if key == "pass@k" else "-")
+                ax.plot([cost_of(ev, key, k) for k in ev["k"]], ev[key], marker="o", label=key,
+                        ls="--" if key == "pass@k" or "oracle" in key else "-")
         ax.axhline(ev["greedy"], color="gray", ls=":", label="greedy")
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("k (samples per problem)")
+        ax.set_xlabel("tokens processed per problem (samples and every scorer's passes)")
         ax.set_ylabel("held-out accuracy")
-        ax.set_title(f"V-STaR on {args.task}")
+        ax.set_title(f"V-STaR on {task_name} (dashed: pass@k and the exact check, oracles)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    return "\n".join(lines)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))

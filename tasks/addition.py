@@ -36,6 +36,9 @@ class Addition(Task):
         a, b = rng.randint(lo, 10 ** difficulty - 1), rng.randint(lo, 10 ** difficulty - 1)
         return Problem(question=f"{a}+{b}", answer=str(a + b), difficulty=difficulty, data=(a, b))
 
+    def key(self, p):
+        return tuple(sorted(p.data))  # a+b and b+a: the same sum, the same columns
+
     def rationale(self, p):
         a, b = (str(x) for x in p.data)
         steps, partial, carry = [], "", 0

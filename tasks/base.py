@@ -60,6 +60,12 @@ class Task:
     def sample(self, rng: random.Random, difficulty: int) -> Problem:
         raise NotImplementedError
 
+    def key(self, p):
+        """What makes two problems the same problem (the test set holds none twice, and no
+        training set holds one of them): the question by default; a task with symmetries says
+        more (countdown: the numbers in any order)."""
+        return p.question
+
     def rationale(self, p) -> list[str]:
         """The gold step lines, without the answer line."""
         raise NotImplementedError
@@ -77,6 +83,12 @@ class Task:
         step is judged wrong exactly where the two results differ. None where a line (but a
         last answer line) is not a step, and for a task without such a check (the default)."""
         return None
+
+    def rules_ok(self, p, text, finished=True) -> bool:
+        """What GenRM-CoT does not learn, judged by rule: can the rationale of recheck cover
+        this text (a finished solution, or a prefix of one when finished is False)? The task's
+        bookkeeping: in countdown, operands still available and the target reached."""
+        return True
 
     # ---- shared: formatting ----
 

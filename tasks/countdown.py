@@ -134,6 +134,11 @@ class Countdown(Task):
                 return Problem(question=question, answer=str(target), difficulty=difficulty,
                                data=(tuple(numbers), target))
 
+    def key(self, p):
+        # the same numbers in another order: the same problem (the solver sorts them, so even
+        # the gold solution is the same)
+        return tuple(sorted(p.data[0])), p.data[1]
+
     def rationale(self, p):
         return solve(*p.data)
 
@@ -162,8 +167,8 @@ class Countdown(Task):
 
     def recheck(self, text):
         # The arithmetic of each step line, recomputed from its operands ("x" where the rules
-        # forbid the operation). Not rechecked: that the operands are still available and that
-        # the last number left is the target (the process verifier checks both).
+        # forbid the operation). The rest (operands still left, the target reached) is
+        # rules_ok's.
         lines = split_lines(text)
         if parse_answer_line(lines[-1]) is not None:
             lines = lines[:-1]
@@ -175,6 +180,32 @@ class Countdown(Task):
             c = apply_op(int(m.group(1)), m.group(2), int(m.group(3)))
             steps.append((line[:line.index("=") + 1], m.group(4), "x" if c is None else str(c)))
         return steps
+
+    def rules_ok(self, p, text, finished=True):
+        # The bookkeeping around the arithmetic, by rule: every line but a final answer line is
+        # a step whose two operands are still left, in the state that the claimed results before
+        # it leave (the claims themselves are what GenRM-CoT judges); a finished solution also
+        # has an answer line naming the target, at least one step, and only the target left.
+        numbers, target = p.data
+        lines = split_lines(text)
+        answer = parse_answer_line(lines[-1])
+        if answer is not None:
+            lines = lines[:-1]
+        elif finished:
+            return False
+        pool = list(numbers)
+        for line in lines:
+            m = STEP_LINE.fullmatch(line)
+            if m is None:
+                return False
+            for x in (int(m.group(1)), int(m.group(3))):
+                if x not in pool:
+                    return False
+                pool.remove(x)
+            pool.append(int(m.group(4)))
+        if not finished:
+            return answer is None
+        return answer == str(target) and len(lines) > 0 and pool == [target]
 
     def check_steps(self, p, text):
         numbers, target = p.data

@@ -19,7 +19,7 @@ import torch
 import train
 import vstar
 from model import GPT, GPTConfig, ScalarHead, bootstrap_ci, read_jsonl, sequence_logprobs
-from tasks import EOT, decode, encode, get_task
+from tasks import EOT, Problem, decode, encode, get_task, sample_problems
 
 PAD = 99
 
@@ -150,7 +150,8 @@ def test_genrm_cot_score_is_the_product_of_each_claims_probability_by_hand():
     gpt = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64)).eval()
     task = get_task("countdown")
     texts = ["4*3=12\n12+5=17\nA: 17", "4*3=12\n", "4*3=12\n12+5=17", "4*3=1x\nA: 1"]
-    got = vstar.cot_scores(gpt, task, texts, finished=[True, False, True, True])
+    probs = [Problem("4 3 5 T: 17", "17", 3, ((4, 3, 5), 17))] * 4
+    got = vstar.cot_scores(gpt, task, probs, texts, finished=[True, False, True, True])
 
     def p_claim(step, claim):
         ids = encode(step + claim + "\n")
@@ -161,7 +162,7 @@ def test_genrm_cot_score_is_the_product_of_each_claims_probability_by_hand():
     assert math.isclose(got[0], p_claim("4*3=", "12") * p_claim("12+5=", "17"), rel_tol=1e-4)
     assert math.isclose(got[1], p_claim("4*3=", "12"), rel_tol=1e-4)  # a prefix: its steps
     assert got[2] == 0.0 and got[3] == 0.0  # finished without an answer; not a step
-    one_by_one = [vstar.cot_scores(gpt, task, [t], [f], batch_size=1)[0]
+    one_by_one = [vstar.cot_scores(gpt, task, probs[:1], [t], [f], batch_size=1)[0]
                   for t, f in zip(texts, [True, False, True, True])]
     assert all(math.isclose(a, b, rel_tol=1e-4) for a, b in zip(got, one_by_one))
     # its training rows: every step of right and wrong samples alike, with the right result
@@ -169,6 +170,30 @@ def test_genrm_cot_score_is_the_product_of_each_claims_probability_by_hand():
                 (encode("Q: 3 4 T: 7\n"), encode("4*3=7\nA: 7") + [EOT], False)]
     assert [(decode(q), decode(c)) for q, c in vstar.recheck_examples(task, labelled)] == \
         [("4*3=", "12\n"), ("4*3=", "12\n")]
+
+
+def test_genrm_cot_scores_no_solution_it_cannot_cover_above_a_right_one():
+    # The rule around the learned arithmetic (task.rules_ok): no steps, an unfinished solution,
+    # an operand that is not left, a last number off the target: 0, below a right solution,
+    # whatever the verifier; and every covered solution has as many steps as any other
+    torch.manual_seed(4)
+    gpt = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64)).eval()
+    task = get_task("countdown")
+    p = Problem("4 3 5 T: 17", "17", 3, ((4, 3, 5), 17))
+    right = "4*3=12\n12+5=17\nA: 17"
+    bad = ["A: 17", "A: 17\n", "4*3=12\nA: 17",  # no steps; unfinished
+           "4*4=16\n16+1=17\nA: 17",            # 4 used twice, 1 never given
+           "4*3=12\n12-5=7\nA: 17",             # ends at 7, not the target
+           "4*3=12\n12+5=17\n17*1=17\nA: 17"]  # an extra step on an unavailable 1
+    scores = vstar.cot_scores(gpt, task, [p] * (len(bad) + 1), [right] + bad)
+    assert scores[0] > 0 and all(s == 0.0 for s in scores[1:])
+    for q in sample_problems(task, 30, [2, 3, 4], seed=5):
+        gold = task.gold_completion(q)
+        assert task.rules_ok(q, gold) and len(task.recheck(gold)) == len(q.data[0]) - 1
+        assert not task.rules_ok(q, gold, finished=False)  # a prefix has no answer line
+        assert task.rules_ok(q, gold[:gold.rindex("\nA:")], finished=False)
+    for text in ("", "\n", "A:", "1+1=2\nA: 2\nA: 2", "9" * 40, "1+=\n"):  # never raises
+        assert not task.rules_ok(p, text) and not task.rules_ok(p, text, finished=False)
 
 
 def test_pair_accuracy_counts_a_tie_as_half_on_a_hand_example():
