@@ -13,8 +13,8 @@ What the methods need from it, all here:
   or ConcatCache when gradients must flow through it), and the final hidden states (for a
   verifier's head or Quiet-STaR's mixing head);
 - generate(): the one sampler (prefill, then decode_one_token per step, the outputs assembled
-  once by finish; or the compiled decode_step). Batched sampling of ragged prompts (left padding, per-row
-  positions), several copies of a prompt from one prefill, temperature, top-k, a
+  once by finish; or the compiled decode_step). Batched sampling of ragged prompts (left
+  padding, per-row positions), several copies of a prompt from one prefill, temperature, top-k, a
   torch.Generator or per-row seeds, per-row stop tokens (end-of-text, or a newline for one
   reasoning step); returns tokens, per-token log-probs and lengths. pick() is its token choice,
   which Quiet-STaR's thoughts use too. generate_naive() is the slow textbook version kept
@@ -529,14 +529,6 @@ def generate_naive(model, prompts, max_new_tokens, stop_tokens, pad_id, temperat
         pos = torch.cat([pos, pos[:, -1:] + 1], 1)
         valid = torch.cat([valid, torch.ones_like(tok[:, None], dtype=torch.bool)], 1)
     return tokens, logp, lengths
-
-
-class Cost:
-    """Tokens spent: `sampled` by the model (what test-time methods are compared at), and
-    `prompt` fed to it as prefixes to encode (counted apart: a KV cache makes them cheap)."""
-
-    def __init__(self):
-        self.sampled, self.prompt = 0, 0
 
 
 # -----------------------------------------------------------------------------

@@ -456,110 +456,125 @@ def pair_accuracy(right, s):
 
 
 def run(args, task, P, D, test, out, device, new_model):
-    metrics = os.path.join(out, "metrics.jsonl")
-    rows = read_jsonl(metrics)
-    done = {r["iteration"] for r in rows if r.get("kind") == "iteration"}
-    generator_path = lambda n: os.path.join(out, f"generator_iter{n}.pt")  # noqa: E731
-    lab_path = lambda n: os.path.join(out, f"labelled_iter{n}.jsonl")  # noqa: E731
+    """Algorithm 1: the generator iterations, the verifiers on D_VER, then test time. Each
+    iteration's row and the eval row are commit points: a rerun on the folder resumes."""
+    rows = read_jsonl(os.path.join(out, "metrics.jsonl"))
     gold = star.gold_examples(task, P, with_hints=False)
+    generator_iterations(args, task, P + D, test, gold, out, device, new_model, rows)
+    if not any(r.get("kind") == "eval" for r in rows):
+        evaluate_test_time(args, task, test, gold, out, device)
 
-    def sft_from_base(examples, n):
-        """G = SFT(base, examples): a fresh seeded model each time, as the paper restarts."""
-        torch.manual_seed(args.seed)
-        model = new_model()
-        loss = star.finetune(model, examples, args.steps, args.lr, args.batch_size,
-                             seed=seed_for(args.seed, "generator", n), desc=f"generator {n}: SFT",
-                             compile=args.compile)
-        return model, loss
 
-    def commit(n, model, stats, t0):
-        acc, overall, _ = star.evaluate(model, task, test, args.sample_batch_size)
-        save_checkpoint(generator_path(n), model, TOKENIZER, extra={"iteration": n})
-        append_jsonl(metrics, {"kind": "iteration", "iteration": n, "accuracy": overall,
-                                    "accuracy_by_difficulty": {str(d): a for d, a in acc.items()},
-                                    **stats, "wall_s": round(time.time() - t0, 1)})
-        tqdm.write(f"generator {n}: greedy accuracy {overall:.3f}")
-
-    if 0 not in done:  # G_SFT: the generator's start, the verifier's start and its reference
-        t0 = time.time()
-        model, loss = sft_from_base(gold, 0)
-        commit(0, model, {"train_steps": args.steps, "train_loss": loss}, t0)
-    for n in range(1, args.iterations + 1):
+def generator_iterations(args, task, problems, test, gold, out, device, new_model, rows):
+    """G_SFT, then T iterations: sample and label, D_GEN grows by the right samples, G_n is
+    trained from the base on it."""
+    done = {r["iteration"] for r in rows if r.get("kind") == "iteration"}
+    for n in range(args.iterations + 1):
         if n in done:
             continue
-        t0 = time.time()
-        generator = load_checkpoint(generator_path(n - 1), device)[0].eval()
-        texts, _ = star.sample(generator, task, P + D, n=args.samples,
-                               temperature=args.temperature, batch_size=args.sample_batch_size,
-                               seed=seed_for(args.seed, "samples", n),
-                               desc=f"generator {n}: sample")
-        labelled = label(task, P + D, texts)
-        save_labelled(lab_path(n), labelled)  # D_VER grows by every sample, right or wrong
-        right = [(p, c) for i in range(1, n + 1) for p, c, ok in load_labelled(lab_path(i)) if ok]
-        model, loss = sft_from_base(gold + right, n)  # D_GEN = P + every right sample so far
-        commit(n, model, {"train_steps": args.steps, "train_loss": loss,
-                          "samples_right": sum(ok for _, _, ok in labelled) / len(labelled),
-                          "d_gen": len(gold) + len(right)}, t0)
+        t0, stats, right = time.time(), {}, []
+        if n > 0:  # D_VER grows by every sample, right or wrong
+            generator = load_checkpoint(generator_path(out, n - 1), device)[0].eval()
+            texts, _ = star.sample(generator, task, problems, n=args.samples,
+                                   temperature=args.temperature, seed=seed_for(args.seed,
+                                   "samples", n), batch_size=args.sample_batch_size,
+                                   desc=f"generator {n}: sample")
+            labelled = label(task, problems, texts)
+            save_labelled(labelled_path(out, n), labelled)
+            right = [(p, c) for i in range(1, n + 1)
+                     for p, c, ok in load_labelled(labelled_path(out, i)) if ok]
+            stats = {"samples_right": sum(ok for _, _, ok in labelled) / len(labelled),
+                     "d_gen": len(gold) + len(right)}
+        torch.manual_seed(args.seed)  # G = SFT(base, D_GEN): a fresh base, as the paper restarts
+        model = new_model()
+        loss = star.finetune(model, gold + right, args.steps, args.lr, args.batch_size,
+                             seed=seed_for(args.seed, "generator", n), desc=f"generator {n}: SFT",
+                             compile=args.compile)
+        acc, overall, _ = star.evaluate(model, task, test, args.sample_batch_size)
+        save_checkpoint(generator_path(out, n), model, TOKENIZER, extra={"iteration": n})
+        append_jsonl(os.path.join(out, "metrics.jsonl"), {
+            "kind": "iteration", "iteration": n, "accuracy": overall,
+            "accuracy_by_difficulty": {str(d): a for d, a in acc.items()}, "train_steps":
+            args.steps, "train_loss": loss, **stats, "wall_s": round(time.time() - t0, 1)})
+        tqdm.write(f"generator {n}: greedy accuracy {overall:.3f}")
 
-    if any(r.get("kind") == "eval" for r in rows):
-        return
+
+def generator_path(out, n):
+    return os.path.join(out, f"generator_iter{n}.pt")
+
+
+def labelled_path(out, n):
+    return os.path.join(out, f"labelled_iter{n}.jsonl")
+
+
+def train_verifiers(args, task, d_ver, sft_path, device):
+    """Every verifier from G_SFT on the same D_VER: {name: network}, and DPO's pair count."""
+    dpo, n_pairs = train_dpo(sft_path, d_ver, args, device)
+    nets = {"dpo": dpo, "orm": train_orm(sft_path, d_ver, args, device),
+            "genrm": train_genrm(sft_path, d_ver, args, device)}
+    if task.recheck(decode(d_ver[0][1][:-1])) is not None:  # (a gold solution) a rationale
+        nets["genrm-cot"] = train_genrm_cot(sft_path, task, d_ver, args, device)
+        # the format control: GenRM-CoT's per-step program labels given to the ORM's network
+        nets["program"] = train_head(sft_path, program_step_rows(task, d_ver), args, device,
+                                     "program", "PRM on program labels").eval()
+    return nets, n_pairs
+
+
+def score_samples(nets, task, problems, texts, reference, generator):
+    """Every verifier's and baseline's score of each (problem, text) pair: {name: scores}."""
+    prompts = [encode(task.prompt(p)) for p in problems]
+    comps = [encode(t) + [EOT] for t in texts]
+    dpo = scores(nets["dpo"], prompts, comps, "dpo")
+    ref = scores(reference, prompts, comps, "dpo")
+    flat = {"dpo": dpo,  # the paper's score, log V(y|x)
+            "dpo-mean": [s / len(c) for s, c in zip(dpo, comps)],  # per completion token
+            "dpo-reward": [s - r for s, r in zip(dpo, ref)],  # DPO's implicit reward
+            "orm": scores(nets["orm"], prompts, comps, "orm"),
+            "genrm": scores(nets["genrm"], prompts, comps, "genrm")}
+    if "genrm-cot" in nets:
+        flat["genrm-cot"] = cot_scores(nets["genrm-cot"], task, problems, texts)
+        flat["prm on program labels"] = program_scores(nets["program"], task, problems, texts)
+        flat["exact check (oracle)"] = [float(task.check(p, t)) for p, t in zip(problems, texts)]
+    # the baselines a learned verifier must beat: the generator's own confidence (its mean
+    # token log-prob), the shortest solution first, and no preference at all
+    flat.update({"generator": scores(generator, prompts, comps, "dpo-mean"),
+                 "length": [-len(c) for c in comps], "random": [0.0] * len(comps)})
+    return flat, prompts, comps
+
+
+def evaluate_test_time(args, task, test, gold, out, device):
+    """The verifiers, trained on D_VER (every labelled sample, and P's gold solutions, which
+    count as right: the paper), then n samples per held-out problem from G_T, drawn once and
+    scored by every verifier; the eval row."""
     t0 = time.time()
-    # D_VER: every labelled sample, and P's gold solutions, which count as right (the paper)
     d_ver = [(p, c, True) for p, c in gold] + \
-        [x for n in range(1, args.iterations + 1) for x in load_labelled(lab_path(n))]
-    dpo, n_pairs = train_dpo(generator_path(0), d_ver, args, device)
-    orm = train_orm(generator_path(0), d_ver, args, device)
-    genrm = train_genrm(generator_path(0), d_ver, args, device)
-    cot = train_genrm_cot(generator_path(0), task, d_ver, args, device) \
-        if task.recheck(task.gold_completion(P[0])) is not None else None  # no rationale
-    # the format control: GenRM-CoT's per-step program labels given to the ORM's network
-    control = train_head(generator_path(0), program_step_rows(task, d_ver), args, device,
-                         "program", "PRM on program labels") if cot else None
-    save_checkpoint(os.path.join(out, "verifier_dpo.pt"), dpo, TOKENIZER)
-
-    # test time: n samples per held-out problem from the final generator, drawn once
-    generator = load_checkpoint(generator_path(args.iterations), device)[0].eval()
+        [x for n in range(1, args.iterations + 1) for x in load_labelled(labelled_path(out, n))]
+    nets, n_pairs = train_verifiers(args, task, d_ver, generator_path(out, 0), device)
+    save_checkpoint(os.path.join(out, "verifier_dpo.pt"), nets["dpo"], TOKENIZER)
+    generator = load_checkpoint(generator_path(out, args.iterations), device)[0].eval()
     texts, _ = star.sample(generator, task, test, n=args.eval_samples,
                            temperature=args.temperature, batch_size=args.sample_batch_size,
-                           seed=seed_for(args.seed, "test samples"),
-                           desc="test samples")
-    prompts = [encode(task.prompt(p)) for p, ts in zip(test, texts) for _ in ts]
-    comps = [encode(t) + [EOT] for ts in texts for t in ts]
-    probs = [p for p, ts in zip(test, texts) for _ in ts]
-    flat_texts = [t for ts in texts for t in ts]
-    flat_sum = scores(dpo, prompts, comps, "dpo")
-    ref_sum = scores(load_checkpoint(generator_path(0), device)[0].eval(), prompts, comps, "dpo")
-    flat = {"dpo": flat_sum,  # the paper's score, log V(y|x)
-            "dpo-mean": [s / len(c) for s, c in zip(flat_sum, comps)],  # per completion token
-            "dpo-reward": [s - r for s, r in zip(flat_sum, ref_sum)],  # DPO's implicit reward
-            "orm": scores(orm, prompts, comps, "orm"),
-            "genrm": scores(genrm, prompts, comps, "genrm"),
-            **({"genrm-cot": cot_scores(cot, task, probs, flat_texts),
-                "prm on program labels": program_scores(control.eval(), task, probs, flat_texts),
-                "exact check (oracle)": [float(task.check(p, t)) for p, t in
-                                         zip(probs, flat_texts)]} if cot else {}),
-            # the baselines a learned verifier must beat: the generator's own confidence (its
-            # mean token log-prob), the shortest solution first, and no preference at all
-            "generator": scores(generator, prompts, comps, "dpo-mean"),
-            "length": [-len(c) for c in comps],
-            "random": [0.0] * len(comps)}
+                           seed=seed_for(args.seed, "test samples"), desc="test samples")
     n = args.eval_samples
+    problems = [p for p in test for _ in range(n)]
+    flat, prompts, comps = score_samples(nets, task, problems, [t for ts in texts for t in ts],
+                                         load_checkpoint(generator_path(out, 0), device)[0].eval(),
+                                         generator)
     verifier_scores = {name: [f[i * n:(i + 1) * n] for i in range(len(test))]
                        for name, f in flat.items()}
     # every sample labelled once; the estimators reuse the labels for every k and verifier
     right = [[task.check(p, t) for t in ts] for p, ts in zip(test, texts)]
     answers = [[task.extract_answer(t) for t in ts] for ts in texts]
-    ks = [2 ** i for i in range(int(math.log2(n)) + 1)]
-    res = curves(right, answers, verifier_scores, ks)
-    res["tokens"] = compute_per_sample(task, probs, prompts, comps, list(flat))
-    greedy = [r for r in read_jsonl(metrics) if r.get("kind") == "iteration"][-1]["accuracy"]
+    res = curves(right, answers, verifier_scores, [2 ** i for i in range(int(math.log2(n)) + 1)])
+    res["tokens"] = compute_per_sample(task, problems, prompts, comps, list(flat))
+    greedy = [r for r in read_jsonl(os.path.join(out, "metrics.jsonl"))
+              if r.get("kind") == "iteration"][-1]["accuracy"]
     pairs = {name: pair_accuracy(right, s) for name, s in verifier_scores.items()}
-    row = {"kind": "eval", "greedy": greedy, "n": args.eval_samples, "pairs": n_pairs,
-           "d_ver": len(d_ver), **res,
-           **{f"pair_acc {name}": acc for name, (acc, _) in pairs.items()},
-           **{f"pair_ties {name}": ties for name, (_, ties) in pairs.items()},
-           "wall_s": round(time.time() - t0, 1)}
-    append_jsonl(metrics, row)
+    append_jsonl(os.path.join(out, "metrics.jsonl"), {
+        "kind": "eval", "greedy": greedy, "n": n, "pairs": n_pairs, "d_ver": len(d_ver), **res,
+        **{f"pair_acc {name}": acc for name, (acc, _) in pairs.items()},
+        **{f"pair_ties {name}": ties for name, (_, ties) in pairs.items()},
+        "wall_s": round(time.time() - t0, 1)})
 
 
 def report(args, rows):

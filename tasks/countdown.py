@@ -219,3 +219,202 @@ class Countdown(Task):
                 pool = None if pool is None else apply_step(pool, line)
                 labels.append(pool is not None and reachable(pool, target))
         return labels
+
+
+# ---------------------------------------------------------------- Stream of Search
+#
+# Stream of Search (Gandhi et al. 2024): train on the whole search, dead ends and backtracking
+# included, not only on the solution it ends with. A symbolic search writes the trace; the
+# checkers below judge any text as one, so a model's traces can be graded exactly too.
+#
+#     Q: 11 3 7 T: 32       search_trace((11, 3, 7), 32, "dfs-near")
+#     11*3=33 (7 33)        one explored step per line, indented by its depth, then the
+#      33-7=26 x            numbers it leaves (sorted), or for a leaf " x" (not the target)
+#      33+7=40 x            or " !" (the target)
+#      33*7=231 x
+#     7*3=21 (11 21)        backtracking: the indentation goes back up
+#      21+11=32 !
+#     7*3=21                the found path, unindented: exactly a completion Countdown.check
+#     21+11=32              accepts
+#     A: 32                 ("A: none" after a failed search: never a right answer)
+#
+# Choices, on purpose:
+# 1. A line is judged against the state its parent line claims to leave (the nearest earlier
+#    line one level up; the question's numbers for depth 0), so a wrong line does not spoil its
+#    whole subtree: only the lines that rely on what is wrong in it are wrong too. Every line
+#    is right exactly when every claim is true, by induction; the path at the end is re-checked
+#    from the question's numbers by trace_outcome_ok.
+# 2. bfs-<k> is a beam: only the k best states of a level are expanded, so it can miss a
+#    reachable target even with budget to spare (a failed trace, kept as Stream of Search keeps
+#    them). The dfs strategies, given budget, search the whole tree and never miss.
+# 3. No pruning and no merging of equal states: the tree is moves()'s, so the trace of a given
+#    strategy and budget is a function of the question alone.
+# 4. The budget counts trace lines, so it bounds the trace's length (what a model must fit in
+#    its context). For bfs, that includes the lines of a beam node's path that are written
+#    again before its children (a line's parent must be the nearest line one level up).
+
+SEARCH_LINE = re.compile(rf"( *)({NUMBER})([-+*/])({NUMBER})=({NUMBER})"
+                         rf" (?:\(({NUMBER}(?: {NUMBER})+)\)|(x|!))")
+FAILED = "A: none"  # parse_answer_line rejects it, so Countdown.check never accepts it
+DEFAULT_BUDGET = 24  # trace lines: ~110 tokens for 3 numbers, ~250 for 4 (tests/test_sos.py)
+
+
+def near_target(after, target):
+    """The first heuristic: how close the closest number left is to the target."""
+    return min(abs(n - target) for n in after)
+
+
+def sum_near_target(after, target):
+    """The second heuristic: how close the sum of the numbers left is to the target."""
+    return abs(sum(after) - target)
+
+
+HEURISTICS = {"near": near_target, "sum": sum_near_target}
+STRATEGIES = ("dfs-near", "dfs-sum", "bfs-2")  # "bfs-<k>" works for any beam width k >= 1
+
+
+def search_line(depth, step, after, target):
+    """The trace line of the step `step` at `depth`, which leaves the sorted tuple `after`."""
+    if len(after) == 1:
+        return " " * depth + step + (" !" if after[0] == target else " x")
+    return " " * depth + f"{step} ({' '.join(map(str, after))})"
+
+
+def _ordered(state, target, heuristic):
+    # sorted() is stable: ties keep moves() order, so the trace is deterministic
+    return sorted(moves(state), key=lambda move: heuristic(move[1], target))
+
+
+def _dfs(state, target, heuristic, depth, path, out, budget):
+    """Depth-first below `state`, appending lines to `out`: the goal's path, or None."""
+    for step, after in _ordered(state, target, heuristic):
+        if len(out) >= budget:
+            return None
+        out.append(search_line(depth, step, after, target))
+        if len(after) == 1:
+            if after[0] == target:
+                return path + [step]
+        else:
+            found = _dfs(after, target, heuristic, depth + 1, path + [step], out, budget)
+            if found is not None:
+                return found
+    return None
+
+
+def _bfs(root, target, heuristic, width, out, budget):
+    """Breadth-first with a beam of `width` states per level: the goal's path, or None."""
+    frontier = [((), root)]  # (path as ((step, after), ...) from the root, state)
+    shown = ()  # the path of the last line written: the lines a next line may hang below
+    while frontier:
+        children = []
+        for path, state in frontier:
+            # Write again the part of the path the last lines left, so that the children's
+            # parent is the nearest line one level up.
+            common = 0
+            while common < min(len(shown), len(path)) and shown[common] == path[common]:
+                common += 1
+            for depth in range(common, len(path)):
+                if len(out) >= budget:
+                    return None
+                out.append(search_line(depth, *path[depth], target))
+            for step, after in _ordered(state, target, heuristic):
+                if len(out) >= budget:
+                    return None
+                out.append(search_line(len(path), step, after, target))
+                shown = path + ((step, after),)
+                if len(after) == 1:
+                    if after[0] == target:
+                        return [s for s, _ in shown]
+                else:
+                    children.append((shown, after))
+        # the next level: the best children of this whole level (ties: the order explored)
+        frontier = sorted(children, key=lambda child: heuristic(child[1], target))[:width]
+    return None
+
+
+def search_trace(numbers, target, strategy="dfs-near", budget=DEFAULT_BUDGET):
+    """A symbolic search's trace as text, and whether it found the target: (text, found).
+
+    strategy: "dfs-near" / "dfs-sum" (depth-first, children closest to the target first by
+    near_target / sum_near_target), or "bfs-<k>" (a beam of k states per level, near_target).
+    budget: the most trace lines before giving up. A failed trace ends with FAILED."""
+    kind, _, rest = strategy.partition("-")
+    if not (kind == "dfs" and rest in HEURISTICS
+            or kind == "bfs" and rest.isdigit() and int(rest) >= 1):
+        raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)} "
+                         "(or bfs-<k>)")
+    root, out = tuple(sorted(numbers)), []
+    if len(root) <= 1:
+        path = [] if root == (target,) else None  # nothing to search
+    elif kind == "dfs":
+        path = _dfs(root, target, HEURISTICS[rest], 0, [], out, budget)
+    else:
+        path = _bfs(root, target, near_target, int(rest), out, budget)
+    if path is None:
+        return "\n".join(out + [FAILED]), False
+    return "\n".join(out + path + [f"A: {target}"]), True
+
+
+def _split_trace(text):
+    """(explored lines, solution lines): the solution is the last line if it starts with "A:",
+    with the bare step lines right before it; every other line is an explored line."""
+    lines = split_lines(text)
+    if not lines[-1].startswith("A:"):
+        return lines, []
+    k = len(lines) - 1
+    while k > 0 and STEP_LINE.fullmatch(lines[k - 1]):
+        k -= 1
+    return lines[:k], lines[k:]
+
+
+def trace_solution(text):
+    """The completion a trace ends with (its found path and answer line), or None."""
+    solution = _split_trace(text)[1]
+    return "\n".join(solution) if solution else None
+
+
+def trace_outcome_ok(p, text):
+    """Outcome verifier of a trace: the solution it ends with is right (Countdown.check, from
+    the question's numbers). What the trace explored before it is not read."""
+    solution = trace_solution(text)
+    return solution is not None and Countdown().check(p, solution)
+
+
+def trace_lines_ok(p, text):
+    """Process verifier of a trace: one label per explored line (the solution at the end is not
+    labelled; see trace_outcome_ok). A line is right iff it parses, hangs at most one level
+    below the line before it, its operands are left in its parent's claimed state, its
+    arithmetic is right, and the state (or leaf mark) it writes is exactly what it leaves."""
+    numbers, target = p.data
+    explored = _split_trace(text)[0]
+    claimed = {-1: tuple(sorted(numbers))}  # depth -> the state the last line there claims
+    labels, last_depth = [], -1
+    for line in explored:
+        depth = len(line) - len(line.lstrip(" "))
+        m = SEARCH_LINE.fullmatch(line)
+        parent = claimed.get(depth - 1) if depth <= last_depth + 1 else None
+        claimed[depth] = None  # until this line says what it leaves: its children are wrong
+        last_depth = depth
+        if m is None:
+            labels.append(False)
+            continue
+        a, op, b, c = int(m.group(2)), m.group(3), int(m.group(4)), int(m.group(5))
+        state, mark = m.group(6), m.group(7)
+        if state is not None:
+            claimed[depth] = tuple(map(int, state.split()))
+        after = None if parent is None else apply_step(parent, line.split()[0])
+        if after is None:
+            labels.append(False)
+        elif len(after) == 1:
+            labels.append(mark == ("!" if c == target else "x"))
+        else:
+            labels.append(claimed[depth] == tuple(sorted(after)))
+    return labels
+
+
+def trace_backtracks(text):
+    """Does the trace back out of a dead end (a line marked x) before it finds the target (the
+    first line marked !)? Read from the text alone; False without a ! line."""
+    explored = _split_trace(text)[0]
+    goals = [k for k, line in enumerate(explored) if line.endswith(" !")]
+    return bool(goals) and any(line.endswith(" x") for line in explored[:goals[0]])

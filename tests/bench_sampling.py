@@ -16,9 +16,9 @@ model for every new token, what sampling costs without a cache. "compiled" is ge
 compiled=True (model.compiled_decode_step: torch.compile, a CUDA graph on a GPU); its compile
 time is excluded from the rate and printed beside it. "HF generate" is Hugging Face's
 GPT2LMHeadModel.generate on the same weights (greedy, cache on), when transformers is installed
-(it is not in requirements.txt; the column shows "-" without it). Eager, compiled and HF run 3 times each,
-alternating, and the medians are reported; the recompute baseline runs once. On a GPU every
-sampler runs under bf16 autocast, so all see the same arithmetic. --methods runs
+(it is not in requirements.txt; the column shows "-" without it). Eager, compiled and HF run 3
+times each, alternating, and the medians are reported; the recompute baseline runs once. On a
+GPU every sampler runs under bf16 autocast, so all see the same arithmetic. --methods runs
 `python train.py --method M --preset P` for each M in turn (output under runs/bench/) and
 prints its wall time. --against DIR times the eager sampler of DIR/model.py (another
 checkout) against this one's, in one process, alternating 8 times on the same weights and

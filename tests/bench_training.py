@@ -91,7 +91,8 @@ def main():
     torch.manual_seed(0)
     model = GPT(get_config(args.preset)).to(device)
     print(f"preset {args.preset}, batch {args.batch_size}, {torch.get_num_threads()} threads\n")
-    print("| task | utilisation padded | bucketed | ms/step padded | bucketed | padded / bucketed |")
+    print("| task | utilisation padded | bucketed | ms/step padded | bucketed "
+          "| padded / bucketed |")
     print("|---|---|---|---|---|---|")
     for name in args.tasks:
         task = get_task(name)

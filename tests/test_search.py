@@ -2,9 +2,12 @@
 Guards search.py: on a toy model and task whose right path is known, beam search and MCTS find
 it; UCT tries every unvisited child first and puts the PARENT's count in its log; backup touches
 the path and nothing else; beam pruning keeps exactly the best distinct prefixes; every method's
-token count is exact; the vote's tie rule and its treatment of unparsable answers; the shared-
-prefix sampler equals the naive one, and a seeded row depends on no other row (what torchrun
-needs); the run end to end, resumed without redoing a stage.
+token count is exact, a scorer's forward passes included (both of a product's; a network of
+another size in proportion), and the pool charges N samples and N scorer passes; the oracle's
+ties break at random, the same in any batch; the equal-compute pairs pick the right pool budget;
+the vote's tie rule and its treatment of unparsable answers; the shared-prefix sampler equals
+the naive one, and a seeded row depends on no other row (what torchrun needs); the run end to
+end, resumed without redoing a stage.
 
 Run: python -m pytest tests/test_search.py
 """
@@ -21,7 +24,7 @@ import torch.nn as nn
 import search
 import train
 import vstar
-from model import GPT, GPTConfig, generate_naive, read_jsonl
+from model import GPT, GPTConfig, ScalarHead, generate_naive, read_jsonl
 from tasks import EOT, NEWLINE, PAD, Problem, Task, decode, encode, get_task
 from tasks.base import split_lines
 
@@ -104,7 +107,7 @@ def test_mcts_finds_the_known_path():
     for seed in range(3):
         res = search.mcts(ToyLM(), TASK, [P0], search.oracle_scorer(TASK), [40], k=20, c=1.0,
                           temperature=1.0, seeds=[seed], cost=search.Cost())
-        most_visited, voted, _, _ = res[40]
+        most_visited, voted, _ = res[40]
         assert most_visited == [RIGHT] and voted == [RIGHT]
 
 
@@ -178,7 +181,7 @@ def test_beam_search_keeps_the_top_and_never_two_identical_prefixes(monkeypatch)
         return kept
     monkeypatch.setattr(search, "prune", spy)
     # a scorer that prefers later letters, so that pruning has something to choose
-    score = lambda items: [sum(map(ord, t)) / 1000 for _, t, _ in items]  # noqa: E731
+    score = lambda items, cost: [sum(map(ord, t)) / 1000 for _, t, _ in items]  # noqa: E731
     search.beam_search(ToyLM(), TASK, [P0, P0], score, N=8, M=4, temperature=1.0,
                        seeds=[0, 1], cost=search.Cost())
     assert calls
@@ -198,17 +201,19 @@ def test_token_accounting_is_exact():
     cost = search.Cost()
     search.rollouts(model, TASK, [(P0, "")], [7], 1.0, list(range(7)), cost)
     assert (cost.sampled, cost.prompt) == (7 * whole, prompt)
-    # beam search: N steps sampled every round, every solution ends together
+    # beam search: N steps sampled every round, every solution ends together; the oracle is a
+    # program and reads no tokens
     for N, M in ((8, 4), (6, 2)):
         cost = search.Cost()
-        search.beam_search(model, TASK, [P0, P0], search.oracle_scorer(TASK), N, M, 1.0, [0, 1],
-                           cost)
-        assert cost.sampled == 2 * N * whole
+        search.beam_search(model, TASK, [P0, P0], search.oracle_scorer(TASK, tie_seed=1), N, M,
+                           1.0, [0, 1], cost)
+        assert cost.sampled == 2 * N * whole and cost.scored == 0
     # MCTS is anytime: its count after fewer simulations is a prefix of the same search's
     k, cost = 3, search.Cost()
     res = search.mcts(model, TASK, [P0], search.oracle_scorer(TASK), [1, 5, 9], k, 1.0, 1.0,
                       [0], cost)
-    assert res[9][2] == cost.sampled and 0 < res[1][2] < res[5][2] <= res[9][2]
+    assert res[9][2] == cost.counts() and 0 < res[1][2][0] < res[5][2][0] <= res[9][2][0]
+    assert all(res[s][2][1] > 0 for s in (1, 5, 9))  # every prefix re-read is counted
 
 
 def test_mcts_token_count_matches_its_tree(monkeypatch):
@@ -229,6 +234,143 @@ def test_mcts_token_count_matches_its_tree(monkeypatch):
             if not n.children[0].finished:
                 expected += 2 * (3 - (d + 1)) + 5
     assert cost.sampled == expected
+
+
+def tiny_gpt(seed, n_embd=16):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(n_layer=1, n_head=2, n_embd=n_embd, block_size=64)).eval()
+
+
+def count_reads(monkeypatch, module):
+    """An independent count of the tokens each scorer network reads: the prompt and completion
+    tokens of every row handed to sequence_logprobs (by `module`), per network."""
+    seen, real = {}, module.sequence_logprobs
+
+    def spy(model, prompts, completions, *a, **kw):
+        seen[model] = seen.get(model, 0) + sum(len(p) + len(c) for p, c in
+                                               zip(prompts, completions))
+        return real(model, prompts, completions, *a, **kw)
+    monkeypatch.setattr(module, "sequence_logprobs", spy)
+    return seen
+
+
+def count_generator(monkeypatch):
+    """The generator's prefill and sampled tokens, counted where search calls model.generate."""
+    seen = {"prompt": 0, "sampled": 0}
+    real = search.generate
+
+    def spy(model, prompts, *a, **kw):
+        out = real(model, prompts, *a, **kw)
+        seen["prompt"] += sum(map(len, prompts))
+        seen["sampled"] += int(out[2].sum())
+        return out
+    monkeypatch.setattr(search, "generate", spy)
+    return seen
+
+
+@pytest.mark.parametrize("how", ["beam", "mcts"])
+def test_a_scorers_forward_passes_count_in_the_search_compute(monkeypatch, how):
+    # ToyLM samples (several rounds of steps); two tiny random GPTs score, one of them a
+    # network of another size, whose tokens count in proportion to its parameters
+    a, b = tiny_gpt(0), tiny_gpt(1, n_embd=32)
+    w = search.relative_size(b, a)
+    assert w > 2  # wider: about four times the parameters per layer
+    reads, gen = count_reads(monkeypatch, search), count_generator(monkeypatch)
+    both, calls = search.product_scorer(search.logprob_scorer(a, TASK),
+                                        search.logprob_scorer(b, TASK, w)), []
+    scorer = lambda items, cost: calls.append(1) or both(items, cost)  # noqa: E731
+    cost = search.Cost()
+    if how == "beam":
+        search.beam_search(ToyLM(), TASK, [P0, P0], scorer, 6, 2, 1.0, [0, 1], cost)
+    else:
+        search.mcts(ToyLM(), TASK, [P0], scorer, [8], 3, 1.0, 1.0, [0], cost)
+    assert len(calls) >= 4 and reads[a] > 0  # each scorer called every round, not only at the end
+    assert reads[a] == reads[b]  # both read the same items
+    assert (cost.sampled, cost.prompt) == (gen["sampled"], gen["prompt"])
+    assert cost.scored == pytest.approx(reads[a] + w * reads[b])
+    assert sum(cost.counts()) == pytest.approx(
+        gen["sampled"] + gen["prompt"] + reads[a] + w * reads[b])
+
+
+def test_genrm_cot_and_the_prm_count_the_rows_they_read(monkeypatch):
+    task = get_task("countdown")
+    p = Problem(question="3 4 5 T: 27", answer="27", difficulty=3, data=((3, 4, 5), 27))
+    items = [(p, "5+4=9\n9*3=27\nA: 27", True), (p, "5+4=9\n", False),
+             (p, "garbage", True), (p, "5*4=20\n", False)]
+    verifier, reads = tiny_gpt(2), count_reads(monkeypatch, vstar)
+    cost = search.Cost()
+    search.cot_scorer(verifier, task)(items, cost)
+    rows = vstar.cot_rows(task, *zip(*items))
+    assert rows[2] is None  # not a step: GenRM-CoT reads nothing of it, and scores it 0
+    assert cost.scored == sum(len(q) + len(c) for st in rows for q, c in st or ()) == \
+        reads[verifier]
+    prm, cost = ScalarHead(tiny_gpt(3)).eval(), search.Cost()
+    seen = []
+    prm.register_forward_hook(
+        lambda m, args, out: seen.append(sum(len(q) + len(c) for q, c in zip(*args[:2]))))
+    search.prm_scorer(prm, task)(items, cost)
+    by_hand = sum(len(encode(task.prompt(p))) + len(encode(t)) + fin for p, t, fin in items)
+    assert cost.scored == sum(seen) == by_hand
+
+
+def test_pool_costs_the_prompt_once_and_n_samples_and_scorer_passes():
+    # ToyLM's solutions are 11 tokens (end-of-text included); a scorer reads prompt + 11
+    gpt, P = tiny_gpt(0), len(encode(TASK.prompt(P0)))
+    scorers = {name: search.logprob_scorer(gpt, TASK) for name in ("GenRM-CoT", "PRM",
+                                                                   "generator")}
+    scorers[search.PRODUCT] = search.product_scorer(scorers["GenRM-CoT"], scorers["generator"])
+    args = argparse.Namespace(eval_samples=4, sample_batch_size=8, temperature=1.0, seed=0)
+    rows = search.pool_rows(ToyLM(), TASK, [P0, P0], scorers, [1, 2, 4], args, 0.0)
+    row = {(r["method"], r["scorer"]): r for r in rows[1:]}
+    for (method, scorer), r in row.items():
+        reads = {"-": 0, "oracle": 0, "length": 0, "random": 0, search.PRODUCT: 2}.get(scorer, 1)
+        assert r["sampled_tokens"] == [k * 11 for k in (1, 2, 4)]
+        assert r["prompt_tokens"] == [P] * 3
+        assert r["tokens"] == [k * 11 + P + reads * k * (P + 11) for k in (1, 2, 4)], (method,
+                                                                                        scorer)
+        assert len(r["right_by_budget"]) == 3 and all(len(x) == 2 for x in r["right_by_budget"])
+    for name in search.LEARNED:  # the like-for-like baselines of every learned-guided search
+        assert ("best-of-N", name) in row and ("weighted vote", name) in row
+
+
+def test_oracle_ties_break_at_random_the_same_in_any_batch():
+    items = [(P0, RIGHT, True), (P0, "a\nb\nc\nA: 1", True), (P0, "b\n", False), (P0, "a\n", False),
+             (P0, "c\n", False)]
+    cost = search.Cost()
+    plain = search.oracle_scorer(TASK)(items, cost)
+    assert plain == [1.0, 0.0, 1.0, 0.0, 0.0]
+    tied = search.oracle_scorer(TASK, tie_seed=7)(items, cost)
+    assert [round(v) for v in tied] == plain and len(set(tied)) == len(tied)
+    assert search.oracle_scorer(TASK, tie_seed=7)(items[::-1], cost) == tied[::-1]  # any order
+    assert cost.scored == 0  # a program: no network tokens
+    # which of the two tied wrong steps survives depends on the seed, not on their order
+    kept = {search.prune(["a\n", "c\n"], search.oracle_scorer(TASK, s)(items[3:], cost), 1)[0]
+            for s in range(20)}
+    assert kept == {"a\n", "c\n"}
+
+
+def test_equal_compute_pairs_pick_the_smallest_pool_budget_at_or_above_the_search():
+    def row(stage, method, scorer, tokens, right):
+        r = search.method_row(stage, method, scorer, [1, 2, 4][:len(tokens)], right,
+                              [(t, 0, 0) for t in tokens], 0.0)
+        return r
+    pool = row("pool", "best-of-N", "PRM", [10, 20, 40], [[0, 0], [0, 1], [1, 1]])
+    vote = row("pool", "weighted vote", "PRM", [10, 20, 40], [[0, 0], [0, 0], [0, 1]])
+    beam = row("beam PRM", "beam search", "PRM", [8, 15], [[0, 0], [1, 1]])
+    big = row("mcts PRM", "MCTS most-visited", "PRM", [50], [[1, 0]])
+    oracle = row("beam oracle", "beam search", "oracle", [12], [[1, 1]])
+    ceiling = row("pool", "pass@N", "oracle", [10, 20, 40], [[1, 1]] * 3)
+    rows = [pool, vote, beam, big, oracle, ceiling]
+    got = [(r["method"], b["method"], b["budget"][j], smaller, d) for r, b, j, smaller, d, _ in
+           search.equal_compute_pairs(rows)]
+    assert got == [("beam search", "best-of-N", 2, False, 0.5),  # 20 is the first >= 15
+                   ("beam search", "weighted vote", 2, False, 1.0),
+                   ("MCTS most-visited", "best-of-N", 4, True, -0.5),  # none >= 50: the largest
+                   ("MCTS most-visited", "weighted vote", 4, True, 0.0)]  # no oracle rows
+    assert len(search.headline_differences(rows)) == 4
+    text = search.table(rows)
+    assert "pool smaller" in text and "pass@N (the ceiling)" in text
+    assert "beam search (oracle-guided)" in text and "upper bound" not in text
 
 
 def test_majority_vote_tie_rule_and_unparsable_answers():
@@ -284,10 +426,21 @@ def test_search_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
     methods = {(r["method"], r["scorer"]) for r in rows if r["kind"] == "method"}
     assert ("beam search", "PRM") in methods and ("MCTS most-visited", "oracle") in methods
     assert ("beam search", "generator") in methods and ("best-of-N", "generator") in methods
-    for r in rows:  # each problem's rightness at the largest budget, whose mean is the accuracy
+    for r in rows:  # each problem's rightness at every budget, whose mean is the accuracy
         if r["kind"] == "method":
-            assert len(r["last"]) == 3 and all(0 <= x <= 1 for x in r["last"])
-            assert abs(sum(r["last"]) / 3 - r["accuracy"][-1]) < 1e-9, r["method"]
+            for right, acc in zip(r["right_by_budget"], r["accuracy"]):
+                assert len(right) == 3 and all(0 <= x <= 1 for x in right)
+                assert abs(sum(right) / 3 - acc) < 1e-9, r["method"]
+            # the total is every network's tokens; a learned scorer's count in it
+            parts = zip(r["sampled_tokens"], r["prompt_tokens"], r["scorer_tokens"])
+            assert all(abs(t - sum(p)) < 1e-2 for t, p in zip(r["tokens"], parts))
+            if r["scorer"] in ("PRM", "generator", "GenRM-CoT x generator"):  # read every item
+                assert all(s > 0 for s in r["scorer_tokens"]), (r["method"], r["scorer"])
+            if r["scorer"] in ("-", "oracle", "length", "random"):  # programs read nothing
+                assert r["scorer_tokens"] == [0] * len(r["budget"]), (r["method"], r["scorer"])
+    assert ("best-of-N", "GenRM-CoT x generator") in methods
+    assert ("weighted vote", "PRM") in methods
+    assert search.headline_differences(rows)  # the equal-compute pairs exist
     assert os.path.exists(os.path.join(out, "search.png"))
     train.main(argv)  # finished: nothing is redone, no row added
     assert read_jsonl(os.path.join(out, "metrics.jsonl")) == rows
@@ -299,7 +452,7 @@ def test_a_learned_scorer_search_never_calls_the_ground_truth_checker():
             raise AssertionError("the checker was called during search")
         check_steps = check
     task = NoPeek()
-    score = lambda items: [len(t) / 100 for _, t, _ in items]  # noqa: E731 (a stand-in scorer)
+    score = lambda items, cost: [len(t) / 100 for _, t, _ in items]  # noqa: E731 (a stand-in)
     search.beam_search(ToyLM(), task, [P0], score, 8, 4, 1.0, [0], search.Cost())
     search.mcts(ToyLM(), task, [P0], score, [6], 3, 1.0, 1.0, [0], search.Cost())
 
@@ -308,12 +461,12 @@ def test_product_scorer_multiplies_each_items_values_and_calls_each_scorer_once(
     calls = []
 
     def scorer(values):
-        def score(items):
+        def score(items, cost):
             calls.append(len(items))
             return values
         return score
     both = search.product_scorer(scorer([0.5, 1.0, 0.0]), scorer([0.25, 0.75, 0.9]))
-    assert both([(P0, "a", False)] * 3) == [0.125, 0.75, 0.0] and calls == [3, 3]
+    assert both([(P0, "a", False)] * 3, search.Cost()) == [0.125, 0.75, 0.0] and calls == [3, 3]
 
 
 def test_math_shepherd_labels_on_the_toy_model():
@@ -340,17 +493,3 @@ def test_the_process_reward_model_reads_the_end_of_every_step():
     assert [comp[j] for j in vstar.step_reads(comp)] == [NEWLINE, NEWLINE, EOT]
     assert vstar.step_reads(encode("b\nc\n")) == [1, 3]  # a prefix: its steps so far
     assert vstar.orm_reads(comp) == [8]  # the outcome model reads the end-of-text only
-
-
-def test_exact_step_labels_mark_the_first_wrong_step_and_everything_after():
-    # the diagnostic verifier's labels: a prefix is right iff every step in it is (countdown:
-    # valid arithmetic and the target still reachable), then the outcome at the end-of-text
-    task = get_task("countdown")
-    p = Problem(question="3 4 5 T: 27", answer="27", difficulty=3, data=((3, 4, 5), 27))
-    texts = ["5+4=9\n9*3=27\nA: 27",    # right
-             "5+4=9\n9*3=28\nA: 27",    # an arithmetic slip in step 2
-             "5*4=20\n20+3=23\nA: 27"]  # step 1 is valid but 27 is then out of reach
-    labelled = [(encode(task.prompt(p)), encode(t) + [EOT], task.check(p, t)) for t in texts]
-    rows = vstar.exact_step_rows(task, [p], labelled)
-    assert [labels for _, _, _, labels in rows] == [[1, 1, 1], [1, 0, 0], [0, 0, 0]]
-    assert all(reads == vstar.step_reads(c) for _, c, reads, _ in rows)

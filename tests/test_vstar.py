@@ -196,6 +196,28 @@ def test_genrm_cot_scores_no_solution_it_cannot_cover_above_a_right_one():
         assert not task.rules_ok(p, text) and not task.rules_ok(p, text, finished=False)
 
 
+def test_the_format_control_learns_genrm_cots_labels_at_the_end_of_each_step():
+    # the scalar head on program labels: step k's label is whether its arithmetic is right
+    # (what GenRM-CoT learns to recompute), read at the end of step k; no outcome label
+    task = get_task("countdown")
+    p = Problem(question="3 4 5 T: 27", answer="27", difficulty=3, data=((3, 4, 5), 27))
+    texts = ["5+4=9\n9*3=27\nA: 27",    # right
+             "5+4=9\n9*3=28\nA: 27",    # an arithmetic slip in step 2
+             "5*4=20\n20+3=23\nA: 27",  # right arithmetic, off the target (the rule's part)
+             "5+4=10\n10*3=27\nA: 27",  # two slips, yet the claims add up to the target
+             "5+4=9\nhello\nA: 27"]     # no rationale: left out
+    labelled = [(encode(task.prompt(p)), encode(t) + [EOT], task.check(p, t)) for t in texts]
+    rows = vstar.program_step_rows(task, labelled)
+    assert [labels for _, _, _, labels in rows] == [[1, 1], [1, 0], [1, 1], [0, 0]]
+    assert all(reads == vstar.step_reads(c)[:2] for _, c, reads, _ in rows)
+    assert [decode([c[r]]) for _, c, reads, _ in rows for r in reads] == ["\n"] * 8
+    head = ScalarHead(GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64))).eval()
+    got = vstar.program_scores(head, task, [p] * 5, texts)
+    assert got[0] == pytest.approx(0.25, rel=1e-6) == got[3]  # a zero head: 1/2 per step
+    # the rule: the last claimed number (28, 23) is not the target; no rationale at all
+    assert got[1] == got[2] == got[4] == 0.0
+
+
 def test_pair_accuracy_counts_a_tie_as_half_on_a_hand_example():
     # problem 0: right samples scored 3 and 1, wrong ones 1 and 0 -> pairs (3,1) win, (3,0) win,
     # (1,1) tie, (1,0) win; problem 1 has no wrong sample and adds no pair

@@ -1,0 +1,93 @@
+"""
+Does a headline hold in every seed? Each method's headline comparisons, one row per run folder
+(the same command with --seed 0, 1, 2), each with its 95% paired bootstrap interval over that
+run's test problems, and the count of seeds whose interval excludes 0 on the claimed side.
+
+  python tests/seeds.py star out/star-seed0 out/star-seed1 out/star-seed2
+  python tests/seeds.py vstar RUN0 RUN1 RUN2        (likewise search, quiet_star)
+
+The comparisons: star, the last iteration against M0 (iteration 0); vstar, each verifier's
+best-of-n against the generator's own log-prob at the same n (the same compute) and against
+majority vote at equal total compute; search, each learned-guided search against best-of-N and
+the weighted vote with the same scorer at equal total compute; quiet_star, the thinking arm
+against the plain arm and against the base's own thoughts at a fixed weight. Not collected by
+pytest (no test_ prefix).
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import search  # noqa: E402
+import vstar  # noqa: E402
+from model import bootstrap_ci, read_jsonl  # noqa: E402
+
+
+def diff(a, b):
+    """(mean of a - b, 95% paired interval) over the same problems."""
+    d = [x - y for x, y in zip(a, b)]
+    return sum(d) / len(d), bootstrap_ci(d)
+
+
+def star_rows(rows):
+    its = sorted((r for r in rows if r.get("kind") == "iteration"), key=lambda r: r["iteration"])
+    last = its[-1]
+    return {f"STaR iteration {last['iteration']} - M0": diff(last["right"], its[0]["right"])}
+
+
+def vstar_rows(rows):
+    ev = next(r for r in rows if r.get("kind") == "eval")
+    ks, J, out = ev["k"], len(ev["k"]) - 1, {}
+    for key in ev["by_problem"]:
+        if not key.startswith("best-of-k ") or key in ("best-of-k length", "best-of-k random"):
+            continue
+        name = key[len("best-of-k "):]
+        if name != "generator":
+            out[f"{name} - generator log-prob, k={ks[J]}"] = diff(
+                ev["by_problem"][key][J], ev["by_problem"]["best-of-k generator"][J])
+        j = max(i for i, k in enumerate(ks) if i == 0 or vstar.cost_of(ev, key, k)
+                <= vstar.cost_of(ev, "m", ks[J]) + 1e-9)
+        out[f"{name} k={ks[j]} - majority k={ks[J]} (equal compute)"] = diff(
+            ev["by_problem"][key][j], ev["by_problem"]["majority@k"][J])
+    return out
+
+
+def search_rows(rows):
+    return search.headline_differences(rows)
+
+
+def quiet_star_rows(rows):
+    last = max((r for r in rows if r.get("kind") == "eval"), key=lambda r: r["step"])
+    out = {}
+    for name, key in (("thinking - plain arm", "change"), ("thinking - fixed w=1", "vs_fixed")):
+        c = last[key]
+        out[f"accuracy, {name}"] = (c["acc"], tuple(c["acc_ci"]))
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    p.add_argument("method", choices=["star", "vstar", "search", "quiet_star"])
+    p.add_argument("runs", nargs="+", help="run folders, one per seed")
+    args = p.parse_args()
+    per_run = []
+    for run in args.runs:
+        path = os.path.join(run, "metrics.jsonl")
+        if not os.path.exists(path):
+            p.error(f"argument runs: {run!r} has no metrics.jsonl")
+        per_run.append(globals()[f"{args.method}_rows"](read_jsonl(path)))
+    print("| comparison | " + " | ".join(os.path.basename(r.rstrip("/")) for r in args.runs) +
+          " | seeds above 0 | seeds below 0 |")
+    print("|---" * (len(args.runs) + 3) + "|")
+    for name in per_run[0]:
+        cells = [r.get(name) for r in per_run]
+        up = sum(c is not None and c[1][0] > 0 for c in cells)
+        down = sum(c is not None and c[1][1] < 0 for c in cells)
+        text = ["-" if c is None else "{:+.3f} ({:+.3f} to {:+.3f})".format(c[0], *c[1])
+                for c in cells]
+        print(f"| {name} | " + " | ".join(text) + f" | {up} | {down} |")
+
+
+if __name__ == "__main__":
+    main()
