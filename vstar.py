@@ -16,7 +16,8 @@ Run: python train.py --method vstar          (countdown by default)
 
 Every verifier scores the same n test samples per problem; best-of-k, majority@k and pass@k
 (the ceiling) are exact estimates over k-subsets. What each learns from:
-- outcome labels (right/wrong samples of D_VER): DPO (the paper's), an ORM (a scalar head,
+- outcome labels (right/wrong samples of D_VER): DPO (the paper's; and on shared-prefix pairs,
+  each wrong sample against the right one nearest it: pairs_of), an ORM (a scalar head,
   BCE) and GenRM (Zhang et al. 2024, arXiv 2408.15240: p("Y") after "Is the answer correct?");
 - the program's per-step labels (every step's arithmetic recomputed by the task): GenRM-CoT
   (same paper; a verification rationale before the verdict), and the same labels given to a
@@ -288,27 +289,43 @@ def program_scores(head, task, problems, texts, batch_size=256):
     return out
 
 
-def pairs_of(labelled):
-    """(prompt, right completion, wrong completion) for every right x wrong pair of a problem."""
+def pairs_of(labelled, nearest=False):
+    """(prompt, right completion, wrong completion) for every right x wrong pair of a problem;
+    nearest: each wrong one only with the right one that shares its longest prefix, so that the
+    pair differs where the wrong solution went wrong (a step-level pair: the shared prefix's
+    log-probs cancel in DPO's margin)."""
     by_prompt = {}
     for prompt, completion, ok in labelled:
         by_prompt.setdefault(tuple(prompt), ([], []))[0 if ok else 1].append(completion)
-    return [(list(p), r, w) for p, (rights, wrongs) in by_prompt.items()
-            for r, w in product(rights, wrongs)]
+    if not nearest:
+        return [(list(p), r, w) for p, (rights, wrongs) in by_prompt.items()
+                for r, w in product(rights, wrongs)]
+    return [(list(p), max(rights, key=lambda r: shared_prefix(r, w)), w)
+            for p, (rights, wrongs) in by_prompt.items() if rights for w in wrongs]
 
 
-def train_dpo(sft_path, labelled, args, device):
-    """The DPO verifier: starts from G_SFT, reference G_SFT; pairs sampled each step; with
-    args.dpo_nll > 0, the NLL of the pairs' right solutions is added to the loss (RPO)."""
-    pairs = pairs_of(labelled)
+def shared_prefix(a, b):
+    """How many leading tokens two sequences share."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def train_dpo(sft_path, labelled, args, device, nearest=False):
+    """The DPO verifier: starts from G_SFT, reference G_SFT; pairs sampled each step (all of a
+    problem's, or the shared-prefix ones: pairs_of); with args.dpo_nll > 0, the NLL of the
+    pairs' right solutions is added to the loss (RPO)."""
+    pairs = pairs_of(labelled, nearest)
     if not pairs:
         raise ValueError("no (right, wrong) pair of the same problem: DPO has nothing to learn")
     policy = load_checkpoint(sft_path, device)[0].train()
     ref = load_checkpoint(sft_path, device)[0].eval()
     opt = policy.configure_optimizer(args.verifier_lr, weight_decay=0.0)
     forward = wrap_ddp(policy)
-    rng = random.Random(seed_for(args.seed, "dpo"))
-    bar = tqdm(range(args.verifier_steps), desc="DPO verifier", leave=False, dynamic_ncols=True)
+    rng = random.Random(seed_for(args.seed, "dpo nearest" if nearest else "dpo"))
+    bar = tqdm(range(args.verifier_steps), desc="DPO verifier" + " (shared prefix)" * nearest,
+               leave=False, dynamic_ncols=True)
     accs = []
     for step in bar:
         batch = [pairs[rng.randrange(len(pairs))] for _ in range(args.batch_size)]
@@ -510,7 +527,9 @@ def labelled_path(out, n):
 def train_verifiers(args, task, d_ver, sft_path, device):
     """Every verifier from G_SFT on the same D_VER: {name: network}, and DPO's pair count."""
     dpo, n_pairs = train_dpo(sft_path, d_ver, args, device)
-    nets = {"dpo": dpo, "orm": train_orm(sft_path, d_ver, args, device),
+    nets = {"dpo": dpo, "dpo shared-prefix pairs": train_dpo(sft_path, d_ver, args, device,
+                                                              nearest=True)[0],
+            "orm": train_orm(sft_path, d_ver, args, device),
             "genrm": train_genrm(sft_path, d_ver, args, device)}
     if task.recheck(decode(d_ver[0][1][:-1])) is not None:  # (a gold solution) a rationale
         nets["genrm-cot"] = train_genrm_cot(sft_path, task, d_ver, args, device)
@@ -529,6 +548,8 @@ def score_samples(nets, task, problems, texts, reference, generator):
     flat = {"dpo": dpo,  # the paper's score, log V(y|x)
             "dpo-mean": [s / len(c) for s, c in zip(dpo, comps)],  # per completion token
             "dpo-reward": [s - r for s, r in zip(dpo, ref)],  # DPO's implicit reward
+            "dpo shared-prefix pairs": scores(nets["dpo shared-prefix pairs"], prompts, comps,
+                                              "dpo"),
             "orm": scores(nets["orm"], prompts, comps, "orm"),
             "genrm": scores(nets["genrm"], prompts, comps, "genrm")}
     if "genrm-cot" in nets:

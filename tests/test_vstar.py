@@ -218,6 +218,17 @@ def test_the_format_control_learns_genrm_cots_labels_at_the_end_of_each_step():
     assert got[1] == got[2] == got[4] == 0.0
 
 
+def test_dpo_pairs_every_right_with_every_wrong_or_each_wrong_with_its_nearest_right():
+    # problem [1]: rights 5 6 7 and 5 9, wrongs 5 6 8 and 4; problem [2]: only a wrong one
+    rows = [([1], [5, 6, 7], True), ([1], [5, 9], True), ([1], [5, 6, 8], False),
+            ([1], [4], False), ([2], [3], False)]
+    assert sorted(vstar.pairs_of(rows)) == sorted(
+        [([1], r, w) for r in ([5, 6, 7], [5, 9]) for w in ([5, 6, 8], [4])])
+    # 5 6 8 shares two tokens with 5 6 7 and one with 5 9; 4 shares none (the first right wins)
+    assert vstar.pairs_of(rows, nearest=True) == [([1], [5, 6, 7], [5, 6, 8]),
+                                                  ([1], [5, 6, 7], [4])]
+
+
 def test_pair_accuracy_counts_a_tie_as_half_on_a_hand_example():
     # problem 0: right samples scored 3 and 1, wrong ones 1 and 0 -> pairs (3,1) win, (3,0) win,
     # (1,1) tie, (1,0) win; problem 1 has no wrong sample and adds no pair
