@@ -435,9 +435,25 @@ def finish(toks, seen, stop, pad_id, max_new_tokens):
     return out, logp, lengths
 
 
+def use_tool(tool, tok, rows):
+    """Tool use inside the sampler, as Cobbe et al. 2021 gave GSM8K's models a calculator: a row
+    that samples tool.trigger (e.g. "=") gets what tool(row, its tokens so far) returns queued,
+    and its next tokens are those, written by the program instead of sampled (the model still
+    reads each, so the cache holds them). rows[r] = (row r's tokens, its queue), mutated."""
+    ids = tok.tolist()
+    for r, (seq, queue) in enumerate(rows):
+        if queue:
+            ids[r] = queue.pop(0)
+        elif ids[r] == tool.trigger:
+            queue.extend(tool(r, seq + [ids[r]]))
+        seq.append(ids[r])
+    return torch.tensor(ids, dtype=tok.dtype, device=tok.device)
+
+
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens, stop_tokens, pad_id, temperature=1.0, top_k=None,
-             generator=None, banned_tokens=(), seeds=None, copies=None, compiled=False):
+             generator=None, banned_tokens=(), seeds=None, copies=None, compiled=False,
+             tool=None):
     """Sample continuations of a batch of ragged prompts with the KV cache.
 
     prompts: list of U token lists (any lengths). copies: how many continuations of each
@@ -451,6 +467,7 @@ def generate(model, prompts, max_new_tokens, stop_tokens, pad_id, temperature=1.
     process it lands in: star.sample and torchrun rely on it).
     compiled: decode through compiled_decode_step (off by default; the first call of each new
     batch shape compiles, which takes seconds to a minute). The same tokens as the eager loop.
+    tool: a program the model calls by writing a token (a calculator): see use_tool.
     Returns (tokens, logp, lengths):
       tokens (B, max_new_tokens) long, pad_id after each row's stop;
       logp (B, max_new_tokens) float, the model's log-prob of each sampled token at temperature 1
@@ -475,9 +492,12 @@ def generate(model, prompts, max_new_tokens, stop_tokens, pad_id, temperature=1.
                 torch._dynamo.mark_static_address(x)
     toks, seen = [], []  # each step's token ids (B,) and logits (B, V)
     done = torch.zeros(B, dtype=torch.bool, device=device)
+    rows = [([], []) for _ in range(B)] if tool else None  # for the tool: use_tool
     for t in range(max_new_tokens):
         logits = logits.float() + ban
         tok = pick(logits, temperature, top_k, None if u is None else u[:, t])  # (B,)
+        if tool:
+            tok = use_tool(tool, tok, rows)
         toks.append(tok)
         seen.append(logits)
         if t == max_new_tokens - 1:
@@ -500,7 +520,8 @@ def generate(model, prompts, max_new_tokens, stop_tokens, pad_id, temperature=1.
 
 @torch.no_grad()
 def generate_naive(model, prompts, max_new_tokens, stop_tokens, pad_id, temperature=1.0,
-                   top_k=None, generator=None, banned_tokens=(), seeds=None, copies=None):
+                   top_k=None, generator=None, banned_tokens=(), seeds=None, copies=None,
+                   tool=None):
     """The textbook sampler: no cache; every copy of a prompt is its own row, and the whole
     left-padded sequence is recomputed for every new token. Same arguments and results as
     generate(), which must agree with it token for token under the same noise (greedy, a
@@ -515,10 +536,13 @@ def generate_naive(model, prompts, max_new_tokens, stop_tokens, pad_id, temperat
     logp = torch.zeros(B, max_new_tokens, device=device)
     lengths = torch.zeros(B, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
+    tool_rows = [([], []) for _ in range(B)]
     for t in range(max_new_tokens):
         logits = model(idx, pos=pos, mask=padded_mask(valid, idx.size(1)))[:, -1].float()
         logits[:, list(banned_tokens)] = float("-inf")
         tok = pick(logits, temperature, top_k, None if u is None else u[:, t])  # (B,)
+        if tool:
+            tok = use_tool(tool, tok, tool_rows)
         tokens[:, t] = torch.where(done, pad_id, tok)
         logp[:, t] = torch.where(done, 0.0, F.log_softmax(logits, -1)[torch.arange(B), tok])
         lengths += (~done).long()

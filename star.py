@@ -202,7 +202,8 @@ def sample(model, task, problems, hint=False, n=1, temperature=0.0, batch_size=2
     same whatever batch or process it lands in. Problems are batched by difficulty, so that
     the rows of a batch have similar lengths.
     Under torchrun each process samples the problems i with i % processes == rank, and every
-    process gets back all the texts."""
+    process gets back all the texts. A task with a tool (a calculator) has it called by the
+    sampler: the counts include the tokens it wrote."""
     device = next(model.parameters()).device
     rank, world = rank_world()
     jobs = sorted((p.difficulty, i, j) for i, p in enumerate(problems) for j in range(n)
@@ -218,7 +219,8 @@ def sample(model, task, problems, hint=False, n=1, temperature=0.0, batch_size=2
             tokens, _, lengths = generate(model, prompts, max_new, stop_tokens=(EOT,),
                                           pad_id=PAD, temperature=temperature,
                                           banned_tokens=(SOT, EOTH, PAD),
-                                          seeds=[seed_for(seed, i, j) for _, i, j in chunk])
+                                          seeds=[seed_for(seed, i, j) for _, i, j in chunk],
+                                          tool=task.tool and row_tool(task, problems, chunk))
         tokens, lengths = tokens.tolist(), lengths.tolist()
         n_tokens += sum(lengths)
         for (d, i, j), row, n_tok in zip(chunk, tokens, lengths):
@@ -230,6 +232,14 @@ def sample(model, task, problems, hint=False, n=1, temperature=0.0, batch_size=2
         for i, j, text in share:
             texts[i][j] = text
     return texts, sum(n for _, n in shares)
+
+
+def row_tool(task, problems, chunk):
+    """The task's tool (a calculator) as the sampler calls it: row r of the batch, its tokens."""
+    def call(r, ids):
+        return encode(task.tool(problems[chunk[r][1]], decode(ids)))
+    call.trigger = encode(task.tool.trigger)[0]
+    return call
 
 
 def evaluate(model, task, problems, batch_size=256):
@@ -328,6 +338,8 @@ def run(args, task, P, D, test, out, device, new_model):
     before its row is appended to metrics.jsonl; that row is the commit point. Started again on
     the same folder, the run continues after the last committed iteration.
     """
+    if args.method == "sos":
+        return run_sos(args, task, P, D, test, out, device, new_model)
     metrics = os.path.join(out, "metrics.jsonl")
     done = {r["iteration"] for r in read_jsonl(metrics) if r.get("kind") == "iteration"}
     start_path = os.path.join(out, "start.pt")
@@ -460,6 +472,225 @@ def plot(out, rows, difficulties, title, trained=()):
 
 def report(args, rows):
     """The summary table (returned) and accuracy.png, from the run's metrics rows."""
+    if args.method == "sos":
+        return report_sos(args, rows)
     plot(args.out, rows, args.test_difficulty, f"{args.method} on {args.task}",
          args.train_difficulty)
     return summary_table(rows, args.test_difficulty)
+
+
+# -----------------------------------------------------------------------------
+# Stream of Search (Gandhi et al. 2024, arXiv 2404.03683): learning to search in text
+#
+#   paths  <- SFT(base, P's optimal paths);   traces_0 <- SFT(base, P's search traces)
+#   for n = 1..T:   (STaR on the model's own searches)
+#       S <- traces of D sampled from traces_(n-1); keep those whose found path is right
+#       traces_n <- fine-tune traces_0 on P's traces + the kept ones
+#   test: greedy accuracy of each; one trace against the paths model's best-of-N at equal
+#   tokens per problem (its own mean token log-prob picks; pass@N is the ceiling)
+#
+# The traces are tasks/countdown.search_trace's (dfs-near and dfs-sum mixed, failed searches
+# kept). --calculator: "result" writes every a op b= result (both models), "judge" also the
+# numbers a trace's step leaves and a leaf's verdict (the program as an environment; the paths
+# model gets results only), "off" nothing.
+
+SOS_DEFAULTS = {
+    "tiny": dict(task="countdown", train_difficulty="3", test_difficulty="3", n_train=2000,
+                 n_unlabeled=1000, n_test=200, steps=1000, batch_size=32, lr=2e-3,
+                 sample_batch_size=250, iterations=2, star_steps=400, step_growth=1.0,
+                 samples=2, temperature=0.7, eval_samples=16, calculator="judge",
+                 checkpoint=None, compile=False),
+}
+SOS_DEFAULTS["small"] = dict(SOS_DEFAULTS["tiny"], train_difficulty="3-4", test_difficulty="3-4",
+                             n_train=5000, n_unlabeled=3000, n_test=500, steps=3000,
+                             batch_size=64, lr=1e-3, sample_batch_size=500, star_steps=1000)
+SOS_DEFAULTS["gpu"] = dict(SOS_DEFAULTS["small"], n_train=50000, n_unlabeled=20000,
+                           n_test=2000, batch_size=256, sample_batch_size=2048, iterations=3,
+                           eval_samples=64)
+
+
+def sos_tasks(args):
+    """The two views of countdown the two models learn: optimal paths, and search traces."""
+    from tasks.countdown import Countdown, CountdownTraces
+    on = args.calculator != "off"
+    return Countdown("result" if on else None), CountdownTraces(args.calculator if on else None)
+
+
+def tool_tokens(task, p, text):
+    """How many of a completion's tokens the task's tool wrote: replayed at each "=" (the tool
+    reads only the text before it, so this is what the sampler forced; a row cut by the length
+    cap inside a write counts the whole write)."""
+    if task.tool is None:
+        return 0
+    return sum(len(encode(task.tool(p, text[:i + 1]))) for i, ch in enumerate(text)
+               if ch == task.tool.trigger)
+
+
+def sos_eval(model, task, test, args):
+    """Greedy test results of one model: accuracy, per-problem rightness, tokens per problem
+    (the prompt, sampled, written by the tool) and, for traces, what the searches did."""
+    from tasks.countdown import CountdownTraces, search_trace, trace_stats
+    acc, overall, texts = evaluate(model, task, test, args.sample_batch_size)
+    right = [int(task.check(p, t)) for p, t in zip(test, texts)]
+    n = len(test)
+    written = sum(tool_tokens(task, p, t) for p, t in zip(test, texts)) / n
+    row = {"accuracy": overall, "accuracy_by_difficulty": {str(d): a for d, a in acc.items()},
+           "right": right, "prompt_tokens": sum(len(encode(task.prompt(p))) for p in test) / n,
+           "completion_tokens": sum(len(encode(t)) + 1 for t in texts) / n,
+           "written_tokens": written}
+    if isinstance(task, CountdownTraces):
+        st = [trace_stats(p, t) for p, t in zip(test, texts)]
+        symbolic = [any(search_trace(*p.data, strategy=s, budget=task.budget)[1]
+                        for s in task.mix) for p in test]
+        solved = [i for i in range(n) if right[i]]
+        row.update({
+            "backtrack": sum(s["backtracks"] for s in st) / n,
+            "right_after_dead_end": sum(s["backtracks"] and r for s, r in zip(st, right)) / n,
+            "line_errors": sum(s["slips"] for s in st) / max(1, sum(s["lines"] for s in st)),
+            "false_goal_claims": sum(s["false_claims"] for s in st) /
+            max(1, sum(s["claims"] for s in st)),
+            "beyond_symbolic": sum(not symbolic[i] for i in solved) / max(1, len(solved))})
+    else:  # a path's arithmetic slips: claimed results the recomputation disagrees with
+        steps = [task.recheck(t) or [] for t in texts]
+        row["line_errors"] = sum(c != v for s in steps for _, c, v in s) / \
+            max(1, sum(map(len, steps)))
+    return row, texts
+
+
+@torch.no_grad()
+def best_of_n(model, task, test, args):
+    """The paths model's N samples per test problem, each problem's exact best-of-k (by the
+    model's own mean token log-prob) and pass@k for k = 1, 2, 4 .. N, and tokens per sample."""
+    from model import sequence_logprobs
+    from vstar import best_of_k, pass_at_k
+    N = args.eval_samples
+    texts, _ = sample(model, task, test, n=N, temperature=args.temperature,
+                      batch_size=args.sample_batch_size, seed=seed_for(args.seed, "sos best-of"),
+                      desc="paths: best-of-N samples")
+    prompts = [encode(task.prompt(p)) for p in test for _ in range(N)]
+    comps = [encode(t) + [EOT] for ts in texts for t in ts]
+    score = []
+    for i in range(0, len(prompts), 256):
+        lp = sequence_logprobs(model, prompts[i:i + 256], comps[i:i + 256], PAD).float()
+        score += (lp / torch.tensor([len(c) for c in comps[i:i + 256]])).tolist()
+    ks = [2 ** i for i in range(int(math.log2(N)) + 1)]
+    best, passes = [[] for _ in ks], [[] for _ in ks]
+    for i, (p, ts) in enumerate(zip(test, texts)):
+        ok = [task.check(p, t) for t in ts]
+        for j, k in enumerate(ks):
+            best[j].append(best_of_k(score[i * N:(i + 1) * N], ok, k))
+            passes[j].append(pass_at_k(N, sum(ok), k))
+    # a sample costs its prompt and completion once (cached), and once more to be scored
+    per_sample = 2 * sum(len(p) + len(c) for p, c in zip(prompts, comps)) / len(prompts)
+    return {"k": ks, "best": best, "pass": passes, "tokens_per_sample": per_sample}
+
+
+def run_sos(args, task, P, D, test, out, device, new_model):
+    """The paths model, then the trace model and its STaR iterations; each model's row in
+    metrics.jsonl is its commit point (a rerun on the folder resumes after it)."""
+    paths, traces = sos_tasks(args)
+    metrics = os.path.join(out, "metrics.jsonl")
+    done = {r["model"] for r in read_jsonl(metrics) if r.get("kind") == "sos"}
+    ckpt = lambda n: os.path.join(out, f"traces_iter{n}.pt")  # noqa: E731
+    gold = {m: gold_examples(t, P, with_hints=False) for m, t in (("paths", paths),
+                                                                    ("traces", traces))}
+    for n in [-1] + list(range(args.iterations + 1)):  # -1: the paths model
+        name = "paths" if n < 0 else f"traces {n}"
+        if name in done:
+            continue
+        t0, stats, examples = time.time(), {}, gold["paths" if n < 0 else "traces"]
+        if n <= 0:
+            torch.manual_seed(args.seed)
+            model, steps = new_model(), args.steps
+        else:  # STaR: the previous model's own searches of D, kept when their path is right
+            prev = load_checkpoint(ckpt(n - 1), device)[0].eval()
+            texts, _ = sample(prev, traces, D, n=args.samples, temperature=args.temperature,
+                              batch_size=args.sample_batch_size,
+                              seed=seed_for(args.seed, "sos generate", n),
+                              desc=f"traces {n}: sample D")
+            kept, solved = keep_verified(traces, D, texts)
+            model, steps = load_checkpoint(ckpt(0), device)[0], iteration_steps(args, n)
+            examples = examples + kept
+            stats = {"kept": len(kept), "solved_D": len(solved) / len(D)}
+        loss = finetune(model, examples, steps, args.lr, args.batch_size,
+                        seed=seed_for(args.seed, "sos", name), desc=f"{name}: fine-tune",
+                        compile=args.compile)
+        row, texts = sos_eval(model, paths if n < 0 else traces, test, args)
+        if n < 0:
+            row["best_of_n"] = best_of_n(model, paths, test, args)
+        else:
+            save_checkpoint(ckpt(n), model, TOKENIZER, extra={"iteration": n})
+        write_atomic(os.path.join(out, f"samples_{name.replace(' ', '')}.txt"),
+                     "\n".join(sample_lines(traces if n >= 0 else paths, test, texts, k=12)))
+        mean_len = sum(len(c) for _, c in examples) / len(examples)
+        append_jsonl(metrics, {"kind": "sos", "model": name, **row, **stats,
+                               "train_steps": steps, "train_loss": loss,
+                               "trained_tokens": round(steps * args.batch_size * mean_len),
+                               "wall_s": round(time.time() - t0, 1)})
+        tqdm.write(f"{name}: greedy accuracy {row['accuracy']:.3f}")
+
+
+def sos_compare(rows):
+    """The headline differences, each (mean, 95% paired interval) over the test problems: the
+    first trace model and the last STaR one against the paths model's greedy answer and
+    against its best-of-k at the largest k whose tokens per problem are no more than the
+    trace's; the last STaR iteration against the first trace model."""
+    from model import bootstrap_ci
+    by = {r["model"]: r for r in rows if r.get("kind") == "sos"}
+    its = sorted((r for r in by.values() if r["model"].startswith("traces")),
+                 key=lambda r: int(r["model"].split()[1]))
+    if "paths" not in by or not its:
+        return {}
+    paths, bon = by["paths"], by["paths"]["best_of_n"]
+    diff = lambda a, b: (sum(x - y for x, y in zip(a, b)) / len(a),  # noqa: E731
+                         bootstrap_ci([x - y for x, y in zip(a, b)]))
+    out = {}
+    for r in dict.fromkeys([its[0]["model"], its[-1]["model"]]):
+        t = by[r]
+        cost = t["prompt_tokens"] + t["completion_tokens"]
+        j = max([0] + [j for j, k in enumerate(bon["k"]) if k * bon["tokens_per_sample"] <= cost])
+        out[f"{r} - paths greedy"] = diff(t["right"], paths["right"])
+        out[f"{r} - paths best-of-{bon['k'][j]} (equal tokens)"] = diff(t["right"], bon["best"][j])
+    if len(its) > 1:
+        out[f"{its[-1]['model']} - {its[0]['model']}"] = diff(its[-1]["right"], its[0]["right"])
+    return out
+
+
+def report_sos(args, rows):
+    """The table of models, the headline differences, and sos.png."""
+    lines = ["| model | greedy accuracy | tokens per problem (prompt + sampled + written) | "
+             "backtracks | right after a dead end | lines with an error | false goal claims | "
+             "solved beyond the symbolic searches | trained tokens | wall s |",
+             "|---" * 10 + "|"]
+    sos = [r for r in rows if r.get("kind") == "sos"]
+    f = lambda r, k: f"{r[k]:.3f}" if k in r else "-"  # noqa: E731
+    for r in sos:
+        sampled = r["completion_tokens"] - r["written_tokens"]
+        lines.append(f"| {r['model']} | {r['accuracy']:.3f} | {r['prompt_tokens']:.0f} + "
+                     f"{sampled:.0f} + {r['written_tokens']:.0f} | {f(r, 'backtrack')} | "
+                     f"{f(r, 'right_after_dead_end')} | {f(r, 'line_errors')} | "
+                     f"{f(r, 'false_goal_claims')} | {f(r, 'beyond_symbolic')} | "
+                     f"{r['trained_tokens']} | {r['wall_s']} |")
+    lines += ["", "| comparison | difference (95% paired CI) |", "|---|---|"]
+    lines += [f"| {k} | {m:+.3f} ({lo:+.3f} to {hi:+.3f}) |"
+              for k, (m, (lo, hi)) in sos_compare(rows).items()]
+    paths = next((r for r in sos if r["model"] == "paths"), None)
+    if paths is not None:
+        bon = paths["best_of_n"]
+        with figure(os.path.join(args.out, "sos.png"), figsize=(6.5, 4)) as (fig, ax):
+            x = [k * bon["tokens_per_sample"] for k in bon["k"]]
+            ax.plot(x, [sum(b) / len(b) for b in bon["best"]], marker="o",
+                    label="optimal paths: best-of-N (own log-prob)")
+            ax.plot(x, [sum(b) / len(b) for b in bon["pass"]], ls="--", marker=".",
+                    label="optimal paths: pass@N (the ceiling)")
+            for r in sos:
+                if r["model"] != "paths":
+                    ax.scatter([r["prompt_tokens"] + r["completion_tokens"]], [r["accuracy"]],
+                               marker="*", s=120, label=f"one search trace: {r['model']}")
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("tokens processed per problem (prompt, sampled, written, scored)")
+            ax.set_ylabel("held-out accuracy")
+            ax.set_title(f"Stream of Search on countdown (calculator: {args.calculator})")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    return "\n".join(lines)

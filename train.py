@@ -1,5 +1,5 @@
 """
-The one command line: python train.py --method {sft,star,vstar,search,quiet_star} [flags]
+The one command line: python train.py --method {sft,star,vstar,search,quiet_star,sos} [flags]
 
   python train.py --method sft --task addition     # the model trained on worked examples P
   python train.py --method star                    # STaR on addition (the README's main command)
@@ -7,6 +7,7 @@ The one command line: python train.py --method {sft,star,vstar,search,quiet_star
   python train.py --method vstar                   # V-STaR: generator, DPO verifier, best-of-k
   python train.py --method search                  # test-time search at equal compute
   python train.py --method quiet_star              # Quiet-STaR on arithmetic text
+  python train.py --method sos                     # Stream of Search: learning to search
   python train.py --method star --preset gpu       # the GPU experiment (one H100)
 
 Each run writes out/<method>-<task>/: config.json (every resolved setting), metrics.jsonl,
@@ -35,10 +36,12 @@ from model import (GPT, PRESETS, autodetect_device, get_config, is_main, load_ch
                    rank_world, read_jsonl, seed_for, write_atomic)
 from tasks import TASKS, distinct_problems, encode, get_task, held_out, sample_problems
 
-METHODS = {"sft": star, "star": star, "vstar": vstar, "search": search, "quiet_star": quiet_star}
+METHODS = {"sft": star, "star": star, "vstar": vstar, "search": search, "quiet_star": quiet_star,
+           "sos": star}
 # each method's settings per preset: {preset: {flag: value}}, in the method's own file
 DEFAULTS = {"sft": star.SFT_DEFAULTS, "star": star.DEFAULTS, "vstar": vstar.DEFAULTS,
-            "search": search.DEFAULTS, "quiet_star": quiet_star.DEFAULTS}
+            "search": search.DEFAULTS, "quiet_star": quiet_star.DEFAULTS,
+            "sos": star.SOS_DEFAULTS}
 # flags every method takes; each method's table lists the others it takes
 COMMON = ("method", "preset", "device", "seed", "out", "task", "train_difficulty",
           "test_difficulty")
@@ -114,6 +117,9 @@ def get_parser():
     p.add_argument("--lr", type=positive(float), help="peak learning rate")
     p.add_argument("--sample-batch-size", type=positive(int), help="prompts per sampling batch")
     # STaR
+    p.add_argument("--calculator", choices=["off", "result", "judge"],
+                   help="sos: the program writes each a op b= result (result), also a trace "
+                        "step's numbers left and a leaf's verdict (judge), or nothing (off)")
     p.add_argument("--iterations", type=non_negative_int,
                    help="STaR or V-STaR iterations after M0")
     p.add_argument("--samples", type=positive(int),
@@ -326,7 +332,8 @@ def main(argv=None):
     P, D, test = build_data(task, args)
     cfg = get_config(args.preset)
     if P is not None:  # a block that holds every prompt and completion of this data
-        cfg = get_config(args.preset, block_size=block_size_for(task, P + D + test,
+        longest = star.sos_tasks(args)[1] if args.method == "sos" else task  # its traces
+        cfg = get_config(args.preset, block_size=block_size_for(longest, P + D + test,
                                                                 cfg.block_size))
 
     # a folder that holds another run's results is never mixed with this one's

@@ -54,6 +54,7 @@ class Task:
     # (train, test) difficulties of the runs that leave them unset: the CPU presets (tiny,
     # small) and the gpu preset; None: every difficulty
     default_difficulties = {"cpu": None, "gpu": None}
+    tool = None  # a program the sampler calls when the model writes tool.trigger (a calculator)
 
     # ---- what each task writes ----
 

@@ -116,6 +116,9 @@ class Countdown(Task):
     difficulties = (2, 3, 4, 5)  # how many numbers
     default_difficulties = {"cpu": ("2-4", "2-4"), "gpu": ("2-5", "2-5")}  # (train, test)
 
+    def __init__(self, calculator=None):
+        self.tool = Calculator(calculator) if calculator else None  # None, "result", "judge"
+
     def sample(self, rng, difficulty):
         self.validate(difficulty)
         while True:  # resample until the path ends inside TARGETS (most do)
@@ -418,3 +421,94 @@ def trace_backtracks(text):
     explored = _split_trace(text)[0]
     goals = [k for k, line in enumerate(explored) if line.endswith(" !")]
     return bool(goals) and any(line.endswith(" x") for line in explored[:goals[0]])
+
+
+# -----------------------------------------------------------------------------
+# Tools and the trace task for Stream of Search (star.py: --method sos)
+
+PARTIAL_LINE = re.compile(rf"( *)({NUMBER})([-+*/])({NUMBER})=")
+DONE_LINE = re.compile(rf"( *)({NUMBER}[-+*/]{NUMBER}={NUMBER})")
+
+
+class Calculator:
+    """What the program writes when the model writes "=" (the sampler calls it: model.use_tool).
+
+    "result": the result of the line's `a op b` (nothing when it is not one or the operation is
+    not allowed), as Cobbe et al. 2021 gave GSM8K's models a calculator. "judge": in a search
+    trace, also the rest of the line, the numbers the step leaves or the leaf's verdict ` x` /
+    ` !`, from the state of its parent line (the way an environment answers an agent: the
+    model then only chooses which step to try next and when to back up); after the first ` !`
+    only results, for the found path. Total on any text."""
+
+    trigger = "="
+
+    def __init__(self, mode="result"):
+        if mode not in ("result", "judge"):
+            raise ValueError(f"unknown calculator {mode!r}; choose result or judge")
+        self.mode = mode
+
+    def __call__(self, p, text):
+        lines = text.split("\n")
+        m = PARTIAL_LINE.fullmatch(lines[-1])
+        if m is None:
+            return ""
+        c = apply_op(int(m.group(2)), m.group(3), int(m.group(4)))
+        if c is None:
+            return ""
+        if self.mode == "result" or any(line.endswith(" !") for line in lines[:-1]):
+            return str(c)
+        numbers, target = p.data
+        state = {-1: tuple(sorted(numbers))}  # depth -> the state its last line leaves
+        for line in lines:
+            d = DONE_LINE.match(line) or PARTIAL_LINE.match(line)
+            if d is None:
+                continue
+            depth = len(d.group(1))
+            parent = state.get(depth - 1)
+            step = d.group(2) if d.re is DONE_LINE else line.strip() + str(c)
+            after = None if parent is None else apply_step(parent, step)
+            state = {k: v for k, v in state.items() if k < depth}
+            if after is not None:
+                state[depth] = tuple(sorted(after))
+        after = state.get(len(m.group(1)))
+        if after is None:  # an operand not left: the calculator still computes
+            return str(c)
+        if len(after) == 1:
+            return f"{c} {'!' if after[0] == target else 'x'}"
+        return f"{c} ({' '.join(map(str, after))})"
+
+
+class CountdownTraces(Countdown):
+    """Countdown whose completions are search traces: the gold completion is a symbolic
+    search's trace (SoS mixes strategies: each problem's is dfs-near or dfs-sum, by its key),
+    failed ones included; a trace is right when the path it ends with is."""
+
+    name = "countdown-traces"
+    mix = ("dfs-near", "dfs-sum")
+
+    def __init__(self, calculator=None, budget=DEFAULT_BUDGET):
+        super().__init__(calculator)
+        self.budget = budget
+
+    def strategy(self, p):
+        return self.mix[sum(map(ord, repr(self.key(p)))) % len(self.mix)]
+
+    def gold_completion(self, p):
+        return search_trace(*p.data, strategy=self.strategy(p), budget=self.budget)[0]
+
+    def extract_answer(self, text):
+        solution = trace_solution(text)
+        return None if solution is None else Countdown.extract_answer(self, solution)
+
+    def check(self, p, text):
+        return trace_outcome_ok(p, text)
+
+
+def trace_stats(p, text):
+    """What a trace shows, read from its text: explored lines, those with a slip (not
+    trace_lines_ok), goal claims (` !`) and the false ones, backtracking before the goal."""
+    explored, labels = _split_trace(text)[0], trace_lines_ok(p, text)
+    claims = [line for line in explored if line.endswith(" !")]
+    false = [line for line in claims if not line[:-2].endswith(f"={p.data[1]}")]
+    return {"lines": len(labels), "slips": labels.count(False), "claims": len(claims),
+            "false_claims": len(false), "backtracks": trace_backtracks(text)}

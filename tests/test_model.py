@@ -121,6 +121,40 @@ def test_copies_of_a_prompt_equal_the_prompt_repeated_and_naive(temperature):
         generate(model, prompts, 5, (), PAD, copies=[1, 0, 1])
 
 
+class EchoTool:
+    """A tool by hand: after its trigger it writes the row's token count so far, then 3, 3."""
+
+    def __init__(self, trigger):
+        self.trigger, self.calls = trigger, []
+
+    def __call__(self, row, ids):
+        self.calls.append((row, list(ids)))
+        return [len(ids) % 50, 3, 3]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_tool_writes_after_its_trigger_and_the_cached_sampler_agrees_with_naive(temperature):
+    model = random_model(5)
+    prompts = prompts_of([4, 9, 2], seed=5)
+    seeds = [11, 12, 13]
+    free = generate(model, prompts, 60, stop_tokens=(), pad_id=PAD, temperature=temperature,
+                    seeds=seeds)[0]
+    trigger = free[0, 5].item()  # a token the model writes
+    fast_tool, slow_tool = EchoTool(trigger), EchoTool(trigger)
+    tokens, logp, lengths = generate(model, prompts, 60, stop_tokens=(), pad_id=PAD,
+                                     temperature=temperature, seeds=seeds, tool=fast_tool)
+    ref, ref_logp, ref_len = generate_naive(model, prompts, 60, stop_tokens=(), pad_id=PAD,
+                                            temperature=temperature, seeds=seeds, tool=slow_tool)
+    assert torch.equal(tokens, ref) and torch.equal(lengths, ref_len)
+    assert torch.allclose(logp, ref_logp, atol=1e-6)
+    assert fast_tool.calls == slow_tool.calls and len(fast_tool.calls) >= 2
+    for row, ids in fast_tool.calls:  # the tool saw the row's tokens up to its trigger, and
+        t = len(ids)  # what it returned follows them
+        assert tokens[row, :t].tolist() == ids and ids[-1] == trigger
+        assert tokens[row, t:t + 3].tolist() == [t % 50, 3, 3][:60 - t]
+    assert not torch.equal(free, tokens)  # the tool changed what was written
+
+
 def test_same_seed_same_samples_other_seed_other_samples():
     model = random_model(4)
     prompts = prompts_of([4, 8, 2], seed=4)

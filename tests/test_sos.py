@@ -10,6 +10,7 @@ import statistics
 from functools import lru_cache
 
 import pytest
+import torch
 
 from tasks import Problem, encode, get_task, reachable, sample_problems
 from tasks.countdown import (DEFAULT_BUDGET, FAILED, STRATEGIES, moves, search_trace,
@@ -299,3 +300,119 @@ def test_countdown_trace_length_is_bounded(strategy):
     lengths = [len(encode(search_trace(*p.data, strategy)[0])) for p in ps]
     mean_bound, max_bound = LENGTH_BOUNDS[strategy]
     assert statistics.mean(lengths) <= mean_bound and max(lengths) <= max_bound
+
+
+# ---------------------------------------------------------------- the calculator and --method sos
+
+def test_countdown_calculator_writes_results_and_as_judge_the_rest_of_a_trace_line():
+    from tasks.countdown import Calculator
+    p = problem((11, 3, 7), 32)
+    result, judge = Calculator("result"), Calculator("judge")
+    cases = [  # (text so far, what "result" writes, what "judge" writes)
+        ("11*3=", "33", "33 (7 33)"),
+        ("11*3=33 (7 33)\n 33-7=", "26", "26 x"),
+        ("11*3=33 (7 33)\n 33-7=26 x\n 33+7=", "40", "40 x"),
+        ("11*3=33 (7 33)\n 33-7=26 x\n33+7=", "40", "40"),  # 33 is not left at depth 0
+        ("7*3=21 (11 21)\n 21+11=", "32", "32 !"),
+        ("7*3=21 (11 21)\n 21+11=32 !\n7*3=", "21", "21"),  # the found path: results only
+        ("5/2=", "", ""), ("3-7=", "", ""), ("=", "", ""), ("A: 3=", "", ""), ("", "", ""),
+    ]
+    for text, r, j in cases:
+        assert (result(p, text), judge(p, text)) == (r, j), text
+    with pytest.raises(ValueError, match="bogus"):
+        Calculator("bogus")
+
+
+def test_countdown_calculator_is_total_and_its_judge_writes_what_the_trace_writer_writes():
+    from tasks.countdown import Calculator
+    judge, rng = Calculator("judge"), random.Random(3)
+    p = problem((11, 3, 7), 32)
+    for _ in range(300):
+        text = "".join(rng.choice("0123456789+-*/=() x!A:\n ") for _ in range(rng.randint(0, 60)))
+        assert isinstance(judge(p, text + "="), str)
+    # every "=" of a symbolic trace, the judge given the text before it writes what follows
+    for q in sample_problems("countdown", 30, [3], seed=4):
+        trace = search_trace(*q.data, "dfs-near")[0]
+        for i, ch in enumerate(trace):
+            if ch == "=":
+                end = trace.find("\n", i)
+                assert judge(q, trace[:i + 1]) == trace[i + 1:end if end >= 0 else None]
+
+
+def test_countdown_traces_task_checks_a_trace_by_the_path_it_ends_with():
+    from tasks.countdown import CountdownTraces
+    traces, p = CountdownTraces(), problem((11, 3, 7), 32)
+    gold = traces.gold_completion(p)
+    assert traces.check(p, gold) and traces.strategy(p) in traces.mix
+    assert traces.check(p, HAND) and not traces.check(p, HAND.replace("A: 32", "A: 33"))
+    assert not traces.check(p, HAND.rsplit("\n", 3)[0] + "\n" + FAILED)
+    assert traces.extract_answer(HAND) == "7*3=21;21+11=32;A: 32"
+    assert traces.tool is None and CountdownTraces("judge").tool.mode == "judge"
+
+
+def test_sos_counts_exactly_the_tokens_the_tool_forced():
+    import star
+    from collections import Counter
+    from model import GPT, get_config
+    from tasks.countdown import Countdown
+    task = Countdown()
+    torch.manual_seed(0)
+    model = GPT(get_config("tiny", n_layer=1, n_embd=32, n_head=2)).eval()
+    ps = sample_problems("countdown", 6, [3], seed=5)
+    free, _ = star.sample(model, task, ps, n=2, temperature=1.0, seed=1)
+    calls = []
+    task.tool = CountingTool(Counter("".join(t for ts in free for t in ts)).most_common(1)[0][0],
+                             calls)
+    texts, _ = star.sample(model, task, ps, n=2, temperature=1.0, seed=1)
+    forced = sum(len(encode(out)) for out in calls)
+    assert forced > 0 and texts != free
+    calls.clear()  # the replay calls the tool again, on the text before each trigger
+    replayed = sum(star.tool_tokens(task, p, t) for p, ts in zip(ps, texts) for t in ts)
+    assert replayed == forced
+
+
+class CountingTool:
+    """Writes "+<length of the text so far>" after its trigger; records what it wrote."""
+
+    def __init__(self, trigger, calls):
+        self.trigger, self.calls = trigger, calls
+
+    def __call__(self, p, text):
+        self.calls.append(f"+{len(text)}")
+        return self.calls[-1]
+
+
+SOS_RUN = ["--method", "sos", "--n-train", "12", "--n-unlabeled", "6", "--n-test", "6",
+           "--steps", "6", "--star-steps", "3", "--iterations", "1", "--eval-samples", "2",
+           "--train-difficulty", "2", "--test-difficulty", "2", "--batch-size", "4"]
+
+
+def test_sos_runs_end_to_end_and_resumes(tmp_path):
+    import os
+
+    import train
+    from model import read_jsonl
+    out = str(tmp_path / "run")
+    train.main(SOS_RUN + ["--out", out])
+    rows = read_jsonl(os.path.join(out, "metrics.jsonl"))
+    assert [r["model"] for r in rows] == ["paths", "traces 0", "traces 1"]
+    assert rows[0]["best_of_n"]["k"] == [1, 2] and len(rows[0]["right"]) == 6
+    assert rows[1]["trained_tokens"] > rows[0]["trained_tokens"]  # traces are longer
+    for name in ["summary.md", "sos.png", "traces_iter1.pt", "samples_traces1.txt"]:
+        assert os.path.exists(os.path.join(out, name)), name
+    train.main(SOS_RUN + ["--out", out])  # resumes: nothing left to do
+    assert read_jsonl(os.path.join(out, "metrics.jsonl")) == rows
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--calculator", "abacus"], ["--calculator", "abacus", "judge"]),
+    (["--beta", "0.1"], ["--beta", "sos", "--calculator"]),
+])
+def test_sos_flags_are_refused_as_the_other_methods_are(argv, words, tmp_path, capsys):
+    import train
+    with pytest.raises(SystemExit) as e:
+        train.main(["--method", "sos", "--out", str(tmp_path / "r")] + argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    for w in words:
+        assert w in err, (w, err)
