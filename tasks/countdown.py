@@ -434,11 +434,11 @@ class Calculator:
     """What the program writes when the model writes "=" (the sampler calls it: model.use_tool).
 
     "result": the result of the line's `a op b` (nothing when it is not one or the operation is
-    not allowed), as Cobbe et al. 2021 gave GSM8K's models a calculator. "judge": in a search
-    trace, also the rest of the line, the numbers the step leaves or the leaf's verdict ` x` /
-    ` !`, from the state of its parent line (the way an environment answers an agent: the
-    model then only chooses which step to try next and when to back up); after the first ` !`
-    only results, for the found path. Total on any text."""
+    not allowed), as Cobbe et al. 2021 gave GSM8K's models a calculator. "judge": the program
+    as an environment answering a search trace's every step, so the model only chooses which
+    step to try next and when to back up: the result and the numbers it leaves, or a leaf's
+    verdict ` x`; a step on numbers not left (or not allowed) gets ` x` too; at the goal, ` !`
+    and then the found path and the answer. Total on any text."""
 
     trigger = "="
 
@@ -450,32 +450,33 @@ class Calculator:
     def __call__(self, p, text):
         lines = text.split("\n")
         m = PARTIAL_LINE.fullmatch(lines[-1])
-        if m is None:
-            return ""
-        c = apply_op(int(m.group(2)), m.group(3), int(m.group(4)))
-        if c is None:
-            return ""
-        if self.mode == "result" or any(line.endswith(" !") for line in lines[:-1]):
-            return str(c)
+        c = None if m is None else apply_op(int(m.group(2)), m.group(3), int(m.group(4)))
+        if self.mode == "result":
+            return "" if c is None else str(c)
+        if m is None or c is None:
+            return "x" if lines[-1].endswith("=") else ""
         numbers, target = p.data
-        state = {-1: tuple(sorted(numbers))}  # depth -> the state its last line leaves
+        state = {-1: (tuple(sorted(numbers)), ())}  # depth -> (numbers left, path to there)
         for line in lines:
             d = DONE_LINE.match(line) or PARTIAL_LINE.match(line)
             if d is None:
                 continue
             depth = len(d.group(1))
-            parent = state.get(depth - 1)
             step = d.group(2) if d.re is DONE_LINE else line.strip() + str(c)
-            after = None if parent is None else apply_step(parent, step)
+            parent = state.get(depth - 1)
+            after = None if parent is None else apply_step(parent[0], step)
             state = {k: v for k, v in state.items() if k < depth}
             if after is not None:
-                state[depth] = tuple(sorted(after))
-        after = state.get(len(m.group(1)))
-        if after is None:  # an operand not left: the calculator still computes
-            return str(c)
-        if len(after) == 1:
-            return f"{c} {'!' if after[0] == target else 'x'}"
-        return f"{c} ({' '.join(map(str, after))})"
+                state[depth] = (tuple(sorted(after)), parent[1] + (step,))
+        here = state.get(len(m.group(1)))
+        if here is None:  # an operand that is not left
+            return f"{c} x"
+        after, path = here
+        if len(after) > 1:
+            return f"{c} ({' '.join(map(str, after))})"
+        if after[0] != target:
+            return f"{c} x"
+        return f"{c} !\n" + "\n".join(path) + f"\nA: {target}"
 
 
 class CountdownTraces(Countdown):

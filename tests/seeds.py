@@ -10,8 +10,8 @@ The comparisons: star, the last iteration against M0 (iteration 0); vstar, each 
 best-of-n against the generator's own log-prob at the same n (the same compute) and against
 majority vote at equal total compute; search, each learned-guided search against best-of-N and
 the weighted vote with the same scorer at equal total compute; quiet_star, the thinking arm
-against the plain arm and against the base's own thoughts at a fixed weight. Not collected by
-pytest (no test_ prefix).
+against the plain arm and against the base's own thoughts at a fixed weight; sos, the trace
+models against the paths model (star.sos_compare). Not collected by pytest (no test_ prefix).
 """
 
 import argparse
@@ -66,9 +66,14 @@ def quiet_star_rows(rows):
     return out
 
 
+def sos_rows(rows):
+    import star
+    return star.sos_compare(rows)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
-    p.add_argument("method", choices=["star", "vstar", "search", "quiet_star"])
+    p.add_argument("method", choices=["star", "vstar", "search", "quiet_star", "sos"])
     p.add_argument("runs", nargs="+", help="run folders, one per seed")
     args = p.parse_args()
     per_run = []

@@ -369,7 +369,7 @@ def test_equal_compute_pairs_pick_the_smallest_pool_budget_at_or_above_the_searc
                    ("MCTS most-visited", "weighted vote", 4, True, 0.0)]  # no oracle rows
     assert len(search.headline_differences(rows)) == 4
     text = search.table(rows)
-    assert "pool smaller" in text and "pass@N (the ceiling)" in text
+    assert "pool smaller" in text and "pass@N (the pool's ceiling)" in text
     assert "beam search (oracle-guided)" in text and "upper bound" not in text
 
 

@@ -312,10 +312,13 @@ def test_countdown_calculator_writes_results_and_as_judge_the_rest_of_a_trace_li
         ("11*3=", "33", "33 (7 33)"),
         ("11*3=33 (7 33)\n 33-7=", "26", "26 x"),
         ("11*3=33 (7 33)\n 33-7=26 x\n 33+7=", "40", "40 x"),
-        ("11*3=33 (7 33)\n 33-7=26 x\n33+7=", "40", "40"),  # 33 is not left at depth 0
-        ("7*3=21 (11 21)\n 21+11=", "32", "32 !"),
-        ("7*3=21 (11 21)\n 21+11=32 !\n7*3=", "21", "21"),  # the found path: results only
-        ("5/2=", "", ""), ("3-7=", "", ""), ("=", "", ""), ("A: 3=", "", ""), ("", "", ""),
+        ("11*3=33 (7 33)\n 33-7=26 x\n33+7=", "40", "40 x"),  # 33 is not left at depth 0
+        ("11*3=33 (7 33)\n  33+7=", "40", "40 x"),  # no parent line at depth 1
+        ("7*3=21 (11 21)\n 21+11=", "32", "32 !\n7*3=21\n21+11=32\nA: 32"),  # the goal
+        ("11*3=33 (7 33)\n 33-7=26 x\n7*3=21 (11 21)\n 21+11=", "32",
+         "32 !\n7*3=21\n21+11=32\nA: 32"),  # the path from the root, past the dead end
+        ("5/2=", "", "x"), ("3-7=", "", "x"), ("=", "", "x"), ("A: 3=", "", "x"), ("", "", ""),
+        ("11*3", "", ""),
     ]
     for text, r, j in cases:
         assert (result(p, text), judge(p, text)) == (r, j), text
@@ -330,13 +333,17 @@ def test_countdown_calculator_is_total_and_its_judge_writes_what_the_trace_write
     for _ in range(300):
         text = "".join(rng.choice("0123456789+-*/=() x!A:\n ") for _ in range(rng.randint(0, 60)))
         assert isinstance(judge(p, text + "="), str)
-    # every "=" of a symbolic trace, the judge given the text before it writes what follows
+    # at every "=" of a symbolic trace's explored lines, the judge given the text before it
+    # writes what follows: the rest of the line, or at the goal the rest of the trace
     for q in sample_problems("countdown", 30, [3], seed=4):
-        trace = search_trace(*q.data, "dfs-near")[0]
-        for i, ch in enumerate(trace):
-            if ch == "=":
-                end = trace.find("\n", i)
-                assert judge(q, trace[:i + 1]) == trace[i + 1:end if end >= 0 else None]
+        for strategy in ("dfs-near", "dfs-sum"):
+            trace, found = search_trace(*q.data, strategy)
+            goal = trace.find(" !")
+            for i, ch in enumerate(trace[:goal if found else None]):
+                if ch == "=":
+                    end = trace.find("\n", i)
+                    want = trace[i + 1:] if found and end > goal else trace[i + 1:end]
+                    assert judge(q, trace[:i + 1]) == want
 
 
 def test_countdown_traces_task_checks_a_trace_by_the_path_it_ends_with():

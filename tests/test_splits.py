@@ -35,7 +35,7 @@ def test_keys_name_the_same_problem_whatever_the_order():
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-@pytest.mark.parametrize("method", ["sft", "star", "vstar", "search"])
+@pytest.mark.parametrize("method", ["sft", "star", "vstar", "search", "sos"])
 def test_no_test_problem_is_twice_in_the_test_set_or_in_any_training_set(method, seed):
     task, args = default_args(method, seed)
     P, D, test = train.build_data(task, args)
