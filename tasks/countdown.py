@@ -117,7 +117,8 @@ class Countdown(Task):
     default_difficulties = {"cpu": ("2-4", "2-4"), "gpu": ("2-5", "2-5")}  # (train, test)
 
     def __init__(self, calculator=None):
-        self.tool = Calculator(calculator) if calculator else None  # None, "result", "judge"
+        # None, "result" or "judge"; a path's step line ends after its result
+        self.tool = Calculator(calculator, end="\n") if calculator else None
 
     def sample(self, rng, difficulty):
         self.validate(difficulty)
@@ -442,19 +443,19 @@ class Calculator:
 
     trigger = "="
 
-    def __init__(self, mode="result"):
+    def __init__(self, mode="result", end=""):
         if mode not in ("result", "judge"):
             raise ValueError(f"unknown calculator {mode!r}; choose result or judge")
-        self.mode = mode
+        self.mode, self.end = mode, end  # end: what follows a result (a path's line ends)
 
     def __call__(self, p, text):
         lines = text.split("\n")
         m = PARTIAL_LINE.fullmatch(lines[-1])
         c = None if m is None else apply_op(int(m.group(2)), m.group(3), int(m.group(4)))
         if self.mode == "result":
-            return "" if c is None else str(c)
+            return "" if c is None else str(c) + self.end
         if m is None or c is None:
-            return "x" if lines[-1].endswith("=") else ""
+            return " x" if lines[-1].endswith("=") else ""
         numbers, target = p.data
         state = {-1: (tuple(sorted(numbers)), ())}  # depth -> (numbers left, path to there)
         for line in lines:
@@ -488,7 +489,7 @@ class CountdownTraces(Countdown):
     mix = ("dfs-near", "dfs-sum")
 
     def __init__(self, calculator=None, budget=DEFAULT_BUDGET):
-        super().__init__(calculator)
+        self.tool = Calculator(calculator) if calculator else None  # a trace line goes on
         self.budget = budget
 
     def strategy(self, p):

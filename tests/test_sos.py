@@ -317,13 +317,17 @@ def test_countdown_calculator_writes_results_and_as_judge_the_rest_of_a_trace_li
         ("7*3=21 (11 21)\n 21+11=", "32", "32 !\n7*3=21\n21+11=32\nA: 32"),  # the goal
         ("11*3=33 (7 33)\n 33-7=26 x\n7*3=21 (11 21)\n 21+11=", "32",
          "32 !\n7*3=21\n21+11=32\nA: 32"),  # the path from the root, past the dead end
-        ("5/2=", "", "x"), ("3-7=", "", "x"), ("=", "", "x"), ("A: 3=", "", "x"), ("", "", ""),
+        ("5/2=", "", " x"), ("3-7=", "", " x"), ("=", "", " x"), ("A: 3=", "", " x"),
+        ("", "", ""),
         ("11*3", "", ""),
     ]
     for text, r, j in cases:
         assert (result(p, text), judge(p, text)) == (r, j), text
     with pytest.raises(ValueError, match="bogus"):
         Calculator("bogus")
+    from tasks.countdown import Countdown, CountdownTraces
+    assert Countdown("result").tool(p, "7*3=") == "21\n"  # a path's line ends there
+    assert CountdownTraces("result").tool(p, "7*3=") == "21"  # a trace's line goes on
 
 
 def test_countdown_calculator_is_total_and_its_judge_writes_what_the_trace_writer_writes():
