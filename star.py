@@ -338,8 +338,6 @@ def run(args, task, P, D, test, out, device, new_model):
     before its row is appended to metrics.jsonl; that row is the commit point. Started again on
     the same folder, the run continues after the last committed iteration.
     """
-    if args.method == "sos":
-        return run_sos(args, task, P, D, test, out, device, new_model)
     metrics = os.path.join(out, "metrics.jsonl")
     done = {r["iteration"] for r in read_jsonl(metrics) if r.get("kind") == "iteration"}
     start_path = os.path.join(out, "start.pt")
@@ -472,8 +470,6 @@ def plot(out, rows, difficulties, title, trained=()):
 
 def report(args, rows):
     """The summary table (returned) and accuracy.png, from the run's metrics rows."""
-    if args.method == "sos":
-        return report_sos(args, rows)
     plot(args.out, rows, args.test_difficulty, f"{args.method} on {args.task}",
          args.train_difficulty)
     return summary_table(rows, args.test_difficulty)

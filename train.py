@@ -23,6 +23,7 @@ import os
 import sys
 import time
 from dataclasses import asdict
+from types import SimpleNamespace
 
 if int(os.environ.get("RANK", "0")) > 0:  # torchrun's other processes: no progress bars
     os.environ["TQDM_DISABLE"] = "1"  # (tqdm reads it when it is first imported)
@@ -36,8 +37,9 @@ from model import (GPT, PRESETS, autodetect_device, get_config, is_main, load_ch
                    rank_world, read_jsonl, seed_for, write_atomic)
 from tasks import TASKS, distinct_problems, encode, get_task, held_out, sample_problems
 
+# Stream of Search extends STaR, so it lives in star.py beside it
 METHODS = {"sft": star, "star": star, "vstar": vstar, "search": search, "quiet_star": quiet_star,
-           "sos": star}
+           "sos": SimpleNamespace(run=star.run_sos, report=star.report_sos)}
 # each method's settings per preset: {preset: {flag: value}}, in the method's own file
 DEFAULTS = {"sft": star.SFT_DEFAULTS, "star": star.DEFAULTS, "vstar": vstar.DEFAULTS,
             "search": search.DEFAULTS, "quiet_star": quiet_star.DEFAULTS,
