@@ -667,6 +667,19 @@ def lr_at(step, steps, lr, warmup):
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
+def optimizer_step(opt, params, lr=None, clip=1.0):
+    """One update after the loss's backward, the same in every training loop: this step's
+    learning rate (None: the optimiser's own, constant), the gradients clipped to norm clip
+    (None: not clipped), the step, then the gradients cleared for the next one."""
+    if lr is not None:
+        for group in opt.param_groups:
+            group["lr"] = lr
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(params, clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
 def seed_for(*parts):
     """A seed derived from its parts (ints and strings: the run's seed, a stage, an iteration,
     a problem, a sample), the same on every machine and in every process, and unrelated for

@@ -560,6 +560,9 @@ def score_samples(nets, task, problems, texts, reference, generator):
     # token log-prob), the shortest solution first, and no preference at all
     flat.update({"generator": scores(generator, prompts, comps, "dpo-mean"),
                  "length": [-len(c) for c in comps], "random": [0.0] * len(comps)})
+    if "genrm-cot" in nets:  # GenRM-CoT's rule without its learned arithmetic: what it adds
+        flat["rule x generator"] = [g - (0.0 if task.rules_ok(p, t) else 1e3) for p, t, g in
+                                    zip(problems, texts, flat["generator"])]
     return flat, prompts, comps
 
 
