@@ -1,39 +1,15 @@
 """
-A GPT-2 written from scratch, with a preallocated KV cache and batched sampling.
+GPT-2 (Radford et al. 2019) written from scratch, as nanoGPT does, with a preallocated KV cache
+and a batched sampler. Learned position embeddings, pre-LayerNorm blocks, GELU (tanh), a fused
+qkv, F.scaled_dot_product_attention and an lm_head tied to wte; the parameter names map one to
+one onto Hugging Face's GPT2LMHeadModel. forward() takes position ids, a mask and a cache
+(left-padded batches, Quiet-STaR's thoughts); generate() is the one sampler, generate_naive() its
+textbook twin, sequence_logprobs() scores given completions.
 
-Follows GPT-2 (Radford et al. 2019) as nanoGPT does: learned absolute position embeddings,
-pre-LayerNorm blocks (eps 1e-5, with biases), GELU (tanh approximation), a fused qkv projection,
-causal self-attention through F.scaled_dot_product_attention, and an output head tied to the
-token embedding. Parameter names and shapes map one-to-one onto Hugging Face's GPT2LMHeadModel
-(their Conv1D weights are our Linear weights transposed).
+Run the tests: python -m pytest tests/test_model.py   (the sampler: tests/bench_sampling.py)
 
-What the methods need from it, all here:
-- forward(idx, pos, mask, cache, return_hidden): explicit position ids and attention mask (for
-  left-padded batches and Quiet-STaR's thought mask), a KV cache passed explicitly (KVCache,
-  or ConcatCache when gradients must flow through it), and the final hidden states (for a
-  verifier's head or Quiet-STaR's mixing head);
-- generate(): the one sampler (prefill, then decode_one_token per step, the outputs assembled
-  once by finish; or the compiled decode_step). Batched sampling of ragged prompts (left
-  padding, per-row positions), several copies of a prompt from one prefill, temperature, top-k, a
-  torch.Generator or per-row seeds, per-row stop tokens (end-of-text, or a newline for one
-  reasoning step); returns tokens, per-token log-probs and lengths. pick() is its token choice,
-  which Quiet-STaR's thoughts use too. generate_naive() is the slow textbook version kept
-  beside it, and the tests check that the two agree;
-- sequence_logprobs(): log p(completion | prompt), summed and per token, batched;
-- ScalarHead and train_bce(): the network with a scalar head read at chosen positions (the
-  outcome and process reward models of vstar.py and search.py);
-- save_checkpoint / load_checkpoint, device detection, bf16 autocast;
-- what every training loop shares: lr_at (the schedule), seed_for (derived seeds), atomic
-  JSONL and text writes, bootstrap_ci (the 95% intervals), and the torchrun helpers (wrap_ddp,
-  split_batch, all_gather).
-
-Run the tests: python -m pytest tests/test_model.py
-Benchmark the sampler: python tests/bench_sampling.py
-
-Departures from GPT-2, on purpose:
-1. The vocabulary is a 100-token character set (tasks/tokenizer.py), not GPT-2's 50257 BPE
-   tokens, and the sizes are tiny (PRESETS); the architecture is unchanged.
-2. No dropout: the models are small and the data is generated afresh, so it is left out.
+Departures from GPT-2: 1. a 100-token character vocabulary (tasks/tokenizer.py) and tiny sizes
+(PRESETS); 2. no dropout: the models are small and the data is generated afresh.
 """
 
 import functools
@@ -42,6 +18,7 @@ import json
 import math
 import os
 import random
+import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 
@@ -63,8 +40,7 @@ class GPTConfig:
     n_embd: int = 128       # width of the residual stream
 
 
-# Named sizes. "tiny" trains on a 2-core laptop CPU in minutes; "gpu" is the 6-layer, 384-wide
-# model of DESIGN.md's sampling reference points, for one H100.
+# Named sizes: "tiny" for a laptop CPU, "gpu" for one GPU, "small" between the two.
 PRESETS = {
     "tiny": GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=256),
     "small": GPTConfig(n_layer=6, n_head=6, n_embd=192, block_size=320),
@@ -77,72 +53,6 @@ def get_config(preset, **overrides):
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     return GPTConfig(**{**asdict(PRESETS[preset]), **overrides})
-
-
-# -----------------------------------------------------------------------------
-# The KV cache
-
-class KVCache:
-    """Keys and values of every layer for a batch, preallocated and written in place.
-
-    k[layer] and v[layer] are (B, n_head, max_len, head_size), one tensor per layer (a compiled
-    step that writes into a slice of one big tensor copies all of it back every step). `pos`
-    counts the columns already written. A forward pass with the cache writes its T new tokens
-    at columns [pos, pos + T) of every layer, attends over columns [0, pos + T), and then
-    advances pos by T. All rows share the column index: ragged prompts are left-padded so that
-    they end together, and each row's real position ids are passed separately.
-    The compiled decode step instead sets `col`, a (1,) tensor holding the column of its one new
-    token, and attends over all max_len columns under a mask: the same shapes at every step,
-    so that it is traced once (see decode_step).
-    """
-
-    def __init__(self, config, batch_size, max_len, device, dtype=torch.float32, zero=False):
-        # zero=False leaves the memory as it is: columns are read only once written, except by
-        # the compiled step, whose mask must not meet a NaN in an unwritten column (zero=True)
-        shape = (batch_size, config.n_head, max_len, config.n_embd // config.n_head)
-        new = torch.zeros if zero else torch.empty
-        self.k = [new(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.v = [new(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.pos = 0
-        self.col = None
-
-    def update(self, layer, k, v):
-        K, V = self.k[layer], self.v[layer]
-        if self.col is not None:  # fixed shapes: write one column, return all of them (masked)
-            K.index_copy_(2, self.col, k)
-            V.index_copy_(2, self.col, v)
-            return K, V
-        end = self.pos + k.size(2)
-        if end > K.size(2):
-            raise ValueError(f"KV cache overflow: need {end} columns, have {K.size(2)}")
-        K[:, :, self.pos:end] = k
-        V[:, :, self.pos:end] = v
-        return K[:, :, :end], V[:, :, :end]
-
-    def repeat_rows(self, repeats):
-        """Row b becomes repeats[b] consecutive rows: a prompt encoded once serves its copies."""
-        self.k = [x.repeat_interleave(repeats, dim=0) for x in self.k]  # (B', nh, max_len, hs)
-        self.v = [x.repeat_interleave(repeats, dim=0) for x in self.v]
-
-
-class ConcatCache:
-    """A KV cache for training, KVCache's interface (update, pos), that grows by concatenation:
-    gradients flow through the cached keys and values (Quiet-STaR's thoughts attend to them),
-    and autograd refuses KVCache's in-place writes once a written slice was read."""
-
-    def __init__(self, n_layer):
-        self.k, self.v, self.pos = [None] * n_layer, [None] * n_layer, 0
-
-    def update(self, layer, k, v):
-        if self.k[layer] is not None:
-            k, v = torch.cat([self.k[layer], k], 2), torch.cat([self.v[layer], v], 2)
-        self.k[layer], self.v[layer] = k, v
-        return k, v
-
-    def repeat_rows(self, n):
-        """Each row n times (row b -> rows b*n .. b*n+n-1): n thoughts share one pass 0."""
-        self.k = [k.repeat_interleave(n, 0) for k in self.k]
-        self.v = [v.repeat_interleave(n, 0) for v in self.v]
 
 
 # -----------------------------------------------------------------------------
@@ -232,15 +142,10 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, idx, pos=None, mask=None, cache=None, return_hidden=False):
-        """Logits (B, T, vocab) for token ids idx (B, T).
-
-        pos: position ids (B, T) or (T,); default 0..T-1 after whatever the cache holds.
-        mask: bool (B, 1, T, Tk), True where a query may attend to a key; Tk = cache.pos + T with
-              a cache, else T. Default: causal (and, with a cache, every cached column visible).
-        cache: a KVCache; the new keys/values are written at cache.pos and pos advances by T.
-        return_hidden: also return the final hidden states (B, T, C), after ln_f, so that
-              lm_head(hidden) == logits.
-        """
+        """Logits (B, T, vocab) for token ids idx (B, T); with return_hidden also the hidden
+        states (B, T, C) after ln_f. pos: position ids (B, T) or (T,), by default counting on
+        from the cache. mask: bool (B, 1, T, Tk), True where a query may see a key (Tk =
+        cache.pos + T), by default causal. cache: a KVCache, written at cache.pos."""
         B, T = idx.size()
         start = cache.pos if cache is not None else 0
         if pos is None:
@@ -270,61 +175,71 @@ class GPT(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Batches of ragged sequences
+# The KV cache
 
-def left_pad(seqs, pad_id, device):
-    """Left-pad token lists into (B, T) ids, per-row position ids and a key-validity mask.
+class KVCache:
+    """Keys and values of every layer, (B, n_head, max_len, head_size) each, written in place:
+    a forward pass writes its T tokens at columns [pos, pos + T) and attends over [0, pos + T).
+    Rows share the column index (ragged prompts are left-padded). The compiled step instead sets
+    `col`, a (1,) tensor, and attends over all columns under a mask, in fixed shapes."""
 
-    Left padding makes every row end at the same column, so one KV-cache column index serves the
-    whole batch during decoding. Row b's real tokens get positions 0, 1, ... from its first real
-    token, exactly as if it were alone.
-    """
-    if any(len(s) == 0 for s in seqs):
-        raise ValueError("every prompt needs at least one token")
-    T = max(len(s) for s in seqs)
-    idx = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    for b, s in enumerate(seqs):
-        idx[b, T - len(s):] = torch.tensor(s, dtype=torch.long)
-    n_pad = torch.tensor([T - len(s) for s in seqs])
-    col = torch.arange(T)
-    valid = col[None, :] >= n_pad[:, None]  # (B, T) real tokens
-    pos = (col[None, :] - n_pad[:, None]).clamp(min=0)  # (B, T)
-    return idx.to(device), pos.to(device), valid.to(device)
+    def __init__(self, config, batch_size, max_len, device, dtype=torch.float32, zero=False):
+        # zero=False leaves the memory as it is: columns are read only once written, except by
+        # the compiled step, whose mask must not meet a NaN in an unwritten column (zero=True)
+        shape = (batch_size, config.n_head, max_len, config.n_embd // config.n_head)
+        new = torch.zeros if zero else torch.empty
+        self.k = [new(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [new(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.pos = 0
+        self.col = None
+
+    def update(self, layer, k, v):
+        K, V = self.k[layer], self.v[layer]
+        if self.col is not None:  # fixed shapes: write one column, return all of them (masked)
+            K.index_copy_(2, self.col, k)
+            V.index_copy_(2, self.col, v)
+            return K, V
+        end = self.pos + k.size(2)
+        if end > K.size(2):
+            raise ValueError(f"KV cache overflow: need {end} columns, have {K.size(2)}")
+        K[:, :, self.pos:end] = k
+        V[:, :, self.pos:end] = v
+        return K[:, :, :end], V[:, :, :end]
+
+    def repeat_rows(self, repeats):
+        """Row b becomes repeats[b] consecutive rows: a prompt encoded once serves its copies."""
+        self.k = [x.repeat_interleave(repeats, dim=0) for x in self.k]  # (B', nh, max_len, hs)
+        self.v = [x.repeat_interleave(repeats, dim=0) for x in self.v]
 
 
-def right_pad(seqs, pad_id, device):
-    """(B, T) ids, each sequence from column 0 and padded after its end. Under a causal mask no
-    real token ever sees the padding, so its id does not matter (training batches, scoring)."""
-    idx = torch.full((len(seqs), max(len(s) for s in seqs)), pad_id, dtype=torch.long)
-    for b, s in enumerate(seqs):
-        idx[b, :len(s)] = torch.tensor(s, dtype=torch.long)
-    return idx.to(device)
+class ConcatCache:
+    """A KV cache for training, with KVCache's interface, that grows by concatenation: gradients
+    flow through the cached keys and values (Quiet-STaR's thoughts attend to them), and autograd
+    refuses KVCache's in-place writes once a written slice was read."""
 
+    def __init__(self, n_layer):
+        self.k, self.v, self.pos = [None] * n_layer, [None] * n_layer, 0
 
-def padded_mask(valid, T_new):
-    """Attention mask (B, 1, T_new, Tk) for the last T_new of Tk columns with key validity `valid`.
+    def update(self, layer, k, v):
+        if self.k[layer] is not None:
+            k, v = torch.cat([self.k[layer], k], 2), torch.cat([self.v[layer], v], 2)
+        self.k[layer], self.v[layer] = k, v
+        return k, v
 
-    Causal, and padding columns are hidden. A padding query would then see nothing at all, which
-    makes softmax produce NaN, so every query may always see itself; padding rows are never read.
-    """
-    B, Tk = valid.shape
-    q = torch.arange(Tk - T_new, Tk, device=valid.device)[:, None]  # (T_new, 1) query columns
-    k = torch.arange(Tk, device=valid.device)[None, :]  # (1, Tk) key columns
-    causal = k <= q  # (T_new, Tk)
-    mask = (causal[None] & valid[:, None, :]) | (k == q)[None]  # (B, T_new, Tk)
-    return mask[:, None]
+    def repeat_rows(self, n):
+        """Each row n times (row b -> rows b*n .. b*n+n-1): n thoughts share one pass 0."""
+        self.k = [k.repeat_interleave(n, 0) for k in self.k]
+        self.v = [v.repeat_interleave(n, 0) for v in self.v]
 
 
 # -----------------------------------------------------------------------------
-# Sampling: one token-picking function, one decode loop (and its textbook twin)
+# Sampling: prefill, then one token at a time (gpt-fast's shape), and the textbook twin
 
-def pick(logits, temperature, top_k=None, u=None):
-    """Next token ids (...,) from logits (..., V): greedy when temperature == 0.
-
-    Sampling uses the Gumbel-max trick, argmax(logits / temperature + g) with g = -log(-log u)
-    and u uniform: the same distribution as softmax sampling, but driven by noise u (..., V)
-    drawn up front, so that each row can own its random stream (see generate's seeds). Every
-    sampler in the project, Quiet-STaR's thoughts included, picks its tokens here."""
+def sample_token(logits, temperature, top_k=None, u=None):
+    """Next token ids (...,) from logits (..., V): greedy when temperature == 0. Sampling is
+    Gumbel-max, argmax(logits / temperature - log(-log u)) for uniform noise u (..., V): softmax
+    sampling, driven by noise drawn up front so that each row can own its random stream. Every
+    sampler here, Quiet-STaR's thoughts included, chooses its tokens with it."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature
@@ -334,7 +249,7 @@ def pick(logits, temperature, top_k=None, u=None):
     return (logits - torch.log(-torch.log(u))).argmax(dim=-1)
 
 
-def noise(B, T, V, temperature, generator, seeds, device):
+def sampling_noise(B, T, V, temperature, generator, seeds, device):
     """Uniform noise (B, T, V) for T sampling steps (None when greedy); row b from its own seed
     when seeds are given, so a row's sample depends neither on its batch-mates nor its process."""
     if temperature == 0:
@@ -349,9 +264,8 @@ def noise(B, T, V, temperature, generator, seeds, device):
 
 
 def compute_dtype(model):
-    """The dtype the forward pass computes keys and values in: bf16 under autocast on a GPU, the
-    weights' dtype otherwise. The KV cache is kept in it: decoding is bound by reading the
-    cache, and an fp32 cache under bf16 autocast would double that traffic."""
+    """The dtype keys and values are computed in (bf16 under autocast on a GPU, else the
+    weights'): the cache is kept in it, since decoding is bound by reading the cache."""
     device_type = next(model.parameters()).device.type
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
@@ -366,25 +280,6 @@ def copies_of(prompts, copies):
         raise ValueError(f"copies {list(copies)} must give each of the {len(prompts)} prompts "
                          "1 or more copies")
     return list(copies)
-
-
-def decode_step(model, tok, pos, mask, cache):
-    """Logits (B, V) of the next token after one new token per row, tok (B, 1) at position ids
-    pos (B, 1), with a fixed-shape cache: the new keys and values go to column cache.col and
-    the mask (B, 1, 1, max_len) hides the columns not yet written. Every call has the same
-    shapes, so torch.compile traces it once (compiled_decode_step); what GPT.forward does for
-    one token, without its Python-side position bookkeeping."""
-    x = model.transformer.wte(tok) + model.transformer.wpe(pos)
-    for layer, block in enumerate(model.transformer.h):
-        x = block(x, mask, cache, layer)
-    return model.lm_head(model.transformer.ln_f(x))[:, -1]
-
-
-@functools.cache
-def compiled_decode_step(device_type):
-    """decode_step through torch.compile; on CUDA with mode="reduce-overhead", which captures it
-    as a CUDA graph: one launch per token instead of a few dozen small kernels."""
-    return torch.compile(decode_step, mode="reduce-overhead" if device_type == "cuda" else None)
 
 
 def prefill(model, prompts, copies, max_new_tokens, pad_id, zero_cache=False):
@@ -410,16 +305,72 @@ def prefill(model, prompts, copies, max_new_tokens, pad_id, zero_cache=False):
 
 def decode_one_token(model, tok, pos, valid, cache):
     """Logits (B, V) after one new token per row (tok, pos: (B,)), appended to the cache as its
-    next column, which may see every real column before it (valid: (B, max_len) real columns,
-    or None when no row has padding). The eager twin of decode_step."""
+    next column, which sees every real column before it (valid: (B, max_len), or None when no
+    row has padding)."""
     mask = None if valid is None else valid[:, None, None, :cache.pos + 1]  # (B, 1, 1, T)
     return model(tok[:, None], pos=pos[:, None], mask=mask, cache=cache)[:, -1]
 
 
+def decode_step(model, tok, pos, mask, cache):
+    """decode_one_token with fixed shapes, for torch.compile: tok, pos (B, 1), the new keys and
+    values written at column cache.col, the mask (B, 1, 1, max_len) hiding unwritten columns;
+    GPT.forward without its Python-side position bookkeeping."""
+    x = model.transformer.wte(tok) + model.transformer.wpe(pos)
+    for layer, block in enumerate(model.transformer.h):
+        x = block(x, mask, cache, layer)
+    return model.lm_head(model.transformer.ln_f(x))[:, -1]
+
+
+@functools.cache
+def compiled_decode_step(device_type):
+    """decode_step through torch.compile; on CUDA with mode="reduce-overhead", which captures it
+    as a CUDA graph: one launch per token instead of a few dozen small kernels."""
+    return torch.compile(decode_step, mode="reduce-overhead" if device_type == "cuda" else None)
+
+
+def fixed_shape_step(model, cache, valid):
+    """step(tok, pos) -> logits (B, V) through compiled_decode_step: the same shapes at every
+    token (its column in cache.col, the columns not yet written masked), so one trace serves."""
+    device = valid.device
+    step = compiled_decode_step(device.type)
+    cache.col = torch.tensor([cache.pos], device=device)
+    columns = torch.arange(valid.size(1), device=device)
+    if device.type == "cuda":  # a CUDA graph reads these at fixed addresses
+        for x in cache.k + cache.v + [cache.col]:
+            torch._dynamo.mark_static_address(x)
+
+    def one_token(tok, pos):
+        cache.col.fill_(cache.pos)
+        mask = (valid & (columns <= cache.pos))[:, None, None, :]  # (B, 1, 1, max_len)
+        cache.pos += 1
+        return step(model, tok[:, None], pos[:, None], mask, cache)
+    return one_token
+
+
+def decode_n_tokens(step, next_token, logits, pos, n, stop):
+    """Up to n tokens from the prefill's logits: next_token(logits, t) chooses each, step(tok,
+    pos) feeds it back. Returns each step's token ids (B,) and logits (B, V). Every 8 tokens one
+    host sync stops the loop once every row has written a stop token."""
+    toks, seen = [], []
+    done = torch.zeros(logits.size(0), dtype=torch.bool, device=logits.device)
+    for t in range(n):
+        tok, logits = next_token(logits, t)
+        toks.append(tok)
+        seen.append(logits)
+        if t == n - 1:
+            break
+        if t % 8 == 7:
+            done |= torch.isin(torch.stack(toks[-8:], 1), stop).any(1)
+            if bool(done.all()):
+                break
+        logits = step(tok, pos)
+        pos = pos + 1
+    return toks, seen
+
+
 def finish(toks, seen, stop, pad_id, max_new_tokens):
-    """The decode loop's outputs from its per-step token ids and logits (lists of (B,) and
-    (B, V)): each row cut after its first stop token, padded to max_new_tokens. Done once at the
-    end, so that the loop itself spends no work on bookkeeping."""
+    """generate's outputs from the per-step token ids and logits: each row cut after its first
+    stop token and padded to max_new_tokens. Done once at the end, not per step."""
     tokens = torch.stack(toks, 1)  # (B, n)
     B, n = tokens.shape
     stopped = torch.isin(tokens, stop)  # (B, n)
@@ -437,9 +388,9 @@ def finish(toks, seen, stop, pad_id, max_new_tokens):
 
 def use_tool(tool, tok, rows):
     """Tool use inside the sampler, as Cobbe et al. 2021 gave GSM8K's models a calculator: a row
-    that samples tool.trigger (e.g. "=") gets what tool(row, its tokens so far) returns queued,
-    and its next tokens are those, written by the program instead of sampled (the model still
-    reads each, so the cache holds them). rows[r] = (row r's tokens, its queue), mutated."""
+    that samples tool.trigger (e.g. "=") gets tool(row, its tokens so far) queued as its next
+    tokens, written instead of sampled (the model still reads each). rows[r] = (row r's tokens,
+    its queue), mutated."""
     ids = tok.tolist()
     for r, (seq, queue) in enumerate(rows):
         if queue:
@@ -454,26 +405,11 @@ def use_tool(tool, tok, rows):
 def generate(model, prompts, max_new_tokens, stop_tokens, pad_id, temperature=1.0, top_k=None,
              generator=None, banned_tokens=(), seeds=None, copies=None, compiled=False,
              tool=None):
-    """Sample continuations of a batch of ragged prompts with the KV cache.
-
-    prompts: list of U token lists (any lengths). copies: how many continuations of each
-    (default 1 each); prompt u is encoded once and its cache rows are copied to its copies[u]
-    rows, so search's many continuations of one prefix cost one prefill. Output rows are the
-    copies in prompt order: B = sum(copies).
-    stop_tokens: ids that end a row (end-of-text; add the newline to sample one reasoning step);
-    the stop token is kept. banned_tokens: ids never sampled (thought tokens, the pad).
-    generator: a torch.Generator for the batch's noise; or seeds: one int per output row, each
-    row's noise then comes from its own generator (its sample is then the same whatever batch or
-    process it lands in: star.sample and torchrun rely on it).
-    compiled: decode through compiled_decode_step (off by default; the first call of each new
-    batch shape compiles, which takes seconds to a minute). The same tokens as the eager loop.
-    tool: a program the model calls by writing a token (a calculator): see use_tool.
-    Returns (tokens, logp, lengths):
-      tokens (B, max_new_tokens) long, pad_id after each row's stop;
-      logp (B, max_new_tokens) float, the model's log-prob of each sampled token at temperature 1
-           without top-k (a score of the text itself, not of the sampler), 0 after the stop;
-      lengths (B,) tokens generated per row, the stop token included.
-    """
+    """Sample continuations of ragged prompts with the KV cache: copies[u] rows of prompt u from
+    one prefill (B = sum(copies)), stopping at stop_tokens (kept), banned_tokens never sampled,
+    noise from generator or from seeds (one per row: the same sample in any batch or process),
+    compiled: through compiled_decode_step, tool: see use_tool. Returns tokens (B, max_new),
+    pad_id after the stop; logp, each token's log-prob at temperature 1 without top-k; lengths."""
     device = next(model.parameters()).device
     logits, cache, pos, valid = prefill(model, prompts, copies_of(prompts, copies),
                                         max_new_tokens, pad_id, zero_cache=compiled)
@@ -481,40 +417,20 @@ def generate(model, prompts, max_new_tokens, stop_tokens, pad_id, temperature=1.
     stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
     ban = torch.zeros(V, device=device)  # added to the logits: -inf at the banned ids
     ban[list(banned_tokens)] = float("-inf")
-    u = noise(B, max_new_tokens, V, temperature, generator, seeds, device)
-    ragged = valid if bool((~valid).any()) else None  # without padding, no mask at all
-    if compiled:
-        step, T0 = compiled_decode_step(device.type), cache.pos
-        cache.col = torch.tensor([T0], device=device)
-        columns = torch.arange(valid.size(1), device=device)
-        if device.type == "cuda":  # a CUDA graph reads these at fixed addresses
-            for x in cache.k + cache.v + [cache.col]:
-                torch._dynamo.mark_static_address(x)
-    toks, seen = [], []  # each step's token ids (B,) and logits (B, V)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    rows = [([], []) for _ in range(B)] if tool else None  # for the tool: use_tool
-    for t in range(max_new_tokens):
+    u = sampling_noise(B, max_new_tokens, V, temperature, generator, seeds, device)
+    rows = [([], []) for _ in range(B)] if tool else None  # each row's tokens and tool queue
+
+    def next_token(logits, t):  # (B,) ids, and the logits they were chosen from
         logits = logits.float() + ban
-        tok = pick(logits, temperature, top_k, None if u is None else u[:, t])  # (B,)
-        if tool:
-            tok = use_tool(tool, tok, rows)
-        toks.append(tok)
-        seen.append(logits)
-        if t == max_new_tokens - 1:
-            break
-        # every 8 tokens, one host sync to stop once every row has written a stop token (a
-        # step line of search is 5-12 tokens, so it stops soon after its newline)
-        if t % 8 == 7:
-            done |= torch.isin(torch.stack(toks[-8:], 1), stop).any(1)
-            if bool(done.all()):
-                break
-        if compiled:  # the cache's every column, those not yet written hidden
-            cache.col.fill_(T0 + t)
-            mask = (valid & (columns <= T0 + t))[:, None, None, :]  # (B, 1, 1, max_len)
-            logits = step(model, tok[:, None], pos[:, None], mask, cache)
-        else:
-            logits = decode_one_token(model, tok, pos, ragged, cache)
-        pos = pos + 1
+        tok = sample_token(logits, temperature, top_k, None if u is None else u[:, t])
+        return (use_tool(tool, tok, rows) if tool else tok), logits
+
+    if compiled:
+        step = fixed_shape_step(model, cache, valid)
+    else:  # without padding, no mask at all
+        step = functools.partial(decode_one_token, model, cache=cache,
+                                 valid=valid if bool((~valid).any()) else None)
+    toks, seen = decode_n_tokens(step, next_token, logits, pos, max_new_tokens, stop)
     return finish(toks, seen, stop, pad_id, max_new_tokens)
 
 
@@ -522,15 +438,14 @@ def generate(model, prompts, max_new_tokens, stop_tokens, pad_id, temperature=1.
 def generate_naive(model, prompts, max_new_tokens, stop_tokens, pad_id, temperature=1.0,
                    top_k=None, generator=None, banned_tokens=(), seeds=None, copies=None,
                    tool=None):
-    """The textbook sampler: no cache; every copy of a prompt is its own row, and the whole
-    left-padded sequence is recomputed for every new token. Same arguments and results as
-    generate(), which must agree with it token for token under the same noise (greedy, a
-    generator or per-row seeds: tests/test_model.py); the baseline of tests/bench_sampling.py."""
+    """The textbook sampler: no cache, every copy its own row, the whole left-padded sequence
+    recomputed for every token. generate() must agree with it token for token under the same
+    noise (tests/test_model.py); the baseline of tests/bench_sampling.py."""
     device = next(model.parameters()).device
     rows = [p for p, c in zip(prompts, copies_of(prompts, copies)) for _ in range(c)]
     idx, pos, valid = left_pad(rows, pad_id, device)
     B, V = len(rows), model.config.vocab_size
-    u = noise(B, max_new_tokens, V, temperature, generator, seeds, device)
+    u = sampling_noise(B, max_new_tokens, V, temperature, generator, seeds, device)
     stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
     tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     logp = torch.zeros(B, max_new_tokens, device=device)
@@ -540,7 +455,7 @@ def generate_naive(model, prompts, max_new_tokens, stop_tokens, pad_id, temperat
     for t in range(max_new_tokens):
         logits = model(idx, pos=pos, mask=padded_mask(valid, idx.size(1)))[:, -1].float()
         logits[:, list(banned_tokens)] = float("-inf")
-        tok = pick(logits, temperature, top_k, None if u is None else u[:, t])  # (B,)
+        tok = sample_token(logits, temperature, top_k, None if u is None else u[:, t])  # (B,)
         if tool:
             tok = use_tool(tool, tok, tool_rows)
         tokens[:, t] = torch.where(done, pad_id, tok)
@@ -559,13 +474,9 @@ def generate_naive(model, prompts, max_new_tokens, stop_tokens, pad_id, temperat
 # Log-probabilities of given completions
 
 def sequence_logprobs(model, prompts, completions, pad_id, per_token=False):
-    """log p(completion | prompt) for a batch of token-list pairs, with gradients.
-
-    Each pair is concatenated and right-padded. The log-softmax at each completion token is
-    gathered; prompt and padding positions are zeroed before summing. Returns the sums (B,), and
-    with per_token=True also the per-token log-probs (B, Tc) aligned with each completion, 0 past
-    its end.
-    """
+    """log p(completion | prompt) (B,) for a batch of token-list pairs, with gradients; with
+    per_token=True also the per-token log-probs (B, Tc) aligned with each completion, 0 past its
+    end. Each pair is concatenated and right-padded; prompt and padding positions count 0."""
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     device = next(model.parameters()).device
@@ -589,8 +500,48 @@ def sequence_logprobs(model, prompts, completions, pad_id, per_token=False):
     return total, tok
 
 
-# -----------------------------------------------------------------------------
-# A scalar head on the network: the verifiers that output one number per position
+# =============================================================================
+# Not the model: plumbing every method shares. Padding of ragged batches, ScalarHead (the
+# verifiers' scalar head), bootstrap_ci, lr_at, optimizer_step, seed_for, figure, JSONL I/O,
+# committed/commit (a run's resume points), checkpoints, devices and the torchrun helpers.
+
+def left_pad(seqs, pad_id, device):
+    """Left-pad token lists into (B, T) ids, per-row position ids and a key-validity mask: every
+    row ends at the same column, so one cache column index serves the batch, and row b's real
+    tokens get positions 0, 1, ... exactly as if it were alone."""
+    if any(len(s) == 0 for s in seqs):
+        raise ValueError("every prompt needs at least one token")
+    T = max(len(s) for s in seqs)
+    idx = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        idx[b, T - len(s):] = torch.tensor(s, dtype=torch.long)
+    n_pad = torch.tensor([T - len(s) for s in seqs])
+    col = torch.arange(T)
+    valid = col[None, :] >= n_pad[:, None]  # (B, T) real tokens
+    pos = (col[None, :] - n_pad[:, None]).clamp(min=0)  # (B, T)
+    return idx.to(device), pos.to(device), valid.to(device)
+
+
+def right_pad(seqs, pad_id, device):
+    """(B, T) ids, each sequence from column 0 and padded after its end. Under a causal mask no
+    real token ever sees the padding, so its id does not matter (training batches, scoring)."""
+    idx = torch.full((len(seqs), max(len(s) for s in seqs)), pad_id, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        idx[b, :len(s)] = torch.tensor(s, dtype=torch.long)
+    return idx.to(device)
+
+
+def padded_mask(valid, T_new):
+    """Attention mask (B, 1, T_new, Tk) for the last T_new of Tk columns with key validity
+    `valid`: causal, padding hidden. Every query may see itself, so that a padding query does
+    not see nothing at all (a NaN from softmax); padding rows are never read."""
+    B, Tk = valid.shape
+    q = torch.arange(Tk - T_new, Tk, device=valid.device)[:, None]  # (T_new, 1) query columns
+    k = torch.arange(Tk, device=valid.device)[None, :]  # (1, Tk) key columns
+    causal = k <= q  # (T_new, Tk)
+    mask = (causal[None] & valid[:, None, :]) | (k == q)[None]  # (B, T_new, Tk)
+    return mask[:, None]
+
 
 class ScalarHead(nn.Module):
     """A GPT with a linear head that reads its final hidden states at chosen positions of each
@@ -619,36 +570,6 @@ class ScalarHead(nn.Module):
         at = at.to(device)[:, :, None].expand(-1, -1, h.size(-1))  # (B, S, C)
         return self.head(h.gather(1, at).float()).squeeze(-1), mask.to(device)
 
-
-def train_bce(model, rows, steps, lr, batch_size, seed, desc):
-    """Train a ScalarHead with binary cross-entropy: rows are (prompt ids, completion ids, read
-    positions, one label in [0, 1] per read). Batches of batch_size rows are drawn with
-    replacement; the loss is the mean over every label of the batch."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    forward = wrap_ddp(model)
-    rng = random.Random(seed)
-    model.train()
-    bar = tqdm(range(steps), desc=desc, leave=False, dynamic_ncols=True)
-    for step in bar:
-        batch = [rows[rng.randrange(len(rows))] for _ in range(batch_size)]
-        share, denom = split_batch(batch, size=lambda row: len(row[3]))
-        with autocast(str(model.head.weight.device)):
-            logits, mask = forward(*map(list, zip(*[row[:3] for row in share])))
-        y = torch.zeros(mask.shape, device=logits.device)
-        for b, (_, _, _, labels) in enumerate(share):
-            y[b, :len(labels)] = torch.tensor(labels, dtype=torch.float)
-        loss = F.binary_cross_entropy_with_logits(logits.float()[mask], y[mask],
-                                                  reduction="sum") / denom
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    return model.eval()
-
-
-# -----------------------------------------------------------------------------
-# Training-loop pieces every method shares: the schedule, seeds, run files
 
 def bootstrap_ci(values, reps=2000, seed=0):
     """95% percentile-bootstrap interval of the mean of per-problem values, resampling problems;
@@ -681,17 +602,16 @@ def optimizer_step(opt, params, lr=None, clip=1.0):
 
 
 def seed_for(*parts):
-    """A seed derived from its parts (ints and strings: the run's seed, a stage, an iteration,
-    a problem, a sample), the same on every machine and in every process, and unrelated for
-    different parts: seed_for(seed, "star", n, i, j) is sample j of problem i in iteration n."""
+    """A seed derived from its parts (the run's seed, a stage, an iteration, a problem, a
+    sample), the same on every machine and process, unrelated for different parts."""
     digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1  # 63 bits: any torch.Generator takes it
 
 
 @contextmanager
 def figure(path, **subplots):
-    """(fig, axes) of plt.subplots(**subplots), drawn off screen (the Agg backend), laid out,
-    saved to path at 110 dpi and closed when the block ends: every method's plot."""
+    """(fig, axes) of plt.subplots(**subplots), drawn off screen, laid out, saved to path at
+    110 dpi and closed when the block ends: every method's plot."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -705,8 +625,8 @@ def figure(path, **subplots):
 
 
 def write_atomic(path, text):
-    """Write a whole file so that an interrupted run never leaves half of it: written aside,
-    then renamed into place. Under torchrun only the main process writes."""
+    """Write a whole file aside, then rename it into place, so that an interrupted run never
+    leaves half of it. Under torchrun only the main process writes."""
     if is_main():
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
@@ -727,13 +647,21 @@ def read_jsonl(path):
 
 
 def append_jsonl(path, *rows):
-    """Append rows in one atomic rewrite (the files here are a few rows long): a run's metrics
-    row is its commit point, so it is either wholly there or not at all."""
+    """Append rows in one atomic rewrite (the files are a few rows long)."""
     write_jsonl(path, read_jsonl(path) + list(rows))
 
 
-# -----------------------------------------------------------------------------
-# Devices, precision, checkpoints
+def committed(out, kind, key):
+    """What a run in folder out has finished: the values of key in its metrics.jsonl rows of
+    this kind. Each stage appends its row last, after every file it wrote (the commit point),
+    so a run started again on the folder skips these and resumes after them."""
+    return {r[key] for r in read_jsonl(os.path.join(out, "metrics.jsonl")) if r.get("kind") == kind}
+
+
+def commit(out, row, t0):
+    """Append a finished stage's row, with its wall time since t0, to out/metrics.jsonl."""
+    append_jsonl(os.path.join(out, "metrics.jsonl"), {**row, "wall_s": round(time.time() - t0, 1)})
+
 
 def autodetect_device():
     """cuda, mps and cpu are three distinct cases (an Apple GPU is neither of the others)."""
@@ -774,8 +702,7 @@ def load_checkpoint(path, device="cpu"):
     return model.to(device), ckpt
 
 
-# -----------------------------------------------------------------------------
-# More than one process (torchrun, see train.py): with a single process each of these is a no-op
+# More than one process (torchrun, see train.py): with a single process each is a no-op.
 
 def rank_world():
     """(this process's rank, number of processes): (0, 1) unless torchrun started a group."""
@@ -805,18 +732,15 @@ def all_gather(obj):
 
 
 def wrap_ddp(model):
-    """Under torchrun, the model wrapped in DistributedDataParallel (gradients averaged over the
+    """Under torchrun, the model in DistributedDataParallel (gradients averaged over the
     processes after backward); with one process, the model itself."""
     return DDP(model) if rank_world()[1] > 1 else model
 
 
 def split_batch(batch, size=lambda item: 1):
-    """This process's share of a global batch that every process drew identically (all of it
-    with one process), and the divisor of its summed loss.
-
-    Each process sums the losses of its share and divides by (the global batch's size / the
-    number of processes): DistributedDataParallel then averages the gradients over processes,
-    so a step equals the single-process step on the mean loss of the whole batch. size(item)
-    counts what the mean is over (1 per example; its tokens, for a token-level loss)."""
+    """This process's share of a global batch every process drew identically, and the divisor
+    of its summed loss: the global batch's size(item) total / the number of processes, so that
+    DDP's averaged gradients equal the single-process step on the whole batch's mean loss
+    (size: 1 per example; its tokens, for a token-level loss)."""
     rank, world = rank_world()
     return batch[rank::world], sum(size(item) for item in batch) / world

@@ -1,44 +1,19 @@
 """
-Quiet-STaR: the model thinks after every token, and learns which thoughts help predict the text.
+Quiet-STaR (Zelikman et al. 2024, arXiv 2403.09629; Algorithm 1 and ezelikman/quiet-star): the
+model thinks after every token and learns which thoughts help it predict the text. Here a tiny GPT
+learns chain-task lines, half of which show their work ("8+8*8+5:(6,8,3)3"), and is measured on
+the answers of bare held-out lines ("8+8*8+5=3") against a plain continuation (same data and
+steps, not equal compute) and against the base's own thoughts before training.
 
-Follows Zelikman et al. 2024, "Quiet-STaR: Language Models Can Teach Themselves to Think Before
-Speaking" (arXiv 2403.09629), Algorithm 1 and the official code (ezelikman/quiet-star). For every
-position t of a training sequence, in parallel:
-  1. think: append <|startofthought|>, sample thought_len tokens, append <|endofthought|>
-     (one forward pass per token for all positions at once, reusing the KV cache; the attention
-     mask lets each thought see its real prefix x[:t+1] and its own earlier thought tokens only);
-  2. talk: a mixing head weighs the next-token prediction with the thought against the one
-     without it, and the next n_true real tokens are teacher-forced after the thought;
-  3. learn: the reward of a thought is the log-likelihood of those n_true tokens with it, minus
-     the mean over the thoughts sampled at the same position (negatives clamped to 0);
-     loss = w_base * NLL(base) + w_mixed * NLL(mixed) + beta * REINFORCE(sampled thought tokens).
+    base = train_base(text)              # then the diagnostic: its own thoughts at w = 0 and 1
+    plain, quiet, head = load_arms(base)
+    for s in range(think_steps):         # think_training: both arms, the same batch and lr
+        lm_step(plain, batch)
+        th = think(quiet, head, batch)   # a thought after every position, all in parallel
+        quiet_star_step: quiet_star_loss(th) = NLL(base) + NLL(mixed) + REINFORCE(thoughts)
+        every eval_every steps: save_arms, then commit(evaluate_arms(plain, quiet))
 
-The text: lines of the chain task (tasks/chain.py), half of which show their work:
-    8+8*8+5=3            a bare line: the answer digit needs three lookups in one forward pass
-    8+8*8+5:(6,8,3)3     a worked line: the running digit after each operation, then the answer
-As in the paper, the base (trained here from scratch on this text) already reasons in text, and
-Quiet-STaR teaches it to reason silently. Measured: the answer digits of bare held-out lines,
-against the equal-compute continuation (same base, batches and steps, no thoughts), after a
-diagnostic (the base's own thoughts mixed in at a fixed w = 0 and w = 1: can they help at all?).
-
-Run: python train.py --method quiet_star          (python train.py --help: thought flags)
-Test: python -m pytest tests/test_quiet_star.py
-Under torchrun both arms train through DDP, each process on its rows of every batch (a step is
-still the whole batch's: lm_step, quiet_star_step), and evaluation batches are split (evaluate).
-
-Departures from the paper and its code (a flag restores each of the code's choices):
-1. A tiny GPT trained from scratch on arithmetic text, not Mistral-7B on OpenWebMath.
-2. Meta-tokens: Adam's step on their rows is multiplied by --meta-lr-mult (the code divides the
-   embeddings by 100) and capped per step by --meta-max-change (inf: the code's, under which a
-   start-of-thought row went from norm 0.23 to 2.01 in 6 steps); they start as "(" and ")"
-   (--meta-init dash: the paper's "---") and are never text (move_meta_tokens, text_logits).
-3. A tanh-bounded mixing weight (--mixing linear: the code's; MixingHead), learning
-   --head-lr-mult times faster than the model.
-4. REINFORCE's thought log-probs are at the sampling temperature (the code uses 3).
-5. Evaluation thinks greedily, so greedy answer accuracy is read exactly from teacher-forced
-   argmaxes (tests/test_quiet_star.py checks it against token-by-token decoding).
-6. The tiny preset thinks at every second position (--think-stride 2; step s starts at s % 2,
-   so every position in turn) to fit ten minutes on two cores; the others at every token.
+Run: python train.py --method quiet_star     (python train.py --method quiet_star --help: its flags)
 """
 
 import copy
@@ -52,19 +27,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model import (GPT, ConcatCache, all_gather, append_jsonl, autocast, bootstrap_ci, figure,
-                   get_config, is_main, load_checkpoint, lr_at, pick, rank_world, read_jsonl,
-                   right_pad, save_checkpoint, seed_for, wrap_ddp, write_atomic)
+from model import (GPT, ConcatCache, all_gather, autocast, bootstrap_ci, commit, committed, figure,
+                   get_config, is_main, load_checkpoint, lr_at, optimizer_step, rank_world,
+                   read_jsonl, right_pad, sample_token, save_checkpoint, seed_for, wrap_ddp,
+                   write_atomic)
 from tasks import EOT, EOTH, PAD, SOT, TOKENIZER, decode, encode, held_out, sample_problems
 
-# Every setting of a run, per preset (train.py fills the flags left unset from here, and refuses
-# the others). The loss weights and the meta-token multiplier are the official code's.
+# Every setting of a run, per preset (train.py fills unset flags from here and refuses others).
+# The loss weights and the meta-token multiplier are the official code's; thoughts are as long as
+# the work at the training difficulty ("6,8,3": 5), and the base trains until its own thoughts
+# are that work; the tiny preset thinks at every second position to fit two CPU cores.
 _SHARED = dict(task="chain", worked_fraction=0.5, n_true=2, n_thoughts=2, thought_temperature=1.0,
                base_weight=0.5, mixed_weight=0.5, reinforce_weight=1.0, meta_lr_mult=100.0,
                meta_max_change=0.01, meta_init="paren", mixing="tanh", head_lr_mult=20.0)
-# The thoughts are as long as the work at the training difficulty ("6,8,3": 5). 1,500 base
-# steps: with 1,000 the base's own thoughts were not yet the work on some seeds and CPUs, and
-# Quiet-STaR then had nothing to learn from (README, Quiet-STaR).
 DEFAULTS = {
     "tiny": dict(_SHARED, base_steps=1500, think_steps=200, batch_size=32, lr=2e-3, n_test=400,
                  continue_lr=5e-4, seq_len=48, thought_len=5, think_stride=2, eval_every=50,
@@ -103,9 +78,8 @@ def show_work(n, fraction, seed):
 
 
 def pack(task, problems, worked, T):
-    """Whole lines (never split) packed into rows of T+1 tokens, right-padded: (seqs, ans), both
-    (N, T+1); ans holds the index of the problem whose answer digit sits at that column, for bare
-    lines only (the hard tokens), -1 elsewhere."""
+    """Whole lines packed into right-padded rows of T+1 tokens: (seqs, ans), both (N, T+1); ans is
+    the problem's index at the answer digits of bare lines (the hard tokens), -1 elsewhere."""
     rows, ans, cur, cur_ans = [], [], [], []
     for i, (p, w) in enumerate(zip(problems, worked)):
         text = line(task, p, w)
@@ -160,7 +134,7 @@ def targets(seqs):
 
 def talk_columns(seqs, at, n_true):
     """Talk token j after the thought at position at[i] mixes with the base hidden state at
-    column at[i] + j (P, n_true) and predicts seqs there + 1 (B, P, n_true; -1 past the end)."""
+    column at[i] + j (N, n_true) and predicts seqs there + 1 (B, N, n_true; -1 past the end)."""
     T = seqs.size(1) - 1
     col = at[:, None] + torch.arange(n_true, device=at.device)[None]
     return col, targets(seqs)[:, col.clamp(max=T - 1)].masked_fill(col >= T, -1)
@@ -172,7 +146,8 @@ def target_logp(logits, y):
     return logp * (y >= 0)
 
 # -----------------------------------------------------------------------------
-# The pieces: meta-tokens, the mixing head, the thought mask, the thought tokens
+# Thinking: meta-tokens, the mixing head, the thought mask and tokens; think() in parallel and
+# think_naive() one position at a time (the reference)
 
 
 def init_meta_tokens(model, how="paren"):
@@ -219,65 +194,49 @@ class FixedHead(nn.Module):
 
 
 def thought_mask(T, at, k):
-    """Attention mask (1, 1, P, T + P*k) of pass k >= 1 (the official code's diagonal mask).
-
-    The cache holds the T real tokens, then P columns per earlier pass (one per thinking position
-    at[i]). The query of thought i sees the real columns 0..at[i] and, in every pass, only its
-    own column: T + P*m + i.
-    """
-    P = len(at)
-    real = torch.arange(T, device=at.device)[None, :] <= at[:, None]  # (P, T)
-    own = torch.eye(P, dtype=torch.bool, device=at.device).repeat(1, k)  # (P, P*k)
+    """Attention mask (1, 1, N, T + N*k) of pass k >= 1 (the official code's diagonal mask): the
+    cache holds T real columns, then N per earlier pass m; thought i (at position at[i]) sees the
+    real columns 0..at[i] and its own column T + N*m + i of every pass."""
+    real = torch.arange(T, device=at.device)[None, :] <= at[:, None]  # (N, T)
+    own = torch.eye(len(at), dtype=torch.bool, device=at.device).repeat(1, k)  # (N, N*k)
     return torch.cat([real, own], dim=1)[None, None]
 
 
 def thought_token(logits, temperature, generator, rows=None):
-    """(token, its log-prob) per row from logits (..., V) with the meta-tokens banned, picked by
-    model.pick (greedy at temperature 0). The log-prob is at the sampling temperature (1 when
-    greedy): it is what REINFORCE differentiates. rows = (index, n): the logits are those rows
-    of a batch of n (a process's share), and get the noise drawn for the whole batch."""
+    """(token, log-prob) per row of logits (..., V), the meta-tokens banned (greedy at temperature
+    0). REINFORCE's log-prob is at the sampling temperature (1 when greedy; the official code: 3).
+    rows = (index, n): these are those rows of a batch of n, with the whole batch's noise."""
     logits = text_logits(logits, BANNED)
     index, n = rows or (slice(None), len(logits))
     u = torch.rand(n, *logits.shape[1:], generator=generator, device=logits.device)[index] \
         if temperature > 0 else None
-    tok = pick(logits, temperature, u=u)
+    tok = sample_token(logits, temperature, u=u)
     logp = F.log_softmax(logits / (temperature or 1.0), dim=-1)
     return tok, logp.gather(-1, tok[..., None]).squeeze(-1)
-
-# -----------------------------------------------------------------------------
-# Thinking in parallel (training, evaluation) and one position at a time (the reference)
 
 
 def think(model, head, seqs, at, thought_len, n_true, n_thoughts=1, temperature=1.0,
           generator=None, rows=None):
-    """Thoughts after the positions `at` of every row, all at once, then n_true talk tokens.
-
-    seqs: (B, T+1) tokens (the model reads [:, :T]; the extra column is the last talk target).
-    Pass 0 is the real text. Pass 1 feeds <|startofthought|> at every position; passes
-    2..thought_len+1 feed the sampled thought tokens; then <|endofthought|>, then the true tokens
-    x[t+1], .., x[t+n_true-1] (teacher forcing). Each pass adds P cache columns and advances the
-    position ids by one, so a thought at position t is exactly the text x[:t+1] + thought.
-    Returns a dict, rows b*n_thoughts + j for the j-th thought of row b:
-      base_logits (B, T, V): pass 0;  thoughts, thought_logp (B*n, P, thought_len);
-      mixed_logits (B*n, P, n_true, V) predicting talk_targets (B, P, n_true), -1 past the end;
-      w (B*n, P, n_true) the mixing weights;  pass_logits: every pass's logits (for the tests).
-    rows: the thought rows' place in a bigger batch (thought_token), when seqs is a share of it.
-    """
+    """Thoughts after the positions `at` of every row of seqs (B, T+1), all at once, then n_true
+    talk tokens: pass 0 reads x = seqs[:, :T], then one pass per <|startofthought|>, thought
+    token, <|endofthought|> and forced x[t+1], .., x[t+n_true-1], each adding N cache columns.
+    Returns a dict, row b*n_thoughts + j for the j-th thought of row b: base_logits (B, T, V);
+    thoughts, thought_logp (B*n, N, thought_len); mixed_logits (B*n, N, n_true, V) predicting
+    talk_targets (B, N, n_true); w (B*n, N, n_true); pass_logits (for the tests)."""
     B, T = seqs.size(0), seqs.size(1) - 1
-    x = seqs[:, :T]
     cache = ConcatCache(model.config.n_layer)
-    base_logits, h0 = model(x, cache=cache, return_hidden=True)  # (B, T, V), (B, T, C)
+    base_logits, h0 = model(seqs[:, :T], cache=cache, return_hidden=True)  # (B, T, V), (B, T, C)
     cache.repeat_rows(n_thoughts)
     h0 = h0.repeat_interleave(n_thoughts, 0)  # (B*n, T, C)
-    P = len(at)
-    col, talk_targets = talk_columns(seqs, at, n_true)  # (P, n_true), (B, P, n_true)
-    talk_inputs = seqs[:, (col + 1).clamp(max=T)]  # (B, P, n_true): x[at+j+1], forced after j
+    n_think = len(at)  # N in the shapes
+    col, talk_targets = talk_columns(seqs, at, n_true)  # (N, n_true), (B, N, n_true)
+    talk_inputs = seqs[:, (col + 1).clamp(max=T)]  # (B, N, n_true): x[at+j+1], forced after j
 
-    inp = torch.full((B * n_thoughts, P), SOT, dtype=torch.long, device=seqs.device)
+    inp = torch.full((B * n_thoughts, n_think), SOT, dtype=torch.long, device=seqs.device)
     thoughts, thought_logp, mixed, ws, pass_logits = [], [], [], [], []
     for k in range(1, thought_len + n_true + 2):
         logits, h = model(inp, pos=at + k, mask=thought_mask(T, at, k), cache=cache,
-                          return_hidden=True)  # (B*n, P, V), (B*n, P, C)
+                          return_hidden=True)  # (B*n, N, V), (B*n, N, C)
         pass_logits.append(logits)
         if k <= thought_len:  # this pass predicts thought token k: sample it
             inp, lp = thought_token(logits, temperature, generator, rows)
@@ -286,11 +245,11 @@ def think(model, head, seqs, at, thought_len, n_true, n_thoughts=1, temperature=
             inp = torch.full_like(inp, EOTH)
         else:  # talk token j: mix with the base hidden state at t + j, then force x[t+j+1]
             j = k - thought_len - 2
-            hb = h0[:, col[:, j].clamp(max=T - 1)]  # (B*n, P, C)
+            hb = h0[:, col[:, j].clamp(max=T - 1)]  # (B*n, N, C)
             m, w = head(hb, h)
             mixed.append(model.lm_head(m)), ws.append(w)
             inp = talk_inputs[:, :, j].repeat_interleave(n_thoughts, 0)
-    empty = torch.zeros(B * n_thoughts, P, 0, device=seqs.device)
+    empty = torch.zeros(B * n_thoughts, n_think, 0, device=seqs.device)
     return dict(base_logits=base_logits, talk_targets=talk_targets, pass_logits=pass_logits,
                 thoughts=torch.stack(thoughts, -1) if thoughts else empty.long(),
                 thought_logp=torch.stack(thought_logp, -1) if thoughts else empty,
@@ -299,10 +258,9 @@ def think(model, head, seqs, at, thought_len, n_true, n_thoughts=1, temperature=
 
 @torch.no_grad()
 def think_naive(model, head, prefix, thought_len, future=(), temperature=0.0, generator=None):
-    """The textbook version for one position: the prefix, then the thought, recomputed from
-    scratch for every token, no cache, no mask. future: the true tokens after the prefix to
-    teacher-force (n_true - 1 of them). Returns (thought, thought_logp, mixed_logits (n_true, V),
-    w (n_true,)); think() must agree with it at every position."""
+    """think() for one position, recomputed from scratch for every token (no cache, no mask), for
+    the tests; future: the n_true - 1 true tokens to teacher-force after the prefix. Returns
+    (thought, thought_logp, mixed_logits (n_true, V), w (n_true,))."""
     dev = next(model.parameters()).device
     seq = list(prefix) + [SOT]
     thought, logps = [], []
@@ -323,30 +281,23 @@ def think_naive(model, head, prefix, thought_len, future=(), temperature=0.0, ge
 # The loss (the paper's equation for the REINFORCE gradient, and the two language-model terms)
 
 
-def talk_logp(th, n_thoughts):
-    """log p(talk target) under the mixed prediction (B*n, P, n_true), 0 where there is none."""
-    tgt = th["talk_targets"].repeat_interleave(n_thoughts, 0)  # (B*n, P, n_true)
-    return target_logp(th["mixed_logits"], tgt), tgt >= 0
-
-
 def quiet_star_loss(th, seqs, n_thoughts, args, counts=None):
     """(loss, stats): w_base * base NLL + w_mixed * mixed NLL + beta * REINFORCE. The three means
     divide by counts when given (torchrun: seqs is a share of a batch; see quiet_star_step)."""
     y = targets(seqs)
     V = th["base_logits"].size(-1)
-    logp, valid = talk_logp(th, n_thoughts)  # (B*n, P, n_true)
+    tgt = th["talk_targets"].repeat_interleave(n_thoughts, 0)  # (B*n, N, n_true)
+    logp, valid = target_logp(th["mixed_logits"], tgt), tgt >= 0  # log p(talk target), or 0
     has = valid[..., 0].float()  # positions with at least one true token to predict
     n_y, n_talk, n_has = counts or ((y >= 0).sum(), valid.sum().clamp(min=1),
                                     has.sum().clamp(min=1))
     nll_base = F.cross_entropy(text_logits(th["base_logits"]).reshape(-1, V), y.reshape(-1),
                                ignore_index=-1, reduction="sum") / n_y
     nll_mixed = -logp.sum() / n_talk
-    # reward: how much likelier the true text is with this thought than with the average one
-    # at the same position; only better-than-average thoughts are pushed up
-    r = logp.detach().sum(-1).view(-1, n_thoughts, logp.size(1))  # (B, n, P)
-    adv = (r - r.mean(1, keepdim=True)).clamp(min=0).view(-1, logp.size(1))  # (B*n, P)
-    # REINFORCE on the sampled thought tokens only: -adv * log p(thought); the forced start/end
-    # tokens and the teacher-forced text carry no policy gradient
+    # reward: the true text's log-likelihood with this thought over the mean at its position;
+    # only better-than-average thoughts are pushed up, and only their sampled tokens
+    r = logp.detach().sum(-1).view(-1, n_thoughts, logp.size(1))  # (B, n, N)
+    adv = (r - r.mean(1, keepdim=True)).clamp(min=0).view(-1, logp.size(1))  # (B*n, N)
     reinforce = -(adv * th["thought_logp"].sum(-1) * has).sum() / n_has
     loss = args.base_weight * nll_base + args.mixed_weight * nll_mixed + \
         args.reinforce_weight * reinforce
@@ -360,13 +311,11 @@ def quiet_star_loss(th, seqs, n_thoughts, args, counts=None):
 @torch.no_grad()
 def evaluate(model, head, data, args, batch_size=64):
     """Over the answer tokens of the bare lines in data (pack's output), with head=None the plain
-    model, else greedy thoughts at every position (n_true=1): mean NLL, greedy accuracy, each
-    line's NLL and rightness (for paired intervals), and the mean mixing weight there. Under
-    torchrun each process takes every world-th batch, and every process gets all of them."""
-    seqs_all, ans_all = data
-    device = next(model.parameters()).device
-    rank, world = rank_world()
-    mine = {}
+    model, else greedy thoughts at every position (n_true=1), so that greedy accuracy is read
+    exactly from teacher-forced argmaxes: mean NLL, accuracy, each line's NLL and rightness (for
+    paired intervals), and the mean mixing weight. torchrun: every world-th batch per process."""
+    (seqs_all, ans_all), device = data, next(model.parameters()).device
+    (rank, world), mine = rank_world(), {}
     for s in range(rank * batch_size, len(seqs_all), world * batch_size):
         seqs = seqs_all[s:s + batch_size].to(device)
         y = targets(seqs)  # (B, T)
@@ -433,17 +382,13 @@ def sample_lines(model, head, task, problems, thought_len, k=6):
     return "\n".join(lines) + "\n"
 
 # -----------------------------------------------------------------------------
-# Training: the base model, then Quiet-STaR and the equal-compute continuation side by side
+# Training: the base model, then Quiet-STaR and the plain arm side by side (same data, steps)
 
 
-def optimizer_step(opt, loss, params, lr):
-    """Every group at lr (times its lr_mult), the gradient clipped to norm 1 over params."""
+def set_lr(opt, lr):
+    """Every group at lr times its lr_mult (the mixing head's group learns faster)."""
     for g in opt.param_groups:
         g["lr"] = lr * g.get("lr_mult", 1.0)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    opt.step()
 
 
 def lm_step(model, opt, seqs, lr):
@@ -456,13 +401,15 @@ def lm_step(model, opt, seqs, lr):
     loss = F.cross_entropy(text_logits(logits).reshape(-1, logits.size(-1)),
                            targets(share).reshape(-1), ignore_index=-1,
                            reduction="sum") / ((targets(seqs) >= 0).sum() / world)
-    optimizer_step(opt, loss, model.parameters(), lr)
+    loss.backward()
+    set_lr(opt, lr)
+    optimizer_step(opt, model.parameters(), clip=1.0)
     return loss.item()
 
 
 def move_meta_tokens(wte, before, median_norm, mult, max_change):
-    """Departure 2: the meta-token rows move mult times as far as Adam moved them from `before`,
-    each at most max_change x the median row norm before the step (inf: the official code)."""
+    """The meta-token rows move mult times as far as Adam moved them from `before` (the official
+    code divides them by 100 instead), each at most max_change x the median row norm (inf)."""
     with torch.no_grad():
         step = mult * (wte[META] - before)
         step *= (max_change * median_norm / step.norm(dim=1, keepdim=True)).clamp(max=1.0)
@@ -484,91 +431,110 @@ class Thinker(nn.Module):
 def quiet_star_step(model, head, opt, seqs, lr, step, args, thinker=None):
     """One step on the batch seqs; under torchrun through thinker (a DDP-wrapped Thinker) on this
     process's rows, with the noise the whole batch gives them: the whole batch's step."""
-    generator = torch.Generator(device=seqs.device).manual_seed(
-        seed_for(args.seed, "thoughts", step))
-    # with a stride k, step s thinks at positions s % k, s % k + k, ...: every position in turn
-    at = torch.arange(step % args.think_stride, args.seq_len, args.think_stride,
-                      device=seqs.device)
     (rank, world), n, dev = rank_world(), args.n_thoughts, seqs.device
+    generator = torch.Generator(device=dev).manual_seed(seed_for(args.seed, "thoughts", step))
+    # with a stride k, step s thinks at positions s % k, s % k + k, ...: every position in turn
+    at = torch.arange(step % args.think_stride, args.seq_len, args.think_stride, device=dev)
     rows = (torch.arange(rank, len(seqs), world, device=dev)[:, None] * n +
             torch.arange(n, device=dev)).flatten()  # this process's thoughts, of len(seqs) * n
     with autocast(str(dev)):
         th = (thinker or Thinker(model, head))(seqs[rank::world], at, args.thought_len,
                                                args.n_true, n, args.thought_temperature,
                                                generator, (rows, len(seqs) * n))
-    # the means of the loss over the whole batch: its targets, its talk targets (every thought's)
-    # and its thoughts at a position with one, per process
-    talk = talk_columns(seqs, at, args.n_true)[1] >= 0  # (B, P, n_true)
+    # per process, the whole batch's counts: targets, talk targets, thoughts with a talk target
+    talk = talk_columns(seqs, at, args.n_true)[1] >= 0  # (B, N, n_true)
     counts = [(targets(seqs) >= 0).sum() / world, (n * talk.sum()).clamp(min=1) / world,
               (n * talk[..., 0].sum()).clamp(min=1) / world]
     loss, stats = quiet_star_loss(th, seqs[rank::world], n, args, counts)
     wte = model.transformer.wte.weight
     before, median_norm = wte[META].detach().clone(), wte.detach().norm(dim=1).median()
-    optimizer_step(opt, loss, list(model.parameters()) + list(head.parameters()), lr)
+    loss.backward()
+    set_lr(opt, lr)
+    optimizer_step(opt, list(model.parameters()) + list(head.parameters()), clip=1.0)
     move_meta_tokens(wte, before, median_norm, args.meta_lr_mult, args.meta_max_change)
     return stats
 
 
-def run(args, task, P, D, test, out, device, new_model):
-    """Stage 1 trains the base LM (row kind "base"); stage 2 trains Quiet-STaR and the plain
-    continuation on the same batches, one "eval" row every eval_every steps (the commit point:
-    checkpoints are written first). Started again on the same folder, it resumes from the last
-    row. P, D and test from train.py are not used: the data here is packed arithmetic text."""
-    metrics = os.path.join(out, "metrics.jsonl")
-    rows = read_jsonl(metrics)
-    need = args.seq_len + args.thought_len + args.n_true + 2
-    cfg = get_config(args.preset, block_size=max(need, get_config(args.preset).block_size))
-    problems = test_problems(task, args)
-    test_keys = held_out(task, problems)
-    worked = show_work(len(problems), args.worked_fraction, seed_for(args.seed, "test work"))
-    data = pack(task, problems, worked, args.seq_len)
-    bare = [p for p, w in zip(problems, worked) if not w]  # the lines measured
-    path = lambda arm, step: os.path.join(out, f"{arm}_step{step}.pt")  # noqa: E731
+def train_base(args, task, cfg, data, test_keys, path, out, device):
+    """Stage 1: the base language model on the text, then the diagnostic: its own greedy
+    thoughts mixed in at w = 0 and w = 1 (can they help at all?); its row is "base"."""
+    t0 = time.time()
+    torch.manual_seed(args.seed)
+    base = GPT(cfg).to(device)
+    opt, forward = base.configure_optimizer(args.lr), wrap_ddp(base)  # torchrun: DDP
+    bar = tqdm(range(args.base_steps), desc="base LM", leave=False, dynamic_ncols=True)
+    for s in bar:
+        loss = lm_step(forward, opt, train_batch(task, args, -1 - s, test_keys).to(device),
+                       lr_at(s, args.base_steps, args.lr, warmup=100))
+        if s % 20 == 0:
+            bar.set_postfix(loss=f"{loss:.3f}")
+    base.eval()
+    save_checkpoint(path("base", 0), base, TOKENIZER)
+    quiet = copy.deepcopy(base)
+    init_meta_tokens(quiet, args.meta_init)
+    row = {"kind": "base", "step": 0, "base_steps": args.base_steps,
+           "plain": evaluate(base, None, data, args),
+           "w=0": evaluate(quiet, FixedHead(0.0), data, args),
+           "w=1": evaluate(quiet, FixedHead(1.0), data, args)}
+    commit(out, row, t0)
+    tqdm.write(diagnostic(row))
 
-    if not any(r["kind"] == "base" for r in rows):  # stage 1: the base language model
-        t0 = time.time()
-        torch.manual_seed(args.seed)
-        base = GPT(cfg).to(device)
-        opt, forward = base.configure_optimizer(args.lr), wrap_ddp(base)  # torchrun: DDP
-        bar = tqdm(range(args.base_steps), desc="base LM", leave=False, dynamic_ncols=True)
-        for s in bar:
-            loss = lm_step(forward, opt, train_batch(task, args, -1 - s, test_keys).to(device),
-                           lr_at(s, args.base_steps, args.lr, warmup=100))
-            if s % 20 == 0:
-                bar.set_postfix(loss=f"{loss:.3f}")
-        base.eval()
-        save_checkpoint(path("base", 0), base, TOKENIZER)
-        # the diagnostic: its own greedy thoughts mixed in at w = 0 and w = 1
-        quiet = copy.deepcopy(base)
-        init_meta_tokens(quiet, args.meta_init)
-        row = {"kind": "base", "step": 0, "base_steps": args.base_steps,
-               "plain": evaluate(base, None, data, args),
-               "w=0": evaluate(quiet, FixedHead(0.0), data, args),
-               "w=1": evaluate(quiet, FixedHead(1.0), data, args),
-               "wall_s": round(time.time() - t0, 1)}
-        append_jsonl(metrics, row)
-        tqdm.write(diagnostic(row))
 
-    # stage 2: both arms start from the base, or from the last committed step
-    done = max([r["step"] for r in rows if r["kind"] == "eval"], default=0)
-    plain, ck = load_checkpoint(path("base" if done == 0 else "plain", done), device)
-    quiet, ckq = load_checkpoint(path("base" if done == 0 else "quiet", done), device)
+def load_arms(args, cfg, path, start, device):
+    """Stage 2's two arms, plain (the continuation) and quiet with its mixing head, as the base
+    when start = 0, else as committed at step start; the head learns head_lr_mult x faster."""
+    plain, ck = load_checkpoint(path("base" if start == 0 else "plain", start), device)
+    quiet, ckq = load_checkpoint(path("base" if start == 0 else "quiet", start), device)
     head = MixingHead(cfg.n_embd, args.mixing).to(device)
-    if done == 0:
+    if start == 0:
         init_meta_tokens(quiet, args.meta_init)
     opt_p = plain.configure_optimizer(args.continue_lr)
     opt_q = quiet.configure_optimizer(args.continue_lr)
     opt_q.add_param_group({"params": list(head.parameters()), "weight_decay": 0.0,
                            "lr_mult": args.head_lr_mult})
-    if done > 0:
+    if start > 0:
         head.load_state_dict(ckq["extra"]["head"])
         opt_q.load_state_dict(ckq["extra"]["opt"])
         opt_p.load_state_dict(ck["extra"]["opt"])
-        tqdm.write(f"resuming {out} after step {done}")
+    return plain, opt_p, quiet, head, opt_q
+
+
+def save_arms(arms, path, step, task, bare, args, out):
+    """Both arms' checkpoints at step (a step in the name: one written just before an
+    interruption is never taken as committed), and a few thoughts to read."""
+    plain, opt_p, quiet, head, opt_q = arms
+    save_checkpoint(path("plain", step), plain, TOKENIZER, extra={"opt": opt_p.state_dict()})
+    save_checkpoint(path("quiet", step), quiet, TOKENIZER,
+                    extra={"head": head.state_dict(), "opt": opt_q.state_dict()})
+    write_atomic(os.path.join(out, f"samples_step{step}.txt"),
+                 sample_lines(quiet, head, task, bare, args.thought_len))
+
+
+def evaluate_arms(arms, data, args, step, stats, base_w1):
+    """The "eval" row at step: both arms, their paired change, the change over the base's own
+    thoughts at a fixed w = 1 (what training added), and the mean training stats since the last."""
+    plain, _, quiet, head, _ = arms
+    shares = all_gather({k: sum(d[k] for d in stats) / len(stats) for k in stats[0]})
+    mean = {k: sum(m[k] for m in shares) / len(shares) for k in shares[0]}  # over processes
+    row = {"kind": "eval", "step": step, "tokens_seen": step * args.batch_size * args.seq_len,
+           "plain": evaluate(plain, None, data, args), "quiet": evaluate(quiet, head, data, args),
+           "train": mean}
+    row["change"] = paired(row["quiet"], row["plain"])
+    row["vs_fixed"] = paired(row["quiet"], base_w1)
+    return row
+
+
+def think_training(args, task, arms, data, bare, test_keys, path, out, start):
+    """Stage 2 from step start: both arms on the same batches and rates; every eval_every steps
+    their checkpoints, then the "eval" row (the commit point); only the newest are kept."""
+    plain, opt_p, quiet, head, opt_q = arms
+    device = next(plain.parameters()).device
     plain.train(), quiet.train()
     forward, thinker = wrap_ddp(plain), wrap_ddp(Thinker(quiet, head))  # torchrun: DDP
-    t0, stats = time.time(), []
-    bar = tqdm(range(done, args.think_steps), desc="Quiet-STaR", leave=False, dynamic_ncols=True)
+    metrics = os.path.join(out, "metrics.jsonl")
+    base_w1 = next(r for r in read_jsonl(metrics) if r["kind"] == "base")["w=1"]
+    t0, stats, prev = time.time(), [], start  # prev: the step of the newest committed models
+    bar = tqdm(range(start, args.think_steps), desc="Quiet-STaR", leave=False, dynamic_ncols=True)
     for s in bar:
         seqs = train_batch(task, args, s, test_keys).to(device)  # both arms: this batch, this lr
         lr = lr_at(s, args.think_steps, args.continue_lr, warmup=args.think_steps // 10 + 1)
@@ -579,32 +545,36 @@ def run(args, task, P, D, test, out, device, new_model):
         if (s + 1) % args.eval_every and s + 1 != args.think_steps:
             continue
         plain.eval(), quiet.eval()
-        # a step in the name: one written just before an interruption is never taken as committed
-        save_checkpoint(path("plain", s + 1), plain, TOKENIZER,
-                        extra={"opt": opt_p.state_dict()})
-        save_checkpoint(path("quiet", s + 1), quiet, TOKENIZER,
-                        extra={"head": head.state_dict(), "opt": opt_q.state_dict()})
-        write_atomic(os.path.join(out, f"samples_step{s + 1}.txt"),
-                     sample_lines(quiet, head, task, bare, args.thought_len))
-        shares = all_gather({k: sum(d[k] for d in stats) / len(stats) for k in stats[0]})
-        mean = {k: sum(m[k] for m in shares) / len(shares) for k in shares[0]}  # over processes
-        row = {"kind": "eval", "step": s + 1, "tokens_seen": (s + 1) * args.batch_size *
-               args.seq_len, "plain": evaluate(plain, None, data, args),
-               "quiet": evaluate(quiet, head, data, args),
-               "train": mean, "wall_s": round(time.time() - t0, 1)}
-        row["change"] = paired(row["quiet"], row["plain"])
-        # against the base's own thoughts at a fixed w = 1: what the training itself added
-        row["vs_fixed"] = paired(row["quiet"], next(r for r in read_jsonl(metrics)
-                                                    if r["kind"] == "base")["w=1"])
-        append_jsonl(metrics, row)  # the commit point
-        for arm in ("plain", "quiet"):  # only the newest committed models are kept (and base)
-            if done > 0 and is_main() and os.path.exists(path(arm, done)):
-                os.remove(path(arm, done))
-        done = s + 1
-        tqdm.write(table_row(row))
+        save_arms(arms, path, s + 1, task, bare, args, out)
+        commit(out, evaluate_arms(arms, data, args, s + 1, stats, base_w1), t0)
+        for arm in ("plain", "quiet"):  # the older models (base's stay)
+            if prev > 0 and is_main() and os.path.exists(path(arm, prev)):
+                os.remove(path(arm, prev))
+        prev = s + 1
+        tqdm.write(table_row(read_jsonl(metrics)[-1]))  # the row just committed
         plain.train(), quiet.train()
         t0, stats = time.time(), []
-    return quiet, head
+
+
+def run(args, task, P, D, test, out, device, new_model):
+    """Stage 1 (train_base), then stage 2 (think_training), resumed after the last committed row
+    when started again on the folder. P, D and test from train.py are unused: the data is text."""
+    need = args.seq_len + args.thought_len + args.n_true + 2
+    cfg = get_config(args.preset, block_size=max(need, get_config(args.preset).block_size))
+    problems = test_problems(task, args)
+    test_keys = held_out(task, problems)
+    worked = show_work(len(problems), args.worked_fraction, seed_for(args.seed, "test work"))
+    data = pack(task, problems, worked, args.seq_len)
+    bare = [p for p, w in zip(problems, worked) if not w]  # the lines measured
+    path = lambda arm, step: os.path.join(out, f"{arm}_step{step}.pt")  # noqa: E731
+    if not committed(out, "base", "step"):
+        train_base(args, task, cfg, data, test_keys, path, out, device)
+    start = max(committed(out, "eval", "step"), default=0)
+    if start > 0:
+        tqdm.write(f"resuming {out} after step {start}")
+    arms = load_arms(args, cfg, path, start, device)
+    think_training(args, task, arms, data, bare, test_keys, path, out, start)
+    return arms[2:4]  # quiet, head
 
 # -----------------------------------------------------------------------------
 # Report: the plot of both measures over training, and the table

@@ -1,39 +1,18 @@
 """
-Test-time search: spend more compute per problem, and measure what accuracy it buys.
+Test-time search: spend more compute per problem and measure what accuracy it buys, counting
+every token a network processes (TokenCount: sampled, prompt and prefixes encoded, read by a
+scorer in proportion to its size). Best-of-N and votes over one pool (self-consistency, Wang et
+al. 2022, arXiv 2203.11171) against step-level beam search (Snell et al. 2024, arXiv 2408.03314)
+and MCTS over steps (RAP, arXiv 2305.14992; rStar-math, arXiv 2501.04519), each guided by
+GenRM-CoT (arXiv 2408.15240), a PRM on Math-Shepherd's labels (arXiv 2312.08935), the
+generator's log-prob, or the exact verifier ("oracle-guided": for teaching, not a bound).
 
-Every method is given the same generator and a budget N, and counts every token a network
-processes (Cost): those the generator samples, the prompt and prefix tokens it encodes (beam
-search and MCTS re-read each prefix every round), and those each scorer reads, weighted by its
-size relative to the generator's. Methods are compared at that total (search.png's x-axis).
-- majority vote (self-consistency, Wang et al. 2022, arXiv 2203.11171); best-of-N (Cobbe et al.
-  2021, arXiv 2110.14168) and the vote weighted by a learned scorer: GenRM-CoT (Zhang et al.
-  2024, arXiv 2408.15240; vstar.train_genrm_cot), the PRM, the generator's log-prob, or
-  GenRM-CoT x generator. With the same scorer at equal total compute, these two are the
-  baselines a step-level search must beat (the report pairs them problem by problem);
-- a process reward model on Math-Shepherd's Monte Carlo labels (Wang et al. 2024, arXiv
-  2312.08935): a step's soft label is the share of rollouts from it that reach the right answer;
-- step-level beam search as HF search-and-learn does it (Snell et al. 2024, arXiv 2408.03314):
-  N beams each sample one step (a line), duplicates are dropped, the N/M best survive and are
-  each repeated M times;
-- MCTS over steps (RAP, Hao et al. 2023, arXiv 2305.14992; rStar-math, Guan et al. 2025, arXiv
-  2501.04519): UCT selection, expansion by a few distinct sampled steps, a rollout to the end
-  scored by the verifier, backup.
-A search guided by the task's exact process verifier is "oracle-guided" (its 0/1 ties broken at
-random): for teaching, not a bound. pass@N, a right answer among N samples, is the ceiling
-of any pick from the pool (best-of-N, votes), not of a search, which may spend more.
+    train_generator(P); label_samples(P + D); train_scorers()     # M0 of star.py, PRM, GenRM-CoT
+    evaluate_pool(N)        # best-of-N, majority and weighted votes, pass@N (the pool's ceiling)
+    for scorer in LEARNED + oracle: evaluate_search("beam"), evaluate_search("mcts")
+    table: each search against best-of-N and the weighted vote by its scorer at equal compute
 
-Run: python train.py --method search   (countdown by default; --task for another)
-Test: python -m pytest tests/test_search.py
-Under torchrun process r searches the problems i with i % processes == r, every sample from its
-own seed; results and token counts are gathered: any number of processes gives one's results.
-
-Deliberate departures: the generator is M0 of star.py (--checkpoint: any trained one); the pool
-rows come from one pool of --eval-samples samples per problem, exact over every N-subset
-(vstar.best_of_k, vstar.majority_at_k; the weighted vote by Monte Carlo); the PRM scores a
-solution by its lowest step score, a prefix by its last step's; MCTS is anytime (one search read
-off after 1, 2, 4, .. simulations), values a rollout by its scored solution (no PUCT prior) and
-expands a node once, by --mcts-children samples; a step is a line of at most STEP_TOKENS tokens,
-and a line that does not end in time, or a prefix that would overflow the block, is finished.
+Run: python train.py --method search   (torchrun splits the problems; any count gives one result)
 """
 import math
 import os
@@ -51,9 +30,8 @@ from model import (ScalarHead, all_gather, append_jsonl, autocast, bootstrap_ci,
                    sequence_logprobs, write_jsonl)
 from tasks import EOT, EOTH, NEWLINE, PAD, SOT, TOKENIZER, decode, encode
 
-# Every setting of a run, per preset (train.py fills the flags left unset from here, and refuses
-# the others). Budgets are N: samples of best-of-N and the votes, beams of beam search,
-# simulations of MCTS.
+# Every setting of a run, per preset (train.py fills the unset flags from here). Budgets are N:
+# samples of best-of-N and the votes, beams of beam search, simulations of MCTS.
 _SHARED = dict(task="countdown", temperature=1.0, verifier_lr=1e-4, beam_width=4,
                mcts_children=4, mcts_c=1.0, checkpoint=None, compile=False)
 DEFAULTS = {
@@ -75,10 +53,9 @@ PRODUCT = "GenRM-CoT x generator"
 LEARNED = (PRODUCT, "PRM", "generator")  # what guides the learned searches
 
 
-class Cost:
+class TokenCount:
     """Tokens the networks process: `sampled` by the generator, `prompt` (prompt and prefix
-    tokens it encodes before sampling) and `scored` (read by scorers, times relative_size).
-    Padding is not counted: an artefact of batching (a batch of one has none)."""
+    tokens it encodes) and `scored` (read by scorers, times relative_size); padding uncounted."""
 
     def __init__(self, sampled=0, prompt=0, scored=0):
         self.sampled, self.prompt, self.scored = sampled, prompt, scored
@@ -87,15 +64,12 @@ class Cost:
         return [self.sampled, self.prompt, self.scored]
 
 
-def relative_size(net, generator):
-    """A token `net` reads, in generator tokens: their parameter ratio (1 for every scorer here,
-    all fine-tuned from the generator)."""
+def relative_size(net, generator):  # a token `net` reads, in generator tokens
     return sum(p.numel() for p in net.parameters()) / sum(p.numel() for p in generator.parameters())
 
 
 # -----------------------------------------------------------------------------
-# Steps and rollouts: continuations of prefixes, tokens counted, so beam search's refill,
-# MCTS's expansion, Math-Shepherd's rollouts and the pool are cheap; each row from its own seed
+# Steps and rollouts: continuations of prefixes sharing their cache, each row from its own seed
 
 def prefix_ids(task, p, text):
     """What the generator reads: the prompt, then the steps so far (each ended by a newline)."""
@@ -103,16 +77,13 @@ def prefix_ids(task, p, text):
 
 
 def fits(model, task, p, text):
-    """Is there room in the block for one more step after this prefix?"""
     return len(prefix_ids(task, p, text)) + STEP_TOKENS <= model.config.block_size
 
 
 def continue_prefixes(model, prefixes, copies, max_new, stop, temperature, seeds, cost):
-    """copies[u] continuations of each token list prefixes[u] (prefix 0's copies first), each
-    until a stop token (kept) or max_new tokens, counted into `cost`; model.generate encodes
-    each prefix once for all its copies. Row r is drawn from seeds[r], and every prefix gets all
-    the room the block leaves it, up to max_new (batched apart by room), so a row depends
-    neither on its batch-mates nor on its process (torchrun)."""
+    """copies[u] continuations of each token list prefixes[u], each to a stop token (kept) or
+    max_new tokens, counted into `cost`. Row r is drawn from seeds[r] with all the room the block
+    leaves its prefix (batched apart by room): it depends on neither its batch nor its process."""
     room = [min(max_new, model.config.block_size - len(x)) for x in prefixes]
     first, rows = [0, *accumulate(copies)], [None] * len(prefixes)  # prefix u's first row
     for r in sorted(set(room), reverse=True):
@@ -122,9 +93,9 @@ def continue_prefixes(model, prefixes, copies, max_new, stop, temperature, seeds
                 model, [prefixes[u] for u in group], r, stop, PAD, temperature,
                 banned_tokens=BANNED, copies=[copies[u] for u in group],
                 seeds=[seeds[first[u] + j] for u in group for j in range(copies[u])])
-        done = iter(row[:n] for row, n in zip(tokens.tolist(), lengths.tolist()))
+        sampled = iter(row[:n] for row, n in zip(tokens.tolist(), lengths.tolist()))
         for u in group:
-            rows[u] = [next(done) for _ in range(copies[u])]
+            rows[u] = [next(sampled) for _ in range(copies[u])]
     cost.sampled += sum(len(row) for rs in rows for row in rs)
     cost.prompt += sum(map(len, prefixes))  # each prefix encoded once (its cache rows shared)
     return [row for rs in rows for row in rs]
@@ -132,8 +103,7 @@ def continue_prefixes(model, prefixes, copies, max_new, stop, temperature, seeds
 
 def sample_steps(model, task, nodes, copies, temperature, seeds, cost):
     """One more line for copies[i] continuations of each (problem, prefix text) nodes[i], row r
-    from seeds[r]: (line, finished) pairs; a line ended by end-of-text, or by running out of
-    tokens, is finished."""
+    from seeds[r]: (line, finished) pairs; ended by end-of-text or out of tokens is finished."""
     rows = continue_prefixes(model, [prefix_ids(task, p, text) for p, text in nodes], copies,
                              STEP_TOKENS, (NEWLINE, EOT), temperature, seeds, cost)
     return [(decode(t for t in row if t not in (NEWLINE, EOT)), not row or row[-1] != NEWLINE)
@@ -149,15 +119,13 @@ def rollouts(model, task, nodes, copies, temperature, seeds, cost):
     return [s + decode(t for t in row if t != EOT) for s, row in zip(starts, rows)]
 
 
-def share(n):
-    """This process's problems of n: under torchrun the i with i % processes == rank."""
+def share(n):  # this process's problems of n (torchrun)
     rank, world = rank_world()
     return list(range(rank, n, world))
 
 
 def gathered(results, counts):
-    """Every process's results (a dict: key -> result) merged in key order, and its counts (of
-    tokens) summed: what one process doing all the shares has."""
+    """Every process's results (key -> result) merged in key order, and their counts summed."""
     merged, total = {}, [0] * len(counts)
     for res, cnt in all_gather((results, list(counts))):
         merged.update(res)
@@ -166,13 +134,12 @@ def gathered(results, counts):
 
 
 # -----------------------------------------------------------------------------
-# Scorers: (problem, text, finished) items and a Cost -> values in [0, 1]; every call counts
-# the tokens its network reads into the Cost
+# Scorers: (problem, text, finished) items and a TokenCount -> values in [0, 1], counting the
+# tokens their network reads
 
 def network_scorer(task, weight, values):
-    """A scorer whose network reads each item's prompt and text (a finished one ended by
-    end-of-text): values(rows, items) on batches of (prompt ids, completion ids) rows, every
-    token read counted times weight (relative_size)."""
+    """A scorer calling values(rows, items) on batches of (prompt ids, completion ids: a finished
+    text ended by end-of-text), every token its network reads counted times weight."""
     def score(items, cost, size=256):
         rows = [(encode(task.prompt(p)), encode(t) + ([EOT] if fin else []))
                 for p, t, fin in items]
@@ -183,9 +150,8 @@ def network_scorer(task, weight, values):
 
 
 def oracle_scorer(task, tie_seed=None):
-    """The exact process verifier (ground truth): 1 if every step so far is right (and, when
-    finished, the answer), else 0. A program: no network tokens. With tie_seed, plus 1e-6 times
-    a draw seeded by (tie_seed, problem, text): ties go at random, the same in any batch."""
+    """The exact process verifier: 1 if every step so far (and a finished answer) is right, else
+    0. With tie_seed, + 1e-6 x a draw seeded by (tie_seed, problem, text): ties go at random."""
     def score(items, cost):
         exact = [float(task.check(p, t)) if fin else float(all(task.check_steps(p, t)))
                  for p, t, fin in items]
@@ -196,10 +162,8 @@ def oracle_scorer(task, tie_seed=None):
 
 
 def logprob_scorer(model, task, weight=1.0):
-    """A language model as a scorer: exp(mean log p(y|x)) over a finished solution's tokens or a
-    prefix's steps so far, in (0, 1] so it can weight a vote. With the generator itself: its
-    own confidence, the baseline a verifier must beat. (Not vstar.scores: that splits its
-    batches over the processes, and here each process scores its own problems.)"""
+    """exp(mean log p(y|x)) over a text's tokens, in (0, 1] to weight a vote: the generator's own
+    confidence, the baseline a verifier must beat (each process scores its own share)."""
     @torch.no_grad()
     def values(rows, items):
         logp = sequence_logprobs(model, [q for q, _ in rows], [c for _, c in rows], PAD)
@@ -208,8 +172,7 @@ def logprob_scorer(model, task, weight=1.0):
 
 
 def cot_scorer(verifier, task, weight=1.0):
-    """GenRM-CoT's p(Yes): a finished solution's p(every step is right), or a prefix's so far.
-    It reads the (step, claim) rows of vstar.cot_rows (none where the rules already say no)."""
+    """GenRM-CoT's p(every step so far is right), reading vstar.cot_rows' (step, claim) rows."""
     def score(items, cost):
         args = ([p for p, _, _ in items], [t for _, t, _ in items], [f for _, _, f in items])
         cost.scored += weight * sum(len(q) + len(c) for rows in vstar.cot_rows(task, *args)
@@ -219,18 +182,16 @@ def cot_scorer(verifier, task, weight=1.0):
 
 
 def product_scorer(*scorers):
-    """The product of scorers' values (each one's tokens counted). GenRM-CoT x generator: p(every
-    step so far is right) weighted by the generator's prior on which step to take (alone, the
-    verifier favours the surest arithmetic, `1-1=0`, seldom on a path to the target)."""
+    """The product of scorers' values. GenRM-CoT x generator: p(steps right) times the prior on
+    which step to take (alone, GenRM-CoT favours the surest arithmetic, `1-1=0`)."""
     def score(items, cost):
         return [math.prod(values) for values in zip(*(s(items, cost) for s in scorers))]
     return score
 
 
 def prm_scorer(prm, task, weight=1.0):
-    """Math-Shepherd's solution score: the minimum over steps of the PRM's P(step leads to a
-    right answer). A prefix's is its last step's, as search-and-learn scores beams (under the
-    minimum, siblings scoring above their parent's minimum would all tie)."""
+    """Math-Shepherd: a solution's score is the minimum over steps of the PRM's P(right answer), a
+    prefix's its last step's (search-and-learn's; under the minimum, siblings would tie)."""
     @torch.no_grad()
     def values(rows, items):
         with autocast(str(prm.head.weight.device)):
@@ -247,21 +208,17 @@ def prm_scorer(prm, task, weight=1.0):
 # Training the PRM on Math-Shepherd's Monte Carlo labels
 
 def shepherd_labels(model, task, problems, texts, args, seed):
-    """Math-Shepherd: a step prefix's soft label is the share of args.rollouts completions from
-    it that the outcome verifier accepts; a whole solution's label is its own outcome. Distinct
-    prefixes are rolled out once, rollout r of prefix `pre` of problem i from seed_for(seed, i,
-    pre, r); under torchrun each process rolls out its share of the problems. Returns the rows
-    model.train_bce takes (prompt ids, completion ids, read positions, one label per read) for
-    every sample, and the cost."""
+    """Math-Shepherd: a step prefix's soft label is the share of right completions among
+    args.rollouts from it (rollout r of prefix pre of problem i from seed_for(seed, i, pre, r)), a
+    solution's its outcome. Returns train_bce's rows (prompt, completion, reads, labels), cost."""
     mine = set(share(len(problems)))
     keys = list(dict.fromkeys((i, pre) for i, ts in enumerate(texts) if i in mine for t in ts
                               for pre in vstar.step_prefixes(t)))
-    cost, label, R = Cost(), {}, args.rollouts
-    chunk_size = max(1, args.sample_batch_size // R)
-    bar = tqdm(range(0, len(keys), chunk_size), desc="Math-Shepherd rollouts", leave=False,
-               dynamic_ncols=True)
+    cost, label, R = TokenCount(), {}, args.rollouts
+    per = max(1, args.sample_batch_size // R)
+    bar = tqdm(range(0, len(keys), per), desc="Math-Shepherd rollouts", leave=False)
     for start in bar:
-        chunk = keys[start:start + chunk_size]
+        chunk = keys[start:start + per]
         sols = rollouts(model, task, [(problems[i], pre) for i, pre in chunk], [R] * len(chunk),
                         args.temperature, [seed_for(seed, i, pre, r) for i, pre in chunk
                                            for r in range(R)], cost)
@@ -269,7 +226,6 @@ def shepherd_labels(model, task, problems, texts, args, seed):
             label[(i, pre)] = sum(task.check(problems[i], s) for s in sols[j * R:(j + 1) * R]) / R
         bar.set_postfix(mean_label=f"{sum(label.values()) / len(label):.2f}")
     label, counts = gathered(label, cost.counts())
-    cost = Cost(*counts)
     rows = []
     for i, (p, ts) in enumerate(zip(problems, texts)):
         for t in ts:
@@ -277,18 +233,15 @@ def shepherd_labels(model, task, problems, texts, args, seed):
             labels = [label[(i, pre)] for pre in vstar.step_prefixes(t)]
             rows.append((encode(task.prompt(p)), c, vstar.step_reads(c),
                          labels + [float(task.check(p, t))]))
-    return rows, cost
+    return rows, TokenCount(*counts)
 
 
 # -----------------------------------------------------------------------------
 # Votes over a pool of samples
 
 def vote(answers, weights=None):
-    """The answer with the most votes (or, with weights, the largest summed weight).
-
-    An unparsable answer (None) casts no vote, so it never wins; with no parsable answer the
-    result is None (wrong). Ties go to the tied answer that appears first in `answers`: the
-    samples are i.i.d. and drawn in random order, so that is a uniform tie break."""
+    """The answer of most votes (or summed weights); None (unparsable) casts none. Ties go to the
+    answer seen first: the samples are i.i.d., so that is a uniform tie break."""
     total, first = {}, {}
     for j, a in enumerate(answers):
         if a is not None:
@@ -298,8 +251,8 @@ def vote(answers, weights=None):
 
 
 def weighted_vote_accuracy(answers, right, k, weights, rng, trials=32):
-    """Mean rightness of the weighted vote over `trials` random k-subsets of one problem's pool:
-    Monte Carlo, as no exact count is known for summed weights (vstar.majority_at_k is exact)."""
+    """Mean rightness of the weighted vote over `trials` random k-subsets of one problem's pool
+    (Monte Carlo: no exact count is known for summed weights)."""
     right_of = {a: ok for a, ok in zip(answers, right)}  # an answer's samples agree on rightness
     hits = 0
     for _ in range(trials):
@@ -313,8 +266,7 @@ def weighted_vote_accuracy(answers, right, k, weights, rng, trials=32):
 # Step-level beam search
 
 def prune(cands, scores, keep):
-    """The `keep` best distinct candidates: exact duplicates dropped first (they would eat
-    beam slots), then sorted by score, highest first; equal scores keep their order."""
+    """The `keep` best distinct candidates (duplicates would eat beam slots), stably sorted."""
     best = {}
     for c, s in zip(cands, scores):
         best.setdefault(c, s)
@@ -322,21 +274,18 @@ def prune(cands, scores, keep):
 
 
 def refill(n_survivors, N):
-    """Copies of each survivor so that N beams sample next: N // n each, the best ones one
-    more for the remainder (search-and-learn repeats each of N/M survivors M times)."""
+    """Copies of each survivor so that N beams sample next: N // n each, the best one more."""
     q, r = divmod(N, n_survivors)
     return [q + (j < r) for j in range(n_survivors)]
 
 
 def beam_search(model, task, problems, scorer, N, M, temperature, seeds, cost):
-    """N beams per problem, all problems in lockstep. Each round every beam samples one step;
-    finished solutions go to a pool; the rest are deduplicated, scored, the N // M best kept
-    and refilled to N. A problem stops when its pool holds N solutions or nothing is left.
-    Problem i samples row j of round r from seed_for(seeds[i], r, j), whatever the others do.
-    Returns each problem's chosen solution (the pool's best by the scorer; "" if none)."""
+    """N beams per problem, problems in lockstep: each round every beam samples a step (row j of
+    round r of problem i from seed_for(seeds[i], r, j)); finished ones join a pool, the rest are
+    scored, the N // M best kept and refilled to N, until the pool holds N. Returns each pool's
+    best by the scorer ("" if none)."""
     keep = max(1, N // min(M, N))
-    beams = [[("", N)] for _ in problems]  # (prefix text, copies sampling next)
-    pool = [[] for _ in problems]
+    beams, pool = [[("", N)] for _ in problems], [[] for _ in problems]  # (prefix, copies)
     for r in range(MAX_STEPS):
         jobs = [(i, text, c) for i, b in enumerate(beams) for text, c in b]
         if not jobs:
@@ -373,8 +322,7 @@ def beam_search(model, task, problems, scorer, N, M, temperature, seeds, cost):
 # MCTS over reasoning steps
 
 class Node:
-    """A prefix of steps in one problem's tree: visits N, total value W, the best solution
-    found through it (value, text), and whether it is finished (a whole solution)."""
+    """A prefix of steps: visits N, total value W, the best (value, solution) through it."""
 
     def __init__(self, text, finished=False, parent=None):
         self.text, self.finished, self.parent = text, finished, parent
@@ -383,8 +331,7 @@ class Node:
 
 
 def uct(child, parent_N, c):
-    """UCT = W/N + c * sqrt(ln N_parent / N): the PARENT's visits in the log (not the root's,
-    not the child's own: a classic bug)."""
+    """W/N + c * sqrt(ln N_parent / N): the PARENT's visits in the log (a classic bug)."""
     return child.W / child.N + c * math.sqrt(math.log(parent_N) / child.N)
 
 
@@ -405,8 +352,7 @@ def select(root, c):
 
 
 def backup(path, v, solution):
-    """N += 1, W += v on every node of the path (and no other), which also remember the best
-    solution seen through them."""
+    """N += 1, W += v and the best solution seen on every node of the path (and no other)."""
     for node in path:
         node.N += 1
         node.W += v
@@ -415,8 +361,7 @@ def backup(path, v, solution):
 
 
 def most_visited(root):
-    """Follow the most-visited child (ties: higher mean value) to the bottom; its best
-    solution is the answer."""
+    """The best solution at the end of the most-visited path (ties: higher mean value)."""
     node = root
     while node.children:
         node = max(node.children, key=lambda ch: (ch.N, ch.W / max(ch.N, 1)))
@@ -424,11 +369,10 @@ def most_visited(root):
 
 
 def mcts(model, task, problems, scorer, sims, k, c, temperature, seeds, cost):
-    """One tree per problem, all grown in lockstep, max(sims) simulations each: select by UCT;
-    expand the leaf by sampling k next steps (duplicates merged); evaluate its first new child
-    by a rollout to the end, scored; back up. After s simulations for each s in `sims`, records
-    (answers by most-visited path, by value-weighted vote, cost.counts() so far). Problem i
-    draws simulation s's k samples and its rollout from seed_for(seeds[i], s, j), j = 0..k."""
+    """One tree per problem, in lockstep: select by UCT; expand the leaf by k sampled steps
+    (merged duplicates); roll its first child out, score it (no PUCT prior); back up. After s in
+    sims simulations (s of problem i from seed_for(seeds[i], s, j)): (most-visited answers,
+    value-weighted vote's, cost.counts())."""
     roots = [Node("") for _ in problems]
     found = [[] for _ in problems]  # every evaluated solution with its value
     results = {}
@@ -449,47 +393,106 @@ def mcts(model, task, problems, scorer, sims, k, c, temperature, seeds, cost):
             paths[i].append(leaf.children[0])
         todo = [i for i, path in enumerate(paths) if not path[-1].finished]
         sols = [path[-1].text for path in paths]
-        done_sols = rollouts(model, task, [(problems[i], sols[i]) for i in todo], [1] * len(todo),
-                             temperature, [seed_for(seeds[i], s, k) for i in todo], cost)
-        for i, sol in zip(todo, done_sols):
+        for i, sol in zip(todo, rollouts(model, task, [(problems[i], sols[i]) for i in todo],
+                                         [1] * len(todo), temperature,
+                                         [seed_for(seeds[i], s, k) for i in todo], cost)):
             sols[i] = sol
         values = scorer([(p, sol, True) for p, sol in zip(problems, sols)], cost)
         for i, (path, v, sol) in enumerate(zip(paths, values, sols)):
             backup(path, v, sol)
             found[i].append((sol, v))
         if s in sims:
-            voted = []
-            for p, f in zip(problems, found):
-                a = vote([task.extract_answer(t) for t, _ in f], [v for _, v in f])
-                voted.append(next((t for t, _ in f if task.extract_answer(t) == a), ""))
+            won = [vote([task.extract_answer(t) for t, _ in f], [v for _, v in f]) for f in found]
+            voted = [next((t for t, _ in f if task.extract_answer(t) == a), "")
+                     for a, f in zip(won, found)]
             results[s] = ([most_visited(r) for r in roots], voted, cost.counts())
     return results
 
 
 # -----------------------------------------------------------------------------
-# The run: generator, learned scorers, every method at every budget; resumable by stage
+# The run: generator, learned scorers, every method at every budget
 
-def method_row(stage, method, scorer, budgets, right, counts, t0):
-    """One method's metrics at each budget: accuracy, each test problem's rightness (for the
-    paired intervals) and tokens per problem: in all ("tokens", the x-axis) and by kind
-    (counts[b]: sampled, prompt, scored), rounded (float sums over processes may differ in
-    their last bits)."""
+def method_row(stage, method, scorer, budgets, right, counts):
+    """One method's metrics per budget: accuracy, each problem's rightness (for paired intervals),
+    tokens per problem in all and by kind (counts[b]: sampled, prompt, scored), rounded."""
     per = lambda xs: [round(x, 3) for x in xs]  # noqa: E731
     sampled, prompt, scored = zip(*counts)
     return {"kind": "method", "stage": stage, "method": method, "scorer": scorer,
             "budget": budgets, "accuracy": [sum(r) / len(r) for r in right],
             "tokens": per(map(sum, counts)), "sampled_tokens": per(sampled),
-            "prompt_tokens": per(prompt), "scorer_tokens": per(scored), "right_by_budget": right,
-            "wall_s": round(time.time() - t0, 1)}
+            "prompt_tokens": per(prompt), "scorer_tokens": per(scored), "right_by_budget": right}
 
 
-def pool_rows(model, task, test, scorers, budgets, args, t0):
-    """Best-of-N, majority vote, the weighted votes and pass@N, from one pool of samples per
-    problem (sample j of problem i from seed_for(seed, "pool", i, j)); each process samples and
-    scores its share. N samples cost the prompt once (the N share its cache), N times the mean
-    sample, and N times the mean tokens the method's scorer reads of one."""
+def rightness(task, problems, texts):
+    return [float(task.check(p, t)) for p, t in zip(problems, texts)]
+
+
+def train_generator(args, task, P, test, out, new_model):
+    """M0 of star.py (or --checkpoint as it is), saved; its greedy accuracy and tokens."""
+    torch.manual_seed(args.seed)
+    model = new_model()
+    loss = None if args.checkpoint else star.train_start_model(model, task, P, args)
+    save_checkpoint(os.path.join(out, "generator.pt"), model, TOKENIZER)
+    texts, n_tok = star.sample(model.eval(), task, test, temperature=0.0,
+                               batch_size=args.sample_batch_size, desc="greedy")
+    acc = sum(rightness(task, test, [t[0] for t in texts])) / len(test)
+    prompt = sum(len(prefix_ids(task, p, "")) for p in test)
+    tqdm.write(f"generator: greedy accuracy {acc:.3f}")
+    return [{"kind": "greedy", "stage": "generator", "accuracy": acc,
+             "tokens": (n_tok + prompt) / len(test), "sampled_tokens": n_tok / len(test),
+             "train_loss": loss}]
+
+
+def label_samples(model, task, problems, args, out):
+    """The generator's own samples of P+D, labelled by their outcome (GenRM-CoT's data) and by
+    Math-Shepherd's rollouts (the PRM's), saved."""
+    texts, n_tok = star.sample(model, task, problems, n=args.samples, temperature=args.temperature,
+                               batch_size=args.sample_batch_size,
+                               seed=seed_for(args.seed, "labels"), desc="samples of P+D")
+    labelled = vstar.label(task, problems, texts)
+    ms, cost = shepherd_labels(model, task, problems, texts, args,
+                               seed_for(args.seed, "rollouts"))
+    vstar.save_labelled(os.path.join(out, "labelled.jsonl"), labelled)
+    write_jsonl(os.path.join(out, "shepherd.jsonl"), ms)
+    right = sum(ok for _, _, ok in labelled) / len(labelled)
+    tqdm.write(f"labels: {right:.3f} of {len(labelled)} samples of P+D right")
+    return [{"kind": "labels", "stage": "labels", "samples_right": right,
+             "samples": len(labelled), "sample_tokens": n_tok, "rollout_tokens": cost.sampled}]
+
+
+def train_scorers(args, task, P, out, device):
+    """GenRM-CoT on gold and labelled samples, the PRM on Math-Shepherd's labels, saved."""
+    path = lambda name: os.path.join(out, name)  # noqa: E731
+    gold = [(p, c, True) for p, c in star.gold_examples(task, P, with_hints=False)]
+    gold += vstar.load_labelled(path("labelled.jsonl"))
+    cot = vstar.train_genrm_cot(path("generator.pt"), task, gold, args, device)
+    save_checkpoint(path("genrm_cot.pt"), cot, TOKENIZER)
+    prm = vstar.train_head(path("generator.pt"), read_jsonl(path("shepherd.jsonl")), args,
+                           device, "prm", "PRM (Math-Shepherd)")
+    save_checkpoint(path("prm.pt"), prm.gpt, TOKENIZER, extra={"head": prm.head.state_dict()})
+    return [{"kind": "scorers", "stage": "scorers"}]
+
+
+def load_scorers(model, task, out, device):
+    """The learned scorers by name, each network's tokens weighted by its size (the PRM's by its
+    GPT's: its head is one dot product per read)."""
+    gpt, ckpt = load_checkpoint(os.path.join(out, "prm.pt"), device)
+    prm = ScalarHead(gpt).to(device).eval()
+    prm.head.load_state_dict(ckpt["extra"]["head"])
+    cot = load_checkpoint(os.path.join(out, "genrm_cot.pt"), device)[0].eval()
+    scorers = {"PRM": prm_scorer(prm, task, relative_size(gpt, model)),
+               "GenRM-CoT": cot_scorer(cot, task, relative_size(cot, model)),
+               "generator": logprob_scorer(model, task)}
+    scorers[PRODUCT] = product_scorer(scorers["GenRM-CoT"], scorers["generator"])
+    return scorers
+
+
+def evaluate_pool(model, task, test, scorers, budgets, args):
+    """Best-of-N, majority and weighted votes, pass@N from one pool of --eval-samples per problem
+    (sample j of problem i from seed_for(seed, "pool", i, j)), exact over every N-subset (weighted
+    vote: Monte Carlo). N samples cost the prompt once (shared cache), N x a sample and a read."""
     n, mine, learned = args.eval_samples, share(len(test)), ("GenRM-CoT", *LEARNED)
-    cost, pool, spent = Cost(), {}, {name: Cost() for name in learned}
+    cost, pool, spent = TokenCount(), {}, {name: TokenCount() for name in learned}
     per = max(1, args.sample_batch_size // n)
     for c in tqdm(range(0, len(mine), per), desc="pool of samples", leave=False):
         chunk = mine[c:c + per]
@@ -526,123 +529,77 @@ def pool_rows(model, task, test, scorers, budgets, args, t0):
                **{f"pair_acc {name}": acc for name, (acc, _) in pairs.items()},
                **{f"pair_ties {name}": ties for name, (_, ties) in pairs.items()}}
     return [quality] + [method_row("pool", m, s, ks, r, [(k * sample, prompt, k * reads.get(s, 0))
-                                                         for k in ks], t0)  # programs read none
+                                                         for k in ks])  # programs read none
                         for (m, s), r in by_method.items()]
 
 
+def evaluate_search(how, model, task, test, name, scorer, budgets, args):
+    """Beam search ("beam", afresh at each N) or MCTS ("mcts", one search read off after each N
+    simulations) guided by `scorer`, each process its share of the problems, gathered."""
+    stage, mine = f"{how} {name}", share(len(test))
+    problems = [test[i] for i in mine]
+    seeds = lambda *key: [seed_for(args.seed, stage, *key, i) for i in mine]  # noqa: E731
+    if how == "beam":  # per N: ([one pick per problem], token counts)
+        methods, found = ["beam search"], []
+        for N in tqdm(budgets, desc=f"beam search ({name})", leave=False):
+            cost = TokenCount()
+            texts = beam_search(model, task, problems, scorer, N, args.beam_width,
+                                args.temperature, seeds(N), cost)
+            found.append(gathered(dict(zip(mine, zip(texts))), cost.counts()))
+    else:  # after s simulations: (most-visited, voted) picks per problem, token counts so far
+        methods = ["MCTS most-visited", "MCTS weighted vote"]
+        res = mcts(model, task, problems, scorer, budgets, args.mcts_children, args.mcts_c,
+                   args.temperature, seeds(), TokenCount())
+        found = [gathered(dict(zip(mine, zip(*res[s][:2]))), res[s][2]) for s in budgets]
+    spent = [[c / len(test) for c in counts] for _, counts in found]
+    rows = [method_row(stage, m, name, budgets,
+                       [rightness(task, test, [a[j] for a in got.values()]) for got, _ in found],
+                       spent) for j, m in enumerate(methods)]
+    tqdm.write(f"{rows[0]['method']} ({name}) at {budgets[-1]}: accuracy "
+               f"{rows[0]['accuracy'][-1]:.3f}, {rows[0]['tokens'][-1]:.0f} tokens per problem")
+    return rows
+
+
 def run(args, task, P, D, test, out, device, new_model):
-    """Stages, each committed by appending its metrics rows: the generator, its labelled
-    samples, the learned scorers, the pool (best-of-N and votes), then beam search and MCTS
-    with each scorer. Started again on the same folder, finished stages are skipped."""
+    """Stages in the order of the module docstring, each committed by appending its metrics
+    rows at once; started again on the same folder, finished stages are skipped."""
     metrics = os.path.join(out, "metrics.jsonl")
-    done = {r["stage"] for r in read_jsonl(metrics)}
+    finished = {r["stage"] for r in read_jsonl(metrics)}
     budgets = [int(b) for b in str(args.budgets).split(",")]
-    path = {name: os.path.join(out, name) for name in ("generator.pt", "labelled.jsonl",
-                                                       "shepherd.jsonl", "genrm_cot.pt", "prm.pt")}
-    right_of = lambda texts: [float(task.check(p, t)) for p, t in zip(test, texts)]  # noqa
-    per_problem = lambda counts: [c / len(test) for c in counts]  # noqa: E731
 
-    if "generator" not in done:  # M0 of star.py, or the model given by --checkpoint as it is
-        t0 = time.time()
-        torch.manual_seed(args.seed)
-        model = new_model()
-        loss = None if args.checkpoint else star.train_start_model(model, task, P, args)
-        save_checkpoint(path["generator.pt"], model, TOKENIZER)
-        texts, n_tok = star.sample(model.eval(), task, test, temperature=0.0,
-                                   batch_size=args.sample_batch_size, desc="greedy")
-        acc = sum(right_of([t[0] for t in texts])) / len(test)
-        prompt = sum(len(prefix_ids(task, p, "")) for p in test)
-        append_jsonl(metrics, {"kind": "greedy", "stage": "generator", "accuracy": acc,
-                               "tokens": (n_tok + prompt) / len(test),
-                               "sampled_tokens": n_tok / len(test), "train_loss": loss,
-                               "wall_s": round(time.time() - t0, 1)})
-        tqdm.write(f"generator: greedy accuracy {acc:.3f}")
-    model = load_checkpoint(path["generator.pt"], device)[0].eval()
+    def stage(name, make_rows, *inputs):  # resume and commit, written once for every stage
+        if name not in finished:
+            t0 = time.time()
+            rows = make_rows(*inputs)
+            append_jsonl(metrics, *({**r, "wall_s": round(time.time() - t0, 1)} for r in rows))
 
-    if "labels" not in done:  # the generator's own samples of P+D, labelled two ways
-        t0 = time.time()
-        texts, n_tok = star.sample(model, task, P + D, n=args.samples, temperature=args.temperature,
-                                   batch_size=args.sample_batch_size,
-                                   seed=seed_for(args.seed, "labels"), desc="samples of P+D")
-        labelled = vstar.label(task, P + D, texts)
-        ms, cost = shepherd_labels(model, task, P + D, texts, args, seed_for(args.seed, "rollouts"))
-        vstar.save_labelled(path["labelled.jsonl"], labelled)
-        write_jsonl(path["shepherd.jsonl"], ms)
-        right = sum(ok for _, _, ok in labelled) / len(labelled)
-        append_jsonl(metrics, {"kind": "labels", "stage": "labels", "samples_right": right,
-                               "samples": len(labelled), "sample_tokens": n_tok,
-                               "rollout_tokens": cost.sampled,
-                               "wall_s": round(time.time() - t0, 1)})
-        tqdm.write(f"labels: {right:.3f} of {len(labelled)} samples of P+D right")
-    if "scorers" not in done:
-        t0 = time.time()
-        gold = [(p, c, True) for p, c in star.gold_examples(task, P, with_hints=False)]
-        gold += vstar.load_labelled(path["labelled.jsonl"])
-        cot = vstar.train_genrm_cot(path["generator.pt"], task, gold, args, device)
-        save_checkpoint(path["genrm_cot.pt"], cot, TOKENIZER)
-        prm = vstar.train_head(path["generator.pt"], read_jsonl(path["shepherd.jsonl"]), args,
-                               device, "prm", "PRM (Math-Shepherd)")
-        save_checkpoint(path["prm.pt"], prm.gpt, TOKENIZER, extra={"head": prm.head.state_dict()})
-        append_jsonl(metrics, {"kind": "scorers", "stage": "scorers",
-                               "wall_s": round(time.time() - t0, 1)})
-    gpt, ckpt = load_checkpoint(path["prm.pt"], device)
-    prm = ScalarHead(gpt).to(device).eval()
-    prm.head.load_state_dict(ckpt["extra"]["head"])
-    cot = load_checkpoint(path["genrm_cot.pt"], device)[0].eval()
-    # each network's tokens weighted by its size (the PRM's by its GPT's: its head is one dot
-    # product per read)
-    scorers = {"PRM": prm_scorer(prm, task, relative_size(gpt, model)),
-               "GenRM-CoT": cot_scorer(cot, task, relative_size(cot, model)),
-               "generator": logprob_scorer(model, task)}
-    scorers[PRODUCT] = product_scorer(scorers["GenRM-CoT"], scorers["generator"])
-
-    # this process's share of the test problems, each searched from its own seed: a resumed run,
-    # or any number of processes, samples what one whole run would have
-    mine = share(len(test))
-    seeds = lambda *stage: [seed_for(args.seed, *stage, i) for i in mine]  # noqa: E731
-    if "pool" not in done:
-        t0 = time.time()
-        append_jsonl(metrics, *pool_rows(model, task, test, scorers, budgets, args, t0))
+    stage("generator", train_generator, args, task, P, test, out, new_model)
+    model = load_checkpoint(os.path.join(out, "generator.pt"), device)[0].eval()
+    stage("labels", label_samples, model, task, P + D, args, out)
+    stage("scorers", train_scorers, args, task, P, out, device)
+    scorers = load_scorers(model, task, out, device)
+    stage("pool", evaluate_pool, model, task, test, scorers, budgets, args)
     for name in (*LEARNED, "oracle"):
-        for stage in (f"beam {name}", f"mcts {name}"):
-            if stage in done:
-                continue
-            t0, problems = time.time(), [test[i] for i in mine]
-            scorer = (oracle_scorer(task, seed_for(args.seed, stage, "ties")) if name == "oracle"
-                      else scorers[name])
-            if stage.startswith("beam"):
-                right, spent = [], []
-                for N in tqdm(budgets, desc=f"beam search ({name})", leave=False):
-                    cost = Cost()
-                    texts = beam_search(model, task, problems, scorer, N, args.beam_width,
-                                        args.temperature, seeds(stage, N), cost)
-                    texts, counts = gathered(dict(zip(mine, texts)), cost.counts())
-                    right.append(right_of(list(texts.values())))
-                    spent.append(per_problem(counts))
-                rows = [method_row(stage, "beam search", name, budgets, right, spent, t0)]
-            else:
-                res = mcts(model, task, problems, scorer, budgets, args.mcts_children, args.mcts_c,
-                           args.temperature, seeds(stage), Cost())
-                # after s simulations: every problem's (most-visited, voted) answers, the tokens
-                res = [gathered(dict(zip(mine, zip(*res[s][:2]))), res[s][2]) for s in budgets]
-                rows = [method_row(stage, f"MCTS {how}", name, budgets,
-                                   [right_of([a[j] for a in got.values()]) for got, _ in res],
-                                   [per_problem(n) for _, n in res], t0)
-                        for j, how in enumerate(("most-visited", "weighted vote"))]
-            append_jsonl(metrics, *rows)
-            tqdm.write(f"{rows[0]['method']} ({name}) at {budgets[-1]}: accuracy "
-                       f"{rows[0]['accuracy'][-1]:.3f}, {rows[0]['tokens'][-1]:.0f} tokens per "
-                       "problem in all")
+        for how in ("beam", "mcts"):
+            scorer = (oracle_scorer(task, seed_for(args.seed, f"{how} {name}", "ties"))
+                      if name == "oracle" else scorers[name])
+            stage(f"{how} {name}", evaluate_search, how, model, task, test, name, scorer, budgets,
+                  args)
 
 
 # -----------------------------------------------------------------------------
 # Report: the equal-compute comparisons, the table and the test-time-scaling plot
 
+def paired(right, other):
+    """The mean of the problem-by-problem differences of two rightness lists, and its 95% CI."""
+    diff = [x - y for x, y in zip(right, other)]
+    return sum(diff) / len(diff), bootstrap_ci(diff)
+
+
 def equal_compute_pairs(methods):
-    """Each learned-guided search at its largest budget, paired problem by problem with
-    best-of-N and the weighted vote by the same scorer at the pool budget N whose total compute
-    is the smallest at or above the search's (the largest N if none is: 'pool smaller').
-    Yields (search row, pool row, index of that N, pool smaller, mean difference, 95% CI)."""
+    """Each learned-guided search at its largest budget, paired with best-of-N and the weighted
+    vote by its scorer at the smallest pool budget N of at least its total compute (the largest
+    if none is: 'pool smaller'). Yields (search, pool row, N's index, pool smaller, mean, CI)."""
     pool = {(r["method"], r["scorer"]): r for r in methods if r["stage"] == "pool"}
     for r in methods:
         if r["stage"] == "pool" or r["scorer"] not in LEARNED:
@@ -650,34 +607,30 @@ def equal_compute_pairs(methods):
         for b in filter(None, (pool.get((m, r["scorer"])) for m in ("best-of-N", "weighted vote"))):
             j = next((j for j, t in enumerate(b["tokens"]) if t >= r["tokens"][-1]), None)
             smaller, j = j is None, len(b["tokens"]) - 1 if j is None else j
-            diff = [x - y for x, y in zip(r["right_by_budget"][-1], b["right_by_budget"][j])]
-            yield r, b, j, smaller, sum(diff) / len(diff), bootstrap_ci(diff)
+            yield r, b, j, smaller, *paired(r["right_by_budget"][-1], b["right_by_budget"][j])
 
 
 def headline_differences(rows):
-    """The equal-compute pairs of a run's metrics rows: name -> (mean difference, 95% paired
-    interval), what tests/seeds.py compares over seeds."""
+    """A run's equal-compute pairs: name -> (mean difference, 95% paired CI) (tests/seeds.py)."""
     methods = [r for r in rows if r.get("kind") == "method"]
     return {f"{r['method']} - {b['method']} ({r['scorer']}), equal total compute": (d, ci)
             for r, b, _, _, d, ci in equal_compute_pairs(methods)}
 
 
 def label(r):
-    """A row's name in the table and the plot: oracle-guided searches, and pass@N the ceiling of
-    the pool's picks (a search that spends more may pass it)."""
+    """A row's name in the table and the plot (pass@N: the ceiling of the pool's picks only)."""
     scorer = {"-": "", "oracle": " (oracle-guided)"}.get(r["scorer"], f" ({r['scorer']})")
     return "pass@N (the pool's ceiling)" if r["method"] == "pass@N" else r["method"] + scorer
 
 
 def table(rows):
-    """The markdown report: accuracy and tokens at every budget; at each method's largest, its
-    95% interval, its lead over majority vote at the same N and, for a learned-guided search,
-    over best-of-N and the weighted vote by its scorer at equal total compute (all paired)."""
+    """Markdown: accuracy and tokens at every budget; at each method's largest, its 95% interval
+    and paired leads over majority vote (same N) and equal_compute_pairs'."""
     kind = {r["kind"]: r for r in rows}
     greedy, lab, quality = kind.get("greedy"), kind.get("labels"), kind.get("scorer quality", {})
     methods = [r for r in rows if r["kind"] == "method"]
     budgets = sorted({b for r in methods for b in r["budget"]})
-    ci = "{:+.3f} ({:+.3f} to {:+.3f})".format
+    ci = lambda d, c: "{:+.3f} ({:+.3f} to {:+.3f})".format(d, *c)  # noqa: E731
     lines = [f"greedy decoding: accuracy {greedy['accuracy']:.3f} at {greedy['tokens']:.1f} "
              f"tokens per problem ({greedy['sampled_tokens']:.1f} sampled)" if greedy else "",
              f"learned scorers trained on {lab['samples']} samples of P+D "
@@ -696,7 +649,7 @@ def table(rows):
         lines.append(f"| {label(r)} | " + " | ".join(cell.get(b, "-") for b in budgets) + " |")
     # 95% bootstrap intervals over the test problems (paired: the same problems resampled)
     pairs = {(id(r), b["method"]): f"N={b['budget'][j]}, {b['tokens'][j]:.0f} tokens"
-             f"{', pool smaller' if small else ''}: {ci(d, *c)}"
+             f"{', pool smaller' if small else ''}: {ci(d, c)}"
              for r, b, j, small, d, c in equal_compute_pairs(methods)}
     majority = next((r for r in methods if r["method"] == "majority vote"), None)
     lines += ["", "at each method's largest N; oracle-guided searches are steered by the ground "
@@ -706,13 +659,11 @@ def table(rows):
               "equal total compute |", "|---" * 6 + "|"]
     for r in methods:
         N, last = r["budget"][-1], r["right_by_budget"][-1]
-        lead = "-"
-        if majority and majority["budget"][-1] == N and r is not majority:
-            diff = [x - y for x, y in zip(last, majority["right_by_budget"][-1])]
-            lead = ci(sum(diff) / len(diff), *bootstrap_ci(diff))
+        same_n = majority and majority["budget"][-1] == N and r is not majority
+        lead = ci(*paired(last, majority["right_by_budget"][-1])) if same_n else "-"
         acc = "{:.3f} ({:.3f} to {:.3f})".format(r["accuracy"][-1], *bootstrap_ci(last))
-        cells = [label(r), N, acc, lead, *(pairs.get((id(r), m), "-") for m in ("best-of-N",
-                                                                               "weighted vote"))]
+        cells = [label(r), N, acc, lead,
+                 *(pairs.get((id(r), m), "-") for m in ("best-of-N", "weighted vote"))]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines)
 

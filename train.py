@@ -9,6 +9,7 @@ The one command line: python train.py --method {sft,star,vstar,search,quiet_star
   python train.py --method quiet_star              # Quiet-STaR on arithmetic text
   python train.py --method sos                     # Stream of Search: learning to search
   python train.py --method star --preset gpu       # the GPU experiment (one H100)
+  python train.py --method vstar --help            # vstar's flags and the values it uses
 
 Each run writes out/<method>-<task>/: config.json (every resolved setting), metrics.jsonl,
 checkpoints, samples, plots and summary.md. Started again on the same folder, a run continues
@@ -81,127 +82,186 @@ non_negative_int = non_negative(int)
 fraction = checked(float, lambda v: 0 <= v <= 1, "is not between 0 and 1")
 
 
-def get_parser():
-    """Every flag defaults to None ("not given"): resolve() fills it from the method's table, and
-    refuses a given flag that the method does not use."""
-    p = Parser(description="Self-taught reasoning from scratch: one command for every method. "
-                           "Defaults per method and preset are in each method's DEFAULTS.")
-    # what to run (every method)
-    p.add_argument("--method", default="star", choices=sorted(METHODS),
-                   help="sft: train on the worked examples P only; star: STaR on top of it; "
-                        "vstar: V-STaR (generator iterations, DPO verifier, best-of-k); "
-                        "search: test-time search at equal compute; quiet_star: Quiet-STaR")
-    p.add_argument("--task", default=None, choices=sorted(TASKS),
-                   help="task family (default: the method's, e.g. addition for star)")
-    p.add_argument("--preset", default="tiny", choices=list(PRESETS),
-                   help="model and run size: tiny (CPU, minutes), small, gpu (one H100)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
-                   help="auto picks cuda, then mps, then cpu")
-    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of data and sampling")
-    p.add_argument("--out", default=None, help="output folder (default out/<method>-<task>)")
-    p.add_argument("--train-difficulty", default=None,
-                   help="difficulties of the training problems, e.g. 1-5 or 1,2,4 "
-                        "(addition: digits)")
-    p.add_argument("--test-difficulty", default=None, help="difficulties of the test set")
-    p.add_argument("--checkpoint", default=None,
-                   help="start from this model instead of training M0 on P")
-    p.add_argument("--compile", action="store_const", const=True,
-                   help="torch.compile the training forward")
-    # data
-    p.add_argument("--n-train", type=positive(int), help="size of P, problems with gold rationales")
-    p.add_argument("--n-unlabeled", type=positive(int),
-                   help="size of D, problems with answers but no rationales")
-    p.add_argument("--n-test", type=positive(int), help="held-out test problems")
-    # supervised training
-    p.add_argument("--steps", type=positive(int),
-                   help="supervised fine-tuning steps on P (M0; each V-STaR generator)")
-    p.add_argument("--batch-size", type=positive(int), help="examples per training step")
-    p.add_argument("--lr", type=positive(float), help="peak learning rate")
-    p.add_argument("--sample-batch-size", type=positive(int), help="prompts per sampling batch")
-    # STaR
-    p.add_argument("--calculator", choices=["off", "result", "judge"],
-                   help="sos: the program writes each a op b= result (result), also a trace "
-                        "step's numbers left and a leaf's verdict (judge), or nothing (off)")
-    p.add_argument("--iterations", type=non_negative_int,
-                   help="STaR or V-STaR iterations after M0")
-    p.add_argument("--samples", type=positive(int),
-                   help="samples per problem per iteration (STaR: 1, as the paper; V-STaR: 8)")
-    p.add_argument("--temperature", type=float,
-                   help="sampling temperature; 0 is greedy (STaR's default, as the paper)")
-    p.add_argument("--no-rationalize", dest="rationalize", action="store_const", const=False,
-                   help="STaR: skip rationalization (the paper's ablation)")
-    p.add_argument("--continue-training", dest="restart", action="store_const", const=False,
-                   help="STaR: fine-tune from M(n-1) instead of restarting from M0")
-    p.add_argument("--star-steps", type=positive(int),
-                   help="STaR: fine-tuning steps of the first iteration")
-    p.add_argument("--step-growth", type=positive(float),
-                   help="STaR: steps multiply by this every iteration (the paper: 1.2)")
-    p.add_argument("--direct-baseline", action="store_const", const=True,
-                   help="STaR: also train the direct-answer baseline (no rationales, same steps)")
-    # verifiers (V-STaR, search)
-    p.add_argument("--beta", type=positive(float),
-                   help="DPO's beta (the DPO paper's default 0.1; V-STaR gives none)")
-    p.add_argument("--dpo-nll", type=non_negative(float),
-                   help="V-STaR: weight of the right solutions' mean token NLL added to DPO's "
-                        "loss (RPO); 0 is the paper's plain DPO")
-    p.add_argument("--verifier-steps", type=positive(int), help="training steps of each verifier")
-    p.add_argument("--verifier-lr", type=positive(float), help="learning rate of the verifiers")
-    p.add_argument("--eval-samples", type=positive(int),
-                   help="samples per held-out problem for pass@k, best-of-k, majority@k "
-                        "(a power of 2)")
-    # search
-    p.add_argument("--budgets", default=None,
-                   help="search: budgets N, e.g. 1,2,4,8,16 (samples of best-of-N and the "
-                        "votes, beams of beam search, simulations of MCTS)")
-    p.add_argument("--beam-width", type=positive(int),
-                   help="search: M, each of the N/M surviving beams is repeated M times")
-    p.add_argument("--mcts-children", type=positive(int),
-                   help="search: steps sampled when MCTS expands a node (duplicates merged)")
-    p.add_argument("--mcts-c", type=float, help="search: UCT's exploration constant c")
-    p.add_argument("--rollouts", type=positive(int),
-                   help="search: Math-Shepherd rollouts per step prefix (the PRM's labels)")
-    # Quiet-STaR
-    p.add_argument("--base-steps", type=positive(int),
-                   help="Quiet-STaR: training steps of the base language model (from scratch)")
-    p.add_argument("--think-steps", type=positive(int),
-                   help="Quiet-STaR: training steps after the base (both arms take as many)")
-    p.add_argument("--continue-lr", type=positive(float),
-                   help="Quiet-STaR: peak learning rate after the base (both arms)")
-    p.add_argument("--seq-len", type=positive(int),
-                   help="Quiet-STaR: tokens per training sequence (whole lines, padded)")
-    p.add_argument("--thought-len", type=non_negative_int,
-                   help="Quiet-STaR: sampled tokens per thought, between start and end tokens")
-    p.add_argument("--n-true", type=positive(int),
-                   help="Quiet-STaR: true tokens teacher-forced after a thought (reward, loss)")
-    p.add_argument("--n-thoughts", type=positive(int),
-                   help="Quiet-STaR: thoughts sampled per position (the reward's baseline)")
-    p.add_argument("--think-stride", type=positive(int),
-                   help="Quiet-STaR: think at every k-th position in training (1: every token)")
-    p.add_argument("--thought-temperature", type=positive(float),
-                   help="Quiet-STaR: sampling temperature of training thoughts")
-    p.add_argument("--base-weight", type=float,
-                   help="Quiet-STaR: weight of the base next-token NLL (the code: 0.5)")
-    p.add_argument("--mixed-weight", type=float,
-                   help="Quiet-STaR: weight of the mixed NLL over the n_true tokens (0.5)")
-    p.add_argument("--reinforce-weight", type=float,
-                   help="Quiet-STaR: weight of REINFORCE on the thought tokens")
-    p.add_argument("--meta-lr-mult", type=positive(float),
-                   help="Quiet-STaR: start/end-of-thought embeddings learn this much faster")
-    p.add_argument("--meta-max-change", type=positive(float),
-                   help="Quiet-STaR: most a meta-token row moves per step, times the median "
-                        "row norm (inf: unbounded, the official code)")
-    p.add_argument("--meta-init", choices=["paren", "dash"],
-                   help="Quiet-STaR: meta-tokens start as '(' and ')' or both as '-' (the paper)")
-    p.add_argument("--mixing", choices=["tanh", "linear", "sigmoid"],
-                   help="Quiet-STaR: the mixing weight's bound: tanh (-1..1), linear (none, the "
-                        "official code), sigmoid (0..1)")
-    p.add_argument("--head-lr-mult", type=positive(float),
-                   help="Quiet-STaR: the mixing head learns this much faster than the model")
-    p.add_argument("--worked-fraction", type=fraction,
-                   help="Quiet-STaR: share of text lines that show their work (0: none)")
-    p.add_argument("--eval-every", type=positive(int),
-                   help="Quiet-STaR: steps between evaluations (the metrics rows)")
+def arg(*names, **kw):
+    """One flag: (args.<dest> it sets, its names, add_argument's keywords)."""
+    return kw.get("dest", names[-1][2:].replace("-", "_")), names, kw
+
+
+# Every flag, grouped as --help shows them. Each defaults to None ("not given"): resolve() fills
+# it from the method's table and refuses a given flag the method does not use.
+FLAGS = {
+    "what to run (every method)": [
+        arg("--method", choices=sorted(METHODS),
+            help="sft: train on the worked examples P only; star: STaR on top of it "
+                 "(the default); vstar: V-STaR (generator iterations, DPO verifier, "
+                 "best-of-k); search: test-time search at equal compute; quiet_star: "
+                 "Quiet-STaR; sos: Stream of Search"),
+        arg("--task", default=None, choices=sorted(TASKS),
+            help="task family (each method has its own)"),
+        arg("--preset", default="tiny", choices=list(PRESETS),
+            help="model and run size: tiny (CPU, minutes), small, gpu (one H100)"),
+        arg("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+            help="auto picks cuda, then mps, then cpu"),
+        arg("--seed", type=non_negative_int, default=0, help="seed of data and sampling"),
+        arg("--out", default=None, help="output folder, out/<method>-<task> if not given"),
+        arg("--train-difficulty", default=None,
+            help="difficulties of the training problems, e.g. 1-5 or 1,2,4 "
+                 "(addition: digits)"),
+        arg("--test-difficulty", default=None, help="difficulties of the test set"),
+        arg("--checkpoint", default=None,
+            help="start from this model instead of training M0 on P"),
+        arg("--compile", action="store_const", const=True,
+            help="torch.compile the training forward"),
+        arg("-h", "--help", action="store_const", const=True,
+            help="show the flags of --method M and the values it uses, then exit"),
+    ],
+    "data": [
+        arg("--n-train", type=positive(int), help="size of P, problems with gold rationales"),
+        arg("--n-unlabeled", type=positive(int),
+            help="size of D, problems with answers but no rationales"),
+        arg("--n-test", type=positive(int), help="held-out test problems"),
+    ],
+    "supervised training": [
+        arg("--steps", type=positive(int),
+            help="supervised fine-tuning steps on P (M0; each V-STaR generator)"),
+        arg("--batch-size", type=positive(int), help="examples per training step"),
+        arg("--lr", type=positive(float), help="peak learning rate"),
+        arg("--sample-batch-size", type=positive(int), help="prompts per sampling batch"),
+    ],
+    "STaR": [
+        arg("--calculator", choices=["off", "result", "judge"],
+            help="sos: the program writes each a op b= result (result), also a trace "
+                 "step's numbers left and a leaf's verdict (judge), or nothing (off)"),
+        arg("--iterations", type=non_negative_int,
+            help="STaR or V-STaR iterations after M0"),
+        arg("--samples", type=positive(int),
+            help="samples per problem per iteration (STaR: 1, as the paper)"),
+        arg("--temperature", type=float,
+            help="sampling temperature; 0 is greedy (STaR's default, as the paper)"),
+        arg("--no-rationalize", dest="rationalize", action="store_const", const=False,
+            help="STaR: skip rationalization (the paper's ablation)"),
+        arg("--continue-training", dest="restart", action="store_const", const=False,
+            help="STaR: fine-tune from M(n-1) instead of restarting from M0"),
+        arg("--star-steps", type=positive(int),
+            help="STaR: fine-tuning steps of the first iteration"),
+        arg("--step-growth", type=positive(float),
+            help="STaR: steps multiply by this every iteration (the paper: 1.2)"),
+        arg("--direct-baseline", action="store_const", const=True,
+            help="STaR: also train the direct-answer baseline (no rationales, same steps)"),
+    ],
+    "verifiers (V-STaR, search)": [
+        arg("--beta", type=positive(float),
+            help="DPO's beta (the DPO paper's default 0.1; V-STaR gives none)"),
+        arg("--dpo-nll", type=non_negative(float),
+            help="V-STaR: weight of the right solutions' mean token NLL added to DPO's "
+                 "loss (RPO); 0 is the paper's plain DPO"),
+        arg("--verifier-steps", type=positive(int), help="training steps of each verifier"),
+        arg("--verifier-lr", type=positive(float), help="learning rate of the verifiers"),
+        arg("--eval-samples", type=positive(int),
+            help="samples per held-out problem for pass@k, best-of-k, majority@k "
+                 "(a power of 2)"),
+    ],
+    "search": [
+        arg("--budgets", default=None,
+            help="search: budgets N, e.g. 1,2,4,8,16 (samples of best-of-N and the "
+                 "votes, beams of beam search, simulations of MCTS)"),
+        arg("--beam-width", type=positive(int),
+            help="search: M, each of the N/M surviving beams is repeated M times"),
+        arg("--mcts-children", type=positive(int),
+            help="search: steps sampled when MCTS expands a node (duplicates merged)"),
+        arg("--mcts-c", type=float, help="search: UCT's exploration constant c"),
+        arg("--rollouts", type=positive(int),
+            help="search: Math-Shepherd rollouts per step prefix (the PRM's labels)"),
+    ],
+    "Quiet-STaR": [
+        arg("--base-steps", type=positive(int),
+            help="Quiet-STaR: training steps of the base language model (from scratch)"),
+        arg("--think-steps", type=positive(int),
+            help="Quiet-STaR: training steps after the base (both arms take as many)"),
+        arg("--continue-lr", type=positive(float),
+            help="Quiet-STaR: peak learning rate after the base (both arms)"),
+        arg("--seq-len", type=positive(int),
+            help="Quiet-STaR: tokens per training sequence (whole lines, padded)"),
+        arg("--thought-len", type=non_negative_int,
+            help="Quiet-STaR: sampled tokens per thought, between start and end tokens"),
+        arg("--n-true", type=positive(int),
+            help="Quiet-STaR: true tokens teacher-forced after a thought (reward, loss)"),
+        arg("--n-thoughts", type=positive(int),
+            help="Quiet-STaR: thoughts sampled per position (the reward's baseline)"),
+        arg("--think-stride", type=positive(int),
+            help="Quiet-STaR: think at every k-th position in training (1: every token)"),
+        arg("--thought-temperature", type=positive(float),
+            help="Quiet-STaR: sampling temperature of training thoughts"),
+        arg("--base-weight", type=float,
+            help="Quiet-STaR: weight of the base next-token NLL (the code: 0.5)"),
+        arg("--mixed-weight", type=float,
+            help="Quiet-STaR: weight of the mixed NLL over the n_true tokens (0.5)"),
+        arg("--reinforce-weight", type=float,
+            help="Quiet-STaR: weight of REINFORCE on the thought tokens"),
+        arg("--meta-lr-mult", type=positive(float),
+            help="Quiet-STaR: start/end-of-thought embeddings learn this much faster"),
+        arg("--meta-max-change", type=positive(float),
+            help="Quiet-STaR: most a meta-token row moves per step, times the median "
+                 "row norm (inf: unbounded, the official code)"),
+        arg("--meta-init", choices=["paren", "dash"],
+            help="Quiet-STaR: meta-tokens start as '(' and ')' or both as '-' (the paper)"),
+        arg("--mixing", choices=["tanh", "linear", "sigmoid"],
+            help="Quiet-STaR: the mixing weight's bound: tanh (-1..1), linear (none, the "
+                 "official code), sigmoid (0..1)"),
+        arg("--head-lr-mult", type=positive(float),
+            help="Quiet-STaR: the mixing head learns this much faster than the model"),
+        arg("--worked-fraction", type=fraction,
+            help="Quiet-STaR: share of text lines that show their work (0: none)"),
+        arg("--eval-every", type=positive(int),
+            help="Quiet-STaR: steps between evaluations (the metrics rows)"),
+    ],
+}
+FLAG_OF = {dest: names[-1] for group in FLAGS.values() for dest, names, _ in group}
+
+
+def build_parser(keep=None, method=None, preset=None, epilog=None):
+    """The flags named in keep (all if None); with a method, each help ends in its default."""
+    p = Parser(description="Self-taught reasoning from scratch: one command for every method.",
+               epilog=epilog, add_help=False)
+    for header, group in FLAGS.items():
+        g = p.add_argument_group(header)
+        for dest, names, kw in group:
+            if keep is not None and dest not in keep:
+                continue
+            if method is not None and dest != "help":
+                value = shown_default(dest, kw, method, preset)
+                kw = dict(kw, help=f"{kw['help']} (default for {method}, preset {preset}: "
+                                   f"{value})")
+            g.add_argument(*names, **kw)
     return p
+
+
+def get_parser():
+    """The parser of every flag: resolve() then keeps the ones the method takes."""
+    return build_parser()
+
+
+def help_parser(method, preset):
+    """What --help shows: with --method M, the common flags and M's, with the values M uses at
+    this preset; without, the common flags and the methods to ask about."""
+    if method is None:
+        return build_parser(COMMON + ("help",), epilog="methods: " + ", ".join(sorted(METHODS)) +
+                            ". Add --method M for M's flags and the values it uses "
+                            "(and --preset P for another preset's).")
+    return build_parser(COMMON + ("help",) + tuple(DEFAULTS[method][preset]), method, preset)
+
+
+def shown_default(dest, kw, method, preset):
+    """The value resolve() would give args.<dest> for this method and preset, for --help."""
+    table = DEFAULTS[method][preset]
+    task = get_task(table["task"])
+    train_d, test_d = default_difficulties(task, preset)
+    resolved = {"method": method, "preset": preset, "train_difficulty": train_d,
+                "test_difficulty": test_d, "out": os.path.join("out", f"{method}-{task.name}")}
+    value = {**resolved, **table}.get(dest, kw.get("default"))
+    if kw.get("action") == "store_const":  # a switch: on when the method sets it
+        return "on" if value == kw["const"] else "off"
+    return value
 
 
 def parse_difficulties(text, task, flag):
@@ -221,20 +281,21 @@ def parse_difficulties(text, task, flag):
     return values
 
 
-def flag(name):
-    """The command-line flag that sets args.<name>."""
-    return "--" + {"rationalize": "no-rationalize",
-                   "restart": "continue-training"}.get(name, name).replace("_", "-")
+def default_difficulties(task, preset):
+    """The task's own (train, test) difficulties at this preset; all of them if it names none."""
+    every = f"{min(task.difficulties)}-{max(task.difficulties)}"
+    return task.default_difficulties["gpu" if preset == "gpu" else "cpu"] or (every, every)
 
 
 def resolve(args, parser):
     """Merge the flags over the method's table (the one place where defaults meet flags), check
     what argparse cannot, and return the task. A flag the method does not use is refused."""
+    args.method = args.method or "star"
     table = DEFAULTS[args.method][args.preset]
     for name, value in vars(args).items():
         if value is not None and name not in COMMON and name not in table:
-            parser.error(f"argument {flag(name)}: --method {args.method} does not use it; its "
-                         "own flags: " + " ".join(flag(k) for k in table if k not in COMMON))
+            parser.error(f"argument {FLAG_OF[name]}: --method {args.method} does not use it; "
+                         "its own flags: " + " ".join(FLAG_OF[k] for k in table if k not in COMMON))
     for name, value in table.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -254,9 +315,7 @@ def resolve(args, parser):
     elif args.device == "mps" and not torch.backends.mps.is_available():
         parser.error("argument --device: mps is not available here; choose auto or cpu")
     task = get_task(args.task)
-    every = f"{min(task.difficulties)}-{max(task.difficulties)}"
-    train_d, test_d = task.default_difficulties["gpu" if args.preset == "gpu" else "cpu"] or \
-        (every, every)
+    train_d, test_d = default_difficulties(task, args.preset)
     try:
         args.train_difficulty = parse_difficulties(args.train_difficulty or train_d, task,
                                                    "--train-difficulty")
@@ -325,9 +384,42 @@ def init_distributed(args, parser):
         sys.stdout = open(os.devnull, "w")  # (progress bars are off: see the imports)
 
 
+def write_config(args, cfg, parser):
+    """config.json: every resolved setting. A folder that holds another run's results is never
+    mixed with this one's: only settings that add rows or move the run may change."""
+    os.makedirs(args.out, exist_ok=True)
+    used = DEFAULTS[args.method][args.preset]
+    config = {k: v for k, v in vars(args).items() if k in COMMON or k in used}
+    config["model"] = asdict(cfg)
+    cfg_path = os.path.join(args.out, "config.json")
+    if os.path.exists(cfg_path):
+        old = json.load(open(cfg_path))
+        free = ("iterations", "device", "direct_baseline")  # more rows, or another machine
+        same = {k: v for k, v in old.items() if k not in free} == \
+            {k: v for k, v in json.loads(json.dumps(config)).items() if k not in free}
+        if not same:
+            parser.error(f"argument --out: {args.out!r} holds a run with other settings; "
+                         f"choose another --out or delete it")
+    write_atomic(cfg_path, json.dumps(config, indent=2))
+
+
+def write_report(args, t0):
+    """summary.md: the method's table of its metrics rows, also printed."""
+    rows = read_jsonl(os.path.join(args.out, "metrics.jsonl"))
+    table = METHODS[args.method].report(args, rows)
+    write_atomic(os.path.join(args.out, "summary.md"),
+                 f"# {args.method} on {args.task}\n\n{table}\n")
+    plots = ", ".join(sorted(f for f in os.listdir(args.out) if f.endswith(".png")))
+    print(f"\n{table}\n\ndone in {time.time() - t0:.0f}s; results in {args.out}/ "
+          f"(summary.md, metrics.jsonl, {plots})")
+
+
 def main(argv=None):
     parser = get_parser()
     args = parser.parse_args(argv)
+    if args.help:
+        help_parser(args.method, args.preset).print_help()
+        parser.exit()
     task = resolve(args, parser)
     if "LOCAL_RANK" in os.environ:  # started by torchrun
         init_distributed(args, parser)
@@ -337,24 +429,7 @@ def main(argv=None):
         longest = star.sos_tasks(args)[1] if args.method == "sos" else task  # its traces
         cfg = get_config(args.preset, block_size=block_size_for(longest, P + D + test,
                                                                 cfg.block_size))
-
-    # a folder that holds another run's results is never mixed with this one's
-    os.makedirs(args.out, exist_ok=True)
-    used = DEFAULTS[args.method][args.preset]
-    config = {k: v for k, v in vars(args).items() if k in COMMON or k in used}
-    config["model"] = asdict(cfg)
-    cfg_path = os.path.join(args.out, "config.json")
-    if os.path.exists(cfg_path):
-        old = json.load(open(cfg_path))
-        # settings that only add rows (more iterations, the baseline) or move the run may change
-        free = ("iterations", "device", "direct_baseline")
-        same = {k: v for k, v in old.items() if k not in free} == \
-            {k: v for k, v in json.loads(json.dumps(config)).items() if k not in free}
-        if not same:
-            parser.error(f"argument --out: {args.out!r} holds a run with other settings; "
-                         f"choose another --out or delete it")
-    write_atomic(cfg_path, json.dumps(config, indent=2))
-
+    write_config(args, cfg, parser)
     data = "" if P is None else f"P={len(P)} D={len(D)} test={len(test)} | "
     print(f"{args.method} on {args.task}: {data}model {args.preset} ({cfg.n_layer}x{cfg.n_embd}, "
           f"block {cfg.block_size}) on {args.device} x {rank_world()[1]} | out {args.out}")
@@ -371,13 +446,7 @@ def main(argv=None):
         torch.distributed.destroy_process_group()
         if not main_process:
             return
-    rows = read_jsonl(os.path.join(args.out, "metrics.jsonl"))
-    table = METHODS[args.method].report(args, rows)
-    write_atomic(os.path.join(args.out, "summary.md"),
-                      f"# {args.method} on {args.task}\n\n{table}\n")
-    plots = ", ".join(sorted(f for f in os.listdir(args.out) if f.endswith(".png")))
-    print(f"\n{table}\n\ndone in {time.time() - t0:.0f}s; results in {args.out}/ "
-          f"(summary.md, metrics.jsonl, {plots})")
+    write_report(args, t0)
 
 
 if __name__ == "__main__":

@@ -1,55 +1,38 @@
 """
-V-STaR: keep the wrong solutions too, and train a verifier on them with DPO.
+V-STaR (Hosseini et al. 2024, arXiv 2402.06457): keep the wrong samples too, train a verifier.
 
-Hosseini et al. 2024, "V-STaR: Training Verifiers for Self-Taught Reasoners" (arXiv 2402.06457),
-Algorithm 1:
-
-    D_GEN <- P (gold);  G_SFT <- SFT(base, D_GEN)
-    for n = 1..T:
-        S <- k samples per problem of P and D from the current generator, labelled right/wrong
-        D_GEN <- D_GEN + the right ones;   D_VER <- D_VER + all of them
-        G_n <- SFT(base, D_GEN)                       (restart from the base every iteration)
-    V <- DPO(init = G_SFT, reference = G_SFT, pairs (right, wrong) of a problem in D_VER)
-    test time: sample k candidates from G_T, answer with the one V scores highest.
-
+    G_0 <- SFT(base, P's gold)                                         generator_iteration(0)
+    for n = 1..T:  label k samples of each problem of P + D from G_(n-1): D_VER += all of them,
+                   D_GEN += the right ones;  G_n <- SFT(base, D_GEN)   generator_iteration(n)
+    verifiers <- from G_0, on D_VER                                   train_verifiers
+    test time: n samples from G_T; best-of-k by each verifier         evaluate_test_time
+Verifiers by what they learn from. Outcome labels: DPO (the paper's), DPO shared-prefix pairs,
+ORM, GenRM (Zhang et al. 2024, arXiv 2408.15240). The program's per-step labels: GenRM-CoT, prm
+on program labels. Nothing: the generator's mean log-prob, rule x generator (GenRM-CoT's rule
+task.rules_ok with that log-prob), shortest, random. The exact check: an oracle.
+Departures: a fresh seeded base; DPO adds the right solutions' NLL (RPO; --dpo-nll 0: plain).
 Run: python train.py --method vstar          (countdown by default)
-
-Every verifier scores the same n test samples per problem; best-of-k, majority@k and pass@k
-(the ceiling) are exact estimates over k-subsets. What each learns from:
-- outcome labels (right/wrong samples of D_VER): DPO (the paper's; and on shared-prefix pairs,
-  each wrong sample against the right one nearest it: pairs_of), an ORM (a scalar head,
-  BCE) and GenRM (Zhang et al. 2024, arXiv 2408.15240: p("Y") after "Is the answer correct?");
-- the program's per-step labels (every step's arithmetic recomputed by the task): GenRM-CoT
-  (same paper; a verification rationale before the verdict), and the same labels given to a
-  scalar head ("prm on program labels"), which separates format from supervision. Around the
-  learned arithmetic a rule (task.rules_ok, named as such) judges the bookkeeping;
-- nothing: the generator's own mean token log-prob, the shortest first, random order; and the
-  exact check, an oracle. Compute is every token a network processes (compute_per_sample).
-
-Departures: the base is a fresh seeded GPT; samples come from G_(n-1) and G_n is trained after
-them; DPO's loss adds the right solutions' NLL (RPO, Pang et al. 2024; --dpo-nll 0 is plain
-DPO); "dpo" sums log V(y|x), "dpo-mean" averages it per token (the paper does not say which).
 """
 
 import math
 import os
 import random
 import time
-from itertools import product
+from collections import Counter
+from itertools import groupby, product
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 import star
-from model import (ScalarHead, all_gather, append_jsonl, autocast, bootstrap_ci, figure,
-                   load_checkpoint, rank_world, read_jsonl, save_checkpoint, seed_for,
-                   sequence_logprobs, split_batch, train_bce, wrap_ddp, write_jsonl)
+from model import (ScalarHead, all_gather, autocast, bootstrap_ci, commit, committed, figure,
+                   load_checkpoint, optimizer_step, rank_world, read_jsonl, save_checkpoint,
+                   seed_for, sequence_logprobs, split_batch, wrap_ddp, write_jsonl)
 from tasks import EOT, NEWLINE, PAD, TOKENIZER, decode, encode
 
 # Every setting of a run, per preset (train.py fills the flags left unset from here, and refuses
-# the others). A whole training set of gold solutions (a P of 300 was memorised); countdown,
-# where checking is easier than finding; one iteration (more did not move the generator).
+# the others). countdown: checking a solution is easier than finding one.
 _SHARED = dict(task="countdown", n_train=2000, samples=8, temperature=0.7, beta=0.1,
                dpo_nll=1.0, verifier_lr=3e-4, checkpoint=None, compile=False)
 DEFAULTS = {
@@ -66,41 +49,23 @@ DEFAULTS = {
 
 
 def pass_at_k(n, c, k):
-    """P(at least one of k samples drawn without replacement from n, c right, is right).
-    Chen et al. 2021: 1 - C(n-c, k) / C(n, k)."""
+    """P(one of k of n samples, c right, is right): Chen et al. 2021, 1 - C(n-c, k) / C(n, k)."""
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
 def best_of_k(scores, correct, k):
-    """P(the top-scored of k samples drawn without replacement from n is right).
-
-    Sorted by score, highest first, with rightness a_0..a_(n-1): sum_i C(n-i-1, k-1) a_i / C(n, k)
-    (V-STaR, section 4). Ties: the verifier picks uniformly among tied top candidates, which is
-    exactly the same formula with each a_i replaced by the mean rightness of its tie group.
-    """
-    n = len(scores)
-    order = sorted(range(n), key=lambda i: -scores[i])
-    a = [float(correct[i]) for i in order]
-    i = 0
-    while i < n:  # average rightness within each group of equal scores
-        j = i
-        while j + 1 < n and scores[order[j + 1]] == scores[order[i]]:
-            j += 1
-        mean = sum(a[i:j + 1]) / (j + 1 - i)
-        a[i:j + 1] = [mean] * (j + 1 - i)
-        i = j + 1
+    """P(the top-scored of k of n samples is right): sum_i C(n-i-1, k-1) a_i / C(n, k), sorted by
+    score (V-STaR, section 4), a_i the mean rightness of i's tie group (a tie picks uniformly)."""
+    n, a = len(scores), []
+    for _, group in groupby(sorted(range(n), key=lambda i: -scores[i]), key=lambda i: scores[i]):
+        group = [float(correct[i]) for i in group]
+        a += [sum(group) / len(group)] * len(group)
     return sum(math.comb(n - i - 1, k - 1) * a[i] for i in range(n - k + 1)) / math.comb(n, k)
 
 
 def majority_at_k(answers, right_answers, k):
-    """P(majority vote over k samples drawn without replacement from n is right), exactly.
-
-    answers: the n canonical answers (None = unparsable); right_answers: the set of answers that
-    count as right (one number in most tasks; in countdown every right trace is its own answer).
-    An unparsable answer never gets a vote; a subset with no parsable answer is wrong. Ties
-    between the top answers are broken uniformly at random, so a tie of t answers credits 1/t.
-    The credit of a set of answers is the sum of each one's credit, so each is counted alone.
-    """
+    """P(majority vote over k of n samples is right), exactly: answers (None never votes), the
+    right ones among them right_answers; a tie of t top answers credits 1/t each."""
     return sum(_majority_credit(answers, a, k) for a in set(right_answers) if a is not None)
 
 
@@ -110,40 +75,28 @@ def right_answers(answers, right):
 
 
 def _majority_credit(answers, right_answer, k):
-    """majority_at_k for one answer, over all k-subsets by dynamic programming over answer
-    groups: for every j (votes for right_answer), count the ways the other groups stay below j,
-    or tie at exactly j (tracking how many tie)."""
-    n = len(answers)
-    groups = {}
-    for a in answers:
-        if a is not None:
-            groups[a] = groups.get(a, 0) + 1
+    """majority_at_k's credit of one answer: for each j votes it gets, count by dynamic
+    programming the ways the other answers stay below j or tie at j (and how many tie)."""
+    n, groups = len(answers), Counter(a for a in answers if a is not None)
     c = groups.pop(right_answer, 0)
     n_none = n - c - sum(groups.values())
     others = list(groups.values())
     total = 0.0
     for j in range(1, min(c, k) + 1):
-        # ways[m][t]: choose m samples among the other groups, each with < j or == j votes,
-        # t of them with exactly j
+        # ways[m][t]: the ways to pick m samples of the other answers, none over j votes, t at j
         ways = [[0] * (len(others) + 1) for _ in range(k + 1)]
         ways[0][0] = 1
         for g in others:
             new = [[0] * (len(others) + 1) for _ in range(k + 1)]
-            for m in range(k + 1):
-                for t in range(len(others) + 1):
-                    if ways[m][t] == 0:
-                        continue
-                    for x in range(0, min(g, j) + 1):
-                        if m + x <= k:
-                            new[m + x][t + (x == j)] += ways[m][t] * math.comb(g, x)
+            for m, t in product(range(k + 1), range(len(others) + 1)):
+                if ways[m][t]:
+                    for x in range(min(g, j, k - m) + 1):
+                        new[m + x][t + (x == j)] += ways[m][t] * math.comb(g, x)
             ways = new
-        for m in range(k - j + 1):
-            rest = k - j - m  # filled with unparsable samples, which do not vote
-            if rest > n_none:
-                continue
+        for m in range(max(0, k - j - n_none), k - j + 1):  # the k - j - m others: unparsable
             for t in range(len(others) + 1):
                 if ways[m][t]:
-                    total += math.comb(c, j) * ways[m][t] * math.comb(n_none, rest) / (t + 1)
+                    total += math.comb(c, j) * ways[m][t] * math.comb(n_none, k - j - m) / (t + 1)
     return total / math.comb(n, k)
 
 
@@ -152,10 +105,7 @@ def _majority_credit(answers, right_answer, k):
 
 
 def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta):
-    """-log sigmoid(beta * [(log pi(y+) - log ref(y+)) - (log pi(y-) - log ref(y-))]).
-
-    Rafailov et al. 2023, eq. 7, with summed completion log-probs. Returns (mean loss, the
-    implicit rewards of chosen and rejected, the share of pairs ranked right)."""
+    """Rafailov et al. 2023, eq. 7: (mean loss, chosen and rejected rewards, share ranked right)."""
     r_chosen = beta * (pi_chosen - ref_chosen)
     r_rejected = beta * (pi_rejected - ref_rejected)
     loss = -F.logsigmoid(r_chosen - r_rejected).mean()
@@ -167,25 +117,20 @@ def orm_reads(completion):
     return [len(completion) - 1]
 
 
-# GenRM (Zhang et al. 2024): verification as next-token prediction. After a candidate solution
-# comes a fixed question, and the verifier's score is p(Yes) as the next token. In this
-# character tokenizer the verdicts are the one-character tokens "Y" and "N".
+# GenRM (Zhang et al. 2024): verification as next-token prediction, p(Yes) after a fixed
+# question; in this character tokenizer the verdicts are the one-character tokens "Y" and "N".
 GENRM_QUESTION = "\nIs the answer correct? "
 YES, NO = encode("Y")[0], encode("N")[0]
 
 
 def genrm_input(prompt, completion):
-    """What GenRM reads before its verdict: the problem, the solution (without its
-    end-of-text) and the question."""
+    """What GenRM reads before its verdict: problem, solution (no end-of-text), question."""
     body = completion[:-1] if completion and completion[-1] == EOT else completion
     return prompt + body + encode(GENRM_QUESTION)
 
 
 def train_genrm(sft_path, labelled, args, device):
-    """GenRM: G_SFT fine-tuned with the next-token loss on the verdict of every labelled sample
-    ("Y" after a right one, "N" after a wrong one), the same samples as DPO's and the ORM's,
-    mixed with the generator's SFT data (the right ones as solutions: the paper's unified
-    training), at the generator's SFT learning rate."""
+    """GenRM: G_SFT fine-tuned on each sample's verdict mixed with the right ones as solutions."""
     model = load_checkpoint(sft_path, device)[0]
     examples = [(genrm_input(p, c), [YES if ok else NO]) for p, c, ok in labelled] + \
         [(p, c) for p, c, ok in labelled if ok]
@@ -194,23 +139,18 @@ def train_genrm(sft_path, labelled, args, device):
     return model.eval()
 
 
-# GenRM-CoT (same paper): a verification rationale, then Yes or No; p(Yes) averaged over m
-# sampled rationales. Here the task writes the rationale it learns from (task.recheck): each step
-# recomputed alone ("48+11=" -> "59"), so the claim is never in view to be copied, and Yes iff
-# every recomputation equals its claim. As m grows, p(Yes) tends to the product over steps of
-# p(claim | operands), which one teacher-forced pass computes exactly: cot_scores.
-
-
+# GenRM-CoT (same paper): a verification rationale, then Yes or No. Here the task writes the
+# rationale (task.recheck): each step recomputed alone ("48+11=" -> "59"), the claim out of view;
+# Yes iff every recomputation equals its claim. Over many sampled rationales p(Yes) tends to the
+# product over steps of p(claim | operands), which one teacher-forced pass computes: cot_scores.
 def recheck_examples(task, labelled):
-    """GenRM-CoT's training rows: every step of every labelled sample, right or wrong, alone,
-    followed by the result it should have: ("48+11=", "59" + newline)."""
+    """GenRM-CoT's rows: each labelled sample's steps alone, with their due results ("59\n")."""
     return [(encode(q), encode(should) + [NEWLINE]) for _, c, _ in labelled
             for q, _, should in task.recheck(decode(c[:-1])) or ()]
 
 
 def train_genrm_cot(sft_path, task, labelled, args, device):
-    """GenRM-CoT: G_SFT fine-tuned with the next-token loss on the task's rationales of the
-    same labelled samples, at the generator's SFT learning rate."""
+    """GenRM-CoT: G_SFT fine-tuned on the labelled samples' rationales, at the SFT rate."""
     model = load_checkpoint(sft_path, device)[0]
     star.finetune(model, recheck_examples(task, labelled), args.verifier_steps, args.lr,
                   2 * args.batch_size, seed=seed_for(args.seed, "genrm-cot"),
@@ -219,11 +159,8 @@ def train_genrm_cot(sft_path, task, labelled, args, device):
 
 
 def cot_rows(task, problems, texts, finished=None):
-    """What GenRM-CoT reads for each text: one (the step with its result cut off, the claimed
-    result + newline) pair of token lists per step, or None where the text cannot score as
-    right: task.recheck finds no rationale, or the task's rule (task.rules_ok) rejects the
-    bookkeeping around the arithmetic (a finished[i] text, default True, must be a whole
-    solution that reaches the target)."""
+    """What GenRM-CoT reads of each text: (step without its result, claim + newline) per step;
+    None where it has no rationale or task.rules_ok rejects it (finished: a whole solution)."""
     finished = [True] * len(texts) if finished is None else finished
     return [None if not task.rules_ok(p, t, fin) or (st := task.recheck(t)) is None else
             [(encode(q), encode(claim) + [NEWLINE]) for q, claim, _ in st]
@@ -232,51 +169,38 @@ def cot_rows(task, problems, texts, finished=None):
 
 @torch.no_grad()
 def cot_scores(verifier, task, problems, texts, finished=None, batch_size=512):
-    """GenRM-CoT's p(Yes) for each text: the product over its steps of p(claim + newline | the
-    step's operands), 0 where cot_rows gives None. A finished countdown solution always has
-    one step fewer than its numbers, so none is favoured for being short."""
+    """GenRM-CoT's p(Yes) of each text: the product over its steps of p(claim | operands), 0
+    where cot_rows gives None (every finished solution has as many steps: none favoured)."""
     steps = cot_rows(task, problems, texts, finished)
     rows = [row for st in steps for row in st or ()]
     logp = []
-    for i in range(0, len(rows), batch_size):
-        chunk = rows[i:i + batch_size]
-        with autocast(str(next(verifier.parameters()).device)):
-            logp += sequence_logprobs(verifier, [q for q, _ in chunk], [c for _, c in chunk],
-                                      PAD).float().tolist()
+    with autocast(str(next(verifier.parameters()).device)):
+        for i in range(0, len(rows), batch_size):
+            qs, cs = zip(*rows[i:i + batch_size])
+            logp += sequence_logprobs(verifier, list(qs), list(cs), PAD).float().tolist()
     logp = iter(logp)
     return [0.0 if st is None else math.exp(sum(next(logp) for _ in st)) for st in steps]
 
 
 def step_reads(completion):
-    """Where the process reward model (model.ScalarHead) reads a completion: the end of every
-    step, its newline, and the final end-of-text."""
+    """Where a process reward model reads a completion: each step's newline, the end-of-text."""
     return [j for j, t in enumerate(completion) if t in (NEWLINE, EOT)]
 
 
 def step_prefixes(text):
     """The prefixes of a solution that end after one of its steps (not the whole solution)."""
-    lines = text.split("\n")
-    return ["".join(line + "\n" for line in lines[:k]) for k in range(1, len(lines))]
+    return [text[:i + 1] for i, ch in enumerate(text) if ch == "\n"]
 
 
 def program_step_rows(task, labelled):
-    """The format control's training rows: GenRM-CoT's own supervision, each step's arithmetic
-    right or wrong as the task's program recomputes it (task.recheck), given to a scalar head
-    read at the end of each step. Samples with no rationale are left out."""
-    rows = []
-    for prompt, c, _ in labelled:
-        steps = task.recheck(decode(c[:-1]))
-        if steps:
-            rows.append((prompt, c, step_reads(c)[:len(steps)],
-                         [float(claim == should) for _, claim, should in steps]))
-    return rows
+    """The format control's rows: GenRM-CoT's per-step labels, for a head read at step ends."""
+    return [(p, c, step_reads(c)[:len(st)], [float(claim == should) for _, claim, should in st])
+            for p, c, _ in labelled if (st := task.recheck(decode(c[:-1])))]
 
 
 @torch.no_grad()
 def program_scores(head, task, problems, texts, batch_size=256):
-    """The format control's score, aggregated as GenRM-CoT's is: 0 where task.rules_ok rejects
-    the text or it has no rationale, else the product over its steps of the head's p(the
-    step's arithmetic is right)."""
+    """The format control's score, aggregated as cot_scores: the product of p(step right)."""
     out = []
     for i in range(0, len(texts), batch_size):
         ps, ts = problems[i:i + batch_size], texts[i:i + batch_size]
@@ -290,10 +214,8 @@ def program_scores(head, task, problems, texts, batch_size=256):
 
 
 def pairs_of(labelled, nearest=False):
-    """(prompt, right completion, wrong completion) for every right x wrong pair of a problem;
-    nearest: each wrong one only with the right one that shares its longest prefix, so that the
-    pair differs where the wrong solution went wrong (a step-level pair: the shared prefix's
-    log-probs cancel in DPO's margin)."""
+    """(prompt, right, wrong) for every right x wrong pair of a problem; nearest: each wrong one
+    with the right one sharing its longest prefix only (a step-level pair: the prefix cancels)."""
     by_prompt = {}
     for prompt, completion, ok in labelled:
         by_prompt.setdefault(tuple(prompt), ([], []))[0 if ok else 1].append(completion)
@@ -306,16 +228,11 @@ def pairs_of(labelled, nearest=False):
 
 def shared_prefix(a, b):
     """How many leading tokens two sequences share."""
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def train_dpo(sft_path, labelled, args, device, nearest=False):
-    """The DPO verifier: starts from G_SFT, reference G_SFT; pairs sampled each step (all of a
-    problem's, or the shared-prefix ones: pairs_of); with args.dpo_nll > 0, the NLL of the
-    pairs' right solutions is added to the loss (RPO)."""
+    """The DPO verifier from G_SFT (also its reference) on pairs_of; + right ones' NLL (RPO)."""
     pairs = pairs_of(labelled, nearest)
     if not pairs:
         raise ValueError("no (right, wrong) pair of the same problem: DPO has nothing to learn")
@@ -327,6 +244,7 @@ def train_dpo(sft_path, labelled, args, device, nearest=False):
     bar = tqdm(range(args.verifier_steps), desc="DPO verifier" + " (shared prefix)" * nearest,
                leave=False, dynamic_ncols=True)
     accs = []
+    opt.zero_grad(set_to_none=True)
     for step in bar:
         batch = [pairs[rng.randrange(len(pairs))] for _ in range(args.batch_size)]
         share, denom = split_batch(batch)  # torchrun: this process's share
@@ -342,10 +260,8 @@ def train_dpo(sft_path, labelled, args, device, nearest=False):
             lengths = torch.tensor([len(r) for _, r, _ in share], device=pi.device)
             loss = loss + args.dpo_nll * (-pi[:B] / lengths).mean()
         loss = loss * B / denom  # the share's sum over the global mean's divisor
-        opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-        opt.step()
+        optimizer_step(opt, policy.parameters(), clip=1.0)
         accs.append(acc.item())
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}",
@@ -353,9 +269,33 @@ def train_dpo(sft_path, labelled, args, device, nearest=False):
     return policy.eval(), len(pairs)
 
 
+def train_bce(model, rows, steps, lr, batch_size, seed, desc):
+    """A ScalarHead fit by BCE on rows (prompt, completion, read positions, a label per read)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    forward = wrap_ddp(model)
+    rng = random.Random(seed)
+    model.train()
+    opt.zero_grad(set_to_none=True)
+    bar = tqdm(range(steps), desc=desc, leave=False, dynamic_ncols=True)
+    for step in bar:
+        batch = [rows[rng.randrange(len(rows))] for _ in range(batch_size)]
+        share, denom = split_batch(batch, size=lambda row: len(row[3]))
+        with autocast(str(model.head.weight.device)):
+            logits, mask = forward(*map(list, zip(*[row[:3] for row in share])))
+        y = torch.zeros(mask.shape, device=logits.device)
+        for b, (_, _, _, labels) in enumerate(share):
+            y[b, :len(labels)] = torch.tensor(labels, dtype=torch.float)
+        loss = F.binary_cross_entropy_with_logits(logits.float()[mask], y[mask],
+                                                  reduction="sum") / denom
+        loss.backward()
+        optimizer_step(opt, model.parameters(), clip=None)
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    return model.eval()
+
+
 def train_head(sft_path, rows, args, device, name, desc):
-    """A verifier with a scalar head on G_SFT (model.ScalarHead), trained with binary
-    cross-entropy on rows (model.train_bce): the ORM, the diagnostic, search's PRM."""
+    """A scalar-head verifier on G_SFT trained by train_bce: the ORM, the control, search's PRM."""
     model = ScalarHead(load_checkpoint(sft_path, device)[0]).to(device)
     return train_bce(model, rows, args.verifier_steps, args.verifier_lr, 2 * args.batch_size,
                      seed=seed_for(args.seed, name), desc=desc)
@@ -368,30 +308,35 @@ def train_orm(sft_path, labelled, args, device):
 
 
 @torch.no_grad()
-def scores(verifier, prompts, completions, kind, batch_size=256):
-    """Verifier scores: 'dpo' = log V(y|x) summed, 'dpo-mean' = per completion token, 'orm' =
-    the head's logit, 'genrm' = p(Yes). Under torchrun each process scores every world-th
-    batch."""
+def gathered(score, prompts, completions, batch_size=256):
+    """score per batch, concatenated; under torchrun each process scores its share of them."""
     rank, world = rank_world()
-    mine = {}
-    for i in range(rank * batch_size, len(prompts), world * batch_size):
-        p, c = prompts[i:i + batch_size], completions[i:i + batch_size]
-        if kind == "orm":
-            mine[i] = verifier(p, c, [orm_reads(x) for x in c])[0][:, 0].float().tolist()
-        elif kind == "prm":  # the lowest step score
-            logits, mask = verifier(p, c, [step_reads(x) for x in c])
-            mine[i] = logits.float().masked_fill(~mask, float("inf")).min(1).values.tolist()
-        elif kind == "genrm":  # p(Yes)
-            inputs = [genrm_input(a, b) for a, b in zip(p, c)]
-            s = sequence_logprobs(verifier, inputs, [[YES]] * len(inputs), PAD)
-            mine[i] = s.float().exp().tolist()
-        else:
-            s = sequence_logprobs(verifier, p, c, PAD).float()
-            if kind == "dpo-mean":
-                s = s / torch.tensor([len(x) for x in c], device=s.device)
-            mine[i] = s.tolist()
+    mine = {i: score(prompts[i:i + batch_size], completions[i:i + batch_size])
+            for i in range(rank * batch_size, len(prompts), world * batch_size)}
     batches = {i: s for share in all_gather(mine) for i, s in share.items()}
     return [x for i in sorted(batches) for x in batches[i]]
+
+
+def logprob_scores(model, prompts, completions, mean=False):
+    """log p(y|x) summed over the completion (DPO's log V(y|x)), or per token (mean=True)."""
+    def score(p, c):
+        s = sequence_logprobs(model, p, c, PAD).float()
+        return (s / torch.tensor([len(x) for x in c], device=s.device) if mean else s).tolist()
+    return gathered(score, prompts, completions)
+
+
+def head_scores(head, prompts, completions):
+    """The ORM's score: its scalar head's logit at the end-of-text."""
+    return gathered(lambda p, c: head(p, c, [orm_reads(x) for x in c])[0][:, 0].float().tolist(),
+                    prompts, completions)
+
+
+def genrm_scores(model, prompts, completions):
+    """GenRM's score: p(Yes) after the question."""
+    def score(p, c):
+        inputs = [genrm_input(a, b) for a, b in zip(p, c)]
+        return sequence_logprobs(model, inputs, [[YES]] * len(inputs), PAD).float().exp().tolist()
+    return gathered(score, prompts, completions)
 
 
 # -----------------------------------------------------------------------------
@@ -413,22 +358,16 @@ def load_labelled(path):
 
 
 def per_problem(right, answers, rights, verifier_scores, k):
-    """Each problem's pass@k, majority@k and best-of-k per verifier, at one k.
-    right[i], answers[i]: each sample's label and canonical answer for problem i; rights[i]:
-    its set of right answers (right_answers)."""
-    rows = {"pass@k": [], "majority@k": []}
-    rows.update({f"best-of-k {name}": [] for name in verifier_scores})
-    for i, (r, a) in enumerate(zip(right, answers)):
-        rows["pass@k"].append(pass_at_k(len(r), sum(r), k))
-        rows["majority@k"].append(majority_at_k(a, rights[i], k))
-        for name, s in verifier_scores.items():
-            rows[f"best-of-k {name}"].append(best_of_k(s[i], r, k))
+    """Each problem's pass@k, majority@k and best-of-k per verifier, at one k."""
+    rows = {"pass@k": [pass_at_k(len(r), sum(r), k) for r in right],
+            "majority@k": [majority_at_k(a, ra, k) for a, ra in zip(answers, rights)]}
+    rows.update({f"best-of-k {name}": [best_of_k(sc, r, k) for sc, r in zip(s, right)]
+                 for name, s in verifier_scores.items()})
     return rows
 
 
 def curves(right, answers, verifier_scores, ks):
-    """Mean over problems of pass@k, majority@k and best-of-k per verifier, for each k; and at
-    the largest k, the 95% bootstrap interval of each, and of each one's lead over majority."""
+    """Per k the mean of per_problem; at the largest k, 95% bootstrap CIs of each and of leads."""
     res = {"k": ks, "by_problem": {}}  # by_problem[key][j]: each problem's value at ks[j]
     rights = [right_answers(a, r) for a, r in zip(answers, right)]  # once per problem, not per k
     for k in ks:
@@ -445,23 +384,18 @@ def curves(right, answers, verifier_scores, ks):
 
 
 def compute_per_sample(task, problems, prompts, comps, names):
-    """Tokens every network processes per sample, on average: "sample" (its prompt encoded and
-    its tokens generated) and each scorer's pass over it (every scorer here is a network of
-    the generator's size; a rule or an exact check costs none). Padding is not counted."""
+    """Mean tokens per sample: "sample" (its own), each scorer's pass (a rule's or check's: 0)."""
     n = len(comps)
     full = sum(len(p) + len(c) for p, c in zip(prompts, comps)) / n
-    texts = [decode(c[:-1]) for c in comps]
-    cot = sum(len(q) + len(c) for rows in cot_rows(task, problems, texts) for q, c in rows or ())
-    cot /= n
+    cot = sum(len(q) + len(c) for rows in cot_rows(task, problems, [decode(c[:-1]) for c in comps])
+              for q, c in rows or ()) / n
     cost = {"sample": full, "genrm": full + len(encode(GENRM_QUESTION)), "genrm-cot": cot,
             "dpo-reward": 2 * full, "length": 0.0, "random": 0.0, "exact check (oracle)": 0.0}
     return {name: cost.get(name, full) for name in ["sample"] + names}
 
 
 def pair_accuracy(right, s):
-    """(share of held-out (right, wrong) pairs of the same problem that the scores rank right,
-    share of pairs they tie). A tie counts 1/2, what picking one of the two at random scores:
-    a constant score ranks pairs at exactly 0.5."""
+    """(share of a problem's held-out (right, wrong) pairs ranked right, a tie 1/2; share tied)."""
     good = ties = total = 0
     for r, sc in zip(right, s):
         for a, b in product(range(len(r)), repeat=2):
@@ -473,47 +407,44 @@ def pair_accuracy(right, s):
 
 
 def run(args, task, P, D, test, out, device, new_model):
-    """Algorithm 1: the generator iterations, the verifiers on D_VER, then test time. Each
-    iteration's row and the eval row are commit points: a rerun on the folder resumes."""
-    rows = read_jsonl(os.path.join(out, "metrics.jsonl"))
+    """Algorithm 1; each iteration's row and the eval row are commits a rerun resumes from."""
     gold = star.gold_examples(task, P, with_hints=False)
-    generator_iterations(args, task, P + D, test, gold, out, device, new_model, rows)
-    if not any(r.get("kind") == "eval" for r in rows):
-        evaluate_test_time(args, task, test, gold, out, device)
-
-
-def generator_iterations(args, task, problems, test, gold, out, device, new_model, rows):
-    """G_SFT, then T iterations: sample and label, D_GEN grows by the right samples, G_n is
-    trained from the base on it."""
-    done = {r["iteration"] for r in rows if r.get("kind") == "iteration"}
+    done = committed(out, "iteration", "iteration")
     for n in range(args.iterations + 1):
-        if n in done:
-            continue
-        t0, stats, right = time.time(), {}, []
-        if n > 0:  # D_VER grows by every sample, right or wrong
-            generator = load_checkpoint(generator_path(out, n - 1), device)[0].eval()
-            texts, _ = star.sample(generator, task, problems, n=args.samples,
-                                   temperature=args.temperature, seed=seed_for(args.seed,
-                                   "samples", n), batch_size=args.sample_batch_size,
-                                   desc=f"generator {n}: sample")
-            labelled = label(task, problems, texts)
-            save_labelled(labelled_path(out, n), labelled)
-            right = [(p, c) for i in range(1, n + 1)
-                     for p, c, ok in load_labelled(labelled_path(out, i)) if ok]
-            stats = {"samples_right": sum(ok for _, _, ok in labelled) / len(labelled),
-                     "d_gen": len(gold) + len(right)}
-        torch.manual_seed(args.seed)  # G = SFT(base, D_GEN): a fresh base, as the paper restarts
-        model = new_model()
-        loss = star.finetune(model, gold + right, args.steps, args.lr, args.batch_size,
-                             seed=seed_for(args.seed, "generator", n), desc=f"generator {n}: SFT",
-                             compile=args.compile)
-        acc, overall, _ = star.evaluate(model, task, test, args.sample_batch_size)
-        save_checkpoint(generator_path(out, n), model, TOKENIZER, extra={"iteration": n})
-        append_jsonl(os.path.join(out, "metrics.jsonl"), {
-            "kind": "iteration", "iteration": n, "accuracy": overall,
-            "accuracy_by_difficulty": {str(d): a for d, a in acc.items()}, "train_steps":
-            args.steps, "train_loss": loss, **stats, "wall_s": round(time.time() - t0, 1)})
-        tqdm.write(f"generator {n}: greedy accuracy {overall:.3f}")
+        if n not in done:
+            t0 = time.time()
+            commit(out, generator_iteration(args, task, P + D, test, gold, out, device,
+                                            new_model, n), t0)
+    if not committed(out, "eval", "kind"):
+        t0 = time.time()
+        commit(out, evaluate_test_time(args, task, test, gold, out, device), t0)
+
+
+def generator_iteration(args, task, problems, test, gold, out, device, new_model, n):
+    """Iteration n (0: gold only): label G_(n-1)'s samples, G_n = SFT(base, D_GEN); its row."""
+    stats, right = {}, []
+    if n > 0:  # D_VER grows by every sample, right or wrong
+        generator = load_checkpoint(generator_path(out, n - 1), device)[0].eval()
+        texts, _ = star.sample(generator, task, problems, n=args.samples,
+                               temperature=args.temperature, seed=seed_for(args.seed, "samples", n),
+                               batch_size=args.sample_batch_size, desc=f"generator {n}: sample")
+        labelled = label(task, problems, texts)
+        save_labelled(labelled_path(out, n), labelled)
+        right = [(p, c) for i in range(1, n + 1)
+                 for p, c, ok in load_labelled(labelled_path(out, i)) if ok]
+        stats = {"samples_right": sum(ok for _, _, ok in labelled) / len(labelled),
+                 "d_gen": len(gold) + len(right)}
+    torch.manual_seed(args.seed)  # G = SFT(base, D_GEN): a fresh base, as the paper restarts
+    model = new_model()
+    loss = star.finetune(model, gold + right, args.steps, args.lr, args.batch_size,
+                         seed=seed_for(args.seed, "generator", n), desc=f"generator {n}: SFT",
+                         compile=args.compile)
+    acc, overall, _ = star.evaluate(model, task, test, args.sample_batch_size)
+    save_checkpoint(generator_path(out, n), model, TOKENIZER, extra={"iteration": n})
+    tqdm.write(f"generator {n}: greedy accuracy {overall:.3f}")
+    return {"kind": "iteration", "iteration": n, "accuracy": overall,
+            "accuracy_by_difficulty": {str(d): a for d, a in acc.items()},
+            "train_steps": args.steps, "train_loss": loss, **stats}
 
 
 def generator_path(out, n):
@@ -527,8 +458,8 @@ def labelled_path(out, n):
 def train_verifiers(args, task, d_ver, sft_path, device):
     """Every verifier from G_SFT on the same D_VER: {name: network}, and DPO's pair count."""
     dpo, n_pairs = train_dpo(sft_path, d_ver, args, device)
-    nets = {"dpo": dpo, "dpo shared-prefix pairs": train_dpo(sft_path, d_ver, args, device,
-                                                              nearest=True)[0],
+    nets = {"dpo": dpo,
+            "dpo shared-prefix pairs": train_dpo(sft_path, d_ver, args, device, nearest=True)[0],
             "orm": train_orm(sft_path, d_ver, args, device),
             "genrm": train_genrm(sft_path, d_ver, args, device)}
     if task.recheck(decode(d_ver[0][1][:-1])) is not None:  # (a gold solution) a rationale
@@ -543,22 +474,21 @@ def score_samples(nets, task, problems, texts, reference, generator):
     """Every verifier's and baseline's score of each (problem, text) pair: {name: scores}."""
     prompts = [encode(task.prompt(p)) for p in problems]
     comps = [encode(t) + [EOT] for t in texts]
-    dpo = scores(nets["dpo"], prompts, comps, "dpo")
-    ref = scores(reference, prompts, comps, "dpo")
+    dpo = logprob_scores(nets["dpo"], prompts, comps)
+    ref = logprob_scores(reference, prompts, comps)
     flat = {"dpo": dpo,  # the paper's score, log V(y|x)
             "dpo-mean": [s / len(c) for s, c in zip(dpo, comps)],  # per completion token
             "dpo-reward": [s - r for s, r in zip(dpo, ref)],  # DPO's implicit reward
-            "dpo shared-prefix pairs": scores(nets["dpo shared-prefix pairs"], prompts, comps,
-                                              "dpo"),
-            "orm": scores(nets["orm"], prompts, comps, "orm"),
-            "genrm": scores(nets["genrm"], prompts, comps, "genrm")}
+            "dpo shared-prefix pairs": logprob_scores(nets["dpo shared-prefix pairs"], prompts,
+                                                      comps),
+            "orm": head_scores(nets["orm"], prompts, comps),
+            "genrm": genrm_scores(nets["genrm"], prompts, comps)}
     if "genrm-cot" in nets:
         flat["genrm-cot"] = cot_scores(nets["genrm-cot"], task, problems, texts)
         flat["prm on program labels"] = program_scores(nets["program"], task, problems, texts)
         flat["exact check (oracle)"] = [float(task.check(p, t)) for p, t in zip(problems, texts)]
-    # the baselines a learned verifier must beat: the generator's own confidence (its mean
-    # token log-prob), the shortest solution first, and no preference at all
-    flat.update({"generator": scores(generator, prompts, comps, "dpo-mean"),
+    # the baselines a learned verifier must beat: the generator's mean log-prob, shortest, none
+    flat.update({"generator": logprob_scores(generator, prompts, comps, mean=True),
                  "length": [-len(c) for c in comps], "random": [0.0] * len(comps)})
     if "genrm-cot" in nets:  # GenRM-CoT's rule without its learned arithmetic: what it adds
         flat["rule x generator"] = [g - (0.0 if task.rules_ok(p, t) else 1e3) for p, t, g in
@@ -567,10 +497,7 @@ def score_samples(nets, task, problems, texts, reference, generator):
 
 
 def evaluate_test_time(args, task, test, gold, out, device):
-    """The verifiers, trained on D_VER (every labelled sample, and P's gold solutions, which
-    count as right: the paper), then n samples per held-out problem from G_T, drawn once and
-    scored by every verifier; the eval row."""
-    t0 = time.time()
+    """The verifiers on D_VER (labelled samples and P's gold), scoring G_T's test samples: a row."""
     d_ver = [(p, c, True) for p, c in gold] + \
         [x for n in range(1, args.iterations + 1) for x in load_labelled(labelled_path(out, n))]
     nets, n_pairs = train_verifiers(args, task, d_ver, generator_path(out, 0), device)
@@ -594,11 +521,9 @@ def evaluate_test_time(args, task, test, gold, out, device):
     greedy = [r for r in read_jsonl(os.path.join(out, "metrics.jsonl"))
               if r.get("kind") == "iteration"][-1]["accuracy"]
     pairs = {name: pair_accuracy(right, s) for name, s in verifier_scores.items()}
-    append_jsonl(os.path.join(out, "metrics.jsonl"), {
-        "kind": "eval", "greedy": greedy, "n": n, "pairs": n_pairs, "d_ver": len(d_ver), **res,
-        **{f"pair_acc {name}": acc for name, (acc, _) in pairs.items()},
-        **{f"pair_ties {name}": ties for name, (_, ties) in pairs.items()},
-        "wall_s": round(time.time() - t0, 1)})
+    return {"kind": "eval", "greedy": greedy, "n": n, "pairs": n_pairs, "d_ver": len(d_ver), **res,
+            **{f"pair_acc {name}": acc for name, (acc, _) in pairs.items()},
+            **{f"pair_ties {name}": ties for name, (_, ties) in pairs.items()}}
 
 
 def report(args, rows):
@@ -618,8 +543,8 @@ def report(args, rows):
     lines += ["", "| k | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for i, k in enumerate(ev["k"]):
         lines.append(f"| {k} | " + " | ".join(f"{ev[key][i]:.3f}" for key in keys) + " |")
-    lines.append("| 95% CI | " + " | ".join("{:.3f}-{:.3f}".format(*ev["ci"][key])
-                                             for key in keys) + " |")
+    ci = ["{:.3f}-{:.3f}".format(*ev["ci"][key]) for key in keys]
+    lines.append("| 95% CI | " + " | ".join(ci) + " |")
     lines += [""] + equal_compute_table(ev)
     lines += ["", f"greedy {ev['greedy']:.3f}; {ev['pairs']} training pairs from "
               f"{ev['d_ver']} labelled samples"]
@@ -640,9 +565,8 @@ def cost_of(ev, key, k):
 
 
 def equal_compute_table(ev):
-    """Each verifier at k = n against the generator's own log-prob at the same k (the same
-    compute: one pass of a network of the same size per sample), and against majority vote
-    at equal total compute: the verifier at the largest k that costs no more than majority@n."""
+    """Each verifier at k = n against the generator's log-prob at the same k (the same compute),
+    and at the largest k that costs no more than majority@n against majority@n."""
     n, ks, J = ev["k"][-1], ev["k"], len(ev["k"]) - 1
     gap = ev["pass@k"][-1] - ev["pass@k"][0]
     lines = [f"| at k = {n} | accuracy | tokens per problem | lead over the generator's log-prob "

@@ -5,6 +5,7 @@ same test problems, from each iteration row's per-problem rightness ("right" in 
 
   python tests/paired.py out/star-addition out/star-addition-norat
   python tests/paired.py RUN_A RUN_B --iteration 2      # compare iteration 2 of each
+  python tests/paired.py SOS_A SOS_B --models "traces 0" paths   # two models of sos runs
 
 Prints each run's accuracy, the difference A - B and its interval (model.bootstrap_ci over
 the per-problem differences). A difference whose interval holds 0 is no difference. Not
@@ -17,6 +18,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import bootstrap_ci, read_jsonl  # noqa: E402
+
+
+def model_row(run, name):
+    for r in read_jsonl(os.path.join(run, "metrics.jsonl")):
+        if r.get("kind") == "sos" and r["model"] == name:
+            return dict(r, iteration=name)
+    sys.exit(f"paired.py: error: {run!r} has no sos row of model {name!r}")
 
 
 def rightness(run, iteration):
@@ -38,15 +46,20 @@ def main():
     ap.add_argument("run_a")
     ap.add_argument("run_b")
     ap.add_argument("--iteration", type=int, default=None, help="default: each run's last")
+    ap.add_argument("--models", nargs=2, metavar=("A", "B"),
+                    help="--method sos runs: the model of each to compare")
     args = ap.parse_args()
-    a, b = rightness(args.run_a, args.iteration), rightness(args.run_b, args.iteration)
+    if args.models:
+        a, b = model_row(args.run_a, args.models[0]), model_row(args.run_b, args.models[1])
+    else:
+        a, b = rightness(args.run_a, args.iteration), rightness(args.run_b, args.iteration)
     if len(a["right"]) != len(b["right"]):
         sys.exit("paired.py: error: the runs have different test sets "
                  f"({len(a['right'])} and {len(b['right'])} problems)")
     diff = [x - y for x, y in zip(a["right"], b["right"])]
     lo, hi = bootstrap_ci(diff)
-    print(f"A {args.run_a} (iteration {a['iteration']}): {a['accuracy']:.3f}")
-    print(f"B {args.run_b} (iteration {b['iteration']}): {b['accuracy']:.3f}")
+    print(f"A {args.run_a} ({a['iteration']}): {a['accuracy']:.3f}")
+    print(f"B {args.run_b} ({b['iteration']}): {b['accuracy']:.3f}")
     print(f"A - B: {sum(diff) / len(diff):+.3f} (paired 95% interval {lo:+.3f} to {hi:+.3f}, "
           f"{len(diff)} problems)")
 

@@ -8,7 +8,8 @@ run's test problems, and the count of seeds whose interval excludes 0 on the cla
 
 The comparisons: star, the last iteration against M0 (iteration 0); vstar, each verifier's
 best-of-n against the generator's own log-prob at the same n (the same compute) and against
-majority vote at equal total compute; search, each learned-guided search against best-of-N and
+majority vote at equal total compute, and GenRM-CoT against its own rule with the generator's
+log-prob (rule x generator); search, each learned-guided search against best-of-N and
 the weighted vote with the same scorer at equal total compute; quiet_star, the thinking arm
 against the plain arm and against the base's own thoughts at a fixed weight; sos, the trace
 models against the paths model (star.sos_compare). Not collected by pytest (no test_ prefix).
@@ -46,6 +47,10 @@ def vstar_rows(rows):
         if name != "generator":
             out[f"{name} - generator log-prob, k={ks[J]}"] = diff(
                 ev["by_problem"][key][J], ev["by_problem"]["best-of-k generator"][J])
+        if name == "genrm-cot" and "best-of-k rule x generator" in ev["by_problem"]:
+            # what GenRM-CoT's learned arithmetic adds to its rule (same samples, same k)
+            out[f"genrm-cot - rule x generator, k={ks[J]}"] = diff(
+                ev["by_problem"][key][J], ev["by_problem"]["best-of-k rule x generator"][J])
         j = max(i for i, k in enumerate(ks) if i == 0 or vstar.cost_of(ev, key, k)
                 <= vstar.cost_of(ev, "m", ks[J]) + 1e-9)
         out[f"{name} k={ks[j]} - majority k={ks[J]} (equal compute)"] = diff(

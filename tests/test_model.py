@@ -18,8 +18,8 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import model as model_module
 from model import (GPT, GPTConfig, KVCache, ScalarHead, decode_step, generate, generate_naive,
-                   get_config, left_pad, load_checkpoint, noise, padded_mask, pick,
-                   save_checkpoint, seed_for, sequence_logprobs, split_batch)
+                   get_config, left_pad, load_checkpoint, padded_mask, sample_token,
+                   sampling_noise, save_checkpoint, seed_for, sequence_logprobs, split_batch)
 
 PAD = 99
 TOKENIZER = "arith-char-v1"  # tasks.TOKENIZER; model.py stores whatever name it is given
@@ -184,8 +184,8 @@ def test_gumbel_max_sampling_follows_the_softmax():
     # 20,000 draws from a fixed 4-way distribution at temperature 0.5; each frequency within 5
     # standard errors of its probability (false failure < 1e-5 per token)
     logits = torch.tensor([[1.0, 0.0, -1.0, 0.5]]).repeat(20_000, 1)
-    u = noise(20_000, 1, 4, 0.5, torch.Generator().manual_seed(0), None, "cpu")[:, 0]
-    freq = torch.bincount(pick(logits, 0.5, None, u), minlength=4).double() / 20_000
+    u = sampling_noise(20_000, 1, 4, 0.5, torch.Generator().manual_seed(0), None, "cpu")[:, 0]
+    freq = torch.bincount(sample_token(logits, 0.5, None, u), minlength=4).double() / 20_000
     p = F.softmax(logits[0].double() / 0.5, dim=-1)
     assert ((freq - p).abs() < 5 * (p * (1 - p) / 20_000).sqrt()).all()
 

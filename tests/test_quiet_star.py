@@ -219,16 +219,17 @@ def test_run_resumes_after_an_interruption(tmp_path, monkeypatch):
     assert "thought" in open(os.path.join(whole, "samples_step4.txt")).read()
 
     cut = str(tmp_path / "cut")
-    real_append = qs.append_jsonl
+    real_commit = qs.commit
 
-    def crash_at_step_4(path, *rows):
-        if rows[0].get("step") == 4:
+    def crash_at_step_4(out, row, t0):
+        if row.get("step") == 4:
             raise KeyboardInterrupt  # killed after step 4's checkpoints, before its commit
-        real_append(path, *rows)
-    monkeypatch.setattr(qs, "append_jsonl", crash_at_step_4)
+        real_commit(out, row, t0)
+    monkeypatch.setattr(qs, "commit", crash_at_step_4)
     with pytest.raises(KeyboardInterrupt):
         train.main(small + ["--out", cut])
-    monkeypatch.setattr(qs, "append_jsonl", real_append)
+    assert os.path.exists(os.path.join(cut, "quiet_step4.pt"))  # written, but not committed
+    monkeypatch.setattr(qs, "commit", real_commit)
     train.main(small + ["--out", cut])
     resumed = read_jsonl(os.path.join(cut, "metrics.jsonl"))
     assert [r["step"] for r in resumed] == [0, 2, 4]

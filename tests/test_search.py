@@ -96,7 +96,7 @@ def test_beam_search_finds_the_known_path():
     # letter with probability (2/3)^24 = 6e-5 per round, so a seed fails with p < 2e-4
     for seed in range(3):
         chosen = search.beam_search(ToyLM(), TASK, [P0], search.oracle_scorer(TASK), N=24, M=24,
-                                    temperature=1.0, seeds=[seed], cost=search.Cost())
+                                    temperature=1.0, seeds=[seed], cost=search.TokenCount())
         assert chosen == [RIGHT]
 
 
@@ -106,7 +106,7 @@ def test_mcts_finds_the_known_path():
     # samples per expansion, 46 in 200, as 3 * (2/3)^6 predicts)
     for seed in range(3):
         res = search.mcts(ToyLM(), TASK, [P0], search.oracle_scorer(TASK), [40], k=20, c=1.0,
-                          temperature=1.0, seeds=[seed], cost=search.Cost())
+                          temperature=1.0, seeds=[seed], cost=search.TokenCount())
         most_visited, voted, _ = res[40]
         assert most_visited == [RIGHT] and voted == [RIGHT]
 
@@ -183,7 +183,7 @@ def test_beam_search_keeps_the_top_and_never_two_identical_prefixes(monkeypatch)
     # a scorer that prefers later letters, so that pruning has something to choose
     score = lambda items, cost: [sum(map(ord, t)) / 1000 for _, t, _ in items]  # noqa: E731
     search.beam_search(ToyLM(), TASK, [P0, P0], score, N=8, M=4, temperature=1.0,
-                       seeds=[0, 1], cost=search.Cost())
+                       seeds=[0, 1], cost=search.TokenCount())
     assert calls
     for cands, scores, keep, kept in calls:
         assert keep == 8 // 4  # N // M survive
@@ -198,18 +198,18 @@ def test_token_accounting_is_exact():
     whole = 3 * line + answer  # 11 tokens per solution
     prompt = len(encode(TASK.prompt(P0)))
     # best-of-N's pool: n samples, the shared prompt encoded once
-    cost = search.Cost()
+    cost = search.TokenCount()
     search.rollouts(model, TASK, [(P0, "")], [7], 1.0, list(range(7)), cost)
     assert (cost.sampled, cost.prompt) == (7 * whole, prompt)
     # beam search: N steps sampled every round, every solution ends together; the oracle is a
     # program and reads no tokens
     for N, M in ((8, 4), (6, 2)):
-        cost = search.Cost()
+        cost = search.TokenCount()
         search.beam_search(model, TASK, [P0, P0], search.oracle_scorer(TASK, tie_seed=1), N, M,
                            1.0, [0, 1], cost)
         assert cost.sampled == 2 * N * whole and cost.scored == 0
     # MCTS is anytime: its count after fewer simulations is a prefix of the same search's
-    k, cost = 3, search.Cost()
+    k, cost = 3, search.TokenCount()
     res = search.mcts(model, TASK, [P0], search.oracle_scorer(TASK), [1, 5, 9], k, 1.0, 1.0,
                       [0], cost)
     assert res[9][2] == cost.counts() and 0 < res[1][2][0] < res[5][2][0] <= res[9][2][0]
@@ -224,7 +224,7 @@ def test_mcts_token_count_matches_its_tree(monkeypatch):
         init(self, *a, **kw)
         made.append(self)
     monkeypatch.setattr(search.Node, "__init__", record)
-    k, cost = 3, search.Cost()
+    k, cost = 3, search.TokenCount()
     search.mcts(ToyLM(), TASK, [P0], search.oracle_scorer(TASK), [12], k, 1.0, 1.0, [1], cost)
     expected = 0
     for n in made:
@@ -279,7 +279,7 @@ def test_a_scorers_forward_passes_count_in_the_search_compute(monkeypatch, how):
     both, calls = search.product_scorer(search.logprob_scorer(a, TASK),
                                         search.logprob_scorer(b, TASK, w)), []
     scorer = lambda items, cost: calls.append(1) or both(items, cost)  # noqa: E731
-    cost = search.Cost()
+    cost = search.TokenCount()
     if how == "beam":
         search.beam_search(ToyLM(), TASK, [P0, P0], scorer, 6, 2, 1.0, [0, 1], cost)
     else:
@@ -298,13 +298,13 @@ def test_genrm_cot_and_the_prm_count_the_rows_they_read(monkeypatch):
     items = [(p, "5+4=9\n9*3=27\nA: 27", True), (p, "5+4=9\n", False),
              (p, "garbage", True), (p, "5*4=20\n", False)]
     verifier, reads = tiny_gpt(2), count_reads(monkeypatch, vstar)
-    cost = search.Cost()
+    cost = search.TokenCount()
     search.cot_scorer(verifier, task)(items, cost)
     rows = vstar.cot_rows(task, *zip(*items))
     assert rows[2] is None  # not a step: GenRM-CoT reads nothing of it, and scores it 0
     assert cost.scored == sum(len(q) + len(c) for st in rows for q, c in st or ()) == \
         reads[verifier]
-    prm, cost = ScalarHead(tiny_gpt(3)).eval(), search.Cost()
+    prm, cost = ScalarHead(tiny_gpt(3)).eval(), search.TokenCount()
     seen = []
     prm.register_forward_hook(
         lambda m, args, out: seen.append(sum(len(q) + len(c) for q, c in zip(*args[:2]))))
@@ -320,7 +320,7 @@ def test_pool_costs_the_prompt_once_and_n_samples_and_scorer_passes():
                                                                    "generator")}
     scorers[search.PRODUCT] = search.product_scorer(scorers["GenRM-CoT"], scorers["generator"])
     args = argparse.Namespace(eval_samples=4, sample_batch_size=8, temperature=1.0, seed=0)
-    rows = search.pool_rows(ToyLM(), TASK, [P0, P0], scorers, [1, 2, 4], args, 0.0)
+    rows = search.evaluate_pool(ToyLM(), TASK, [P0, P0], scorers, [1, 2, 4], args)
     row = {(r["method"], r["scorer"]): r for r in rows[1:]}
     for (method, scorer), r in row.items():
         reads = {"-": 0, "oracle": 0, "length": 0, "random": 0, search.PRODUCT: 2}.get(scorer, 1)
@@ -336,7 +336,7 @@ def test_pool_costs_the_prompt_once_and_n_samples_and_scorer_passes():
 def test_oracle_ties_break_at_random_the_same_in_any_batch():
     items = [(P0, RIGHT, True), (P0, "a\nb\nc\nA: 1", True), (P0, "b\n", False), (P0, "a\n", False),
              (P0, "c\n", False)]
-    cost = search.Cost()
+    cost = search.TokenCount()
     plain = search.oracle_scorer(TASK)(items, cost)
     assert plain == [1.0, 0.0, 1.0, 0.0, 0.0]
     tied = search.oracle_scorer(TASK, tie_seed=7)(items, cost)
@@ -352,7 +352,7 @@ def test_oracle_ties_break_at_random_the_same_in_any_batch():
 def test_equal_compute_pairs_pick_the_smallest_pool_budget_at_or_above_the_search():
     def row(stage, method, scorer, tokens, right):
         r = search.method_row(stage, method, scorer, [1, 2, 4][:len(tokens)], right,
-                              [(t, 0, 0) for t in tokens], 0.0)
+                              [(t, 0, 0) for t in tokens])
         return r
     pool = row("pool", "best-of-N", "PRM", [10, 20, 40], [[0, 0], [0, 1], [1, 1]])
     vote = row("pool", "weighted vote", "PRM", [10, 20, 40], [[0, 0], [0, 0], [0, 1]])
@@ -395,7 +395,7 @@ def test_seeded_continuations_depend_on_no_other_row():
         for p in model.parameters():
             p.normal_(0, 0.5) if p.dim() >= 2 else None
     prefixes, copies, seeds = [[5, 6, 7, 8, 9], [10] * 58, [10, 11]], [3, 1, 2], [4, 8, 15, 1, 6, 2]
-    cost = search.Cost()
+    cost = search.TokenCount()
     rows = search.continue_prefixes(model, prefixes, copies, 12, (), 1.0, seeds, cost)
     assert [len(r) for r in rows] == [12, 12, 12, 6, 12, 12]  # no stop token: each its own room
     assert cost.sampled == 66 and cost.prompt == 5 + 58 + 2
@@ -405,7 +405,7 @@ def test_seeded_continuations_depend_on_no_other_row():
     assert rows[:3] + rows[4:] == tokens.tolist()
     for u, at in ((0, 0), (1, 3), (2, 4)):  # each prefix alone: the same rows
         alone = search.continue_prefixes(model, [prefixes[u]], [copies[u]], 12, (), 1.0,
-                                       seeds[at:at + copies[u]], search.Cost())
+                                       seeds[at:at + copies[u]], search.TokenCount())
         assert alone == rows[at:at + copies[u]]
 
 
@@ -453,8 +453,8 @@ def test_a_learned_scorer_search_never_calls_the_ground_truth_checker():
         check_steps = check
     task = NoPeek()
     score = lambda items, cost: [len(t) / 100 for _, t, _ in items]  # noqa: E731 (a stand-in)
-    search.beam_search(ToyLM(), task, [P0], score, 8, 4, 1.0, [0], search.Cost())
-    search.mcts(ToyLM(), task, [P0], score, [6], 3, 1.0, 1.0, [0], search.Cost())
+    search.beam_search(ToyLM(), task, [P0], score, 8, 4, 1.0, [0], search.TokenCount())
+    search.mcts(ToyLM(), task, [P0], score, [6], 3, 1.0, 1.0, [0], search.TokenCount())
 
 
 def test_product_scorer_multiplies_each_items_values_and_calls_each_scorer_once():
@@ -466,7 +466,8 @@ def test_product_scorer_multiplies_each_items_values_and_calls_each_scorer_once(
             return values
         return score
     both = search.product_scorer(scorer([0.5, 1.0, 0.0]), scorer([0.25, 0.75, 0.9]))
-    assert both([(P0, "a", False)] * 3, search.Cost()) == [0.125, 0.75, 0.0] and calls == [3, 3]
+    assert both([(P0, "a", False)] * 3, search.TokenCount()) == [0.125, 0.75, 0.0]
+    assert calls == [3, 3]
 
 
 def test_math_shepherd_labels_on_the_toy_model():

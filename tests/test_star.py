@@ -187,7 +187,7 @@ def test_bucketed_batch_gives_the_token_weighted_mean_loss_and_the_padded_gradie
     torch.manual_seed(0)
     net = GPT(get_config("tiny", n_layer=2, n_embd=32, n_head=2)).double()
     alone = [star.summed_loss(net, [ex], "cpu", len(ex[1])).item() for ex in batch]
-    weighted = sum(l * len(c) for l, (_, c) in zip(alone, batch)) / sum(len(c) for _, c in batch)
+    weighted = sum(x * len(c) for x, (_, c) in zip(alone, batch)) / sum(len(c) for _, c in batch)
     padded = star.batch_loss(net, batch, "cpu")
     padded.backward()
     want = [p.grad.clone() for p in net.parameters()]

@@ -1,10 +1,12 @@
 """
 Guards train.py's command line: bad input gets one line naming the bad value and the valid
-choices, exit code 2, no traceback; a run folder is never mixed with another run's settings.
+choices, exit code 2, no traceback; a run folder is never mixed with another run's settings;
+--method M --help shows M's flags, and only those, with the values the run would use.
 
 Run: python -m pytest tests/test_train.py
 """
 
+import re
 import subprocess
 import sys
 
@@ -73,3 +75,56 @@ def test_defaults_come_from_the_methods_table_and_flags_override_them(tmp_path):
     args = train.get_parser().parse_args(["--method", "vstar", "--samples", "3"])
     train.resolve(args, train.get_parser())
     assert args.samples == 3 and args.iterations == vstar.DEFAULTS["tiny"]["iterations"]
+
+
+def help_of(argv, capsys, monkeypatch):
+    """train.py ARGV --help: its whole text, and {flag: that flag's help on one line}."""
+    monkeypatch.setenv("COLUMNS", "1000")  # argparse wraps nothing (it breaks at hyphens)
+    with pytest.raises(SystemExit) as e:
+        train.main(argv + ["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    entries = [e.split("\n\n")[0] for e in re.split(r"\n  (?=-)", out)[1:]]  # "  --flag ..."
+    return out, {e.split()[0].rstrip(","): " ".join(e.split()) for e in entries}
+
+
+def test_method_help_shows_its_flags_with_its_defaults(capsys, monkeypatch):
+    out, flags = help_of(["--method", "vstar"], capsys, monkeypatch)
+    for name, value in (("--samples", 8), ("--dpo-nll", 1.0), ("--eval-samples", 16),
+                        ("--task", "countdown"), ("--train-difficulty", "2-4"),
+                        ("--out", "out/vstar-countdown"), ("--compile", "off")):
+        assert f"(default for vstar, preset tiny: {value})" in flags[name], (name, flags[name])
+    assert "--think-steps" not in out and "--budgets" not in out  # quiet_star's, search's
+    out, flags = help_of(["--method", "quiet_star", "--preset", "small"], capsys, monkeypatch)
+    for name, value in (("--think-steps", 500), ("--seq-len", 64), ("--mixing", "tanh"),
+                        ("--test-difficulty", "4"), ("--task", "chain")):
+        assert f"(default for quiet_star, preset small: {value})" in flags[name], name
+    assert "--steps" not in flags and "--checkpoint" not in flags and "--beta" not in flags
+
+
+def test_help_alone_lists_the_methods(capsys, monkeypatch):
+    out, flags = help_of([], capsys, monkeypatch)
+    methods = out[out.index("methods:"):]
+    for m in ("sft", "star", "vstar", "search", "quiet_star", "sos"):
+        assert m in methods
+    assert "--method M" in " ".join(methods.split())
+    assert "--n-train" not in flags and "--think-steps" not in flags and "default for" not in out
+
+
+@pytest.mark.parametrize("method", sorted(train.METHODS))
+@pytest.mark.parametrize("preset", ["tiny", "gpu"])
+def test_help_shows_the_values_the_run_uses(method, preset, capsys, monkeypatch):
+    _, flags = help_of(["--method", method, "--preset", preset], capsys, monkeypatch)
+    args = train.get_parser().parse_args(["--method", method, "--preset", preset])
+    task = train.resolve(args, train.get_parser())
+    shown = {name: text.rsplit(": ", 1)[1][:-1] for name, text in flags.items() if name != "-h"}
+    assert set(shown) == {train.FLAG_OF[k] for k in train.COMMON + tuple(train.DEFAULTS[method][
+        preset])}
+    for name in ("train_difficulty", "test_difficulty"):
+        flag = train.FLAG_OF[name]
+        assert train.parse_difficulties(shown[flag], task, flag) == getattr(args, name)
+    assert shown["--out"] == args.out and shown["--task"] == args.task
+    for name, value in train.DEFAULTS[method][preset].items():
+        if train.FLAG_OF[name] not in ("--no-rationalize", "--continue-training", "--compile",
+                                       "--direct-baseline"):
+            assert shown[train.FLAG_OF[name]] == str(value), name

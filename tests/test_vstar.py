@@ -11,6 +11,7 @@ Run: python -m pytest tests/test_vstar.py
 import math
 import os
 import random
+from functools import partial
 from itertools import combinations
 
 import pytest
@@ -122,9 +123,12 @@ def test_verifier_scores_ignore_padding_and_batch_mates():
     torch.nn.init.normal_(orm.head.weight)
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10]]
     comps = [[20, 21, 96], [22, 96], [23, 24, 25, 26, 27, 96]]
-    for kind, model in [("orm", orm), ("dpo", gpt), ("dpo-mean", gpt), ("genrm", gpt)]:
-        together = vstar.scores(model, prompts, comps, kind)
-        alone = [vstar.scores(model, [p], [c], kind)[0] for p, c in zip(prompts, comps)]
+    for kind, score in [("orm", partial(vstar.head_scores, orm)),
+                        ("logprob", partial(vstar.logprob_scores, gpt)),
+                        ("mean logprob", partial(vstar.logprob_scores, gpt, mean=True)),
+                        ("genrm", partial(vstar.genrm_scores, gpt))]:
+        together = score(prompts, comps)
+        alone = [score([p], [c])[0] for p, c in zip(prompts, comps)]
         assert all(math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6)
                    for a, b in zip(together, alone)), kind
 
@@ -134,7 +138,7 @@ def test_genrm_score_is_p_yes_after_the_question_by_hand():
     gpt = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64)).eval()
     prompts = [encode("Q: 3 4 T: 12\n"), encode("Q: 5 T: 5\n")]
     comps = [encode("4*3=12\nA: 12") + [EOT], encode("A: 5") + [EOT]]
-    got = vstar.scores(gpt, prompts, comps, "genrm")
+    got = vstar.genrm_scores(gpt, prompts, comps)
     for p, c, score in zip(prompts, comps, got):
         # what GenRM reads: problem, solution without its end-of-text, the question
         text = decode(p) + decode(c[:-1]) + "\nIs the answer correct? "
