@@ -17,7 +17,6 @@ import hashlib
 import json
 import math
 import os
-import random
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
@@ -28,7 +27,6 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
 
 @dataclass
@@ -578,6 +576,12 @@ def bootstrap_ci(values, reps=2000, seed=0):
     idx = np.random.default_rng(seed).integers(0, len(values), (reps, len(values)))
     lo, hi = np.percentile(values[idx].mean(1), [2.5, 97.5])
     return float(lo), float(hi)
+
+
+def paired_difference(a, b):
+    """Mean of a - b over the same problems, and its 95% paired bootstrap interval."""
+    diff = [x - y for x, y in zip(a, b)]
+    return sum(diff) / len(diff), bootstrap_ci(diff)
 
 
 def lr_at(step, steps, lr, warmup):

@@ -26,8 +26,8 @@ from tqdm import tqdm
 import star
 import vstar
 from model import (ScalarHead, all_gather, append_jsonl, autocast, bootstrap_ci, figure, generate,
-                   load_checkpoint, rank_world, read_jsonl, save_checkpoint, seed_for,
-                   sequence_logprobs, write_jsonl)
+                   load_checkpoint, paired_difference, rank_world, read_jsonl,
+                   save_checkpoint, seed_for, sequence_logprobs, write_jsonl)
 from tasks import EOT, EOTH, NEWLINE, PAD, SOT, TOKENIZER, decode, encode
 
 # Every setting of a run, per preset (train.py fills the unset flags from here). Budgets are N:
@@ -590,12 +590,6 @@ def run(args, task, P, D, test, out, device, new_model):
 # -----------------------------------------------------------------------------
 # Report: the equal-compute comparisons, the table and the test-time-scaling plot
 
-def paired(right, other):
-    """The mean of the problem-by-problem differences of two rightness lists, and its 95% CI."""
-    diff = [x - y for x, y in zip(right, other)]
-    return sum(diff) / len(diff), bootstrap_ci(diff)
-
-
 def equal_compute_pairs(methods):
     """Each learned-guided search at its largest budget, paired with best-of-N and the weighted
     vote by its scorer at the smallest pool budget N of at least its total compute (the largest
@@ -607,7 +601,8 @@ def equal_compute_pairs(methods):
         for b in filter(None, (pool.get((m, r["scorer"])) for m in ("best-of-N", "weighted vote"))):
             j = next((j for j, t in enumerate(b["tokens"]) if t >= r["tokens"][-1]), None)
             smaller, j = j is None, len(b["tokens"]) - 1 if j is None else j
-            yield r, b, j, smaller, *paired(r["right_by_budget"][-1], b["right_by_budget"][j])
+            yield r, b, j, smaller, *paired_difference(r["right_by_budget"][-1],
+                                                       b["right_by_budget"][j])
 
 
 def headline_differences(rows):
@@ -660,7 +655,7 @@ def table(rows):
     for r in methods:
         N, last = r["budget"][-1], r["right_by_budget"][-1]
         same_n = majority and majority["budget"][-1] == N and r is not majority
-        lead = ci(*paired(last, majority["right_by_budget"][-1])) if same_n else "-"
+        lead = ci(*paired_difference(last, majority["right_by_budget"][-1])) if same_n else "-"
         acc = "{:.3f} ({:.3f} to {:.3f})".format(r["accuracy"][-1], *bootstrap_ci(last))
         cells = [label(r), N, acc, lead,
                  *(pairs.get((id(r), m), "-") for m in ("best-of-N", "weighted vote"))]

@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model import (all_gather, autocast, bootstrap_ci, commit, committed, figure, generate,
-                   is_main, load_checkpoint, lr_at, optimizer_step, rank_world, read_jsonl,
-                   right_pad, save_checkpoint, seed_for, sequence_logprobs, split_batch,
-                   wrap_ddp, write_atomic, write_jsonl)
+from model import (all_gather, autocast, commit, committed, figure, generate, is_main,
+                   load_checkpoint, lr_at, optimizer_step, paired_difference, rank_world,
+                   read_jsonl, right_pad, save_checkpoint, seed_for, sequence_logprobs,
+                   split_batch, wrap_ddp, write_atomic, write_jsonl)
 from tasks import EOT, EOTH, PAD, SOT, TOKENIZER, decode, encode
 from tasks.countdown import Countdown, CountdownTraces, search_trace, trace_stats
 
@@ -565,8 +565,6 @@ def sos_compare(rows):
     if "paths" not in by or not its:
         return {}
     paths, bon = by["paths"], by["paths"]["best_of_n"]
-    diff = lambda a, b: (sum(x - y for x, y in zip(a, b)) / len(a),  # noqa: E731
-                         bootstrap_ci([x - y for x, y in zip(a, b)]))
     out = {}
     for m in dict.fromkeys([its[0]["model"], its[-1]["model"]]):
         t, cost = by[m], by[m]["prompt_tokens"] + by[m]["completion_tokens"]
@@ -574,10 +572,12 @@ def sos_compare(rows):
         for key, name, per in (("best", "best-of-", bon["tokens_per_sample"]),
                                ("pass", "pass@", bon["tokens_per_sample"] / 2)):
             j = max([0] + [j for j, k in enumerate(bon["k"]) if k * per <= cost])
-            out[f"{m} - paths {name}{bon['k'][j]} (equal tokens)"] = diff(t["right"], bon[key][j])
-        out[f"{m} - paths greedy"] = diff(t["right"], paths["right"])
+            out[f"{m} - paths {name}{bon['k'][j]} (equal tokens)"] = paired_difference(
+                t["right"], bon[key][j])
+        out[f"{m} - paths greedy"] = paired_difference(t["right"], paths["right"])
     if len(its) > 1:
-        out[f"{its[-1]['model']} - {its[0]['model']}"] = diff(its[-1]["right"], its[0]["right"])
+        out[f"{its[-1]['model']} - {its[0]['model']}"] = paired_difference(
+            its[-1]["right"], its[0]["right"])
     return out
 
 

@@ -27,8 +27,9 @@ from tqdm import tqdm
 
 import star
 from model import (ScalarHead, all_gather, autocast, bootstrap_ci, commit, committed, figure,
-                   load_checkpoint, optimizer_step, rank_world, read_jsonl, save_checkpoint,
-                   seed_for, sequence_logprobs, split_batch, wrap_ddp, write_jsonl)
+                   load_checkpoint, optimizer_step, paired_difference, rank_world, read_jsonl,
+                   save_checkpoint, seed_for, sequence_logprobs, split_batch, wrap_ddp,
+                   write_jsonl)
 from tasks import EOT, NEWLINE, PAD, TOKENIZER, decode, encode
 
 # Every setting of a run, per preset (train.py fills the flags left unset from here, and refuses
@@ -554,8 +555,8 @@ def report(args, rows):
 
 def paired(ev, a, ja, b, jb):
     """Mean and 95% paired bootstrap interval of a at ks[ja] minus b at ks[jb], per problem."""
-    diff = [x - y for x, y in zip(ev["by_problem"][a][ja], ev["by_problem"][b][jb])]
-    return "{:+.3f} ({:+.3f} to {:+.3f})".format(sum(diff) / len(diff), *bootstrap_ci(diff))
+    mean, (lo, hi) = paired_difference(ev["by_problem"][a][ja], ev["by_problem"][b][jb])
+    return f"{mean:+.3f} ({lo:+.3f} to {hi:+.3f})"
 
 
 def cost_of(ev, key, k):

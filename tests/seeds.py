@@ -22,13 +22,12 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import search  # noqa: E402
 import vstar  # noqa: E402
-from model import bootstrap_ci, read_jsonl  # noqa: E402
+from model import paired_difference, read_jsonl  # noqa: E402
 
 
 def diff(a, b):
     """(mean of a - b, 95% paired interval) over the same problems."""
-    d = [x - y for x, y in zip(a, b)]
-    return sum(d) / len(d), bootstrap_ci(d)
+    return paired_difference(a, b)
 
 
 def star_rows(rows):
