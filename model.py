@@ -13,20 +13,12 @@ Departures from GPT-2: 1. a 100-token character vocabulary (tasks/tokenizer.py) 
 """
 
 import functools
-import hashlib
-import json
 import math
-import os
-import time
-from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 
 @dataclass
@@ -498,10 +490,8 @@ def sequence_logprobs(model, prompts, completions, pad_id, per_token=False):
     return total, tok
 
 
-# =============================================================================
-# Not the model: plumbing every method shares. Padding of ragged batches, ScalarHead (the
-# verifiers' scalar head), bootstrap_ci, lr_at, optimizer_step, seed_for, figure, JSONL I/O,
-# committed/commit (a run's resume points), checkpoints, devices and the torchrun helpers.
+# -----------------------------------------------------------------------------
+# Padding of ragged batches, and the scalar head the verifiers put on a GPT
 
 def left_pad(seqs, pad_id, device):
     """Left-pad token lists into (B, T) ids, per-row position ids and a key-validity mask: every
@@ -567,184 +557,3 @@ class ScalarHead(nn.Module):
         _, h = self.gpt(idx, return_hidden=True)  # (B, T, C)
         at = at.to(device)[:, :, None].expand(-1, -1, h.size(-1))  # (B, S, C)
         return self.head(h.gather(1, at).float()).squeeze(-1), mask.to(device)
-
-
-def bootstrap_ci(values, reps=2000, seed=0):
-    """95% percentile-bootstrap interval of the mean of per-problem values, resampling problems;
-    for a difference between two methods, pass the per-problem differences."""
-    values = np.asarray(values, dtype=float)
-    idx = np.random.default_rng(seed).integers(0, len(values), (reps, len(values)))
-    lo, hi = np.percentile(values[idx].mean(1), [2.5, 97.5])
-    return float(lo), float(hi)
-
-
-def paired_difference(a, b):
-    """Mean of a - b over the same problems, and its 95% paired bootstrap interval."""
-    diff = [x - y for x, y in zip(a, b)]
-    return sum(diff) / len(diff), bootstrap_ci(diff)
-
-
-def lr_at(step, steps, lr, warmup):
-    """Linear warm-up, then cosine decay to lr/10."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    frac = (step - warmup) / max(1, steps - warmup)
-    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
-
-
-def optimizer_step(opt, params, lr=None, clip=1.0):
-    """One update after the loss's backward, the same in every training loop: this step's
-    learning rate (None: the optimiser's own, constant), the gradients clipped to norm clip
-    (None: not clipped), the step, then the gradients cleared for the next one."""
-    if lr is not None:
-        for group in opt.param_groups:
-            group["lr"] = lr
-    if clip is not None:
-        torch.nn.utils.clip_grad_norm_(params, clip)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-
-
-def seed_for(*parts):
-    """A seed derived from its parts (the run's seed, a stage, an iteration, a problem, a
-    sample), the same on every machine and process, unrelated for different parts."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1  # 63 bits: any torch.Generator takes it
-
-
-@contextmanager
-def figure(path, **subplots):
-    """(fig, axes) of plt.subplots(**subplots), drawn off screen, laid out, saved to path at
-    110 dpi and closed when the block ends: every method's plot."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(**subplots)
-    try:
-        yield fig, axes
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-    finally:
-        plt.close(fig)
-
-
-def write_atomic(path, text):
-    """Write a whole file aside, then rename it into place, so that an interrupted run never
-    leaves half of it. Under torchrun only the main process writes."""
-    if is_main():
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    barrier()
-
-
-def write_jsonl(path, rows):
-    write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
-
-
-def read_jsonl(path):
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def append_jsonl(path, *rows):
-    """Append rows in one atomic rewrite (the files are a few rows long)."""
-    write_jsonl(path, read_jsonl(path) + list(rows))
-
-
-def committed(out, kind, key):
-    """What a run in folder out has finished: the values of key in its metrics.jsonl rows of
-    this kind. Each stage appends its row last, after every file it wrote (the commit point),
-    so a run started again on the folder skips these and resumes after them."""
-    return {r[key] for r in read_jsonl(os.path.join(out, "metrics.jsonl")) if r.get("kind") == kind}
-
-
-def commit(out, row, t0):
-    """Append a finished stage's row, with its wall time since t0, to out/metrics.jsonl."""
-    append_jsonl(os.path.join(out, "metrics.jsonl"), {**row, "wall_s": round(time.time() - t0, 1)})
-
-
-def autodetect_device():
-    """cuda, mps and cpu are three distinct cases (an Apple GPU is neither of the others)."""
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def autocast(device):
-    """bf16 autocast on a GPU that supports it; full fp32 elsewhere (CPU, mps, older GPUs)."""
-    if device.startswith("cuda") and torch.cuda.is_bf16_supported():
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def save_checkpoint(path, model, tokenizer, extra=None):
-    """Save config, weights and the tokenizer's name; atomic (written aside, then renamed)."""
-    model = getattr(model, "_orig_mod", model)  # a torch.compile'd model saves its original
-    ckpt = {"config": asdict(model.config), "model": model.state_dict(),
-            "tokenizer": tokenizer, "extra": extra or {}}
-    if is_main():  # torchrun: one process writes, the others wait and may then read it
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = path + ".tmp"
-        torch.save(ckpt, tmp)
-        os.replace(tmp, path)
-    barrier()
-
-
-def load_checkpoint(path, device="cpu"):
-    """(model, checkpoint dict) from save_checkpoint's file; the dict has 'tokenizer', 'extra'."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path!r}")
-    ckpt = torch.load(path, map_location=device, weights_only=False)
-    model = GPT(GPTConfig(**ckpt["config"]))
-    model.load_state_dict(ckpt["model"])
-    return model.to(device), ckpt
-
-
-# More than one process (torchrun, see train.py): with a single process each is a no-op.
-
-def rank_world():
-    """(this process's rank, number of processes): (0, 1) unless torchrun started a group."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def is_main():
-    """Only the main process writes files and prints."""
-    return rank_world()[0] == 0
-
-
-def barrier():
-    if rank_world()[1] > 1:
-        dist.barrier()
-
-
-def all_gather(obj):
-    """Every process's obj (any picklable object), in rank order; [obj] with one process."""
-    world = rank_world()[1]
-    if world == 1:
-        return [obj]
-    out = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def wrap_ddp(model):
-    """Under torchrun, the model in DistributedDataParallel (gradients averaged over the
-    processes after backward); with one process, the model itself."""
-    return DDP(model) if rank_world()[1] > 1 else model
-
-
-def split_batch(batch, size=lambda item: 1):
-    """This process's share of a global batch every process drew identically, and the divisor
-    of its summed loss: the global batch's size(item) total / the number of processes, so that
-    DDP's averaged gradients equal the single-process step on the whole batch's mean loss
-    (size: 1 per example; its tokens, for a token-level loss)."""
-    rank, world = rank_world()
-    return batch[rank::world], sum(size(item) for item in batch) / world

@@ -27,32 +27,65 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model import (GPT, ConcatCache, all_gather, autocast, bootstrap_ci, commit, committed, figure,
-                   get_config, is_main, load_checkpoint, lr_at, optimizer_step, rank_world,
-                   read_jsonl, right_pad, sample_token, save_checkpoint, seed_for, wrap_ddp,
-                   write_atomic)
+from common import (all_gather, autocast, bootstrap_ci, commit, committed, figure, flag, fraction,
+                    is_main, load_checkpoint, lr_at, non_negative, optimizer_step, positive,
+                    presets, rank_world, read_jsonl, save_checkpoint, seed_for, setting, wrap_ddp,
+                    write_atomic)
+from model import GPT, ConcatCache, get_config, right_pad, sample_token
 from tasks import EOT, EOTH, PAD, SOT, TOKENIZER, decode, encode, held_out, sample_problems
 
-# Every setting of a run, per preset (train.py fills unset flags from here and refuses others).
-# The loss weights and the meta-token multiplier are the official code's; thoughts are as long as
-# the work at the training difficulty ("6,8,3": 5), and the base trains until its own thoughts
-# are that work; the tiny preset thinks at every second position to fit two CPU cores.
-_SHARED = dict(task="chain", worked_fraction=0.5, n_true=2, n_thoughts=2, thought_temperature=1.0,
-               base_weight=0.5, mixed_weight=0.5, reinforce_weight=1.0, meta_lr_mult=100.0,
-               meta_max_change=0.01, meta_init="paren", mixing="tanh", head_lr_mult=20.0)
-DEFAULTS = {
-    "tiny": dict(_SHARED, base_steps=1500, think_steps=200, batch_size=32, lr=2e-3, n_test=400,
-                 continue_lr=5e-4, seq_len=48, thought_len=5, think_stride=2, eval_every=50,
-                 train_difficulty="3", test_difficulty="3"),
-    "small": dict(_SHARED, base_steps=3000, think_steps=500, batch_size=32, lr=1e-3, n_test=1000,
-                  continue_lr=3e-4, seq_len=64, thought_len=7, think_stride=1, eval_every=100,
-                  train_difficulty="4", test_difficulty="4"),
-    "gpu": dict(_SHARED, base_steps=5000, think_steps=2000, batch_size=64, lr=1e-3, n_test=2000,
-                continue_lr=3e-4, seq_len=128, thought_len=11, think_stride=1, eval_every=200,
-                train_difficulty="6", test_difficulty="6"),
-}
+# Every flag quiet_star takes beyond train.py's own, with its value per preset (tiny, small,
+# gpu). The loss weights and the meta-token multiplier are the official code's; thoughts are as
+# long as the work at the training difficulty ("6,8,3": 5), and the base trains until its own
+# thoughts are that work; the tiny preset thinks at every second position to fit two CPU cores.
+FLAGS = [
+    setting("--task", "chain"),
+    setting("--train-difficulty", ("3", "4", "6")),  # steps per line
+    setting("--test-difficulty", ("3", "4", "6")),
+    # the text
+    flag("--n-test", positive(int), (400, 1000, 2000), "held-out test lines"),
+    flag("--worked-fraction", fraction, 0.5,
+         "share of text lines that show their work (0: none)"),
+    flag("--seq-len", positive(int), (48, 64, 128),
+         "tokens per training sequence (whole lines, padded)"),
+    # stage 1: the base language model, from scratch
+    flag("--base-steps", positive(int), (1500, 3000, 5000), "training steps of the base model"),
+    flag("--batch-size", positive(int), (32, 32, 64), "sequences per training step"),
+    flag("--lr", positive(float), (2e-3, 1e-3, 1e-3), "peak learning rate of the base"),
+    # stage 2: Quiet-STaR and the plain arm side by side
+    flag("--think-steps", positive(int), (200, 500, 2000),
+         "training steps after the base (both arms take as many)"),
+    flag("--continue-lr", positive(float), (5e-4, 3e-4, 3e-4),
+         "peak learning rate after the base (both arms)"),
+    flag("--thought-len", non_negative(int), (5, 7, 11),
+         "sampled tokens per thought, between start and end tokens"),
+    flag("--n-true", positive(int), 2, "true tokens teacher-forced after a thought (reward, loss)"),
+    flag("--n-thoughts", positive(int), 2, "thoughts sampled per position (the reward's baseline)"),
+    flag("--think-stride", positive(int), (2, 1, 1),
+         "think at every k-th position in training (1: every token)"),
+    flag("--thought-temperature", positive(float), 1.0,
+         "sampling temperature of training thoughts"),
+    flag("--base-weight", float, 0.5, "weight of the base next-token NLL (the official code: 0.5)"),
+    flag("--mixed-weight", float, 0.5, "weight of the mixed NLL over the n_true tokens (0.5)"),
+    flag("--reinforce-weight", float, 1.0, "weight of REINFORCE on the thought tokens"),
+    flag("--meta-lr-mult", positive(float), 100.0,
+         "start/end-of-thought embeddings learn this much faster"),
+    flag("--meta-max-change", positive(float), 0.01,
+         "most a meta-token row moves per step, times the median row norm (inf: unbounded, "
+         "the official code)"),
+    flag("--meta-init", ["paren", "dash"], "paren",
+         "meta-tokens start as '(' and ')' or both as '-' (the paper)"),
+    flag("--mixing", ["tanh", "linear", "sigmoid"], "tanh",
+         "the mixing weight's bound: tanh (-1..1), linear (none, the official code), "
+         "sigmoid (0..1)"),
+    flag("--head-lr-mult", positive(float), 20.0,
+         "the mixing head learns this much faster than the model"),
+    flag("--eval-every", positive(int), (50, 100, 200),
+         "steps between evaluations (the metrics rows)"),
+]
+DEFAULTS = presets(FLAGS)
 META = [SOT, EOTH]
-BANNED = (SOT, EOTH, EOT, PAD)  # never sampled as a thought token nor emitted as text
+NOT_THOUGHT = (SOT, EOTH, EOT, PAD)  # never sampled as a thought token
 
 # -----------------------------------------------------------------------------
 # The text: arithmetic lines packed into sequences; the answer tokens are the hard ones
@@ -206,7 +239,7 @@ def thought_token(logits, temperature, generator, rows=None):
     """(token, log-prob) per row of logits (..., V), the meta-tokens banned (greedy at temperature
     0). REINFORCE's log-prob is at the sampling temperature (1 when greedy; the official code: 3).
     rows = (index, n): these are those rows of a batch of n, with the whole batch's noise."""
-    logits = text_logits(logits, BANNED)
+    logits = text_logits(logits, NOT_THOUGHT)
     index, n = rows or (slice(None), len(logits))
     u = torch.rand(n, *logits.shape[1:], generator=generator, device=logits.device)[index] \
         if temperature > 0 else None
@@ -347,7 +380,7 @@ def evaluate(model, head, data, args, batch_size=64):
     return res
 
 
-def paired(quiet, plain):
+def paired_change(quiet, plain):
     """The change from the plain arm to the thinking one on the same lines, with 95% bootstrap
     intervals: answer NLL in percent of the plain arm's, and accuracy in points."""
     d_nll = [a - b for a, b in zip(quiet["line_nll"], plain["line_nll"])]
@@ -476,7 +509,7 @@ def train_base(args, task, cfg, data, test_keys, path, out, device):
            "plain": evaluate(base, None, data, args),
            "w=0": evaluate(quiet, FixedHead(0.0), data, args),
            "w=1": evaluate(quiet, FixedHead(1.0), data, args)}
-    commit(out, row, t0)
+    commit(out, t0, row)
     tqdm.write(diagnostic(row))
 
 
@@ -519,8 +552,8 @@ def evaluate_arms(arms, data, args, step, stats, base_w1):
     row = {"kind": "eval", "step": step, "tokens_seen": step * args.batch_size * args.seq_len,
            "plain": evaluate(plain, None, data, args), "quiet": evaluate(quiet, head, data, args),
            "train": mean}
-    row["change"] = paired(row["quiet"], row["plain"])
-    row["vs_fixed"] = paired(row["quiet"], base_w1)
+    row["change"] = paired_change(row["quiet"], row["plain"])
+    row["vs_fixed"] = paired_change(row["quiet"], base_w1)
     return row
 
 
@@ -546,7 +579,7 @@ def think_training(args, task, arms, data, bare, test_keys, path, out, start):
             continue
         plain.eval(), quiet.eval()
         save_arms(arms, path, s + 1, task, bare, args, out)
-        commit(out, evaluate_arms(arms, data, args, s + 1, stats, base_w1), t0)
+        commit(out, t0, evaluate_arms(arms, data, args, s + 1, stats, base_w1))
         for arm in ("plain", "quiet"):  # the older models (base's stay)
             if prev > 0 and is_main() and os.path.exists(path(arm, prev)):
                 os.remove(path(arm, prev))
@@ -567,9 +600,9 @@ def run(args, task, P, D, test, out, device, new_model):
     data = pack(task, problems, worked, args.seq_len)
     bare = [p for p, w in zip(problems, worked) if not w]  # the lines measured
     path = lambda arm, step: os.path.join(out, f"{arm}_step{step}.pt")  # noqa: E731
-    if not committed(out, "base", "step"):
+    if not committed(out, "step", kind="base"):
         train_base(args, task, cfg, data, test_keys, path, out, device)
-    start = max(committed(out, "eval", "step"), default=0)
+    start = max(committed(out, "step", kind="eval"), default=0)
     if start > 0:
         tqdm.write(f"resuming {out} after step {start}")
     arms = load_arms(args, cfg, path, start, device)

@@ -9,7 +9,7 @@ generator's log-prob, or the exact verifier ("oracle-guided": for teaching, not 
 
     train_generator(P); label_samples(P + D); train_scorers()     # M0 of star.py, PRM, GenRM-CoT
     evaluate_pool(N)        # best-of-N, majority and weighted votes, pass@N (the pool's ceiling)
-    for scorer in LEARNED + oracle: evaluate_search("beam"), evaluate_search("mcts")
+    for scorer in LEARNED + oracle: evaluate_beam, evaluate_mcts
     table: each search against best-of-N and the weighted vote by its scorer at equal compute
 
 Run: python train.py --method search   (torchrun splits the problems; any count gives one result)
@@ -25,30 +25,51 @@ from tqdm import tqdm
 
 import star
 import vstar
-from model import (ScalarHead, all_gather, append_jsonl, autocast, bootstrap_ci, figure, generate,
-                   load_checkpoint, paired_difference, rank_world, read_jsonl,
-                   save_checkpoint, seed_for, sequence_logprobs, write_jsonl)
-from tasks import EOT, EOTH, NEWLINE, PAD, SOT, TOKENIZER, decode, encode
+from common import (SWITCH, all_gather, autocast, bootstrap_ci, commit, committed, figure, flag,
+                    load_checkpoint, paired_difference, positive, presets, rank_world,
+                    read_jsonl, save_checkpoint, seed_for, setting, write_jsonl)
+from model import ScalarHead, generate
+from tasks import EOT, NEWLINE, NOT_TEXT, PAD, TOKENIZER, decode, encode
 
-# Every setting of a run, per preset (train.py fills the unset flags from here). Budgets are N:
-# samples of best-of-N and the votes, beams of beam search, simulations of MCTS.
-_SHARED = dict(task="countdown", temperature=1.0, verifier_lr=1e-4, beam_width=4,
-               mcts_children=4, mcts_c=1.0, checkpoint=None, compile=False)
-DEFAULTS = {
-    "tiny": dict(_SHARED, n_train=1000, n_unlabeled=200, n_test=200, steps=1200, batch_size=32,
-                 lr=2e-3, sample_batch_size=300, samples=2, eval_samples=16, verifier_steps=200,
-                 rollouts=4, budgets="1,2,4,8,16"),
-    "small": dict(_SHARED, n_train=1000, n_unlabeled=1000, n_test=300, steps=3000,
-                  batch_size=64, lr=1e-3, sample_batch_size=500, samples=4, eval_samples=32,
-                  verifier_steps=1000, rollouts=8, budgets="1,2,4,8,16,32"),
-    "gpu": dict(_SHARED, n_train=2000, n_unlabeled=5000, n_test=1000, steps=3000,
-                batch_size=256, lr=1e-3, sample_batch_size=2048, samples=8, eval_samples=64,
-                verifier_steps=2000, rollouts=8, budgets="1,2,4,8,16,32,64"),
-}
+# Every flag search takes beyond train.py's own, with its value per preset (tiny, small, gpu).
+FLAGS = [
+    setting("--task", "countdown"),
+    # data
+    flag("--n-train", positive(int), (1000, 1000, 2000),
+         "size of P, problems with gold solutions"),
+    flag("--n-unlabeled", positive(int), (200, 1000, 5000),
+         "size of D, problems with answers only: the scorers' training samples come from P + D"),
+    flag("--n-test", positive(int), (200, 300, 1000), "held-out test problems"),
+    # the generator: M0 of star.py
+    flag("--checkpoint", str, None, "the generator, instead of training M0 on P"),
+    flag("--steps", positive(int), (1200, 3000, 3000), "fine-tuning steps of the generator on P"),
+    flag("--batch-size", positive(int), (32, 64, 256), "examples per training step"),
+    flag("--lr", positive(float), (2e-3, 1e-3, 1e-3), "peak learning rate"),
+    flag("--compile", SWITCH, False, "torch.compile the training forward"),
+    flag("--sample-batch-size", positive(int), (300, 500, 2048), "prompts per sampling batch"),
+    flag("--temperature", float, 1.0, "sampling temperature of every sample, step and rollout"),
+    # the learned scorers, from the generator on its own labelled samples of P + D
+    flag("--samples", positive(int), (2, 4, 8), "the scorers' samples per problem of P + D"),
+    flag("--rollouts", positive(int), (4, 8, 8),
+         "Math-Shepherd rollouts per step prefix (the PRM's labels)"),
+    flag("--verifier-steps", positive(int), (200, 1000, 2000), "training steps of each scorer"),
+    flag("--verifier-lr", positive(float), 1e-4, "learning rate of the PRM"),
+    # the searches
+    flag("--eval-samples", positive(int), (16, 32, 64),
+         "the pool's samples per test problem (best-of-N and the votes; a power of 2)"),
+    flag("--budgets", str, ("1,2,4,8,16", "1,2,4,8,16,32", "1,2,4,8,16,32,64"),
+         "budgets N, e.g. 1,2,4,8,16 (samples of best-of-N and the votes, beams of beam "
+         "search, simulations of MCTS)"),
+    flag("--beam-width", positive(int), 4,
+         "M: each of the N/M surviving beams is repeated M times"),
+    flag("--mcts-children", positive(int), 4,
+         "steps sampled when MCTS expands a node (duplicates merged)"),
+    flag("--mcts-c", float, 1.0, "UCT's exploration constant c"),
+]
+DEFAULTS = presets(FLAGS)
 STEP_TOKENS = 24      # longest step line (countdown's "100*12=1200" is 11 tokens)
 ROLLOUT_TOKENS = 160  # longest rollout to the end of a solution
 MAX_STEPS = 12        # deepest prefix beam search and MCTS build
-BANNED = (SOT, EOTH, PAD)
 PRODUCT = "GenRM-CoT x generator"
 LEARNED = (PRODUCT, "PRM", "generator")  # what guides the learned searches
 
@@ -91,7 +112,7 @@ def continue_prefixes(model, prefixes, copies, max_new, stop, temperature, seeds
         with autocast(str(next(model.parameters()).device)):
             tokens, _, lengths = generate(
                 model, [prefixes[u] for u in group], r, stop, PAD, temperature,
-                banned_tokens=BANNED, copies=[copies[u] for u in group],
+                banned_tokens=NOT_TEXT, copies=[copies[u] for u in group],
                 seeds=[seeds[first[u] + j] for u in group for j in range(copies[u])])
         sampled = iter(row[:n] for row, n in zip(tokens.tolist(), lengths.tolist()))
         for u in group:
@@ -124,7 +145,7 @@ def share(n):  # this process's problems of n (torchrun)
     return list(range(rank, n, world))
 
 
-def gathered(results, counts):
+def merge_shares(results, counts):
     """Every process's results (key -> result) merged in key order, and their counts summed."""
     merged, total = {}, [0] * len(counts)
     for res, cnt in all_gather((results, list(counts))):
@@ -166,8 +187,8 @@ def logprob_scorer(model, task, weight=1.0):
     confidence, the baseline a verifier must beat (each process scores its own share)."""
     @torch.no_grad()
     def values(rows, items):
-        logp = sequence_logprobs(model, [q for q, _ in rows], [c for _, c in rows], PAD)
-        return [math.exp(lp / max(1, len(c))) for lp, (_, c) in zip(logp.float().tolist(), rows)]
+        return [math.exp(lp) for lp in vstar.logprobs(model, [q for q, _ in rows],
+                                                      [c for _, c in rows], mean=True)]
     return network_scorer(task, weight, values)
 
 
@@ -214,23 +235,24 @@ def shepherd_labels(model, task, problems, texts, args, seed):
     mine = set(share(len(problems)))
     keys = list(dict.fromkeys((i, pre) for i, ts in enumerate(texts) if i in mine for t in ts
                               for pre in vstar.step_prefixes(t)))
-    cost, label, R = TokenCount(), {}, args.rollouts
-    per = max(1, args.sample_batch_size // R)
-    bar = tqdm(range(0, len(keys), per), desc="Math-Shepherd rollouts", leave=False)
+    cost, soft, R = TokenCount(), {}, args.rollouts
+    prefixes_per_batch = max(1, args.sample_batch_size // R)
+    bar = tqdm(range(0, len(keys), prefixes_per_batch), desc="Math-Shepherd rollouts",
+               leave=False)
     for start in bar:
-        chunk = keys[start:start + per]
+        chunk = keys[start:start + prefixes_per_batch]
         sols = rollouts(model, task, [(problems[i], pre) for i, pre in chunk], [R] * len(chunk),
                         args.temperature, [seed_for(seed, i, pre, r) for i, pre in chunk
                                            for r in range(R)], cost)
         for j, (i, pre) in enumerate(chunk):
-            label[(i, pre)] = sum(task.check(problems[i], s) for s in sols[j * R:(j + 1) * R]) / R
-        bar.set_postfix(mean_label=f"{sum(label.values()) / len(label):.2f}")
-    label, counts = gathered(label, cost.counts())
+            soft[(i, pre)] = sum(task.check(problems[i], s) for s in sols[j * R:(j + 1) * R]) / R
+        bar.set_postfix(mean_label=f"{sum(soft.values()) / len(soft):.2f}")
+    soft, counts = merge_shares(soft, cost.counts())
     rows = []
     for i, (p, ts) in enumerate(zip(problems, texts)):
         for t in ts:
             c = encode(t) + [EOT]
-            labels = [label[(i, pre)] for pre in vstar.step_prefixes(t)]
+            labels = [soft[(i, pre)] for pre in vstar.step_prefixes(t)]
             rows.append((encode(task.prompt(p)), c, vstar.step_reads(c),
                          labels + [float(task.check(p, t))]))
     return rows, TokenCount(*counts)
@@ -415,12 +437,13 @@ def mcts(model, task, problems, scorer, sims, k, c, temperature, seeds, cost):
 def method_row(stage, method, scorer, budgets, right, counts):
     """One method's metrics per budget: accuracy, each problem's rightness (for paired intervals),
     tokens per problem in all and by kind (counts[b]: sampled, prompt, scored), rounded."""
-    per = lambda xs: [round(x, 3) for x in xs]  # noqa: E731
+    rounded = lambda xs: [round(x, 3) for x in xs]  # noqa: E731
     sampled, prompt, scored = zip(*counts)
     return {"kind": "method", "stage": stage, "method": method, "scorer": scorer,
             "budget": budgets, "accuracy": [sum(r) / len(r) for r in right],
-            "tokens": per(map(sum, counts)), "sampled_tokens": per(sampled),
-            "prompt_tokens": per(prompt), "scorer_tokens": per(scored), "right_by_budget": right}
+            "tokens": rounded(map(sum, counts)), "sampled_tokens": rounded(sampled),
+            "prompt_tokens": rounded(prompt), "scorer_tokens": rounded(scored),
+            "right_by_budget": right}
 
 
 def rightness(task, problems, texts):
@@ -493,16 +516,16 @@ def evaluate_pool(model, task, test, scorers, budgets, args):
     vote: Monte Carlo). N samples cost the prompt once (shared cache), N x a sample and a read."""
     n, mine, learned = args.eval_samples, share(len(test)), ("GenRM-CoT", *LEARNED)
     cost, pool, spent = TokenCount(), {}, {name: TokenCount() for name in learned}
-    per = max(1, args.sample_batch_size // n)
-    for c in tqdm(range(0, len(mine), per), desc="pool of samples", leave=False):
-        chunk = mine[c:c + per]
+    problems_per_batch = max(1, args.sample_batch_size // n)
+    for c in tqdm(range(0, len(mine), problems_per_batch), desc="pool of samples", leave=False):
+        chunk = mine[c:c + problems_per_batch]
         rows = rollouts(model, task, [(test[i], "") for i in chunk], [n] * len(chunk),
                         args.temperature, [seed_for(args.seed, "pool", i, j) for i in chunk
                                            for j in range(n)], cost)
         pool.update((i, rows[j * n:(j + 1) * n]) for j, i in enumerate(chunk))
     flat = [(test[i], t, True) for i, ts in pool.items() for t in ts]
     value = {name: scorers[name](flat, spent[name]) for name in learned}
-    pool, counts = gathered(  # every problem's samples and their values
+    pool, counts = merge_shares(  # every problem's samples and their values
         {i: (ts, {name: v[j * n:(j + 1) * n] for name, v in value.items()})
          for j, (i, ts) in enumerate(pool.items())},
         [cost.sampled, cost.prompt] + [spent[name].scored for name in learned])
@@ -533,24 +556,14 @@ def evaluate_pool(model, task, test, scorers, budgets, args):
                         for (m, s), r in by_method.items()]
 
 
-def evaluate_search(how, model, task, test, name, scorer, budgets, args):
-    """Beam search ("beam", afresh at each N) or MCTS ("mcts", one search read off after each N
-    simulations) guided by `scorer`, each process its share of the problems, gathered."""
-    stage, mine = f"{how} {name}", share(len(test))
-    problems = [test[i] for i in mine]
-    seeds = lambda *key: [seed_for(args.seed, stage, *key, i) for i in mine]  # noqa: E731
-    if how == "beam":  # per N: ([one pick per problem], token counts)
-        methods, found = ["beam search"], []
-        for N in tqdm(budgets, desc=f"beam search ({name})", leave=False):
-            cost = TokenCount()
-            texts = beam_search(model, task, problems, scorer, N, args.beam_width,
-                                args.temperature, seeds(N), cost)
-            found.append(gathered(dict(zip(mine, zip(texts))), cost.counts()))
-    else:  # after s simulations: (most-visited, voted) picks per problem, token counts so far
-        methods = ["MCTS most-visited", "MCTS weighted vote"]
-        res = mcts(model, task, problems, scorer, budgets, args.mcts_children, args.mcts_c,
-                   args.temperature, seeds(), TokenCount())
-        found = [gathered(dict(zip(mine, zip(*res[s][:2]))), res[s][2]) for s in budgets]
+def search_seeds(args, stage, mine):
+    """seeds(*key): a seed per problem of this process's share, from (run, stage, key, problem)."""
+    return lambda *key: [seed_for(args.seed, stage, *key, i) for i in mine]
+
+
+def search_rows(stage, methods, name, budgets, task, test, found):
+    """The metrics rows of a search's methods (found[b]: every problem's picks, one per method,
+    and the token counts, at budgets[b]), and its line of progress."""
     spent = [[c / len(test) for c in counts] for _, counts in found]
     rows = [method_row(stage, m, name, budgets,
                        [rightness(task, test, [a[j] for a in got.values()]) for got, _ in found],
@@ -560,18 +573,41 @@ def evaluate_search(how, model, task, test, name, scorer, budgets, args):
     return rows
 
 
+def evaluate_beam(model, task, test, name, scorer, budgets, args):
+    """Beam search guided by `scorer`, afresh at each budget N, each process its share of the
+    problems: the metrics row of "beam search"."""
+    stage, mine = f"beam {name}", share(len(test))
+    problems, seeds, found = [test[i] for i in mine], search_seeds(args, stage, mine), []
+    for N in tqdm(budgets, desc=f"beam search ({name})", leave=False):
+        cost = TokenCount()
+        texts = beam_search(model, task, problems, scorer, N, args.beam_width,
+                            args.temperature, seeds(N), cost)
+        found.append(merge_shares(dict(zip(mine, zip(texts))), cost.counts()))
+    return search_rows(stage, ["beam search"], name, budgets, task, test, found)
+
+
+def evaluate_mcts(model, task, test, name, scorer, budgets, args):
+    """MCTS guided by `scorer`, one search read off after each budget of simulations, each
+    process its share of the problems: the rows of its two picks, most-visited and voted."""
+    stage, mine = f"mcts {name}", share(len(test))
+    problems, seeds = [test[i] for i in mine], search_seeds(args, stage, mine)
+    res = mcts(model, task, problems, scorer, budgets, args.mcts_children, args.mcts_c,
+               args.temperature, seeds(), TokenCount())
+    found = [merge_shares(dict(zip(mine, zip(*res[s][:2]))), res[s][2]) for s in budgets]
+    return search_rows(stage, ["MCTS most-visited", "MCTS weighted vote"], name, budgets, task,
+                       test, found)
+
+
 def run(args, task, P, D, test, out, device, new_model):
     """Stages in the order of the module docstring, each committed by appending its metrics
     rows at once; started again on the same folder, finished stages are skipped."""
-    metrics = os.path.join(out, "metrics.jsonl")
-    finished = {r["stage"] for r in read_jsonl(metrics)}
+    finished = committed(out, "stage")
     budgets = [int(b) for b in str(args.budgets).split(",")]
 
-    def stage(name, make_rows, *inputs):  # resume and commit, written once for every stage
+    def stage(name, make_rows, *inputs):  # run a stage not yet committed, then commit its rows
         if name not in finished:
             t0 = time.time()
-            rows = make_rows(*inputs)
-            append_jsonl(metrics, *({**r, "wall_s": round(time.time() - t0, 1)} for r in rows))
+            commit(out, t0, *make_rows(*inputs))
 
     stage("generator", train_generator, args, task, P, test, out, new_model)
     model = load_checkpoint(os.path.join(out, "generator.pt"), device)[0].eval()
@@ -580,11 +616,10 @@ def run(args, task, P, D, test, out, device, new_model):
     scorers = load_scorers(model, task, out, device)
     stage("pool", evaluate_pool, model, task, test, scorers, budgets, args)
     for name in (*LEARNED, "oracle"):
-        for how in ("beam", "mcts"):
+        for how, evaluate in (("beam", evaluate_beam), ("mcts", evaluate_mcts)):
             scorer = (oracle_scorer(task, seed_for(args.seed, f"{how} {name}", "ties"))
                       if name == "oracle" else scorers[name])
-            stage(f"{how} {name}", evaluate_search, how, model, task, test, name, scorer, budgets,
-                  args)
+            stage(f"{how} {name}", evaluate, model, task, test, name, scorer, budgets, args)
 
 
 # -----------------------------------------------------------------------------
@@ -612,7 +647,7 @@ def headline_differences(rows):
             for r, b, _, _, d, ci in equal_compute_pairs(methods)}
 
 
-def label(r):
+def row_name(r):
     """A row's name in the table and the plot (pass@N: the ceiling of the pool's picks only)."""
     scorer = {"-": "", "oracle": " (oracle-guided)"}.get(r["scorer"], f" ({r['scorer']})")
     return "pass@N (the pool's ceiling)" if r["method"] == "pass@N" else r["method"] + scorer
@@ -641,7 +676,7 @@ def table(rows):
     for r in methods:
         cell = {b: f"{a:.3f} ({t:.0f} / {s:.0f})" for b, a, t, s in
                 zip(r["budget"], r["accuracy"], r["tokens"], r["sampled_tokens"])}
-        lines.append(f"| {label(r)} | " + " | ".join(cell.get(b, "-") for b in budgets) + " |")
+        lines.append(f"| {row_name(r)} | " + " | ".join(cell.get(b, "-") for b in budgets) + " |")
     # 95% bootstrap intervals over the test problems (paired: the same problems resampled)
     pairs = {(id(r), b["method"]): f"N={b['budget'][j]}, {b['tokens'][j]:.0f} tokens"
              f"{', pool smaller' if small else ''}: {ci(d, c)}"
@@ -657,7 +692,7 @@ def table(rows):
         same_n = majority and majority["budget"][-1] == N and r is not majority
         lead = ci(*paired_difference(last, majority["right_by_budget"][-1])) if same_n else "-"
         acc = "{:.3f} ({:.3f} to {:.3f})".format(r["accuracy"][-1], *bootstrap_ci(last))
-        cells = [label(r), N, acc, lead,
+        cells = [row_name(r), N, acc, lead,
                  *(pairs.get((id(r), m), "-") for m in ("best-of-N", "weighted vote"))]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines)
@@ -673,7 +708,7 @@ def plot(path, task_name, rows):
     with figure(path, figsize=(8.5, 5)) as (fig, ax):
         for r in methods:  # (best-of-N by length or at random: in the table, flat lines here)
             ls, marker = ("-", "P") if r["method"] == "pass@N" else style[r["scorer"]]
-            ax.plot(r["tokens"], r["accuracy"], ls=ls, marker=marker, label=label(r),
+            ax.plot(r["tokens"], r["accuracy"], ls=ls, marker=marker, label=row_name(r),
                     color=colormaps["tab10"](names.index(r["method"]) % 10))
         for r in rows:
             if r["kind"] == "greedy":

@@ -1,13 +1,14 @@
 """
-STaR, the Self-Taught Reasoner (Zelikman, Wu, Mu, Goodman 2022, arXiv 2203.14465), Algorithm 1,
-and Stream of Search (Gandhi et al. 2024, arXiv 2404.03683) at the end of the file:
+STaR, the Self-Taught Reasoner (Zelikman, Wu, Mu, Goodman 2022, arXiv 2203.14465), Algorithm 1:
 
   M0 <- train_start_model(P)                       # gold rationales, plain and hinted
   for n = 1..N:                                    # star_iteration
       kept <- keep_verified(D, sample(M(n-1), D))  # rationales whose answer checks out
       kept += keep_verified(failed, sample(M(n-1), failed, hint=True))   # rationalize
-      M(n) <- finetune(M0, P + kept, iteration_steps(n)); evaluate_and_commit(M(n))
-Run: python train.py --method star | sft (M0 alone) | sos   (--help for the ablation flags)
+      M(n) <- finetune(M0, P + kept, iteration_steps(n)); test_model(M(n)); commit
+The first half of the file is what every method that fine-tunes and samples builds on (collate,
+batch_backward, finetune, sample, evaluate); V-STaR, search and Stream of Search import it.
+Run: python train.py --method star | sft (M0 alone)   (--help for the ablation flags)
 Departures: 1) a tiny GPT from scratch cannot be few-shot prompted, so M0 is fine-tuned on P;
 2) P is taught plain and hinted ("H: 881") in every iteration, so the hint format is never
 forgotten; 3) the learning rate warms up, then decays (cosine) to a tenth; 4) each iteration
@@ -25,29 +26,50 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model import (all_gather, autocast, commit, committed, figure, generate, is_main,
-                   load_checkpoint, lr_at, optimizer_step, paired_difference, rank_world,
-                   read_jsonl, right_pad, save_checkpoint, seed_for, sequence_logprobs,
-                   split_batch, wrap_ddp, write_atomic, write_jsonl)
-from tasks import EOT, EOTH, PAD, SOT, TOKENIZER, decode, encode
-from tasks.countdown import Countdown, CountdownTraces, search_trace, trace_stats
+from common import (SWITCH, all_gather, autocast, commit, committed, figure, flag, is_main,
+                    load_checkpoint, lr_at, non_negative, optimizer_step, positive, presets,
+                    rank_world, read_jsonl, save_checkpoint, seed_for, setting, split_batch,
+                    wrap_ddp, write_atomic, write_jsonl)
+from model import generate, right_pad
+from tasks import EOT, NOT_TEXT, PAD, TOKENIZER, decode, encode
 
-# Every setting of a run, per preset: train.py fills each flag left unset from here and refuses
-# a flag that is not listed. "tiny" fits a 2-core CPU in minutes, "gpu" one H100.
-_SHARED = dict(task="addition", n_train=300, step_growth=1.2, samples=1, temperature=0.0,
-               rationalize=True, restart=True, direct_baseline=False, checkpoint=None,
-               compile=False)
-DEFAULTS = {
-    "tiny": dict(_SHARED, n_unlabeled=600, n_test=300, steps=1000, batch_size=32, lr=2e-3,
-                 sample_batch_size=300, iterations=3, star_steps=400),
-    "small": dict(_SHARED, n_unlabeled=2000, n_test=500, steps=3000, batch_size=64, lr=1e-3,
-                  sample_batch_size=500, iterations=6, star_steps=800),
-    "gpu": dict(_SHARED, n_unlabeled=10000, n_test=2000, steps=3000, batch_size=256, lr=1e-3,
-                sample_batch_size=2048, iterations=8, star_steps=1000)}
-# --method sft is iteration 0 alone: M0 trained on P (or --checkpoint as it is), evaluated
-SFT_FLAGS = ("task", "n_train", "n_test", "steps", "batch_size", "lr", "sample_batch_size",
-             "checkpoint", "compile")
-SFT_DEFAULTS = {preset: {k: d[k] for k in SFT_FLAGS} for preset, d in DEFAULTS.items()}
+# Every flag star takes beyond train.py's own, with its value per preset (tiny: a 2-core CPU in
+# minutes; small; gpu: one H100). train.py fills each flag left unset from here.
+FLAGS = [
+    setting("--task", "addition"),
+    # data
+    flag("--n-train", positive(int), 300, "size of P, problems with gold rationales"),
+    flag("--n-unlabeled", positive(int), (600, 2000, 10000),
+         "size of D, problems with answers but no rationales"),
+    flag("--n-test", positive(int), (300, 500, 2000), "held-out test problems"),
+    # M0: supervised fine-tuning on P
+    flag("--checkpoint", str, None, "start from this model instead of training M0 on P"),
+    flag("--steps", positive(int), (1000, 3000, 3000), "fine-tuning steps of M0 on P"),
+    flag("--batch-size", positive(int), (32, 64, 256), "examples per training step"),
+    flag("--lr", positive(float), (2e-3, 1e-3, 1e-3), "peak learning rate"),
+    flag("--compile", SWITCH, False, "torch.compile the training forward"),
+    # the STaR loop
+    flag("--iterations", non_negative(int), (3, 6, 8), "STaR iterations after M0"),
+    flag("--star-steps", positive(int), (400, 800, 1000),
+         "fine-tuning steps of the first iteration"),
+    flag("--step-growth", positive(float), 1.2,
+         "steps multiply by this every iteration (the paper: 1.2)"),
+    flag("--no-rationalize", SWITCH, True, "skip rationalization (the paper's ablation)",
+         dest="rationalize"),
+    flag("--continue-training", SWITCH, True,
+         "fine-tune from M(n-1) instead of restarting from M0", dest="restart"),
+    flag("--direct-baseline", SWITCH, False,
+         "also train the direct-answer baseline (no rationales, as many steps)"),
+    # sampling
+    flag("--sample-batch-size", positive(int), (300, 500, 2048), "prompts per sampling batch"),
+    flag("--samples", positive(int), 1, "samples per problem per iteration (the paper: 1)"),
+    flag("--temperature", float, 0.0, "sampling temperature; 0 is greedy (the paper's)"),
+]
+DEFAULTS = presets(FLAGS)
+# --method sft is iteration 0 alone: M0 trained on P (or --checkpoint as it is), tested
+SFT_FLAGS = [row for row in FLAGS if row[0] in ("task", "n_train", "n_test", "steps",
+                                                "batch_size", "lr", "sample_batch_size",
+                                                "checkpoint", "compile")]
 
 # -----------------------------------------------------------------------------
 # Examples and batches
@@ -185,7 +207,7 @@ def sample(model, task, problems, hint=False, n=1, temperature=0.0, batch_size=2
         with autocast(str(device)):
             tokens, _, lengths = generate(model, prompts, max_new, stop_tokens=(EOT,),
                                           pad_id=PAD, temperature=temperature,
-                                          banned_tokens=(SOT, EOTH, PAD),
+                                          banned_tokens=NOT_TEXT,
                                           seeds=[seed_for(seed, i, j) for _, i, j in chunk],
                                           tool=task.tool and row_tool(task, problems, chunk))
         tokens, lengths = tokens.tolist(), lengths.tolist()
@@ -286,49 +308,65 @@ def model_path(out, n):
     return os.path.join(out, f"model_iter{n}.pt")
 
 
-def evaluate_and_commit(args, task, test, out, n, model, stats, t0, kept=None):
-    """Iteration n's test accuracy; its checkpoint, kept data and samples, then its metrics row
-    (the commit point). Only the newest iteration's model is kept (and M0)."""
+def test_model(model, task, test, args):
+    """A model's greedy results on the test set: (its metrics, its completions)."""
     acc, overall, texts = evaluate(model, task, test, args.sample_batch_size)
+    return {"accuracy": overall, "accuracy_by_difficulty": {str(d): a for d, a in acc.items()},
+            # each test problem's rightness, for paired intervals (tests/paired.py)
+            "right": [int(task.check(p, t)) for p, t in zip(test, texts)]}, texts
+
+
+def save_iteration(out, task, test, n, model, texts, kept=None):
+    """Iteration n's files: its model, the examples it kept and test samples to read."""
     save_checkpoint(model_path(out, n), model, TOKENIZER, extra={"iteration": n})
     if kept is not None:
         write_jsonl(os.path.join(out, f"kept_iter{n}.jsonl"),
                     [{"prompt": decode(p), "completion": decode(c[:-1])} for p, c in kept])
     write_atomic(os.path.join(out, f"samples_iter{n}.txt"),
                  "\n".join(sample_lines(task, test, texts)))
-    commit(out, {"kind": "iteration", "iteration": n, "accuracy": overall,
-                 "accuracy_by_difficulty": {str(d): a for d, a in acc.items()},
-                 # each test problem's rightness, for paired intervals (tests/paired.py)
-                 "right": [int(task.check(p, t)) for p, t in zip(test, texts)], **stats}, t0)
-    if n > 0 and os.path.exists(model_path(out, n - 1)) and is_main():
-        os.remove(model_path(out, n - 1))
-    tqdm.write(f"iteration {n}: accuracy {overall:.3f} | " +
-               " ".join(f"{d}:{a:.2f}" for d, a in acc.items()) +
-               (f" | kept {stats['kept_generated']}+{stats['kept_rationalized']}" if n else ""))
+
+
+def delete_model(out, n):
+    """Iteration n's model, once a newer one is committed (M0 stays as start.pt)."""
+    if os.path.exists(model_path(out, n)) and is_main():
+        os.remove(model_path(out, n))
 
 
 def run(args, task, P, D, test, out, device, new_model):
     """Iteration 0 trains M0 on P (all of --method sft); iterations 1.. are STaR. Started again
     on the same folder, the run continues after the last committed iteration."""
-    finished = committed(out, "iteration", "iteration")
+    finished = committed(out, "iteration", kind="iteration")
     start_path = os.path.join(out, "start.pt")
+
+    def end_stage(n, model, stats, t0, kept=None):  # iteration n: test, save, commit, report
+        row, texts = test_model(model, task, test, args)
+        save_iteration(out, task, test, n, model, texts, kept)
+        commit(out, t0, {"kind": "iteration", "iteration": n, **row, **stats})
+        if n > 0:
+            delete_model(out, n - 1)
+        tqdm.write(f"iteration {n}: accuracy {row['accuracy']:.3f} | " +
+                   " ".join(f"{d}:{a:.2f}" for d, a in row["accuracy_by_difficulty"].items()) +
+                   (f" | kept {stats['kept_generated']}+{stats['kept_rationalized']}" if n else ""))
+
+    # 1) M0: trained on P (a given --checkpoint is M0 as it is), or the newest committed model
     if 0 in finished:
         prev = load_checkpoint(model_path(out, max(finished)), device)[0].eval()
         tqdm.write(f"resuming {out} after iteration {max(finished)}")
     else:
-        t0, steps, loss = time.time(), 0, None  # a given --checkpoint is M0 as it is
+        t0, steps, loss = time.time(), 0, None
         torch.manual_seed(args.seed)
         prev = new_model()
         if not args.checkpoint:
             steps, loss = args.steps, train_start_model(prev, task, P, args)
         save_checkpoint(start_path, prev, TOKENIZER, extra={"iteration": 0})
-        evaluate_and_commit(args, task, test, out, 0, prev,
-                            {"train_steps": steps, "train_loss": loss}, t0)
-    for n in range(1, (args.iterations or 0) + 1):  # --method sft: none
+        end_stage(0, prev, {"train_steps": steps, "train_loss": loss}, t0)
+    # 2) the STaR iterations not yet committed (--method sft: none)
+    for n in range(1, (args.iterations or 0) + 1):
         if n not in finished:
             t0 = time.time()
             prev, kept, stats = star_iteration(prev, start_path, task, P, D, args, n, device)
-            evaluate_and_commit(args, task, test, out, n, prev, stats, t0, kept)
+            end_stage(n, prev, stats, t0, kept)
+    # 3) the paper's direct-answer baseline, when asked for
     if args.iterations and args.direct_baseline:
         run_direct_baseline(args, task, P, D, test, out, new_model)
     return prev
@@ -337,7 +375,7 @@ def run(args, task, P, D, test, out, device, new_model):
 def run_direct_baseline(args, task, P, D, test, out, new_model):
     """The paper's baseline: the same network trained on question/answer pairs (P and D) with no
     rationales, from scratch, for as many steps as M0 plus every STaR iteration together."""
-    if committed(out, "direct", "kind"):
+    if committed(out, "kind", kind="direct"):
         return
     t0 = time.time()
     steps = args.steps + sum(iteration_steps(args, n) for n in range(1, args.iterations + 1))
@@ -348,9 +386,9 @@ def run_direct_baseline(args, task, P, D, test, out, new_model):
                     seed=seed_for(args.seed, "direct"), desc="direct-answer baseline",
                     compile=args.compile)
     acc, overall, _ = evaluate(model, task, test, args.sample_batch_size)
-    commit(out, {"kind": "direct", "accuracy": overall,
-                 "accuracy_by_difficulty": {str(d): a for d, a in acc.items()},
-                 "train_steps": steps, "train_loss": loss}, t0)
+    commit(out, t0, {"kind": "direct", "accuracy": overall,
+                     "accuracy_by_difficulty": {str(d): a for d, a in acc.items()},
+                     "train_steps": steps, "train_loss": loss})
     tqdm.write(f"direct-answer baseline: accuracy {overall:.3f} | " +
                " ".join(f"{d}:{a:.2f}" for d, a in acc.items()))
 
@@ -413,209 +451,3 @@ def report(args, rows):
     plot(args.out, rows, args.test_difficulty, f"{args.method} on {args.task}",
          args.train_difficulty)
     return summary_table(rows, args.test_difficulty)
-
-
-# -----------------------------------------------------------------------------
-# Stream of Search (Gandhi et al. 2024, arXiv 2404.03683): learning to search in text
-#   paths <- finetune(P's optimal paths);  traces 0 <- finetune(P's search traces)
-#   for n = 1..T: traces n <- sos_star_iteration(traces n-1)   # STaR on its own searches of D
-#   test: sos_eval of each; one trace against the paths model's best_of_n at equal tokens
-# Traces are tasks/countdown.search_trace's, failed searches kept; under --calculator judge the
-# paths model's calculator still writes results only.
-
-SOS_DEFAULTS = {"tiny": dict(
-    task="countdown", train_difficulty="3", test_difficulty="3", n_train=2000, n_unlabeled=500,
-    n_test=200, steps=1000, batch_size=32, lr=2e-3, sample_batch_size=250, iterations=2,
-    star_steps=300, step_growth=1.0, samples=2, temperature=0.7, eval_samples=8,
-    calculator="judge", checkpoint=None, compile=False)}
-SOS_DEFAULTS["small"] = dict(SOS_DEFAULTS["tiny"], train_difficulty="3-4", test_difficulty="3-4",
-                             n_train=5000, n_unlabeled=3000, n_test=500, steps=3000,
-                             batch_size=64, lr=1e-3, sample_batch_size=500, star_steps=1000)
-SOS_DEFAULTS["gpu"] = dict(SOS_DEFAULTS["small"], n_train=50000, n_unlabeled=20000,
-                           n_test=2000, batch_size=256, sample_batch_size=2048, iterations=3,
-                           eval_samples=64)
-
-
-def sos_tasks(args):
-    """The two views of countdown the two models learn: optimal paths, and search traces."""
-    on = args.calculator != "off"
-    return Countdown("result" if on else None), CountdownTraces(args.calculator if on else None)
-
-
-def tool_tokens(task, p, text):
-    """How many of a completion's tokens the task's tool wrote, replayed at each "=" (the tool
-    reads only the text before it); a row cut by the length cap mid-write counts it whole."""
-    return 0 if task.tool is None else sum(len(encode(task.tool(p, text[:i + 1])))
-                                           for i, ch in enumerate(text) if ch == task.tool.trigger)
-
-
-def sos_eval(model, task, test, args):
-    """One model's greedy results: accuracy, per-problem rightness, tokens per problem (prompt,
-    sampled, written by the tool) and, for traces, what the searches did."""
-    acc, overall, texts = evaluate(model, task, test, args.sample_batch_size)
-    right, n = [int(task.check(p, t)) for p, t in zip(test, texts)], len(test)
-    row = {"accuracy": overall, "accuracy_by_difficulty": {str(d): a for d, a in acc.items()},
-           "right": right, "prompt_tokens": sum(len(encode(task.prompt(p))) for p in test) / n,
-           "completion_tokens": sum(len(encode(t)) + 1 for t in texts) / n,
-           "written_tokens": sum(tool_tokens(task, p, t) for p, t in zip(test, texts)) / n}
-    if isinstance(task, CountdownTraces):
-        st = [trace_stats(p, t) for p, t in zip(test, texts)]
-        symbolic = [any(search_trace(*p.data, strategy=s, budget=task.budget)[1]
-                        for s in task.mix) for p in test]
-        solved = [i for i in range(n) if right[i]]
-        row.update({
-            "backtrack": sum(s["backtracks"] for s in st) / n,
-            "right_after_dead_end": sum(s["backtracks"] and r for s, r in zip(st, right)) / n,
-            "line_errors": sum(s["slips"] for s in st) / max(1, sum(s["lines"] for s in st)),
-            "false_goal_claims": sum(s["false_claims"] for s in st) /
-            max(1, sum(s["claims"] for s in st)),
-            "beyond_symbolic": sum(not symbolic[i] for i in solved) / max(1, len(solved))})
-    else:  # a path's arithmetic slips: claimed results the recomputation disagrees with
-        steps = [task.recheck(t) or [] for t in texts]
-        row["line_errors"] = sum(c != v for s in steps for _, c, v in s) / \
-            max(1, sum(map(len, steps)))
-    return row, texts
-
-
-@torch.no_grad()
-def best_of_n(model, task, test, args):
-    """The paths model's N samples per problem: exact best-of-k by its own mean token log-prob
-    (close to an exact check: an unexpected calculator result lowers it) and pass@k, k = 1, 2, 4
-    .. N, and tokens per sample (generated and scored)."""
-    from vstar import best_of_k, pass_at_k  # lazy: vstar imports this module
-    N = args.eval_samples
-    texts, _ = sample(model, task, test, n=N, temperature=args.temperature,
-                      batch_size=args.sample_batch_size, seed=seed_for(args.seed, "sos best-of"),
-                      desc="paths: best-of-N samples")
-    prompts = [encode(task.prompt(p)) for p in test for _ in range(N)]
-    comps = [encode(t) + [EOT] for ts in texts for t in ts]
-    score = []
-    for i in range(0, len(prompts), 256):
-        lp = sequence_logprobs(model, prompts[i:i + 256], comps[i:i + 256], PAD).float()
-        score += (lp / torch.tensor([len(c) for c in comps[i:i + 256]])).tolist()
-    ks = [2 ** i for i in range(int(math.log2(N)) + 1)]
-    ok = [[task.check(p, t) for t in ts] for p, ts in zip(test, texts)]
-    best = [[best_of_k(score[i * N:(i + 1) * N], o, k) for i, o in enumerate(ok)] for k in ks]
-    passes = [[pass_at_k(N, sum(o), k) for o in ok] for k in ks]
-    # a sample costs its prompt and completion once (cached), and once more to be scored
-    per_sample = 2 * sum(len(p) + len(c) for p, c in zip(prompts, comps)) / len(prompts)
-    return {"k": ks, "best": best, "pass": passes, "tokens_per_sample": per_sample}
-
-
-def sos_star_iteration(args, traces, D, n, out, device):
-    """STaR on the trace model's own searches: traces n-1 searches D, the traces whose found
-    path is right are kept, and traces 0 is fine-tuned on them (with P's) for n's steps."""
-    prev = load_checkpoint(os.path.join(out, f"traces_iter{n - 1}.pt"), device)[0].eval()
-    texts, _ = sample(prev, traces, D, n=args.samples, temperature=args.temperature,
-                      batch_size=args.sample_batch_size,
-                      seed=seed_for(args.seed, "sos generate", n), desc=f"traces {n}: sample D")
-    kept, solved = keep_verified(traces, D, texts)
-    model = load_checkpoint(os.path.join(out, "traces_iter0.pt"), device)[0]
-    return model, kept, {"kept": len(kept), "solved_D": len(solved) / len(D)}
-
-
-def sos_evaluate_and_commit(args, task, test, out, n, name, model, stats, t0):
-    """Model name's test results (the paths model's with best_of_n), checkpoint (traces) and
-    samples, then its metrics row: the commit point a rerun resumes after."""
-    row, texts = sos_eval(model, task, test, args)
-    if n < 0:
-        row["best_of_n"] = best_of_n(model, task, test, args)
-    else:
-        save_checkpoint(os.path.join(out, f"traces_iter{n}.pt"), model, TOKENIZER,
-                        extra={"iteration": n})
-    write_atomic(os.path.join(out, f"samples_{name.replace(' ', '')}.txt"),
-                 "\n".join(sample_lines(task, test, texts, k=12)))
-    commit(out, {"kind": "sos", "model": name, **row, **stats}, t0)
-    tqdm.write(f"{name}: greedy accuracy {row['accuracy']:.3f}")
-
-
-def run_sos(args, task, P, D, test, out, device, new_model):
-    """The paths model (n = -1), the trace model (n = 0) and its STaR iterations, each trained,
-    evaluated and committed; a rerun on the folder resumes after the last committed."""
-    paths, traces = sos_tasks(args)
-    finished = committed(out, "sos", "model")
-    gold = [gold_examples(t, P, with_hints=False) for t in (paths, traces)]
-    for n in [-1] + list(range(args.iterations + 1)):
-        name, t = ("paths", paths) if n < 0 else (f"traces {n}", traces)
-        if name in finished:
-            continue
-        t0, stats, examples = time.time(), {}, gold[n >= 0]
-        if n <= 0:  # from scratch on P
-            torch.manual_seed(args.seed)
-            model, steps = new_model(), args.steps
-        else:
-            model, kept, stats = sos_star_iteration(args, traces, D, n, out, device)
-            examples, steps = examples + kept, iteration_steps(args, n)
-        loss = finetune(model, examples, steps, args.lr, args.batch_size,
-                        seed=seed_for(args.seed, "sos", name), desc=f"{name}: fine-tune",
-                        compile=args.compile)
-        mean_len = sum(len(c) for _, c in examples) / len(examples)
-        stats.update(train_steps=steps, train_loss=loss,
-                     trained_tokens=round(steps * args.batch_size * mean_len))
-        sos_evaluate_and_commit(args, t, test, out, n, name, model, stats, t0)
-
-
-def sos_compare(rows):
-    """The headline differences, (mean, 95% paired CI): the first and last trace models against
-    the paths model greedy and at equal tokens (the largest k that costs no more) best-of-k and
-    pass@k (the exact check, which "judge" gives the traces too); the last against the first."""
-    by = {r["model"]: r for r in rows if r.get("kind") == "sos"}
-    its = sorted((r for r in by.values() if r["model"].startswith("traces")),
-                 key=lambda r: int(r["model"].split()[1]))
-    if "paths" not in by or not its:
-        return {}
-    paths, bon = by["paths"], by["paths"]["best_of_n"]
-    out = {}
-    for m in dict.fromkeys([its[0]["model"], its[-1]["model"]]):
-        t, cost = by[m], by[m]["prompt_tokens"] + by[m]["completion_tokens"]
-        # best-of-k pays a scoring pass per sample; the exact check of pass@k costs nothing
-        for key, name, per in (("best", "best-of-", bon["tokens_per_sample"]),
-                               ("pass", "pass@", bon["tokens_per_sample"] / 2)):
-            j = max([0] + [j for j, k in enumerate(bon["k"]) if k * per <= cost])
-            out[f"{m} - paths {name}{bon['k'][j]} (equal tokens)"] = paired_difference(
-                t["right"], bon[key][j])
-        out[f"{m} - paths greedy"] = paired_difference(t["right"], paths["right"])
-    if len(its) > 1:
-        out[f"{its[-1]['model']} - {its[0]['model']}"] = paired_difference(
-            its[-1]["right"], its[0]["right"])
-    return out
-
-
-def report_sos(args, rows):
-    """The table of models, the headline differences, and sos.png."""
-    lines = ["| model | greedy accuracy | tokens per problem (prompt + sampled + written) | "
-             "backtracks | right after a dead end | lines with an error | false goal claims | "
-             "solved beyond the symbolic searches | trained tokens | wall s |",
-             "|---" * 10 + "|"]
-    sos = [r for r in rows if r.get("kind") == "sos"]
-    f = lambda r, k: f"{r[k]:.3f}" if k in r else "-"  # noqa: E731
-    for r in sos:
-        sampled = r["completion_tokens"] - r["written_tokens"]
-        lines.append(f"| {r['model']} | {r['accuracy']:.3f} | {r['prompt_tokens']:.0f} + "
-                     f"{sampled:.0f} + {r['written_tokens']:.0f} | {f(r, 'backtrack')} | "
-                     f"{f(r, 'right_after_dead_end')} | {f(r, 'line_errors')} | "
-                     f"{f(r, 'false_goal_claims')} | {f(r, 'beyond_symbolic')} | "
-                     f"{r['trained_tokens']} | {r['wall_s']} |")
-    lines += ["", "| comparison | difference (95% paired CI) |", "|---|---|"]
-    lines += [f"| {k} | {m:+.3f} ({lo:+.3f} to {hi:+.3f}) |"
-              for k, (m, (lo, hi)) in sos_compare(rows).items()]
-    paths = next((r for r in sos if r["model"] == "paths"), None)
-    if paths is not None:
-        bon = paths["best_of_n"]
-        with figure(os.path.join(args.out, "sos.png"), figsize=(6.5, 4)) as (fig, ax):
-            x = [k * bon["tokens_per_sample"] for k in bon["k"]]
-            ax.plot(x, [sum(b) / len(b) for b in bon["best"]], marker="o",
-                    label="optimal paths: best-of-N (own log-prob)")
-            ax.plot([v / 2 for v in x], [sum(b) / len(b) for b in bon["pass"]], ls="--",
-                    marker=".", label="optimal paths: pass@N (exact check, no scoring pass)")
-            for r in sos:
-                if r["model"] != "paths":
-                    ax.scatter([r["prompt_tokens"] + r["completion_tokens"]], [r["accuracy"]],
-                               marker="*", s=120, label=f"one search trace: {r['model']}")
-            ax.set_xscale("log", base=2)
-            ax.set(xlabel="tokens processed per problem (prompt, sampled, written, scored)",
-                   ylabel="held-out accuracy",
-                   title=f"Stream of Search on countdown (calculator: {args.calculator})")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-    return "\n".join(lines)

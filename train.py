@@ -14,8 +14,9 @@ The one command line: python train.py --method {sft,star,vstar,search,quiet_star
 Each run writes out/<method>-<task>/: config.json (every resolved setting), metrics.jsonl,
 checkpoints, samples, plots and summary.md. Started again on the same folder, a run continues
 after its last committed stage. This file only parses flags, builds the data and writes the
-report; the methods live in their own files, and so do their defaults: each method file has a
-DEFAULTS table keyed by preset, merged under the flags in resolve() below.
+report; the methods live in their own files, and so do their flags: each method file has a
+FLAGS table, one row per flag (its type, its value per preset, its help), and train.py adds
+the flags every method takes; resolve() below merges the given flags over the method's values.
 """
 
 import argparse
@@ -24,7 +25,6 @@ import os
 import sys
 import time
 from dataclasses import asdict
-from types import SimpleNamespace
 
 if int(os.environ.get("RANK", "0")) > 0:  # torchrun's other processes: no progress bars
     os.environ["TQDM_DISABLE"] = "1"  # (tqdm reads it when it is first imported)
@@ -32,22 +32,23 @@ import torch
 
 import quiet_star
 import search
+import sos
 import star
 import vstar
-from model import (GPT, PRESETS, autodetect_device, get_config, is_main, load_checkpoint,
-                   rank_world, read_jsonl, seed_for, write_atomic)
+from common import (autodetect_device, is_main, load_checkpoint, non_negative, presets, rank_world,
+                    read_jsonl, seed_for, write_atomic)
+from model import GPT, PRESETS, get_config
 from tasks import TASKS, distinct_problems, encode, get_task, held_out, sample_problems
 
-# Stream of Search extends STaR, so it lives in star.py beside it
-METHODS = {"sft": star, "star": star, "vstar": vstar, "search": search, "quiet_star": quiet_star,
-           "sos": SimpleNamespace(run=star.run_sos, report=star.report_sos)}
-# each method's settings per preset: {preset: {flag: value}}, in the method's own file
-DEFAULTS = {"sft": star.SFT_DEFAULTS, "star": star.DEFAULTS, "vstar": vstar.DEFAULTS,
-            "search": search.DEFAULTS, "quiet_star": quiet_star.DEFAULTS,
-            "sos": star.SOS_DEFAULTS}
-# flags every method takes; each method's table lists the others it takes
-COMMON = ("method", "preset", "device", "seed", "out", "task", "train_difficulty",
-          "test_difficulty")
+METHODS = {  # name: (its file, its flags beyond train.py's own)
+    "sft": (star, star.SFT_FLAGS),  # STaR's iteration 0 alone: M0 trained on P
+    "star": (star, star.FLAGS),
+    "vstar": (vstar, vstar.FLAGS),
+    "search": (search, search.FLAGS),
+    "quiet_star": (quiet_star, quiet_star.FLAGS),
+    "sos": (sos, sos.FLAGS),
+}
+DEFAULTS = {name: presets(table) for name, (_, table) in METHODS.items()}  # {method: {preset: ..}}
 
 
 class Parser(argparse.ArgumentParser):
@@ -57,177 +58,51 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def checked(cast, ok, rule):
-    """An argparse type: text -> cast(text), refused with `rule` unless ok(value)."""
-    def check(text):
-        try:
-            value = cast(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number")
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"{text!r} {rule}")
-        return value
-    return check
-
-
-def positive(cast):
-    return checked(cast, lambda v: v > 0, "must be greater than 0")
-
-
-def non_negative(cast):
-    return checked(cast, lambda v: v >= 0, "must be 0 or more")
-
-
-non_negative_int = non_negative(int)
-fraction = checked(float, lambda v: 0 <= v <= 1, "is not between 0 and 1")
-
-
 def arg(*names, **kw):
-    """One flag: (args.<dest> it sets, its names, add_argument's keywords)."""
+    """One of train.py's own flags: (args.<dest> it sets, its names, add_argument's keywords)."""
     return kw.get("dest", names[-1][2:].replace("-", "_")), names, kw
 
 
-# Every flag, grouped as --help shows them. Each defaults to None ("not given"): resolve() fills
-# it from the method's table and refuses a given flag the method does not use.
-FLAGS = {
-    "what to run (every method)": [
-        arg("--method", choices=sorted(METHODS),
-            help="sft: train on the worked examples P only; star: STaR on top of it "
-                 "(the default); vstar: V-STaR (generator iterations, DPO verifier, "
-                 "best-of-k); search: test-time search at equal compute; quiet_star: "
-                 "Quiet-STaR; sos: Stream of Search"),
-        arg("--task", default=None, choices=sorted(TASKS),
-            help="task family (each method has its own)"),
-        arg("--preset", default="tiny", choices=list(PRESETS),
-            help="model and run size: tiny (CPU, minutes), small, gpu (one H100)"),
-        arg("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
-            help="auto picks cuda, then mps, then cpu"),
-        arg("--seed", type=non_negative_int, default=0, help="seed of data and sampling"),
-        arg("--out", default=None, help="output folder, out/<method>-<task> if not given"),
-        arg("--train-difficulty", default=None,
-            help="difficulties of the training problems, e.g. 1-5 or 1,2,4 "
-                 "(addition: digits)"),
-        arg("--test-difficulty", default=None, help="difficulties of the test set"),
-        arg("--checkpoint", default=None,
-            help="start from this model instead of training M0 on P"),
-        arg("--compile", action="store_const", const=True,
-            help="torch.compile the training forward"),
-        arg("-h", "--help", action="store_const", const=True,
-            help="show the flags of --method M and the values it uses, then exit"),
-    ],
-    "data": [
-        arg("--n-train", type=positive(int), help="size of P, problems with gold rationales"),
-        arg("--n-unlabeled", type=positive(int),
-            help="size of D, problems with answers but no rationales"),
-        arg("--n-test", type=positive(int), help="held-out test problems"),
-    ],
-    "supervised training": [
-        arg("--steps", type=positive(int),
-            help="supervised fine-tuning steps on P (M0; each V-STaR generator)"),
-        arg("--batch-size", type=positive(int), help="examples per training step"),
-        arg("--lr", type=positive(float), help="peak learning rate"),
-        arg("--sample-batch-size", type=positive(int), help="prompts per sampling batch"),
-    ],
-    "STaR": [
-        arg("--calculator", choices=["off", "result", "judge"],
-            help="sos: the program writes each a op b= result (result), also a trace "
-                 "step's numbers left and a leaf's verdict (judge), or nothing (off)"),
-        arg("--iterations", type=non_negative_int,
-            help="STaR or V-STaR iterations after M0"),
-        arg("--samples", type=positive(int),
-            help="samples per problem per iteration (STaR: 1, as the paper)"),
-        arg("--temperature", type=float,
-            help="sampling temperature; 0 is greedy (STaR's default, as the paper)"),
-        arg("--no-rationalize", dest="rationalize", action="store_const", const=False,
-            help="STaR: skip rationalization (the paper's ablation)"),
-        arg("--continue-training", dest="restart", action="store_const", const=False,
-            help="STaR: fine-tune from M(n-1) instead of restarting from M0"),
-        arg("--star-steps", type=positive(int),
-            help="STaR: fine-tuning steps of the first iteration"),
-        arg("--step-growth", type=positive(float),
-            help="STaR: steps multiply by this every iteration (the paper: 1.2)"),
-        arg("--direct-baseline", action="store_const", const=True,
-            help="STaR: also train the direct-answer baseline (no rationales, same steps)"),
-    ],
-    "verifiers (V-STaR, search)": [
-        arg("--beta", type=positive(float),
-            help="DPO's beta (the DPO paper's default 0.1; V-STaR gives none)"),
-        arg("--dpo-nll", type=non_negative(float),
-            help="V-STaR: weight of the right solutions' mean token NLL added to DPO's "
-                 "loss (RPO); 0 is the paper's plain DPO"),
-        arg("--verifier-steps", type=positive(int), help="training steps of each verifier"),
-        arg("--verifier-lr", type=positive(float), help="learning rate of the verifiers"),
-        arg("--eval-samples", type=positive(int),
-            help="samples per held-out problem for pass@k, best-of-k, majority@k "
-                 "(a power of 2)"),
-    ],
-    "search": [
-        arg("--budgets", default=None,
-            help="search: budgets N, e.g. 1,2,4,8,16 (samples of best-of-N and the "
-                 "votes, beams of beam search, simulations of MCTS)"),
-        arg("--beam-width", type=positive(int),
-            help="search: M, each of the N/M surviving beams is repeated M times"),
-        arg("--mcts-children", type=positive(int),
-            help="search: steps sampled when MCTS expands a node (duplicates merged)"),
-        arg("--mcts-c", type=float, help="search: UCT's exploration constant c"),
-        arg("--rollouts", type=positive(int),
-            help="search: Math-Shepherd rollouts per step prefix (the PRM's labels)"),
-    ],
-    "Quiet-STaR": [
-        arg("--base-steps", type=positive(int),
-            help="Quiet-STaR: training steps of the base language model (from scratch)"),
-        arg("--think-steps", type=positive(int),
-            help="Quiet-STaR: training steps after the base (both arms take as many)"),
-        arg("--continue-lr", type=positive(float),
-            help="Quiet-STaR: peak learning rate after the base (both arms)"),
-        arg("--seq-len", type=positive(int),
-            help="Quiet-STaR: tokens per training sequence (whole lines, padded)"),
-        arg("--thought-len", type=non_negative_int,
-            help="Quiet-STaR: sampled tokens per thought, between start and end tokens"),
-        arg("--n-true", type=positive(int),
-            help="Quiet-STaR: true tokens teacher-forced after a thought (reward, loss)"),
-        arg("--n-thoughts", type=positive(int),
-            help="Quiet-STaR: thoughts sampled per position (the reward's baseline)"),
-        arg("--think-stride", type=positive(int),
-            help="Quiet-STaR: think at every k-th position in training (1: every token)"),
-        arg("--thought-temperature", type=positive(float),
-            help="Quiet-STaR: sampling temperature of training thoughts"),
-        arg("--base-weight", type=float,
-            help="Quiet-STaR: weight of the base next-token NLL (the code: 0.5)"),
-        arg("--mixed-weight", type=float,
-            help="Quiet-STaR: weight of the mixed NLL over the n_true tokens (0.5)"),
-        arg("--reinforce-weight", type=float,
-            help="Quiet-STaR: weight of REINFORCE on the thought tokens"),
-        arg("--meta-lr-mult", type=positive(float),
-            help="Quiet-STaR: start/end-of-thought embeddings learn this much faster"),
-        arg("--meta-max-change", type=positive(float),
-            help="Quiet-STaR: most a meta-token row moves per step, times the median "
-                 "row norm (inf: unbounded, the official code)"),
-        arg("--meta-init", choices=["paren", "dash"],
-            help="Quiet-STaR: meta-tokens start as '(' and ')' or both as '-' (the paper)"),
-        arg("--mixing", choices=["tanh", "linear", "sigmoid"],
-            help="Quiet-STaR: the mixing weight's bound: tanh (-1..1), linear (none, the "
-                 "official code), sigmoid (0..1)"),
-        arg("--head-lr-mult", type=positive(float),
-            help="Quiet-STaR: the mixing head learns this much faster than the model"),
-        arg("--worked-fraction", type=fraction,
-            help="Quiet-STaR: share of text lines that show their work (0: none)"),
-        arg("--eval-every", type=positive(int),
-            help="Quiet-STaR: steps between evaluations (the metrics rows)"),
-    ],
-}
-FLAG_OF = {dest: names[-1] for group in FLAGS.values() for dest, names, _ in group}
+# The flags every method takes. Each defaults to None ("not given") unless it says otherwise:
+# resolve() fills it from the method's table.
+COMMON_FLAGS = [
+    arg("--method", choices=sorted(METHODS),
+        help="sft: train on the worked examples P only; star: STaR on top of it "
+             "(the default); vstar: V-STaR (generator iterations, DPO verifier, "
+             "best-of-k); search: test-time search at equal compute; quiet_star: "
+             "Quiet-STaR; sos: Stream of Search"),
+    arg("--task", default=None, choices=sorted(TASKS),
+        help="task family (each method has its own)"),
+    arg("--preset", default="tiny", choices=list(PRESETS),
+        help="model and run size: tiny (CPU, minutes), small, gpu (one H100)"),
+    arg("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+        help="auto picks cuda, then mps, then cpu"),
+    arg("--seed", type=non_negative(int), default=0, help="seed of data and sampling"),
+    arg("--out", default=None, help="output folder, out/<method>-<task> if not given"),
+    arg("--train-difficulty", default=None,
+        help="difficulties of the training problems, e.g. 1-5 or 1,2,4 (addition: digits)"),
+    arg("--test-difficulty", default=None, help="difficulties of the test set"),
+    arg("-h", "--help", action="store_const", const=True,
+        help="show the flags of --method M and the values it uses, then exit"),
+]
+COMMON = tuple(dest for dest, _, _ in COMMON_FLAGS if dest != "help")
+# every method's own flags, each once (the same flag means the same in every table it is in)
+METHOD_FLAGS = {}
+for _, table in METHODS.values():
+    for dest, names, kw, _ in table:
+        if dest not in COMMON:
+            METHOD_FLAGS.setdefault(dest, (dest, names, kw))
+FLAG_OF = {dest: names[-1] for dest, names, _ in COMMON_FLAGS + list(METHOD_FLAGS.values())}
 
 
-def build_parser(keep=None, method=None, preset=None, epilog=None):
-    """The flags named in keep (all if None); with a method, each help ends in its default."""
+def build_parser(groups, method=None, preset=None, epilog=None):
+    """A parser of the flags in groups ({header: [(dest, names, kw)]}); with a method, each
+    flag's help ends in the value the method uses at this preset."""
     p = Parser(description="Self-taught reasoning from scratch: one command for every method.",
                epilog=epilog, add_help=False)
-    for header, group in FLAGS.items():
+    for header, rows in groups.items():
         g = p.add_argument_group(header)
-        for dest, names, kw in group:
-            if keep is not None and dest not in keep:
-                continue
+        for dest, names, kw in rows:
             if method is not None and dest != "help":
                 value = shown_default(dest, kw, method, preset)
                 kw = dict(kw, help=f"{kw['help']} (default for {method}, preset {preset}: "
@@ -237,18 +112,25 @@ def build_parser(keep=None, method=None, preset=None, epilog=None):
 
 
 def get_parser():
-    """The parser of every flag: resolve() then keeps the ones the method takes."""
-    return build_parser()
+    """The parser of every flag of every method: resolve() then refuses the ones --method's
+    table does not list."""
+    return build_parser({"every method": COMMON_FLAGS,
+                         "the methods' own (python train.py --method M --help)":
+                         list(METHOD_FLAGS.values())})
 
 
 def help_parser(method, preset):
-    """What --help shows: with --method M, the common flags and M's, with the values M uses at
-    this preset; without, the common flags and the methods to ask about."""
+    """What --help shows: with --method M, the common flags and M's (its help, from its table),
+    with the values M uses at this preset; without, the common flags and the methods to ask
+    about."""
     if method is None:
-        return build_parser(COMMON + ("help",), epilog="methods: " + ", ".join(sorted(METHODS)) +
+        return build_parser({"every method": COMMON_FLAGS},
+                            epilog="methods: " + ", ".join(sorted(METHODS)) +
                             ". Add --method M for M's flags and the values it uses "
                             "(and --preset P for another preset's).")
-    return build_parser(COMMON + ("help",) + tuple(DEFAULTS[method][preset]), method, preset)
+    own = [(dest, names, kw) for dest, names, kw, _ in METHODS[method][1] if dest not in COMMON]
+    return build_parser({"every method": COMMON_FLAGS,
+                         f"{method} ({METHODS[method][0].__name__}.py)": own}, method, preset)
 
 
 def shown_default(dest, kw, method, preset):
@@ -406,7 +288,7 @@ def write_config(args, cfg, parser):
 def write_report(args, t0):
     """summary.md: the method's table of its metrics rows, also printed."""
     rows = read_jsonl(os.path.join(args.out, "metrics.jsonl"))
-    table = METHODS[args.method].report(args, rows)
+    table = METHODS[args.method][0].report(args, rows)
     write_atomic(os.path.join(args.out, "summary.md"),
                  f"# {args.method} on {args.task}\n\n{table}\n")
     plots = ", ".join(sorted(f for f in os.listdir(args.out) if f.endswith(".png")))
@@ -426,8 +308,9 @@ def main(argv=None):
     P, D, test = build_data(task, args)
     cfg = get_config(args.preset)
     if P is not None:  # a block that holds every prompt and completion of this data
-        longest = star.sos_tasks(args)[1] if args.method == "sos" else task  # its traces
-        cfg = get_config(args.preset, block_size=block_size_for(longest, P + D + test,
+        module = METHODS[args.method][0]  # (a method that writes other completions names them)
+        writes = getattr(module, "completion_task", lambda args, task: task)(args, task)
+        cfg = get_config(args.preset, block_size=block_size_for(writes, P + D + test,
                                                                 cfg.block_size))
     write_config(args, cfg, parser)
     data = "" if P is None else f"P={len(P)} D={len(D)} test={len(test)} | "
@@ -440,7 +323,7 @@ def main(argv=None):
         return GPT(cfg).to(args.device)
 
     t0 = time.time()
-    METHODS[args.method].run(args, task, P, D, test, args.out, args.device, new_model)
+    METHODS[args.method][0].run(args, task, P, D, test, args.out, args.device, new_model)
     if rank_world()[1] > 1:  # torchrun: the work is done; rank 0 alone writes the report
         main_process = is_main()
         torch.distributed.destroy_process_group()

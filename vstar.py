@@ -14,6 +14,7 @@ Departures: a fresh seeded base; DPO adds the right solutions' NLL (RPO; --dpo-n
 Run: python train.py --method vstar          (countdown by default)
 """
 
+import functools
 import math
 import os
 import random
@@ -26,24 +27,45 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import star
-from model import (ScalarHead, all_gather, autocast, bootstrap_ci, commit, committed, figure,
-                   load_checkpoint, optimizer_step, paired_difference, rank_world, read_jsonl,
-                   save_checkpoint, seed_for, sequence_logprobs, split_batch, wrap_ddp,
-                   write_jsonl)
+from common import (SWITCH, all_gather, autocast, bootstrap_ci, commit, committed, figure,
+                    flag, load_checkpoint, non_negative, optimizer_step, paired_difference,
+                    positive, presets, rank_world, read_jsonl, save_checkpoint, seed_for,
+                    setting, split_batch, wrap_ddp, write_jsonl)
+from model import ScalarHead, sequence_logprobs
 from tasks import EOT, NEWLINE, PAD, TOKENIZER, decode, encode
 
-# Every setting of a run, per preset (train.py fills the flags left unset from here, and refuses
-# the others). countdown: checking a solution is easier than finding one.
-_SHARED = dict(task="countdown", n_train=2000, samples=8, temperature=0.7, beta=0.1,
-               dpo_nll=1.0, verifier_lr=3e-4, checkpoint=None, compile=False)
-DEFAULTS = {
-    "tiny": dict(_SHARED, n_unlabeled=600, n_test=300, steps=1000, batch_size=32, lr=2e-3,
-                 sample_batch_size=300, iterations=1, verifier_steps=200, eval_samples=16),
-    "small": dict(_SHARED, n_unlabeled=2000, n_test=500, steps=3000, batch_size=64, lr=1e-3,
-                  sample_batch_size=500, iterations=3, verifier_steps=1000, eval_samples=32),
-    "gpu": dict(_SHARED, n_unlabeled=10000, n_test=2000, steps=3000, batch_size=256, lr=1e-3,
-                sample_batch_size=2048, iterations=3, verifier_steps=2000, eval_samples=64),
-}
+# Every flag vstar takes beyond train.py's own, with its value per preset (tiny, small, gpu).
+# countdown: checking a solution is easier than finding one.
+FLAGS = [
+    setting("--task", "countdown"),
+    # data
+    flag("--n-train", positive(int), 2000, "size of P, problems with gold solutions"),
+    flag("--n-unlabeled", positive(int), (600, 2000, 10000),
+         "size of D, problems with answers but no solutions"),
+    flag("--n-test", positive(int), (300, 500, 2000), "held-out test problems"),
+    # the generators: G = SFT(a fresh base, D_GEN) every iteration
+    flag("--checkpoint", str, None, "the base every generator starts from, instead of a fresh one"),
+    flag("--steps", positive(int), (1000, 3000, 3000), "fine-tuning steps of each generator"),
+    flag("--batch-size", positive(int), (32, 64, 256), "examples per training step"),
+    flag("--lr", positive(float), (2e-3, 1e-3, 1e-3), "peak learning rate"),
+    flag("--compile", SWITCH, False, "torch.compile the training forward"),
+    flag("--iterations", non_negative(int), (1, 3, 3), "generator iterations after G_SFT"),
+    flag("--sample-batch-size", positive(int), (300, 500, 2048), "prompts per sampling batch"),
+    flag("--samples", positive(int), 8, "samples per problem of P + D in each iteration"),
+    flag("--temperature", float, 0.7, "sampling temperature of training and test samples"),
+    # the verifiers, from G_SFT on D_VER
+    flag("--beta", positive(float), 0.1, "DPO's beta (the DPO paper's default; V-STaR gives none)"),
+    flag("--dpo-nll", non_negative(float), 1.0,
+         "weight of the right solutions' mean token NLL added to DPO's loss (RPO); 0 is the "
+         "paper's plain DPO"),
+    flag("--verifier-steps", positive(int), (200, 1000, 2000), "training steps of each verifier"),
+    flag("--verifier-lr", positive(float), 3e-4,
+         "learning rate of DPO and the scalar-head verifiers"),
+    # test time
+    flag("--eval-samples", positive(int), (16, 32, 64),
+         "samples per held-out problem for pass@k, best-of-k, majority@k (a power of 2)"),
+]
+DEFAULTS = presets(FLAGS)
 
 # -----------------------------------------------------------------------------
 # Unbiased estimators over n samples of one problem
@@ -309,8 +331,9 @@ def train_orm(sft_path, labelled, args, device):
 
 
 @torch.no_grad()
-def gathered(score, prompts, completions, batch_size=256):
-    """score per batch, concatenated; under torchrun each process scores its share of them."""
+def score_in_shares(score, prompts, completions, batch_size=256):
+    """score(prompts, completions) per batch, concatenated; under torchrun each process scores
+    its share of the batches and every process gets all the scores."""
     rank, world = rank_world()
     mine = {i: score(prompts[i:i + batch_size], completions[i:i + batch_size])
             for i in range(rank * batch_size, len(prompts), world * batch_size)}
@@ -318,18 +341,25 @@ def gathered(score, prompts, completions, batch_size=256):
     return [x for i in sorted(batches) for x in batches[i]]
 
 
+def logprobs(model, prompts, completions, mean=False):
+    """log p(y|x) of one batch, summed over the completion (DPO's log V(y|x)), or per token
+    (mean=True): the generator's own confidence, the baseline every verifier must beat."""
+    s = sequence_logprobs(model, prompts, completions, PAD).float()
+    if mean:
+        s = s / torch.tensor([max(1, len(c)) for c in completions], device=s.device)
+    return s.tolist()
+
+
 def logprob_scores(model, prompts, completions, mean=False):
-    """log p(y|x) summed over the completion (DPO's log V(y|x)), or per token (mean=True)."""
-    def score(p, c):
-        s = sequence_logprobs(model, p, c, PAD).float()
-        return (s / torch.tensor([len(x) for x in c], device=s.device) if mean else s).tolist()
-    return gathered(score, prompts, completions)
+    """logprobs of every (prompt, completion) pair, in batches shared out under torchrun."""
+    return score_in_shares(functools.partial(logprobs, model, mean=mean), prompts, completions)
 
 
 def head_scores(head, prompts, completions):
     """The ORM's score: its scalar head's logit at the end-of-text."""
-    return gathered(lambda p, c: head(p, c, [orm_reads(x) for x in c])[0][:, 0].float().tolist(),
-                    prompts, completions)
+    return score_in_shares(
+        lambda p, c: head(p, c, [orm_reads(x) for x in c])[0][:, 0].float().tolist(),
+        prompts, completions)
 
 
 def genrm_scores(model, prompts, completions):
@@ -337,7 +367,7 @@ def genrm_scores(model, prompts, completions):
     def score(p, c):
         inputs = [genrm_input(a, b) for a, b in zip(p, c)]
         return sequence_logprobs(model, inputs, [[YES]] * len(inputs), PAD).float().exp().tolist()
-    return gathered(score, prompts, completions)
+    return score_in_shares(score, prompts, completions)
 
 
 # -----------------------------------------------------------------------------
@@ -408,17 +438,23 @@ def pair_accuracy(right, s):
 
 
 def run(args, task, P, D, test, out, device, new_model):
-    """Algorithm 1; each iteration's row and the eval row are commits a rerun resumes from."""
+    """Algorithm 1: each generator iteration is a stage, then the verifiers are trained and
+    tested together as the last ("eval"); a rerun on the folder resumes after the last."""
     gold = star.gold_examples(task, P, with_hints=False)
-    done = committed(out, "iteration", "iteration")
+    done = committed(out, "iteration", kind="iteration")
     for n in range(args.iterations + 1):
         if n not in done:
             t0 = time.time()
-            commit(out, generator_iteration(args, task, P + D, test, gold, out, device,
-                                            new_model, n), t0)
-    if not committed(out, "eval", "kind"):
+            commit(out, t0, generator_iteration(args, task, P + D, test, gold, out, device,
+                                                new_model, n))
+    if not committed(out, "kind", kind="eval"):
         t0 = time.time()
-        commit(out, evaluate_test_time(args, task, test, gold, out, device), t0)
+        d_ver = [(p, c, True) for p, c in gold] + \
+            [x for n in range(1, args.iterations + 1) for x in load_labelled(labelled_path(out, n))]
+        nets, n_pairs = train_verifiers(args, task, d_ver, generator_path(out, 0), device)
+        save_checkpoint(os.path.join(out, "verifier_dpo.pt"), nets["dpo"], TOKENIZER)
+        row = evaluate_test_time(args, task, test, nets, out, device)
+        commit(out, t0, {**row, "pairs": n_pairs, "d_ver": len(d_ver)})
 
 
 def generator_iteration(args, task, problems, test, gold, out, device, new_model, n):
@@ -497,12 +533,10 @@ def score_samples(nets, task, problems, texts, reference, generator):
     return flat, prompts, comps
 
 
-def evaluate_test_time(args, task, test, gold, out, device):
-    """The verifiers on D_VER (labelled samples and P's gold), scoring G_T's test samples: a row."""
-    d_ver = [(p, c, True) for p, c in gold] + \
-        [x for n in range(1, args.iterations + 1) for x in load_labelled(labelled_path(out, n))]
-    nets, n_pairs = train_verifiers(args, task, d_ver, generator_path(out, 0), device)
-    save_checkpoint(os.path.join(out, "verifier_dpo.pt"), nets["dpo"], TOKENIZER)
+def evaluate_test_time(args, task, test, nets, out, device):
+    """G_T's n test samples per problem scored by every verifier and baseline in nets: the eval
+    row (best-of-k, majority@k, pass@k against k; tokens per sample; held-out pair accuracy)."""
+    # 1) n samples per test problem from the last generator, each scored by every scorer
     generator = load_checkpoint(generator_path(out, args.iterations), device)[0].eval()
     texts, _ = star.sample(generator, task, test, n=args.eval_samples,
                            temperature=args.temperature, batch_size=args.sample_batch_size,
@@ -514,7 +548,8 @@ def evaluate_test_time(args, task, test, gold, out, device):
                                          generator)
     verifier_scores = {name: [f[i * n:(i + 1) * n] for i in range(len(test))]
                        for name, f in flat.items()}
-    # every sample labelled once; the estimators reuse the labels for every k and verifier
+    # 2) the estimators over k-subsets: every sample labelled once, the labels reused for every
+    # k and verifier
     right = [[task.check(p, t) for t in ts] for p, ts in zip(test, texts)]
     answers = [[task.extract_answer(t) for t in ts] for ts in texts]
     res = curves(right, answers, verifier_scores, [2 ** i for i in range(int(math.log2(n)) + 1)])
@@ -522,7 +557,7 @@ def evaluate_test_time(args, task, test, gold, out, device):
     greedy = [r for r in read_jsonl(os.path.join(out, "metrics.jsonl"))
               if r.get("kind") == "iteration"][-1]["accuracy"]
     pairs = {name: pair_accuracy(right, s) for name, s in verifier_scores.items()}
-    return {"kind": "eval", "greedy": greedy, "n": n, "pairs": n_pairs, "d_ver": len(d_ver), **res,
+    return {"kind": "eval", "greedy": greedy, "n": n, **res,
             **{f"pair_acc {name}": acc for name, (acc, _) in pairs.items()},
             **{f"pair_ties {name}": ties for name, (_, ties) in pairs.items()}}
 
@@ -553,7 +588,7 @@ def report(args, rows):
     return "\n".join(lines)
 
 
-def paired(ev, a, ja, b, jb):
+def paired_cell(ev, a, ja, b, jb):
     """Mean and 95% paired bootstrap interval of a at ks[ja] minus b at ks[jb], per problem."""
     mean, (lo, hi) = paired_difference(ev["by_problem"][a][ja], ev["by_problem"][b][jb])
     return f"{mean:+.3f} ({lo:+.3f} to {hi:+.3f})"
@@ -578,10 +613,10 @@ def equal_compute_table(ev):
         name = key[len("best-of-k "):]
         j = max(i for i, k in enumerate(ks) if cost_of(ev, key, k) <= cost_of(ev, "m", n) + 1e-9
                 or i == 0)
-        vs_gen = "-" if name == "generator" else paired(ev, key, J, "best-of-k generator", J)
+        vs_gen = "-" if name == "generator" else paired_cell(ev, key, J, "best-of-k generator", J)
         closed = (ev[key][-1] - ev["pass@k"][0]) / gap if gap > 0 else float("nan")
         lines.append(f"| {name} | {ev[key][-1]:.3f} | {cost_of(ev, key, n):.0f} | {vs_gen} | "
-                     f"{ks[j]} | {paired(ev, key, j, 'majority@k', J)} | {closed:.0%} | "
+                     f"{ks[j]} | {paired_cell(ev, key, j, 'majority@k', J)} | {closed:.0%} | "
                      f"{ev['pair_acc ' + name]:.3f} ({ev['pair_ties ' + name]:.0%}) |")
     lines.append(f"| majority vote | {ev['majority@k'][-1]:.3f} | {cost_of(ev, 'm', n):.0f} | "
                  "- | - | - | - | - |")

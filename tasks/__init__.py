@@ -23,7 +23,8 @@ from .chain import Chain
 from .base import Problem, Task
 from .countdown import Countdown, reachable, solve
 from .expression import Expression
-from .tokenizer import EOT, EOTH, NEWLINE, PAD, SOT, decode, encode, get_tokenizer
+from .tokenizer import (EOT, EOTH, NEWLINE, NOT_TEXT, PAD, SOT, decode, encode,
+                        get_tokenizer)
 from .tokenizer import NAME as TOKENIZER  # saved in every checkpoint
 
 TASKS = {
@@ -97,4 +98,4 @@ def sample_problems(task, n, difficulties, seed, exclude=frozenset(), distinct=F
 __all__ = ["TASKS", "get_task", "sample_problems", "held_out", "distinct_problems", "Problem",
            "Task", "Addition", "Chain", "Countdown", "Expression", "reachable", "solve",
            "get_tokenizer", "encode", "decode", "EOT", "SOT", "EOTH", "PAD", "NEWLINE",
-           "TOKENIZER"]
+           "NOT_TEXT", "TOKENIZER"]

@@ -29,6 +29,7 @@ SPECIAL_TOKENS = {
     "<|pad|>": 99,             # left/right padding in batches; never trained on
 }
 NEWLINE, EOT, SOT, EOTH, PAD = 0, 96, 97, 98, 99
+NOT_TEXT = (SOT, EOTH, PAD)  # never in a solution: the sampler bans them when it writes one
 N_VOCAB = len(ALPHABET) + len(SPECIAL_TOKENS)  # 100
 
 

@@ -36,8 +36,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import (GPT, PRESETS, autocast, autodetect_device, generate,  # noqa: E402
-                   generate_naive, get_config)
+from common import autocast, autodetect_device  # noqa: E402
+from model import GPT, PRESETS, generate, generate_naive, get_config  # noqa: E402
 
 PAD = 99
 

@@ -20,7 +20,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench_sampling import timed  # noqa: E402
-from model import GPT, PRESETS, autocast, autodetect_device, generate, get_config  # noqa: E402
+from common import autocast, autodetect_device  # noqa: E402
+from model import GPT, PRESETS, generate, get_config  # noqa: E402
 
 PAD = 99
 

@@ -22,9 +22,10 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import model  # noqa: E402
+import common  # noqa: E402
 import star  # noqa: E402
-from model import GPT, GPTConfig, all_gather, rank_world  # noqa: E402
+from common import all_gather, rank_world  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
 from tasks import get_task, sample_problems  # noqa: E402
 
 
@@ -70,9 +71,9 @@ def checks(out_dir):
     star.BUCKET_OVERHEAD = 4
     star.batch_backward(ddp, batch, "cpu")
     single = random_model()
-    model.rank_world = lambda: (0, 1)  # model.split_batch: the whole batch, as one process
+    common.rank_world = lambda: (0, 1)  # common.split_batch: the whole batch, as one process
     star.batch_loss(single, batch, "cpu").backward()
-    model.rank_world = rank_world
+    common.rank_world = rank_world
     diff = max((a.grad - b.grad).abs().max().item()
                for a, b in zip(ddp.module.parameters(), single.parameters()))
     scale = max(b.grad.abs().max().item() for b in single.parameters())

@@ -7,7 +7,7 @@ same test problems, from each iteration row's per-problem rightness ("right" in 
   python tests/paired.py RUN_A RUN_B --iteration 2      # compare iteration 2 of each
   python tests/paired.py SOS_A SOS_B --models "traces 0" paths   # two models of sos runs
 
-Prints each run's accuracy, the difference A - B and its interval (model.bootstrap_ci over
+Prints each run's accuracy, the difference A - B and its interval (common.bootstrap_ci over
 the per-problem differences). A difference whose interval holds 0 is no difference. Not
 collected by pytest (no test_ prefix).
 """
@@ -17,7 +17,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import bootstrap_ci, read_jsonl  # noqa: E402
+from common import bootstrap_ci, read_jsonl  # noqa: E402
 
 
 def model_row(run, name):

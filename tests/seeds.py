@@ -12,7 +12,8 @@ majority vote at equal total compute, and GenRM-CoT against its own rule with th
 log-prob (rule x generator); search, each learned-guided search against best-of-N and
 the weighted vote with the same scorer at equal total compute; quiet_star, the thinking arm
 against the plain arm and against the base's own thoughts at a fixed weight; sos, the trace
-models against the paths model (star.sos_compare). Not collected by pytest (no test_ prefix).
+models against the paths model (sos.headline_differences). Not collected by pytest (no test_
+prefix).
 """
 
 import argparse
@@ -21,8 +22,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import search  # noqa: E402
+import sos  # noqa: E402
 import vstar  # noqa: E402
-from model import paired_difference, read_jsonl  # noqa: E402
+from common import paired_difference, read_jsonl  # noqa: E402
 
 
 def diff(a, b):
@@ -71,8 +73,7 @@ def quiet_star_rows(rows):
 
 
 def sos_rows(rows):
-    import star
-    return star.sos_compare(rows)
+    return sos.headline_differences(rows)
 
 
 def main():

@@ -14,7 +14,8 @@ import pytest
 
 import search
 import train
-from model import PRESETS, read_jsonl
+from common import read_jsonl
+from model import PRESETS
 
 COUNTS = {  # the smallest counts that exercise every stage of each method
     "sft": ["--n-train", "4", "--n-test", "2", "--steps", "2", "--batch-size", "2",

@@ -17,9 +17,10 @@ import torch.nn.functional as F
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import model as model_module
+from common import load_checkpoint, save_checkpoint, seed_for, split_batch
 from model import (GPT, GPTConfig, KVCache, ScalarHead, decode_step, generate, generate_naive,
-                   get_config, left_pad, load_checkpoint, padded_mask, sample_token,
-                   sampling_noise, save_checkpoint, seed_for, sequence_logprobs, split_batch)
+                   get_config, left_pad, padded_mask, sample_token, sampling_noise,
+                   sequence_logprobs)
 
 PAD = 99
 TOKENIZER = "arith-char-v1"  # tasks.TOKENIZER; model.py stores whatever name it is given

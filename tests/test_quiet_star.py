@@ -19,7 +19,8 @@ import torch
 
 import quiet_star as qs
 import train
-from model import GPT, GPTConfig, read_jsonl
+from common import read_jsonl
+from model import GPT, GPTConfig
 from tasks import EOT, EOTH, NEWLINE, PAD, SOT, encode, get_task, sample_problems
 
 
@@ -175,7 +176,7 @@ def test_thoughts_never_contain_meta_tokens_even_when_favoured():
         with torch.no_grad():
             th = qs.think(model, head, seqs, torch.arange(seqs.size(1) - 1), 3, 1,
                           temperature=temperature, generator=torch.Generator().manual_seed(0))
-        assert not torch.isin(th["thoughts"], torch.tensor(qs.BANNED)).any()
+        assert not torch.isin(th["thoughts"], torch.tensor(qs.NOT_THOUGHT)).any()
 
 
 def decode_with_thoughts(model, head, prompt, max_new_tokens, thought_len):
@@ -184,7 +185,7 @@ def decode_with_thoughts(model, head, prompt, max_new_tokens, thought_len):
     for _ in range(max_new_tokens):
         _, _, logits, _ = qs.think_naive(model, head, idx, thought_len)
         logits = logits[-1].clone()
-        logits[list(qs.BANNED)] = float("-inf")
+        logits[list(qs.NOT_THOUGHT)] = float("-inf")
         idx.append(int(logits.argmax()))
         if idx[-1] == NEWLINE:
             break
@@ -203,7 +204,7 @@ def test_greedy_accuracy_equals_token_by_token_generation():
         toks = decode_with_thoughts(model, head, encode(p.question + "="), len(p.answer), 2)
         right += toks == encode(p.answer)
     assert res["accuracy"] == right / len(problems)
-    assert EOT in qs.BANNED  # the text never ends inside a line
+    assert EOT in qs.NOT_THOUGHT  # the text never ends inside a line
 
 
 @pytest.mark.slow

@@ -24,8 +24,9 @@ import torch.nn as nn
 import search
 import train
 import vstar
-from model import GPT, GPTConfig, ScalarHead, generate_naive, read_jsonl
-from tasks import EOT, NEWLINE, PAD, Problem, Task, decode, encode, get_task
+from common import read_jsonl
+from model import GPT, GPTConfig, ScalarHead, generate_naive
+from tasks import EOT, NEWLINE, NOT_TEXT, PAD, Problem, Task, decode, encode, get_task
 from tasks.base import split_lines
 
 GOLD = ["b", "c", "a"]  # the toy's one right path
@@ -275,7 +276,7 @@ def test_a_scorers_forward_passes_count_in_the_search_compute(monkeypatch, how):
     a, b = tiny_gpt(0), tiny_gpt(1, n_embd=32)
     w = search.relative_size(b, a)
     assert w > 2  # wider: about four times the parameters per layer
-    reads, gen = count_reads(monkeypatch, search), count_generator(monkeypatch)
+    reads, gen = count_reads(monkeypatch, vstar), count_generator(monkeypatch)
     both, calls = search.product_scorer(search.logprob_scorer(a, TASK),
                                         search.logprob_scorer(b, TASK, w)), []
     scorer = lambda items, cost: calls.append(1) or both(items, cost)  # noqa: E731
@@ -400,7 +401,7 @@ def test_seeded_continuations_depend_on_no_other_row():
     assert [len(r) for r in rows] == [12, 12, 12, 6, 12, 12]  # no stop token: each its own room
     assert cost.sampled == 66 and cost.prompt == 5 + 58 + 2
     tokens, _, lengths = generate_naive(model, [prefixes[0], prefixes[2]], 12, (), PAD, 1.0,
-                                        banned_tokens=search.BANNED, seeds=[4, 8, 15, 6, 2],
+                                        banned_tokens=NOT_TEXT, seeds=[4, 8, 15, 6, 2],
                                         copies=[3, 2])
     assert rows[:3] + rows[4:] == tokens.tolist()
     for u, at in ((0, 0), (1, 3), (2, 4)):  # each prefix alone: the same rows

@@ -354,6 +354,7 @@ def test_countdown_traces_task_checks_a_trace_by_the_path_it_ends_with():
 
 
 def test_sos_counts_exactly_the_tokens_the_tool_forced():
+    import sos
     import star
     from collections import Counter
     from model import GPT, get_config
@@ -370,7 +371,7 @@ def test_sos_counts_exactly_the_tokens_the_tool_forced():
     forced = sum(len(encode(out)) for out in calls)
     assert forced > 0 and texts != free
     calls.clear()  # the replay calls the tool again, on the text before each trigger
-    replayed = sum(star.tool_tokens(task, p, t) for p, ts in zip(ps, texts) for t in ts)
+    replayed = sum(sos.tool_tokens(task, p, t) for p, ts in zip(ps, texts) for t in ts)
     assert replayed == forced
 
 
@@ -394,7 +395,7 @@ def test_sos_runs_end_to_end_and_resumes(tmp_path):
     import os
 
     import train
-    from model import read_jsonl
+    from common import read_jsonl
     out = str(tmp_path / "run")
     train.main(SOS_RUN + ["--out", out])
     rows = read_jsonl(os.path.join(out, "metrics.jsonl"))

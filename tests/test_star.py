@@ -18,7 +18,8 @@ import torch
 
 import star
 import train
-from model import GPT, get_config, read_jsonl, save_checkpoint
+from common import read_jsonl, save_checkpoint
+from model import GPT, get_config
 from tasks import PAD, TOKENIZER, decode, get_task, sample_problems
 
 TINY_RUN = ["--task", "addition", "--n-train", "16", "--n-unlabeled", "12", "--n-test", "12",

@@ -19,7 +19,8 @@ import torch
 
 import train
 import vstar
-from model import GPT, GPTConfig, ScalarHead, bootstrap_ci, read_jsonl, sequence_logprobs
+from common import bootstrap_ci, read_jsonl
+from model import GPT, GPTConfig, ScalarHead, sequence_logprobs
 from tasks import EOT, Problem, decode, encode, get_task, sample_problems
 
 PAD = 99

@@ -1,0 +1,292 @@
+"""
+Stream of Search (Gandhi et al. 2024, arXiv 2404.03683): learning to search by training on the
+text of searches. Not a new kind of training but a new kind of rationale: tasks/countdown.py
+writes the trace of a symbolic search (the steps tried, the numbers left, dead ends, the goal,
+backing up) as text; the same fine-tuning as STaR's trains on it, and the same STaR loop improves
+it on the model's own traces.
+
+    paths    <- finetune(fresh, P's optimal paths)                 train_paths_model
+    traces 0 <- finetune(fresh, P's search traces, failed ones too) train_traces_model(0)
+    for n = 1..T:                                                  train_traces_model(n)
+        kept <- keep_verified(D, sample(traces n-1, D))             # STaR on its own searches
+        traces n <- finetune(traces 0, P's traces + kept)
+    test: each model greedily; one trace against the paths model's best-of-k at equal tokens
+
+Run: python train.py --method sos          (--calculator off | result | judge)
+Departures: 1) countdown with 3 numbers by default, not the paper's 4 (a 2-core CPU); 2) under
+--calculator judge the program writes each step's result and the numbers left, marks dead leaves
+and writes the found path at the goal; the paths model's calculator writes results only;
+3) STaR keeps traces whose found path is right, failed searches are never kept.
+"""
+
+import math
+import os
+import time
+
+import torch
+from tqdm import tqdm
+
+import vstar
+from common import (SWITCH, commit, committed, figure, flag, load_checkpoint, non_negative,
+                    paired_difference, positive, presets, save_checkpoint, seed_for, setting,
+                    write_atomic)
+from star import (finetune, gold_examples, iteration_steps, keep_verified, sample, sample_lines,
+                  test_model)
+from tasks import EOT, TOKENIZER, encode
+from tasks.countdown import Countdown, CountdownTraces, search_trace, trace_stats
+
+# Every flag sos takes beyond train.py's own, with its value per preset (tiny, small, gpu).
+FLAGS = [
+    setting("--task", "countdown"),
+    setting("--train-difficulty", ("3", "3-4", "3-4")),  # numbers per problem
+    setting("--test-difficulty", ("3", "3-4", "3-4")),
+    # data
+    flag("--n-train", positive(int), (2000, 5000, 50000),
+         "size of P, problems with an optimal path and a search trace"),
+    flag("--n-unlabeled", positive(int), (500, 3000, 20000),
+         "size of D, problems with answers only, searched by the model in STaR"),
+    flag("--n-test", positive(int), (200, 500, 2000), "held-out test problems"),
+    # training: both models from scratch on P, then STaR on the trace model
+    flag("--checkpoint", str, None, "start both models from this model instead of a fresh one"),
+    flag("--steps", positive(int), (1000, 3000, 3000),
+         "fine-tuning steps of the paths model and of traces 0 on P"),
+    flag("--batch-size", positive(int), (32, 64, 256), "examples per training step"),
+    flag("--lr", positive(float), (2e-3, 1e-3, 1e-3), "peak learning rate"),
+    flag("--compile", SWITCH, False, "torch.compile the training forward"),
+    flag("--iterations", non_negative(int), (2, 2, 3), "STaR iterations after traces 0"),
+    flag("--star-steps", positive(int), (300, 1000, 1000),
+         "fine-tuning steps of the first STaR iteration on the traces"),
+    flag("--step-growth", positive(float), 1.0, "STaR's steps multiply by this every iteration"),
+    # sampling
+    flag("--sample-batch-size", positive(int), (250, 500, 2048), "prompts per sampling batch"),
+    flag("--samples", positive(int), 2, "traces sampled per problem of D in each STaR iteration"),
+    flag("--temperature", float, 0.7,
+         "sampling temperature of STaR's traces and of the paths model's best-of-N"),
+    flag("--eval-samples", positive(int), (8, 8, 64),
+         "the paths model's samples per test problem for best-of-k and pass@k (a power of 2)"),
+    flag("--calculator", ["off", "result", "judge"], "judge",
+         "the program writes each a op b= result (result), also a trace step's numbers left "
+         "and a leaf's verdict (judge), or nothing (off)"),
+]
+DEFAULTS = presets(FLAGS)
+
+
+def paths_and_traces(args):
+    """The two views of countdown the two models learn: optimal paths, and search traces."""
+    on = args.calculator != "off"
+    return Countdown("result" if on else None), CountdownTraces(args.calculator if on else None)
+
+
+def completion_task(args, task):
+    """The task whose completions are the longest this method writes (train.py sizes the model's
+    block by it): the search traces."""
+    return paths_and_traces(args)[1]
+
+
+# -----------------------------------------------------------------------------
+# Measuring a model: greedy results, and the paths model's best-of-k at equal tokens
+
+def tool_tokens(task, p, text):
+    """How many of a completion's tokens the task's tool wrote, replayed at each "=" (the tool
+    reads only the text before it); a row cut by the length cap mid-write counts it whole."""
+    return 0 if task.tool is None else sum(len(encode(task.tool(p, text[:i + 1])))
+                                           for i, ch in enumerate(text) if ch == task.tool.trigger)
+
+
+def greedy_results(model, task, test, args):
+    """One model's greedy results: accuracy, per-problem rightness, tokens per problem (prompt,
+    sampled, written by the tool) and, for traces, what the searches did. Returns (row, texts)."""
+    row, texts = test_model(model, task, test, args)
+    right, n = row["right"], len(test)
+    row.update({"prompt_tokens": sum(len(encode(task.prompt(p))) for p in test) / n,
+                "completion_tokens": sum(len(encode(t)) + 1 for t in texts) / n,
+                "written_tokens": sum(tool_tokens(task, p, t) for p, t in zip(test, texts)) / n})
+    if isinstance(task, CountdownTraces):
+        st = [trace_stats(p, t) for p, t in zip(test, texts)]
+        symbolic = [any(search_trace(*p.data, strategy=s, budget=task.budget)[1]
+                        for s in task.mix) for p in test]
+        solved = [i for i in range(n) if right[i]]
+        row.update({
+            "backtrack": sum(s["backtracks"] for s in st) / n,
+            "right_after_dead_end": sum(s["backtracks"] and r for s, r in zip(st, right)) / n,
+            "line_errors": sum(s["slips"] for s in st) / max(1, sum(s["lines"] for s in st)),
+            "false_goal_claims": sum(s["false_claims"] for s in st) /
+            max(1, sum(s["claims"] for s in st)),
+            "beyond_symbolic": sum(not symbolic[i] for i in solved) / max(1, len(solved))})
+    else:  # a path's arithmetic slips: claimed results the recomputation disagrees with
+        steps = [task.recheck(t) or [] for t in texts]
+        row["line_errors"] = sum(c != v for s in steps for _, c, v in s) / \
+            max(1, sum(map(len, steps)))
+    return row, texts
+
+
+def best_of_n(model, task, test, args):
+    """The paths model's N samples per problem: exact best-of-k by its own mean token log-prob
+    (close to an exact check: an unexpected calculator result lowers it) and pass@k, k = 1, 2, 4
+    .. N, and tokens per sample (generated and scored). Returns the best_of_n entry of its row."""
+    N = args.eval_samples
+    texts, _ = sample(model, task, test, n=N, temperature=args.temperature,
+                      batch_size=args.sample_batch_size, seed=seed_for(args.seed, "sos best-of"),
+                      desc="paths: best-of-N samples")
+    prompts = [encode(task.prompt(p)) for p in test for _ in range(N)]
+    comps = [encode(t) + [EOT] for ts in texts for t in ts]
+    score = vstar.logprob_scores(model, prompts, comps, mean=True)
+    ks = [2 ** i for i in range(int(math.log2(N)) + 1)]
+    ok = [[task.check(p, t) for t in ts] for p, ts in zip(test, texts)]
+    best = [[vstar.best_of_k(score[i * N:(i + 1) * N], o, k) for i, o in enumerate(ok)]
+            for k in ks]
+    passes = [[vstar.pass_at_k(N, sum(o), k) for o in ok] for k in ks]
+    # a sample costs its prompt and completion once (cached), and once more to be scored
+    per_sample = 2 * sum(len(p) + len(c) for p, c in zip(prompts, comps)) / len(prompts)
+    return {"k": ks, "best": best, "pass": passes, "tokens_per_sample": per_sample}
+
+
+# -----------------------------------------------------------------------------
+# The models: each trained, measured, saved and committed as one stage named by its model
+
+def fit(model, examples, steps, name, args):
+    """finetune on examples for steps; the row's training stats."""
+    loss = finetune(model, examples, steps, args.lr, args.batch_size,
+                    seed=seed_for(args.seed, "sos", name), desc=f"{name}: fine-tune",
+                    compile=args.compile)
+    mean_len = sum(len(c) for _, c in examples) / len(examples)
+    return {"train_steps": steps, "train_loss": loss,
+            "trained_tokens": round(steps * args.batch_size * mean_len)}
+
+
+def commit_model(args, out, name, row, stats, texts, task, test, t0):
+    """A model's samples to read, then its metrics row: the commit point a rerun resumes after."""
+    write_atomic(os.path.join(out, f"samples_{name.replace(' ', '')}.txt"),
+                 "\n".join(sample_lines(task, test, texts, k=12)))
+    commit(out, t0, {"kind": "sos", "model": name, **row, **stats})
+    tqdm.write(f"{name}: greedy accuracy {row['accuracy']:.3f}")
+
+
+def train_paths_model(args, paths, P, test, out, new_model):
+    """The baseline: a fresh model fine-tuned on P's optimal paths, tested greedily and by
+    best-of-N with its own log-prob."""
+    t0 = time.time()
+    torch.manual_seed(args.seed)
+    model = new_model()
+    stats = fit(model, gold_examples(paths, P, with_hints=False), args.steps, "paths", args)
+    row, texts = greedy_results(model, paths, test, args)
+    row["best_of_n"] = best_of_n(model, paths, test, args)
+    commit_model(args, out, "paths", row, stats, texts, paths, test, t0)
+
+
+def traces_path(out, n):
+    return os.path.join(out, f"traces_iter{n}.pt")
+
+
+def train_traces_model(args, traces, P, D, test, out, device, new_model, n):
+    """Trace model n: a fresh model on P's search traces (n = 0), or STaR's iteration n: traces
+    n-1 searches D, the traces whose found path is right are kept, and traces 0 is fine-tuned on
+    them with P's for iteration n's steps. Tested greedily and saved."""
+    t0, name, stats = time.time(), f"traces {n}", {}
+    examples = gold_examples(traces, P, with_hints=False)
+    # 1) the starting model and the examples: P's traces, and from n = 1 its own kept searches
+    if n == 0:
+        torch.manual_seed(args.seed)
+        model, steps = new_model(), args.steps
+    else:
+        prev = load_checkpoint(traces_path(out, n - 1), device)[0].eval()
+        texts, _ = sample(prev, traces, D, n=args.samples, temperature=args.temperature,
+                          batch_size=args.sample_batch_size,
+                          seed=seed_for(args.seed, "sos generate", n), desc=f"{name}: sample D")
+        kept, solved = keep_verified(traces, D, texts)
+        stats = {"kept": len(kept), "solved_D": len(solved) / len(D)}
+        model = load_checkpoint(traces_path(out, 0), device)[0]
+        examples, steps = examples + kept, iteration_steps(args, n)
+    # 2) fine-tune, test, save, commit
+    stats.update(fit(model, examples, steps, name, args))
+    row, texts = greedy_results(model, traces, test, args)
+    save_checkpoint(traces_path(out, n), model, TOKENIZER, extra={"iteration": n})
+    commit_model(args, out, name, row, stats, texts, traces, test, t0)
+
+
+def run(args, task, P, D, test, out, device, new_model):
+    """The paths model, the trace model and its STaR iterations, each a stage; a rerun on the
+    folder resumes after the last committed."""
+    paths, traces = paths_and_traces(args)
+    finished = committed(out, "model", kind="sos")
+    if "paths" not in finished:
+        train_paths_model(args, paths, P, test, out, new_model)
+    for n in range(args.iterations + 1):
+        if f"traces {n}" not in finished:
+            train_traces_model(args, traces, P, D, test, out, device, new_model, n)
+
+
+# -----------------------------------------------------------------------------
+# Report: the headline differences, the table and sos.png
+
+def headline_differences(rows):
+    """The headline differences, {name: (mean, 95% paired CI)}: the first and last trace models
+    against the paths model greedy and at equal tokens (the largest k that costs no more)
+    best-of-k and pass@k (the exact check, which "judge" gives the traces too); the last against
+    the first."""
+    by = {r["model"]: r for r in rows if r.get("kind") == "sos"}
+    its = sorted((r for r in by.values() if r["model"].startswith("traces")),
+                 key=lambda r: int(r["model"].split()[1]))
+    if "paths" not in by or not its:
+        return {}
+    paths, bon = by["paths"], by["paths"]["best_of_n"]
+    out = {}
+    for m in dict.fromkeys([its[0]["model"], its[-1]["model"]]):
+        t, cost = by[m], by[m]["prompt_tokens"] + by[m]["completion_tokens"]
+        # best-of-k pays a scoring pass per sample; the exact check of pass@k costs nothing
+        for key, name, per_sample in (("best", "best-of-", bon["tokens_per_sample"]),
+                                      ("pass", "pass@", bon["tokens_per_sample"] / 2)):
+            j = max([0] + [j for j, k in enumerate(bon["k"]) if k * per_sample <= cost])
+            out[f"{m} - paths {name}{bon['k'][j]} (equal tokens)"] = paired_difference(
+                t["right"], bon[key][j])
+        out[f"{m} - paths greedy"] = paired_difference(t["right"], paths["right"])
+    if len(its) > 1:
+        out[f"{its[-1]['model']} - {its[0]['model']}"] = paired_difference(
+            its[-1]["right"], its[0]["right"])
+    return out
+
+
+def plot(path, rows, calculator):
+    """sos.png: accuracy against tokens per problem, the paths model's best-of-N and pass@N
+    curves and one point per trace model."""
+    sos = [r for r in rows if r.get("kind") == "sos"]
+    bon = next(r for r in sos if r["model"] == "paths")["best_of_n"]
+    with figure(path, figsize=(6.5, 4)) as (fig, ax):
+        x = [k * bon["tokens_per_sample"] for k in bon["k"]]
+        ax.plot(x, [sum(b) / len(b) for b in bon["best"]], marker="o",
+                label="optimal paths: best-of-N (own log-prob)")
+        ax.plot([v / 2 for v in x], [sum(b) / len(b) for b in bon["pass"]], ls="--",
+                marker=".", label="optimal paths: pass@N (exact check, no scoring pass)")
+        for r in sos:
+            if r["model"] != "paths":
+                ax.scatter([r["prompt_tokens"] + r["completion_tokens"]], [r["accuracy"]],
+                           marker="*", s=120, label=f"one search trace: {r['model']}")
+        ax.set_xscale("log", base=2)
+        ax.set(xlabel="tokens processed per problem (prompt, sampled, written, scored)",
+               ylabel="held-out accuracy",
+               title=f"Stream of Search on countdown (calculator: {calculator})")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+
+
+def report(args, rows):
+    """The table of models and the headline differences (returned), and sos.png."""
+    lines = ["| model | greedy accuracy | tokens per problem (prompt + sampled + written) | "
+             "backtracks | right after a dead end | lines with an error | false goal claims | "
+             "solved beyond the symbolic searches | trained tokens | wall s |",
+             "|---" * 10 + "|"]
+    sos = [r for r in rows if r.get("kind") == "sos"]
+    f = lambda r, k: f"{r[k]:.3f}" if k in r else "-"  # noqa: E731
+    for r in sos:
+        sampled = r["completion_tokens"] - r["written_tokens"]
+        lines.append(f"| {r['model']} | {r['accuracy']:.3f} | {r['prompt_tokens']:.0f} + "
+                     f"{sampled:.0f} + {r['written_tokens']:.0f} | {f(r, 'backtrack')} | "
+                     f"{f(r, 'right_after_dead_end')} | {f(r, 'line_errors')} | "
+                     f"{f(r, 'false_goal_claims')} | {f(r, 'beyond_symbolic')} | "
+                     f"{r['trained_tokens']} | {r['wall_s']} |")
+    lines += ["", "| comparison | difference (95% paired CI) |", "|---|---|"]
+    lines += [f"| {k} | {m:+.3f} ({lo:+.3f} to {hi:+.3f}) |"
+              for k, (m, (lo, hi)) in headline_differences(rows).items()]
+    if any(r["model"] == "paths" for r in sos):
+        plot(os.path.join(args.out, "sos.png"), rows, args.calculator)
+    return "\n".join(lines)
