@@ -13,8 +13,10 @@ import json
 import math
 import os
 import time
+from collections import Counter
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
+from itertools import groupby, product
 
 import numpy as np
 import torch
@@ -25,6 +27,7 @@ from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
 # Statistics: 95% bootstrap intervals over test problems
+
 
 def bootstrap_ci(values, reps=2000, seed=0):
     """95% percentile-bootstrap interval of the mean of per-problem values, resampling problems;
@@ -39,6 +42,101 @@ def paired_difference(a, b):
     """Mean of a - b over the same problems, and its 95% paired bootstrap interval."""
     diff = [x - y for x, y in zip(a, b)]
     return sum(diff) / len(diff), bootstrap_ci(diff)
+
+
+# Unbiased estimators over n samples of one problem (pass@k, best-of-k, majority@k)
+
+def pass_at_k(n, c, k):
+    """P(one of k of n samples, c right, is right): Chen et al. 2021, 1 - C(n-c, k) / C(n, k)."""
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def best_of_k(scores, correct, k):
+    """P(the top-scored of k of n samples is right): sum_i C(n-i-1, k-1) a_i / C(n, k), sorted by
+    score (V-STaR, section 4), a_i the mean rightness of i's tie group (a tie picks uniformly)."""
+    n, a = len(scores), []
+    for _, group in groupby(sorted(range(n), key=lambda i: -scores[i]), key=lambda i: scores[i]):
+        group = [float(correct[i]) for i in group]
+        a += [sum(group) / len(group)] * len(group)
+    return sum(math.comb(n - i - 1, k - 1) * a[i] for i in range(n - k + 1)) / math.comb(n, k)
+
+
+def majority_at_k(answers, right_answers, k):
+    """P(majority vote over k of n samples is right), exactly: answers (None never votes), the
+    right ones among them right_answers; a tie of t top answers credits 1/t each."""
+    return sum(_majority_credit(answers, a, k) for a in set(right_answers) if a is not None)
+
+
+def right_answers(answers, right):
+    """The answers that count as right in one problem's pool: those of its right samples."""
+    return {a for a, ok in zip(answers, right) if ok}
+
+
+def _majority_credit(answers, right_answer, k):
+    """majority_at_k's credit of one answer: for each j votes it gets, count by dynamic
+    programming the ways the other answers stay below j or tie at j (and how many tie)."""
+    n, groups = len(answers), Counter(a for a in answers if a is not None)
+    c = groups.pop(right_answer, 0)
+    n_none = n - c - sum(groups.values())
+    others = list(groups.values())
+    total = 0.0
+    for j in range(1, min(c, k) + 1):
+        # ways[m][t]: the ways to pick m samples of the other answers, none over j votes, t at j
+        ways = [[0] * (len(others) + 1) for _ in range(k + 1)]
+        ways[0][0] = 1
+        for g in others:
+            new = [[0] * (len(others) + 1) for _ in range(k + 1)]
+            for m, t in product(range(k + 1), range(len(others) + 1)):
+                if ways[m][t]:
+                    for x in range(min(g, j, k - m) + 1):
+                        new[m + x][t + (x == j)] += ways[m][t] * math.comb(g, x)
+            ways = new
+        for m in range(max(0, k - j - n_none), k - j + 1):  # the k - j - m others: unparsable
+            for t in range(len(others) + 1):
+                if ways[m][t]:
+                    total += math.comb(c, j) * ways[m][t] * math.comb(n_none, k - j - m) / (t + 1)
+    return total / math.comb(n, k)
+
+
+def vote(answers, weights=None):
+    """The answer of most votes (or summed weights); None (unparsable) casts none. Ties go to the
+    answer seen first: the samples are i.i.d., so that is a uniform tie break."""
+    total, first = {}, {}
+    for j, a in enumerate(answers):
+        if a is not None:
+            total[a] = total.get(a, 0.0) + (1.0 if weights is None else weights[j])
+            first.setdefault(a, j)
+    return max(total, key=lambda a: (total[a], -first[a])) if total else None
+
+
+def weighted_vote_accuracy(answers, right, k, weights, rng, trials=32):
+    """Mean rightness of the weighted vote over `trials` random k-subsets of one problem's pool
+    (Monte Carlo: no exact count is known for summed weights)."""
+    right_of = {a: ok for a, ok in zip(answers, right)}  # an answer's samples agree on rightness
+    hits = 0
+    for _ in range(trials):
+        sub = rng.sample(range(len(answers)), k)
+        won = vote([answers[j] for j in sub], [weights[j] for j in sub])
+        hits += won is not None and right_of[won]
+    return hits / trials
+
+
+# -----------------------------------------------------------------------------
+# Compute: the tokens every network processes, counted where they are spent
+
+class TokenCount:
+    """Tokens the networks process: `sampled` by the generator, `prompt` (prompt and prefix
+    tokens it encodes) and `scored` (read by scorers, times relative_size); padding uncounted."""
+
+    def __init__(self, sampled=0, prompt=0, scored=0):
+        self.sampled, self.prompt, self.scored = sampled, prompt, scored
+
+    def counts(self):
+        return [self.sampled, self.prompt, self.scored]
+
+
+def relative_size(net, generator):  # a token `net` reads, in generator tokens
+    return sum(p.numel() for p in net.parameters()) / sum(p.numel() for p in generator.parameters())
 
 
 # -----------------------------------------------------------------------------
@@ -215,6 +313,21 @@ def wrap_ddp(model):
     """Under torchrun, the model in DistributedDataParallel (gradients averaged over the
     processes after backward); with one process, the model itself."""
     return DDP(model) if rank_world()[1] > 1 else model
+
+
+def my_share(n):
+    """This process's indices of n items (problems) under torchrun: every world-th from its rank."""
+    rank, world = rank_world()
+    return list(range(rank, n, world))
+
+
+def merge_shares(results, counts):
+    """Every process's results (key -> result) merged in key order, and their counts summed."""
+    merged, total = {}, [0] * len(counts)
+    for res, cnt in all_gather((results, list(counts))):
+        merged.update(res)
+        total = [a + b for a, b in zip(total, cnt)]
+    return dict(sorted(merged.items())), total
 
 
 def split_batch(batch, size=lambda item: 1):

@@ -1,12 +1,8 @@
 """
-GPT-2 (Radford et al. 2019) written from scratch, as nanoGPT does, with a preallocated KV cache
-and a batched sampler. Learned position embeddings, pre-LayerNorm blocks, GELU (tanh), a fused
-qkv, F.scaled_dot_product_attention and an lm_head tied to wte; the parameter names map one to
-one onto Hugging Face's GPT2LMHeadModel. forward() takes position ids, a mask and a cache
-(left-padded batches, Quiet-STaR's thoughts); generate() is the one sampler, generate_naive() its
-textbook twin, sequence_logprobs() scores given completions.
-
-Run the tests: python -m pytest tests/test_model.py   (the sampler: tests/bench_sampling.py)
+GPT-2 (Radford et al. 2019) from scratch, as nanoGPT writes it; parameter names map one to one onto
+Hugging Face's GPT2LMHeadModel. forward() takes position ids, a mask and a KV cache (left-padded
+batches, Quiet-STaR's thoughts); generate() is the one batched sampler, generate_naive() its
+textbook twin, sequence_logprobs() scores completions. Tests: tests/test_model.py, bench_sampling.py
 
 Departures from GPT-2: 1. a 100-token character vocabulary (tasks/tokenizer.py) and tiny sizes
 (PRESETS); 2. no dropout: the models are small and the data is generated afresh.
@@ -49,7 +45,6 @@ def get_config(preset, **overrides):
 # The network
 
 class CausalSelfAttention(nn.Module):
-
     def __init__(self, config):
         super().__init__()
         assert config.n_embd % config.n_head == 0
@@ -66,8 +61,7 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, nh, Tk, hs), the prefix included
         if mask is None:
-            # plain causal attention (a fresh sequence), or one new token that may see the whole
-            # cache (T == 1): the fused kernels' fast path, no mask tensor needed
+            # causal (a fresh sequence), or one token seeing the whole cache: the fused fast path
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # mask (B, 1, T, Tk)
@@ -76,7 +70,6 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-
     def __init__(self, config):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
@@ -87,7 +80,6 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-
     def __init__(self, config):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=1e-5)
@@ -102,7 +94,6 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-
     def __init__(self, config):
         super().__init__()
         self.config = config
@@ -115,8 +106,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # weight tying, as in GPT-2
         self.apply(self._init_weights)
-        # GPT-2's scaled init of the projections into the residual stream
-        for name, p in self.named_parameters():
+        for name, p in self.named_parameters():  # GPT-2's scaled init of residual projections
             if name.endswith("c_proj.weight"):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
@@ -132,20 +122,19 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, idx, pos=None, mask=None, cache=None, return_hidden=False):
-        """Logits (B, T, vocab) for token ids idx (B, T); with return_hidden also the hidden
-        states (B, T, C) after ln_f. pos: position ids (B, T) or (T,), by default counting on
-        from the cache. mask: bool (B, 1, T, Tk), True where a query may see a key (Tk =
-        cache.pos + T), by default causal. cache: a KVCache, written at cache.pos."""
+        """Logits (B, T, vocab) for ids idx (B, T), with return_hidden also the states (B, T, C)
+        after ln_f. pos (B, T) or (T,); mask (B, 1, T, cache.pos + T): True where query sees key."""
         B, T = idx.size()
         start = cache.pos if cache is not None else 0
+        # 1) by default the new tokens follow the cache, and see it and each other causally
         if pos is None:
             pos = torch.arange(start, start + T, device=idx.device)
         if cache is None and T > self.config.block_size:
             raise ValueError(f"sequence of length {T} exceeds block_size {self.config.block_size}")
         if mask is None and start > 0 and T > 1:
-            # new tokens see the whole cache and each other causally
             causal = torch.ones(T, start + T, dtype=torch.bool, device=idx.device).tril(start)
             mask = causal.view(1, 1, T, start + T)
+        # 2) the blocks, each writing its keys and values to the cache, then the head
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
         for layer, block in enumerate(self.transformer.h):
             x = block(x, mask, cache, layer)
@@ -168,20 +157,16 @@ class GPT(nn.Module):
 # The KV cache
 
 class KVCache:
-    """Keys and values of every layer, (B, n_head, max_len, head_size) each, written in place:
-    a forward pass writes its T tokens at columns [pos, pos + T) and attends over [0, pos + T).
-    Rows share the column index (ragged prompts are left-padded). The compiled step instead sets
-    `col`, a (1,) tensor, and attends over all columns under a mask, in fixed shapes."""
+    """Every layer's keys and values (B, n_head, max_len, head_size), written in place: T tokens
+    at columns [pos, pos + T), the same for every row (ragged prompts are left-padded)."""
 
     def __init__(self, config, batch_size, max_len, device, dtype=torch.float32, zero=False):
-        # zero=False leaves the memory as it is: columns are read only once written, except by
-        # the compiled step, whose mask must not meet a NaN in an unwritten column (zero=True)
+        # zero=True for the compiled step, whose mask must not meet a NaN in an unwritten column
         shape = (batch_size, config.n_head, max_len, config.n_embd // config.n_head)
         new = torch.zeros if zero else torch.empty
         self.k = [new(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.v = [new(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.pos = 0
-        self.col = None
+        self.pos, self.col = 0, None  # col: fixed_shape_step's (1,) column index
 
     def update(self, layer, k, v):
         K, V = self.k[layer], self.v[layer]
@@ -203,9 +188,8 @@ class KVCache:
 
 
 class ConcatCache:
-    """A KV cache for training, with KVCache's interface, that grows by concatenation: gradients
-    flow through the cached keys and values (Quiet-STaR's thoughts attend to them), and autograd
-    refuses KVCache's in-place writes once a written slice was read."""
+    """KVCache's interface for training, growing by concatenation: gradients flow through it
+    (Quiet-STaR's thoughts attend to it); autograd refuses in-place writes to a slice once read."""
 
     def __init__(self, n_layer):
         self.k, self.v, self.pos = [None] * n_layer, [None] * n_layer, 0
@@ -226,10 +210,8 @@ class ConcatCache:
 # Sampling: prefill, then one token at a time (gpt-fast's shape), and the textbook twin
 
 def sample_token(logits, temperature, top_k=None, u=None):
-    """Next token ids (...,) from logits (..., V): greedy when temperature == 0. Sampling is
-    Gumbel-max, argmax(logits / temperature - log(-log u)) for uniform noise u (..., V): softmax
-    sampling, driven by noise drawn up front so that each row can own its random stream. Every
-    sampler here, Quiet-STaR's thoughts included, chooses its tokens with it."""
+    """Next ids (...,) from logits (..., V): argmax at temperature 0, else softmax sampling as
+    Gumbel-max over uniform noise u (..., V) drawn up front, so that each row owns its stream."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature
@@ -240,8 +222,7 @@ def sample_token(logits, temperature, top_k=None, u=None):
 
 
 def sampling_noise(B, T, V, temperature, generator, seeds, device):
-    """Uniform noise (B, T, V) for T sampling steps (None when greedy); row b from its own seed
-    when seeds are given, so a row's sample depends neither on its batch-mates nor its process."""
+    """Uniform noise (B, T, V), None if greedy; row b's from seeds[b] if given, in any batch."""
     if temperature == 0:
         return None
     if seeds is None:
@@ -254,8 +235,8 @@ def sampling_noise(B, T, V, temperature, generator, seeds, device):
 
 
 def compute_dtype(model):
-    """The dtype keys and values are computed in (bf16 under autocast on a GPU, else the
-    weights'): the cache is kept in it, since decoding is bound by reading the cache."""
+    """The dtype of keys and values (autocast's, else the weights'), and so of the cache, since
+    decoding is bound by reading the cache."""
     device_type = next(model.parameters()).device.type
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
@@ -273,9 +254,8 @@ def copies_of(prompts, copies):
 
 
 def prefill(model, prompts, copies, max_new_tokens, pad_id, zero_cache=False):
-    """Encode each prompt once, left-padded, into a cache with room for max_new_tokens more, and
-    copy its cache rows to its copies. Returns the next-token logits (B, V), the cache, each
-    row's next position id (B,) and the key-validity mask of every cache column (B, max_len)."""
+    """Encode each prompt once, left-padded, its cache rows copied to its copies. Returns logits
+    (B, V), the cache, next position ids (B,) and each cache column's key validity (B, max_len)."""
     device = next(model.parameters()).device
     idx, pos, valid = left_pad(prompts, pad_id, device)  # (U, T0)
     T0 = idx.size(1)
@@ -294,17 +274,13 @@ def prefill(model, prompts, copies, max_new_tokens, pad_id, zero_cache=False):
 
 
 def decode_one_token(model, tok, pos, valid, cache):
-    """Logits (B, V) after one new token per row (tok, pos: (B,)), appended to the cache as its
-    next column, which sees every real column before it (valid: (B, max_len), or None when no
-    row has padding)."""
+    """Logits (B, V) after tok, pos (B,) as the next cache column; valid: None if no padding."""
     mask = None if valid is None else valid[:, None, None, :cache.pos + 1]  # (B, 1, 1, T)
     return model(tok[:, None], pos=pos[:, None], mask=mask, cache=cache)[:, -1]
 
 
 def decode_step(model, tok, pos, mask, cache):
-    """decode_one_token with fixed shapes, for torch.compile: tok, pos (B, 1), the new keys and
-    values written at column cache.col, the mask (B, 1, 1, max_len) hiding unwritten columns;
-    GPT.forward without its Python-side position bookkeeping."""
+    """Logits (B, V) after tok, pos (B, 1) at cache.col: GPT.forward in fixed shapes, to compile."""
     x = model.transformer.wte(tok) + model.transformer.wpe(pos)
     for layer, block in enumerate(model.transformer.h):
         x = block(x, mask, cache, layer)
@@ -313,14 +289,12 @@ def decode_step(model, tok, pos, mask, cache):
 
 @functools.cache
 def compiled_decode_step(device_type):
-    """decode_step through torch.compile; on CUDA with mode="reduce-overhead", which captures it
-    as a CUDA graph: one launch per token instead of a few dozen small kernels."""
+    """decode_step compiled; on CUDA as a CUDA graph: one launch per token, not dozens."""
     return torch.compile(decode_step, mode="reduce-overhead" if device_type == "cuda" else None)
 
 
 def fixed_shape_step(model, cache, valid):
-    """step(tok, pos) -> logits (B, V) through compiled_decode_step: the same shapes at every
-    token (its column in cache.col, the columns not yet written masked), so one trace serves."""
+    """step(tok, pos) -> logits (B, V) via compiled_decode_step; fixed shapes: one trace serves."""
     device = valid.device
     step = compiled_decode_step(device.type)
     cache.col = torch.tensor([cache.pos], device=device)
@@ -338,9 +312,8 @@ def fixed_shape_step(model, cache, valid):
 
 
 def decode_n_tokens(step, next_token, logits, pos, n, stop):
-    """Up to n tokens from the prefill's logits: next_token(logits, t) chooses each, step(tok,
-    pos) feeds it back. Returns each step's token ids (B,) and logits (B, V). Every 8 tokens one
-    host sync stops the loop once every row has written a stop token."""
+    """Each step's ids (B,) and logits (B, V): next_token(logits, t) chooses, step(tok, pos) feeds
+    back; every 8 tokens one host sync ends the loop once every row has written a stop token."""
     toks, seen = [], []
     done = torch.zeros(logits.size(0), dtype=torch.bool, device=logits.device)
     for t in range(n):
@@ -359,8 +332,7 @@ def decode_n_tokens(step, next_token, logits, pos, n, stop):
 
 
 def finish(toks, seen, stop, pad_id, max_new_tokens):
-    """generate's outputs from the per-step token ids and logits: each row cut after its first
-    stop token and padded to max_new_tokens. Done once at the end, not per step."""
+    """generate's outputs, each row cut after its first stop and padded: once, not per step."""
     tokens = torch.stack(toks, 1)  # (B, n)
     B, n = tokens.shape
     stopped = torch.isin(tokens, stop)  # (B, n)
@@ -377,10 +349,8 @@ def finish(toks, seen, stop, pad_id, max_new_tokens):
 
 
 def use_tool(tool, tok, rows):
-    """Tool use inside the sampler, as Cobbe et al. 2021 gave GSM8K's models a calculator: a row
-    that samples tool.trigger (e.g. "=") gets tool(row, its tokens so far) queued as its next
-    tokens, written instead of sampled (the model still reads each). rows[r] = (row r's tokens,
-    its queue), mutated."""
+    """Tool use as Cobbe et al. 2021 gave GSM8K's models a calculator: a row that samples
+    tool.trigger (e.g. "=") gets tool(row, its tokens) queued as its next ids. Returns ids (B,)."""
     ids = tok.tolist()
     for r, (seq, queue) in enumerate(rows):
         if queue:
@@ -395,14 +365,14 @@ def use_tool(tool, tok, rows):
 def generate(model, prompts, max_new_tokens, stop_tokens, pad_id, temperature=1.0, top_k=None,
              generator=None, banned_tokens=(), seeds=None, copies=None, compiled=False,
              tool=None):
-    """Sample continuations of ragged prompts with the KV cache: copies[u] rows of prompt u from
-    one prefill (B = sum(copies)), stopping at stop_tokens (kept), banned_tokens never sampled,
-    noise from generator or from seeds (one per row: the same sample in any batch or process),
-    compiled: through compiled_decode_step, tool: see use_tool. Returns tokens (B, max_new),
-    pad_id after the stop; logp, each token's log-prob at temperature 1 without top-k; lengths."""
+    """copies[u] continuations of ragged prompt u from one prefill (B = sum(copies)), up to a stop
+    token (kept), banned_tokens never sampled; seeds: one per row, alike in any batch or process.
+    Returns tokens (B, max_new), pad_id after the stop; logp (temperature 1, no top-k); lengths."""
+    # 1) prefill: each prompt once, its cache rows copied to its copies
     device = next(model.parameters()).device
     logits, cache, pos, valid = prefill(model, prompts, copies_of(prompts, copies),
                                         max_new_tokens, pad_id, zero_cache=compiled)
+    # 2) how each token is chosen: banned ids, the noise up front, tool calls
     B, V = logits.shape
     stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
     ban = torch.zeros(V, device=device)  # added to the logits: -inf at the banned ids
@@ -415,6 +385,7 @@ def generate(model, prompts, max_new_tokens, stop_tokens, pad_id, temperature=1.
         tok = sample_token(logits, temperature, top_k, None if u is None else u[:, t])
         return (use_tool(tool, tok, rows) if tool else tok), logits
 
+    # 3) decode one token at a time, then cut each row after its stop
     if compiled:
         step = fixed_shape_step(model, cache, valid)
     else:  # without padding, no mask at all
@@ -428,9 +399,9 @@ def generate(model, prompts, max_new_tokens, stop_tokens, pad_id, temperature=1.
 def generate_naive(model, prompts, max_new_tokens, stop_tokens, pad_id, temperature=1.0,
                    top_k=None, generator=None, banned_tokens=(), seeds=None, copies=None,
                    tool=None):
-    """The textbook sampler: no cache, every copy its own row, the whole left-padded sequence
-    recomputed for every token. generate() must agree with it token for token under the same
-    noise (tests/test_model.py); the baseline of tests/bench_sampling.py."""
+    """generate()'s outputs the textbook way: no cache, every copy its own row, all recomputed
+    per token. generate() must agree token for token (tests/test_model.py, bench_sampling.py)."""
+    # 1) every copy its own left-padded row, and its noise
     device = next(model.parameters()).device
     rows = [p for p, c in zip(prompts, copies_of(prompts, copies)) for _ in range(c)]
     idx, pos, valid = left_pad(rows, pad_id, device)
@@ -442,6 +413,7 @@ def generate_naive(model, prompts, max_new_tokens, stop_tokens, pad_id, temperat
     lengths = torch.zeros(B, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     tool_rows = [([], []) for _ in range(B)]
+    # 2) each token from the whole sequence so far, appended to it; rows that stopped write pad_id
     for t in range(max_new_tokens):
         logits = model(idx, pos=pos, mask=padded_mask(valid, idx.size(1)))[:, -1].float()
         logits[:, list(banned_tokens)] = float("-inf")
@@ -464,11 +436,11 @@ def generate_naive(model, prompts, max_new_tokens, stop_tokens, pad_id, temperat
 # Log-probabilities of given completions
 
 def sequence_logprobs(model, prompts, completions, pad_id, per_token=False):
-    """log p(completion | prompt) (B,) for a batch of token-list pairs, with gradients; with
-    per_token=True also the per-token log-probs (B, Tc) aligned with each completion, 0 past its
-    end. Each pair is concatenated and right-padded; prompt and padding positions count 0."""
+    """log p(completion | prompt) (B,) for token-list pairs, with gradients; with per_token=True
+    also the per-token log-probs (B, Tc) aligned with each completion, 0 past its end."""
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
+    # 1) each pair concatenated and right-padded; only completion targets count
     device = next(model.parameters()).device
     idx = right_pad([p + c for p, c in zip(prompts, completions)], pad_id, device)
     keep = torch.zeros(idx.shape, dtype=torch.bool)  # which targets belong to a completion
@@ -483,6 +455,7 @@ def sequence_logprobs(model, prompts, completions, pad_id, per_token=False):
     total = logp.sum(dim=1)
     if not per_token:
         return total
+    # 2) per token, shifted to start at each completion
     Tc = max(max(len(c) for c in completions), 1)
     tok = torch.zeros(len(prompts), Tc, device=device, dtype=logp.dtype)
     for b, (p, c) in enumerate(zip(prompts, completions)):
@@ -494,9 +467,8 @@ def sequence_logprobs(model, prompts, completions, pad_id, per_token=False):
 # Padding of ragged batches, and the scalar head the verifiers put on a GPT
 
 def left_pad(seqs, pad_id, device):
-    """Left-pad token lists into (B, T) ids, per-row position ids and a key-validity mask: every
-    row ends at the same column, so one cache column index serves the batch, and row b's real
-    tokens get positions 0, 1, ... exactly as if it were alone."""
+    """Left-padded ids, position ids and key validity (B, T): every row ends at the same column, so
+    one cache column index serves all, and row b's tokens get positions 0, 1, ... as if alone."""
     if any(len(s) == 0 for s in seqs):
         raise ValueError("every prompt needs at least one token")
     T = max(len(s) for s in seqs)
@@ -511,8 +483,7 @@ def left_pad(seqs, pad_id, device):
 
 
 def right_pad(seqs, pad_id, device):
-    """(B, T) ids, each sequence from column 0 and padded after its end. Under a causal mask no
-    real token ever sees the padding, so its id does not matter (training batches, scoring)."""
+    """Ids (B, T) from column 0; no real token sees the padding (causal), so its id is moot."""
     idx = torch.full((len(seqs), max(len(s) for s in seqs)), pad_id, dtype=torch.long)
     for b, s in enumerate(seqs):
         idx[b, :len(s)] = torch.tensor(s, dtype=torch.long)
@@ -520,9 +491,8 @@ def right_pad(seqs, pad_id, device):
 
 
 def padded_mask(valid, T_new):
-    """Attention mask (B, 1, T_new, Tk) for the last T_new of Tk columns with key validity
-    `valid`: causal, padding hidden. Every query may see itself, so that a padding query does
-    not see nothing at all (a NaN from softmax); padding rows are never read."""
+    """Attention mask (B, 1, T_new, Tk) for the last T_new of Tk columns: causal, padding hidden.
+    Every query sees itself, lest a padding query see nothing (softmax's NaN); it is never read."""
     B, Tk = valid.shape
     q = torch.arange(Tk - T_new, Tk, device=valid.device)[:, None]  # (T_new, 1) query columns
     k = torch.arange(Tk, device=valid.device)[None, :]  # (1, Tk) key columns
@@ -532,9 +502,8 @@ def padded_mask(valid, T_new):
 
 
 class ScalarHead(nn.Module):
-    """A GPT with a linear head that reads its final hidden states at chosen positions of each
-    completion: the ORM reads one position per sample, a process reward model the end of every
-    step. The head starts at zero, so every score starts at logit 0 (probability 1/2)."""
+    """A GPT with a linear head on its final hidden states at chosen positions: one per sample
+    for the ORM, the end of every step for a PRM. Zero at first: every score starts at p = 1/2."""
 
     def __init__(self, gpt):
         super().__init__()
@@ -544,8 +513,7 @@ class ScalarHead(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def forward(self, prompts, completions, reads):
-        """Logits (B, S) at the positions reads[b] (indices into completion b), and a mask
-        (B, S) of which entries are real (rows have different numbers of reads)."""
+        """Logits (B, S) at positions reads[b] of completion b, and which (B, S) are real."""
         device = self.head.weight.device
         idx = right_pad([p + c for p, c in zip(prompts, completions)], 0, device)
         S = max(1, max(len(r) for r in reads))

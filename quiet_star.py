@@ -19,7 +19,6 @@ Run: python train.py --method quiet_star     (python train.py --method quiet_sta
 import copy
 import math
 import os
-import random
 import time
 
 import torch
@@ -31,103 +30,52 @@ from common import (all_gather, autocast, bootstrap_ci, commit, committed, figur
                     is_main, load_checkpoint, lr_at, non_negative, optimizer_step, positive,
                     presets, rank_world, read_jsonl, save_checkpoint, seed_for, setting, wrap_ddp,
                     write_atomic)
-from model import GPT, ConcatCache, get_config, right_pad, sample_token
+from model import GPT, ConcatCache, get_config, sample_token
 from tasks import EOT, EOTH, PAD, SOT, TOKENIZER, decode, encode, held_out, sample_problems
+from tasks.text import line, pack, scratch, show_work
 
-# Every flag quiet_star takes beyond train.py's own, with its value per preset (tiny, small,
-# gpu). The loss weights and the meta-token multiplier are the official code's; thoughts are as
-# long as the work at the training difficulty ("6,8,3": 5), and the base trains until its own
-# thoughts are that work; the tiny preset thinks at every second position to fit two CPU cores.
+# Every flag quiet_star takes beyond train.py's own, with its value per preset (tiny, small, gpu).
+# The loss weights and the meta-token multiplier are the official code's; thoughts are as long as
+# the work at the training difficulty ("6,8,3": 5), and the base trains until its own thoughts are
+# that work; the tiny preset thinks at every second position to fit two CPU cores.
 FLAGS = [
     setting("--task", "chain"),
     setting("--train-difficulty", ("3", "4", "6")),  # steps per line
     setting("--test-difficulty", ("3", "4", "6")),
     # the text
     flag("--n-test", positive(int), (400, 1000, 2000), "held-out test lines"),
-    flag("--worked-fraction", fraction, 0.5,
-         "share of text lines that show their work (0: none)"),
-    flag("--seq-len", positive(int), (48, 64, 128),
-         "tokens per training sequence (whole lines, padded)"),
+    flag("--worked-fraction", fraction, 0.5, "share of text lines that show their work (0: none)"),
+    flag("--seq-len", positive(int), (48, 64, 128), "tokens per sequence (whole lines, padded)"),
     # stage 1: the base language model, from scratch
     flag("--base-steps", positive(int), (1500, 3000, 5000), "training steps of the base model"),
     flag("--batch-size", positive(int), (32, 32, 64), "sequences per training step"),
     flag("--lr", positive(float), (2e-3, 1e-3, 1e-3), "peak learning rate of the base"),
     # stage 2: Quiet-STaR and the plain arm side by side
-    flag("--think-steps", positive(int), (200, 500, 2000),
-         "training steps after the base (both arms take as many)"),
-    flag("--continue-lr", positive(float), (5e-4, 3e-4, 3e-4),
-         "peak learning rate after the base (both arms)"),
-    flag("--thought-len", non_negative(int), (5, 7, 11),
-         "sampled tokens per thought, between start and end tokens"),
+    flag("--think-steps", positive(int), (200, 500, 2000), "steps after the base (both arms)"),
+    flag("--continue-lr", positive(float), (5e-4, 3e-4, 3e-4), "peak lr after the base, both arms"),
+    flag("--thought-len", non_negative(int), (5, 7, 11), "sampled tokens between start and end"),
     flag("--n-true", positive(int), 2, "true tokens teacher-forced after a thought (reward, loss)"),
     flag("--n-thoughts", positive(int), 2, "thoughts sampled per position (the reward's baseline)"),
-    flag("--think-stride", positive(int), (2, 1, 1),
-         "think at every k-th position in training (1: every token)"),
-    flag("--thought-temperature", positive(float), 1.0,
-         "sampling temperature of training thoughts"),
+    flag("--think-stride", positive(int), (2, 1, 1), "think every k-th training position (1: all)"),
+    flag("--thought-temperature", positive(float), 1.0, "temperature of sampled training thoughts"),
     flag("--base-weight", float, 0.5, "weight of the base next-token NLL (the official code: 0.5)"),
     flag("--mixed-weight", float, 0.5, "weight of the mixed NLL over the n_true tokens (0.5)"),
     flag("--reinforce-weight", float, 1.0, "weight of REINFORCE on the thought tokens"),
-    flag("--meta-lr-mult", positive(float), 100.0,
-         "start/end-of-thought embeddings learn this much faster"),
+    flag("--meta-lr-mult", positive(float), 100.0, "meta-token embeddings learn this much faster"),
     flag("--meta-max-change", positive(float), 0.01,
-         "most a meta-token row moves per step, times the median row norm (inf: unbounded, "
-         "the official code)"),
-    flag("--meta-init", ["paren", "dash"], "paren",
-         "meta-tokens start as '(' and ')' or both as '-' (the paper)"),
+         "largest meta-token row step, x the median row norm (inf: unbounded, the official code)"),
+    flag("--meta-init", ["paren", "dash"], "paren", "start as '(' and ')', or both '-' (paper)"),
     flag("--mixing", ["tanh", "linear", "sigmoid"], "tanh",
-         "the mixing weight's bound: tanh (-1..1), linear (none, the official code), "
-         "sigmoid (0..1)"),
-    flag("--head-lr-mult", positive(float), 20.0,
-         "the mixing head learns this much faster than the model"),
-    flag("--eval-every", positive(int), (50, 100, 200),
-         "steps between evaluations (the metrics rows)"),
+         "mixing weight bound: tanh (-1..1), linear (none, the official code), sigmoid (0..1)"),
+    flag("--head-lr-mult", positive(float), 20.0, "the mixing head learns this much faster"),
+    flag("--eval-every", positive(int), (50, 100, 200), "steps between evaluations (metrics rows)"),
 ]
 DEFAULTS = presets(FLAGS)
 META = [SOT, EOTH]
 NOT_THOUGHT = (SOT, EOTH, EOT, PAD)  # never sampled as a thought token
 
 # -----------------------------------------------------------------------------
-# The text: arithmetic lines packed into sequences; the answer tokens are the hard ones
-
-
-def scratch(task, p):
-    """The work a worked line shows: the result of each step of the task's rationale, "6,8,3"."""
-    return ",".join(step.rsplit("=", 1)[-1] for step in task.rationale(p))
-
-
-def line(task, p, worked):
-    """"8+8*8+5=3\n" (bare) or "8+8*8+5:(6,8,3)3\n" (worked): ":" where a bare line has "=",
-    so the token before a bare answer announces a digit, never a bracket."""
-    if worked:
-        return f"{p.question}:({scratch(task, p)}){p.answer}\n"
-    return f"{p.question}={p.answer}\n"
-
-
-def show_work(n, fraction, seed):
-    """Which of n lines show their work: each one independently, with probability fraction."""
-    rng = random.Random(seed)
-    return [rng.random() < fraction for _ in range(n)]
-
-
-def pack(task, problems, worked, T):
-    """Whole lines packed into right-padded rows of T+1 tokens: (seqs, ans), both (N, T+1); ans is
-    the problem's index at the answer digits of bare lines (the hard tokens), -1 elsewhere."""
-    rows, ans, cur, cur_ans = [], [], [], []
-    for i, (p, w) in enumerate(zip(problems, worked)):
-        text = line(task, p, w)
-        ids = encode(text)
-        if len(ids) > T + 1:
-            raise ValueError(f"line {text!r} is longer than the sequence ({T + 1})")
-        if len(cur) + len(ids) > T + 1:
-            rows.append(cur), ans.append(cur_ans)
-            cur, cur_ans = [], []
-        n_q = len(ids) - len(p.answer) - 1  # "a+b=" and any work shown: what follows is the answer
-        cur += ids
-        cur_ans += [-1] * n_q + [-1 if w else i] * len(p.answer) + [-1]  # the newline: -1
-    pad = T + 1 - len(cur)  # the last row, padded to T+1, sets the width of the batch
-    rows.append(cur + [PAD] * pad), ans.append(cur_ans + [-1] * pad)
-    return right_pad(rows, PAD, "cpu"), right_pad(ans, -1, "cpu")
+# The text (tasks/text.py: lines that show their work or not, packed into rows)
 
 
 def test_problems(task, args):
@@ -211,7 +159,7 @@ class MixingHead(nn.Module):
     def forward(self, h_base, h_thought):
         z = self.mlp(torch.cat([h_base, h_thought], dim=-1))  # (..., 1)
         w = {"tanh": torch.tanh, "linear": lambda x: x, "sigmoid": torch.sigmoid}[self.bound](z)
-        return (1 - w) * h_base + w * h_thought, w.squeeze(-1)
+        return (1 - w) * h_base + w * h_thought, w.squeeze(-1)  # mixed, w
 
 
 class FixedHead(nn.Module):
@@ -250,12 +198,11 @@ def thought_token(logits, temperature, generator, rows=None):
 
 def think(model, head, seqs, at, thought_len, n_true, n_thoughts=1, temperature=1.0,
           generator=None, rows=None):
-    """Thoughts after the positions `at` of every row of seqs (B, T+1), all at once, then n_true
-    talk tokens: pass 0 reads x = seqs[:, :T], then one pass per <|startofthought|>, thought
-    token, <|endofthought|> and forced x[t+1], .., x[t+n_true-1], each adding N cache columns.
-    Returns a dict, row b*n_thoughts + j for the j-th thought of row b: base_logits (B, T, V);
-    thoughts, thought_logp (B*n, N, thought_len); mixed_logits (B*n, N, n_true, V) predicting
-    talk_targets (B, N, n_true); w (B*n, N, n_true); pass_logits (for the tests)."""
+    """Thoughts after the positions `at` of every row of seqs (B, T+1), all at once, each followed
+    by n_true talk tokens. Returns a dict, row b*n_thoughts + j for the j-th thought of row b:
+    base_logits (B, T, V); thoughts, thought_logp (B*n, N, thought_len); mixed_logits (B*n, N,
+    n_true, V) predicting talk_targets (B, N, n_true); w (B*n, N, n_true); pass_logits (tests)."""
+    # 1) pass 0 reads x = seqs[:, :T] into the cache, then repeated for each row's n_thoughts
     B, T = seqs.size(0), seqs.size(1) - 1
     cache = ConcatCache(model.config.n_layer)
     base_logits, h0 = model(seqs[:, :T], cache=cache, return_hidden=True)  # (B, T, V), (B, T, C)
@@ -264,7 +211,7 @@ def think(model, head, seqs, at, thought_len, n_true, n_thoughts=1, temperature=
     n_think = len(at)  # N in the shapes
     col, talk_targets = talk_columns(seqs, at, n_true)  # (N, n_true), (B, N, n_true)
     talk_inputs = seqs[:, (col + 1).clamp(max=T)]  # (B, N, n_true): x[at+j+1], forced after j
-
+    # 2) a pass (N cache columns) per start of thought, thought token, end of thought, talk token
     inp = torch.full((B * n_thoughts, n_think), SOT, dtype=torch.long, device=seqs.device)
     thoughts, thought_logp, mixed, ws, pass_logits = [], [], [], [], []
     for k in range(1, thought_len + n_true + 2):
@@ -282,6 +229,7 @@ def think(model, head, seqs, at, thought_len, n_true, n_thoughts=1, temperature=
             m, w = head(hb, h)
             mixed.append(model.lm_head(m)), ws.append(w)
             inp = talk_inputs[:, :, j].repeat_interleave(n_thoughts, 0)
+    # 3) each pass's outputs stacked along a last dimension (none when thought_len = 0)
     empty = torch.zeros(B * n_thoughts, n_think, 0, device=seqs.device)
     return dict(base_logits=base_logits, talk_targets=talk_targets, pass_logits=pass_logits,
                 thoughts=torch.stack(thoughts, -1) if thoughts else empty.long(),
@@ -317,6 +265,7 @@ def think_naive(model, head, prefix, thought_len, future=(), temperature=0.0, ge
 def quiet_star_loss(th, seqs, n_thoughts, args, counts=None):
     """(loss, stats): w_base * base NLL + w_mixed * mixed NLL + beta * REINFORCE. The three means
     divide by counts when given (torchrun: seqs is a share of a batch; see quiet_star_step)."""
+    # 1) the language-model terms: every next token (base), the talk tokens after a thought (mixed)
     y = targets(seqs)
     V = th["base_logits"].size(-1)
     tgt = th["talk_targets"].repeat_interleave(n_thoughts, 0)  # (B*n, N, n_true)
@@ -327,11 +276,12 @@ def quiet_star_loss(th, seqs, n_thoughts, args, counts=None):
     nll_base = F.cross_entropy(text_logits(th["base_logits"]).reshape(-1, V), y.reshape(-1),
                                ignore_index=-1, reduction="sum") / n_y
     nll_mixed = -logp.sum() / n_talk
-    # reward: the true text's log-likelihood with this thought over the mean at its position;
-    # only better-than-average thoughts are pushed up, and only their sampled tokens
+    # 2) REINFORCE, rewarding the true text's log-likelihood with a thought over the mean at its
+    # position: only better-than-average thoughts are pushed up, and only their sampled tokens
     r = logp.detach().sum(-1).view(-1, n_thoughts, logp.size(1))  # (B, n, N)
     adv = (r - r.mean(1, keepdim=True)).clamp(min=0).view(-1, logp.size(1))  # (B*n, N)
     reinforce = -(adv * th["thought_logp"].sum(-1) * has).sum() / n_has
+    # 3) the weighted sum, and the terms to log
     loss = args.base_weight * nll_base + args.mixed_weight * nll_mixed + \
         args.reinforce_weight * reinforce
     return loss, {"nll_base": nll_base.item(), "nll_mixed": nll_mixed.item(),
@@ -343,10 +293,10 @@ def quiet_star_loss(th, seqs, n_thoughts, args, counts=None):
 
 @torch.no_grad()
 def evaluate(model, head, data, args, batch_size=64):
-    """Over the answer tokens of the bare lines in data (pack's output), with head=None the plain
-    model, else greedy thoughts at every position (n_true=1), so that greedy accuracy is read
-    exactly from teacher-forced argmaxes: mean NLL, accuracy, each line's NLL and rightness (for
-    paired intervals), and the mean mixing weight. torchrun: every world-th batch per process."""
+    """Answer tokens of the bare lines in data (pack's output) under the plain model (head=None) or
+    greedy thoughts everywhere (n_true=1: greedy accuracy is read from teacher-forced argmaxes).
+    Returns answer_nll, accuracy, line_nll, line_right (per line), with a head mixing_weight."""
+    # 1) this process's batches (torchrun: every world-th): log p and rightness of every target
     (seqs_all, ans_all), device = data, next(model.parameters()).device
     (rank, world), mine = rank_world(), {}
     for s in range(rank * batch_size, len(seqs_all), world * batch_size):
@@ -361,6 +311,7 @@ def evaluate(model, head, data, args, batch_size=64):
                 logits = th["mixed_logits"][:, :, 0]  # (B, T, V)
         mine[s] = (target_logp(logits, y).cpu(), (text_logits(logits).argmax(-1) != y).cpu(),
                    None if head is None else th["w"][:, :, 0].float().cpu())
+    # 2) every batch in order; per line, the NLL of its answer tokens, right if all of them are
     batches = {s: b for share in all_gather(mine) for s, b in share.items()}
     logps, wrongs, ws = zip(*(batches[s] for s in sorted(batches)))
     ans = ans_all[:, 1:]
@@ -393,11 +344,12 @@ def paired_change(quiet, plain):
 
 @torch.no_grad()
 def sample_lines(model, head, task, problems, thought_len, k=6):
-    """A few bare held-out lines to read: before each answer token, the greedy thought, the
-    mixing weight and the token then predicted (teacher-forced, as evaluate() reads accuracy)."""
+    """Text to read for a few bare held-out lines: before each answer token, the greedy thought,
+    the mixing weight and the token then predicted (teacher-forced, as evaluate reads accuracy)."""
     device = next(model.parameters()).device
     lines = []
     for p in problems[:k]:
+        # 1) the greedy thought before each answer token, and the token predicted after it
         text = line(task, p, worked=False)
         ids = encode(text)
         n_q = len(p.question) + 1  # "a+b=": the answer starts after it
@@ -405,6 +357,7 @@ def sample_lines(model, head, task, problems, thought_len, k=6):
         th = think(model, head, torch.tensor([ids], device=device), at, thought_len, 1,
                    temperature=0.0)
         pred = text_logits(th["mixed_logits"][0, :, 0]).argmax(-1).tolist()
+        # 2) the line and its verdict, then one line per answer token
         verdict = "right" if pred == ids[n_q:n_q + len(p.answer)] else "wrong"
         lines.append(f"{text.strip()}   [{verdict}: predicted {decode(pred)!r}; "
                      f"the work: {scratch(task, p)}]")
@@ -418,15 +371,17 @@ def sample_lines(model, head, task, problems, thought_len, k=6):
 # Training: the base model, then Quiet-STaR and the plain arm side by side (same data, steps)
 
 
-def set_lr(opt, lr):
-    """Every group at lr times its lr_mult (the mixing head's group learns faster)."""
+def update(opt, loss, lr, params):
+    """loss.backward(), then optimizer_step with each group at lr x its lr_mult (head: faster)."""
+    loss.backward()
     for g in opt.param_groups:
         g["lr"] = lr * g.get("lr_mult", 1.0)
+    optimizer_step(opt, params, clip=1.0)
 
 
 def lm_step(model, opt, seqs, lr):
-    """A next-token step on the batch seqs; under torchrun (model in DDP) on this process's rows,
-    as model.split_batch splits (counted without a sync per row): the whole batch's gradient."""
+    """A next-token step on the batch seqs; returns this process's loss. Under torchrun (model in
+    DDP) on its rows, as model.split_batch splits (counted without a sync): the batch's gradient."""
     rank, world = rank_world()
     share = seqs[rank::world]
     with autocast(str(seqs.device)):
@@ -434,9 +389,7 @@ def lm_step(model, opt, seqs, lr):
     loss = F.cross_entropy(text_logits(logits).reshape(-1, logits.size(-1)),
                            targets(share).reshape(-1), ignore_index=-1,
                            reduction="sum") / ((targets(seqs) >= 0).sum() / world)
-    loss.backward()
-    set_lr(opt, lr)
-    optimizer_step(opt, model.parameters(), clip=1.0)
+    update(opt, loss, lr, model.parameters())
     return loss.item()
 
 
@@ -462,11 +415,11 @@ class Thinker(nn.Module):
 
 
 def quiet_star_step(model, head, opt, seqs, lr, step, args, thinker=None):
-    """One step on the batch seqs; under torchrun through thinker (a DDP-wrapped Thinker) on this
-    process's rows, with the noise the whole batch gives them: the whole batch's step."""
+    """One step on the batch seqs; returns quiet_star_loss's stats. Under torchrun through thinker
+    (a DDP-wrapped Thinker) on this process's rows, with the whole batch's noise: its step."""
     (rank, world), n, dev = rank_world(), args.n_thoughts, seqs.device
     generator = torch.Generator(device=dev).manual_seed(seed_for(args.seed, "thoughts", step))
-    # with a stride k, step s thinks at positions s % k, s % k + k, ...: every position in turn
+    # 1) think: with a stride k, step s at positions s % k, s % k + k, ... (each one in turn)
     at = torch.arange(step % args.think_stride, args.seq_len, args.think_stride, device=dev)
     rows = (torch.arange(rank, len(seqs), world, device=dev)[:, None] * n +
             torch.arange(n, device=dev)).flatten()  # this process's thoughts, of len(seqs) * n
@@ -474,23 +427,22 @@ def quiet_star_step(model, head, opt, seqs, lr, step, args, thinker=None):
         th = (thinker or Thinker(model, head))(seqs[rank::world], at, args.thought_len,
                                                args.n_true, n, args.thought_temperature,
                                                generator, (rows, len(seqs) * n))
-    # per process, the whole batch's counts: targets, talk targets, thoughts with a talk target
+    # 2) the loss, over the whole batch's counts: targets, talk targets, thoughts with a target
     talk = talk_columns(seqs, at, args.n_true)[1] >= 0  # (B, N, n_true)
     counts = [(targets(seqs) >= 0).sum() / world, (n * talk.sum()).clamp(min=1) / world,
               (n * talk[..., 0].sum()).clamp(min=1) / world]
     loss, stats = quiet_star_loss(th, seqs[rank::world], n, args, counts)
+    # 3) the update, then the meta-tokens moved meta_lr_mult times as far (capped)
     wte = model.transformer.wte.weight
     before, median_norm = wte[META].detach().clone(), wte.detach().norm(dim=1).median()
-    loss.backward()
-    set_lr(opt, lr)
-    optimizer_step(opt, list(model.parameters()) + list(head.parameters()), clip=1.0)
+    update(opt, loss, lr, list(model.parameters()) + list(head.parameters()))
     move_meta_tokens(wte, before, median_norm, args.meta_lr_mult, args.meta_max_change)
     return stats
 
 
 def train_base(args, task, cfg, data, test_keys, path, out, device):
-    """Stage 1: the base language model on the text, then the diagnostic: its own greedy
-    thoughts mixed in at w = 0 and w = 1 (can they help at all?); its row is "base"."""
+    """Stage 1: the base language model, saved, and its "base" row committed (returns nothing)."""
+    # 1) the base on the text, from scratch
     t0 = time.time()
     torch.manual_seed(args.seed)
     base = GPT(cfg).to(device)
@@ -503,6 +455,7 @@ def train_base(args, task, cfg, data, test_keys, path, out, device):
             bar.set_postfix(loss=f"{loss:.3f}")
     base.eval()
     save_checkpoint(path("base", 0), base, TOKENIZER)
+    # 2) the diagnostic: its own greedy thoughts mixed in at w = 0 and w = 1 (can they help?)
     quiet = copy.deepcopy(base)
     init_meta_tokens(quiet, args.meta_init)
     row = {"kind": "base", "step": 0, "base_steps": args.base_steps,
@@ -514,8 +467,8 @@ def train_base(args, task, cfg, data, test_keys, path, out, device):
 
 
 def load_arms(args, cfg, path, start, device):
-    """Stage 2's two arms, plain (the continuation) and quiet with its mixing head, as the base
-    when start = 0, else as committed at step start; the head learns head_lr_mult x faster."""
+    """Stage 2's arms (plain, opt_p, quiet, head, opt_q): the continuation, and the thinking arm
+    with its mixing head (head_lr_mult x faster); the base at start 0, else as committed then."""
     plain, ck = load_checkpoint(path("base" if start == 0 else "plain", start), device)
     quiet, ckq = load_checkpoint(path("base" if start == 0 else "quiet", start), device)
     head = MixingHead(cfg.n_embd, args.mixing).to(device)
@@ -558,8 +511,8 @@ def evaluate_arms(arms, data, args, step, stats, base_w1):
 
 
 def think_training(args, task, arms, data, bare, test_keys, path, out, start):
-    """Stage 2 from step start: both arms on the same batches and rates; every eval_every steps
-    their checkpoints, then the "eval" row (the commit point); only the newest are kept."""
+    """Stage 2 from step start, both arms on the same batches and rates; returns nothing."""
+    # 1) both arms in training mode (DDP under torchrun), and the base's fixed w = 1 measures
     plain, opt_p, quiet, head, opt_q = arms
     device = next(plain.parameters()).device
     plain.train(), quiet.train()
@@ -569,7 +522,8 @@ def think_training(args, task, arms, data, bare, test_keys, path, out, start):
     t0, stats, prev = time.time(), [], start  # prev: the step of the newest committed models
     bar = tqdm(range(start, args.think_steps), desc="Quiet-STaR", leave=False, dynamic_ncols=True)
     for s in bar:
-        seqs = train_batch(task, args, s, test_keys).to(device)  # both arms: this batch, this lr
+        # 2) a step of each arm on this batch, at this learning rate
+        seqs = train_batch(task, args, s, test_keys).to(device)
         lr = lr_at(s, args.think_steps, args.continue_lr, warmup=args.think_steps // 10 + 1)
         lm_step(forward, opt_p, seqs, lr)
         stats.append(quiet_star_step(quiet, head, opt_q, seqs, lr, s, args, thinker))
@@ -577,6 +531,7 @@ def think_training(args, task, arms, data, bare, test_keys, path, out, start):
             bar.set_postfix({k: f"{v:.3f}" for k, v in stats[-1].items()})
         if (s + 1) % args.eval_every and s + 1 != args.think_steps:
             continue
+        # 3) every eval_every steps and the last: save, commit the "eval" row, drop older models
         plain.eval(), quiet.eval()
         save_arms(arms, path, s + 1, task, bare, args, out)
         commit(out, t0, evaluate_arms(arms, data, args, s + 1, stats, base_w1))
@@ -591,7 +546,8 @@ def think_training(args, task, arms, data, bare, test_keys, path, out, start):
 
 def run(args, task, P, D, test, out, device, new_model):
     """Stage 1 (train_base), then stage 2 (think_training), resumed after the last committed row
-    when started again on the folder. P, D and test from train.py are unused: the data is text."""
+    when started again on the folder; returns (quiet, head). P, D, test: unused (text data)."""
+    # 1) the model (its block holds a sequence and a thought) and the held-out lines, packed
     need = args.seq_len + args.thought_len + args.n_true + 2
     cfg = get_config(args.preset, block_size=max(need, get_config(args.preset).block_size))
     problems = test_problems(task, args)
@@ -600,6 +556,7 @@ def run(args, task, P, D, test, out, device, new_model):
     data = pack(task, problems, worked, args.seq_len)
     bare = [p for p, w in zip(problems, worked) if not w]  # the lines measured
     path = lambda arm, step: os.path.join(out, f"{arm}_step{step}.pt")  # noqa: E731
+    # 2) stage 1 unless committed, then stage 2 from the last committed step
     if not committed(out, "step", kind="base"):
         train_base(args, task, cfg, data, test_keys, path, out, device)
     start = max(committed(out, "step", kind="eval"), default=0)
@@ -628,6 +585,7 @@ TABLE_HEAD = ("| step | NLL, thoughts | NLL, plain arm | NLL change (95% CI) | a
 
 
 def table_row(r):
+    """An "eval" row as a line of the table under TABLE_HEAD."""
     q, p, c, f = r["quiet"], r["plain"], r["change"], r.get("vs_fixed")
     fixed = "-" if f is None else "{:+.3f} ({:+.3f} to {:+.3f})".format(f["acc"], *f["acc_ci"])
     return (f"| {r['step']} | {q['answer_nll']:.4f} | {p['answer_nll']:.4f} | "
@@ -637,11 +595,14 @@ def table_row(r):
 
 
 def report(args, rows):
+    """Draws accuracy.png (both measures over training); returns the diagnostic and the table."""
+    # 1) each measure at step 0 (the base: both arms) and at every "eval" row
     base = next(r for r in rows if r["kind"] == "base")
     evals = sorted((r for r in rows if r["kind"] == "eval"), key=lambda r: r["step"])
     steps = [0] + [r["step"] for r in evals]
-    quiet = [base["w=0"]] + [r["quiet"] for r in evals]  # at step 0 both arms are the base
+    quiet = [base["w=0"]] + [r["quiet"] for r in evals]
     plain = [base["plain"]] + [r["plain"] for r in evals]
+    # 2) a panel each: answer NLL and accuracy (both arms, the diagnostic), the mixing weight
     with figure(os.path.join(args.out, "accuracy.png"), ncols=3, figsize=(15, 4)) as (fig, axes):
         for ax, key, label in zip(axes, ("answer_nll", "accuracy", "mixing_weight"),
                                   ("answer-token NLL (nats)", "greedy answer accuracy",

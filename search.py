@@ -18,27 +18,25 @@ import math
 import os
 import random
 import time
-from itertools import accumulate
 
 import torch
 from tqdm import tqdm
 
 import star
 import vstar
-from common import (SWITCH, all_gather, autocast, bootstrap_ci, commit, committed, figure, flag,
-                    load_checkpoint, paired_difference, positive, presets, rank_world,
-                    read_jsonl, save_checkpoint, seed_for, setting, write_jsonl)
-from model import ScalarHead, generate
-from tasks import EOT, NEWLINE, NOT_TEXT, PAD, TOKENIZER, decode, encode
+from common import (SWITCH, TokenCount, autocast, bootstrap_ci, commit, committed, figure, flag,
+                    load_checkpoint, merge_shares, my_share, paired_difference, positive,
+                    presets, read_jsonl, relative_size, right_answers, save_checkpoint,
+                    seed_for, setting, vote, weighted_vote_accuracy, write_jsonl)
+from model import ScalarHead
+from tasks import EOT, NEWLINE, TOKENIZER, decode, encode
 
 # Every flag search takes beyond train.py's own, with its value per preset (tiny, small, gpu).
 FLAGS = [
     setting("--task", "countdown"),
     # data
-    flag("--n-train", positive(int), (1000, 1000, 2000),
-         "size of P, problems with gold solutions"),
-    flag("--n-unlabeled", positive(int), (200, 1000, 5000),
-         "size of D, problems with answers only: the scorers' training samples come from P + D"),
+    flag("--n-train", positive(int), (1000, 1000, 2000), "size of P, problems with gold solutions"),
+    flag("--n-unlabeled", positive(int), (200, 1000, 5000), "size of D, answer-only problems"),
     flag("--n-test", positive(int), (200, 300, 1000), "held-out test problems"),
     # the generator: M0 of star.py
     flag("--checkpoint", str, None, "the generator, instead of training M0 on P"),
@@ -50,20 +48,15 @@ FLAGS = [
     flag("--temperature", float, 1.0, "sampling temperature of every sample, step and rollout"),
     # the learned scorers, from the generator on its own labelled samples of P + D
     flag("--samples", positive(int), (2, 4, 8), "the scorers' samples per problem of P + D"),
-    flag("--rollouts", positive(int), (4, 8, 8),
-         "Math-Shepherd rollouts per step prefix (the PRM's labels)"),
+    flag("--rollouts", positive(int), (4, 8, 8), "PRM labels: Math-Shepherd rollouts per prefix"),
     flag("--verifier-steps", positive(int), (200, 1000, 2000), "training steps of each scorer"),
     flag("--verifier-lr", positive(float), 1e-4, "learning rate of the PRM"),
     # the searches
-    flag("--eval-samples", positive(int), (16, 32, 64),
-         "the pool's samples per test problem (best-of-N and the votes; a power of 2)"),
+    flag("--eval-samples", positive(int), (16, 32, 64), "pool size per test problem, a power of 2"),
     flag("--budgets", str, ("1,2,4,8,16", "1,2,4,8,16,32", "1,2,4,8,16,32,64"),
-         "budgets N, e.g. 1,2,4,8,16 (samples of best-of-N and the votes, beams of beam "
-         "search, simulations of MCTS)"),
-    flag("--beam-width", positive(int), 4,
-         "M: each of the N/M surviving beams is repeated M times"),
-    flag("--mcts-children", positive(int), 4,
-         "steps sampled when MCTS expands a node (duplicates merged)"),
+         "budgets N, e.g. 1,2,4,8,16: best-of-N/vote samples, beam search beams, MCTS simulations"),
+    flag("--beam-width", positive(int), 4, "M: each of the N/M surviving beams repeated M times"),
+    flag("--mcts-children", positive(int), 4, "steps per MCTS expansion (duplicates merged)"),
     flag("--mcts-c", float, 1.0, "UCT's exploration constant c"),
 ]
 DEFAULTS = presets(FLAGS)
@@ -72,21 +65,6 @@ ROLLOUT_TOKENS = 160  # longest rollout to the end of a solution
 MAX_STEPS = 12        # deepest prefix beam search and MCTS build
 PRODUCT = "GenRM-CoT x generator"
 LEARNED = (PRODUCT, "PRM", "generator")  # what guides the learned searches
-
-
-class TokenCount:
-    """Tokens the networks process: `sampled` by the generator, `prompt` (prompt and prefix
-    tokens it encodes) and `scored` (read by scorers, times relative_size); padding uncounted."""
-
-    def __init__(self, sampled=0, prompt=0, scored=0):
-        self.sampled, self.prompt, self.scored = sampled, prompt, scored
-
-    def counts(self):
-        return [self.sampled, self.prompt, self.scored]
-
-
-def relative_size(net, generator):  # a token `net` reads, in generator tokens
-    return sum(p.numel() for p in net.parameters()) / sum(p.numel() for p in generator.parameters())
 
 
 # -----------------------------------------------------------------------------
@@ -101,32 +79,11 @@ def fits(model, task, p, text):
     return len(prefix_ids(task, p, text)) + STEP_TOKENS <= model.config.block_size
 
 
-def continue_prefixes(model, prefixes, copies, max_new, stop, temperature, seeds, cost):
-    """copies[u] continuations of each token list prefixes[u], each to a stop token (kept) or
-    max_new tokens, counted into `cost`. Row r is drawn from seeds[r] with all the room the block
-    leaves its prefix (batched apart by room): it depends on neither its batch nor its process."""
-    room = [min(max_new, model.config.block_size - len(x)) for x in prefixes]
-    first, rows = [0, *accumulate(copies)], [None] * len(prefixes)  # prefix u's first row
-    for r in sorted(set(room), reverse=True):
-        group = [u for u in range(len(prefixes)) if room[u] == r]
-        with autocast(str(next(model.parameters()).device)):
-            tokens, _, lengths = generate(
-                model, [prefixes[u] for u in group], r, stop, PAD, temperature,
-                banned_tokens=NOT_TEXT, copies=[copies[u] for u in group],
-                seeds=[seeds[first[u] + j] for u in group for j in range(copies[u])])
-        sampled = iter(row[:n] for row, n in zip(tokens.tolist(), lengths.tolist()))
-        for u in group:
-            rows[u] = [next(sampled) for _ in range(copies[u])]
-    cost.sampled += sum(len(row) for rs in rows for row in rs)
-    cost.prompt += sum(map(len, prefixes))  # each prefix encoded once (its cache rows shared)
-    return [row for rs in rows for row in rs]
-
-
 def sample_steps(model, task, nodes, copies, temperature, seeds, cost):
     """One more line for copies[i] continuations of each (problem, prefix text) nodes[i], row r
     from seeds[r]: (line, finished) pairs; ended by end-of-text or out of tokens is finished."""
-    rows = continue_prefixes(model, [prefix_ids(task, p, text) for p, text in nodes], copies,
-                             STEP_TOKENS, (NEWLINE, EOT), temperature, seeds, cost)
+    rows = star.continue_prefixes(model, [prefix_ids(task, p, text) for p, text in nodes], copies,
+                                  STEP_TOKENS, (NEWLINE, EOT), temperature, seeds, cost)
     return [(decode(t for t in row if t not in (NEWLINE, EOT)), not row or row[-1] != NEWLINE)
             for row in rows]
 
@@ -134,36 +91,20 @@ def sample_steps(model, task, nodes, copies, temperature, seeds, cost):
 def rollouts(model, task, nodes, copies, temperature, seeds, cost):
     """copies[i] completions to the end (end-of-text) of each (problem, prefix text) nodes[i],
     row r from seeds[r]: the texts of the finished solutions, prefix included."""
-    rows = continue_prefixes(model, [prefix_ids(task, p, text) for p, text in nodes], copies,
-                             ROLLOUT_TOKENS, (EOT,), temperature, seeds, cost)
+    rows = star.continue_prefixes(model, [prefix_ids(task, p, text) for p, text in nodes], copies,
+                                  ROLLOUT_TOKENS, (EOT,), temperature, seeds, cost)
     starts = [text for (_, text), c in zip(nodes, copies) for _ in range(c)]
     return [s + decode(t for t in row if t != EOT) for s, row in zip(starts, rows)]
 
 
-def share(n):  # this process's problems of n (torchrun)
-    rank, world = rank_world()
-    return list(range(rank, n, world))
-
-
-def merge_shares(results, counts):
-    """Every process's results (key -> result) merged in key order, and their counts summed."""
-    merged, total = {}, [0] * len(counts)
-    for res, cnt in all_gather((results, list(counts))):
-        merged.update(res)
-        total = [a + b for a, b in zip(total, cnt)]
-    return dict(sorted(merged.items())), total
-
-
 # -----------------------------------------------------------------------------
-# Scorers: (problem, text, finished) items and a TokenCount -> values in [0, 1], counting the
-# tokens their network reads
+# Scorers: (problem, text, finished) items and a TokenCount -> values in [0, 1]; the PRM's labels
 
 def network_scorer(task, weight, values):
     """A scorer calling values(rows, items) on batches of (prompt ids, completion ids: a finished
     text ended by end-of-text), every token its network reads counted times weight."""
     def score(items, cost, size=256):
-        rows = [(encode(task.prompt(p)), encode(t) + ([EOT] if fin else []))
-                for p, t, fin in items]
+        rows = [(encode(task.prompt(p)), encode(t) + ([EOT] if fin else [])) for p, t, fin in items]
         cost.scored += weight * sum(len(q) + len(c) for q, c in rows)
         return [v for i in range(0, len(rows), size)
                 for v in values(rows[i:i + size], items[i:i + size])]
@@ -183,8 +124,7 @@ def oracle_scorer(task, tie_seed=None):
 
 
 def logprob_scorer(model, task, weight=1.0):
-    """exp(mean log p(y|x)) over a text's tokens, in (0, 1] to weight a vote: the generator's own
-    confidence, the baseline a verifier must beat (each process scores its own share)."""
+    """The generator's own confidence exp(mean log p(y|x)), in (0, 1]: the baseline to beat."""
     @torch.no_grad()
     def values(rows, items):
         return [math.exp(lp) for lp in vstar.logprobs(model, [q for q, _ in rows],
@@ -225,63 +165,34 @@ def prm_scorer(prm, task, weight=1.0):
     return network_scorer(task, weight, values)
 
 
-# -----------------------------------------------------------------------------
-# Training the PRM on Math-Shepherd's Monte Carlo labels
-
 def shepherd_labels(model, task, problems, texts, args, seed):
-    """Math-Shepherd: a step prefix's soft label is the share of right completions among
-    args.rollouts from it (rollout r of prefix pre of problem i from seed_for(seed, i, pre, r)), a
-    solution's its outcome. Returns train_bce's rows (prompt, completion, reads, labels), cost."""
-    mine = set(share(len(problems)))
+    """Math-Shepherd's soft labels of each problem's texts: a step prefix's from args.rollouts
+    rollouts, a solution's its outcome. Returns train_bce's rows, and the rollouts' TokenCount."""
+    # 1) the distinct step prefixes of this process's share of the problems
+    mine = set(my_share(len(problems)))
     keys = list(dict.fromkeys((i, pre) for i, ts in enumerate(texts) if i in mine for t in ts
                               for pre in vstar.step_prefixes(t)))
+    # 2) R rollouts from each (prefixes batched): its label is the share of them that end right
     cost, soft, R = TokenCount(), {}, args.rollouts
-    prefixes_per_batch = max(1, args.sample_batch_size // R)
-    bar = tqdm(range(0, len(keys), prefixes_per_batch), desc="Math-Shepherd rollouts",
-               leave=False)
+    per_batch = max(1, args.sample_batch_size // R)
+    bar = tqdm(range(0, len(keys), per_batch), desc="Math-Shepherd rollouts", leave=False)
     for start in bar:
-        chunk = keys[start:start + prefixes_per_batch]
+        chunk = keys[start:start + per_batch]
         sols = rollouts(model, task, [(problems[i], pre) for i, pre in chunk], [R] * len(chunk),
                         args.temperature, [seed_for(seed, i, pre, r) for i, pre in chunk
                                            for r in range(R)], cost)
         for j, (i, pre) in enumerate(chunk):
             soft[(i, pre)] = sum(task.check(problems[i], s) for s in sols[j * R:(j + 1) * R]) / R
         bar.set_postfix(mean_label=f"{sum(soft.values()) / len(soft):.2f}")
+    # 3) every process's labels; a row per sample: a label per step prefix, then its outcome
     soft, counts = merge_shares(soft, cost.counts())
     rows = []
     for i, (p, ts) in enumerate(zip(problems, texts)):
         for t in ts:
             c = encode(t) + [EOT]
-            labels = [soft[(i, pre)] for pre in vstar.step_prefixes(t)]
-            rows.append((encode(task.prompt(p)), c, vstar.step_reads(c),
-                         labels + [float(task.check(p, t))]))
+            labels = [soft[(i, pre)] for pre in vstar.step_prefixes(t)] + [float(task.check(p, t))]
+            rows.append((encode(task.prompt(p)), c, vstar.step_reads(c), labels))
     return rows, TokenCount(*counts)
-
-
-# -----------------------------------------------------------------------------
-# Votes over a pool of samples
-
-def vote(answers, weights=None):
-    """The answer of most votes (or summed weights); None (unparsable) casts none. Ties go to the
-    answer seen first: the samples are i.i.d., so that is a uniform tie break."""
-    total, first = {}, {}
-    for j, a in enumerate(answers):
-        if a is not None:
-            total[a] = total.get(a, 0.0) + (1.0 if weights is None else weights[j])
-            first.setdefault(a, j)
-    return max(total, key=lambda a: (total[a], -first[a])) if total else None
-
-
-def weighted_vote_accuracy(answers, right, k, weights, rng, trials=32):
-    """Mean rightness of the weighted vote over `trials` random k-subsets of one problem's pool
-    (Monte Carlo: no exact count is known for summed weights)."""
-    right_of = {a: ok for a, ok in zip(answers, right)}  # an answer's samples agree on rightness
-    hits = 0
-    for _ in range(trials):
-        sub = rng.sample(range(len(answers)), k)
-        won = vote([answers[j] for j in sub], [weights[j] for j in sub])
-        hits += won is not None and right_of[won]
-    return hits / trials
 
 
 # -----------------------------------------------------------------------------
@@ -302,13 +213,12 @@ def refill(n_survivors, N):
 
 
 def beam_search(model, task, problems, scorer, N, M, temperature, seeds, cost):
-    """N beams per problem, problems in lockstep: each round every beam samples a step (row j of
-    round r of problem i from seed_for(seeds[i], r, j)); finished ones join a pool, the rest are
-    scored, the N // M best kept and refilled to N, until the pool holds N. Returns each pool's
-    best by the scorer ("" if none)."""
+    """N beams per problem, the problems in lockstep, until each problem's pool of finished texts
+    holds N. Returns each pool's best text by the scorer ("" if none)."""
     keep = max(1, N // min(M, N))
     beams, pool = [[("", N)] for _ in problems], [[] for _ in problems]  # (prefix, copies)
     for r in range(MAX_STEPS):
+        # 1) every beam samples a step: row j of problem i from seed_for(seeds[i], r, j)
         jobs = [(i, text, c) for i, b in enumerate(beams) for text, c in b]
         if not jobs:
             break
@@ -316,15 +226,15 @@ def beam_search(model, task, problems, scorer, N, M, temperature, seeds, cost):
                      for j in range(sum(c for _, c in b))]
         lines = iter(sample_steps(model, task, [(problems[i], text) for i, text, _ in jobs],
                                   [c for _, _, c in jobs], temperature, row_seeds, cost))
+        # 2) finished texts, and those with no room for another step, join the pool
         live = [[] for _ in problems]
         for i, text, c in jobs:
             for _ in range(c):
                 line, fin = next(lines)
-                new = text + line if fin else text + line + "\n"
-                if fin or not fits(model, task, problems[i], new):
-                    pool[i].append(new)
-                else:
-                    live[i].append(new)
+                new = text + line + ("" if fin else "\n")
+                done = fin or not fits(model, task, problems[i], new)
+                (pool if done else live)[i].append(new)
+        # 3) the distinct live prefixes of pools not yet full scored, the N // M best refilled to N
         todo = [(i, t) for i in range(len(problems)) for t in dict.fromkeys(live[i])
                 if len(pool[i]) < N]
         value = dict(zip(todo, scorer([(problems[i], t, False) for i, t in todo], cost)))
@@ -332,12 +242,13 @@ def beam_search(model, task, problems, scorer, N, M, temperature, seeds, cost):
             cands = [t for t in live[i] if (i, t) in value]
             survivors = prune(cands, [value[(i, t)] for t in cands], keep)
             beams[i] = list(zip(survivors, refill(len(survivors), N))) if survivors else []
-    for i, b in enumerate(beams):  # past MAX_STEPS: what is left is judged as it is
+    # 4) past MAX_STEPS what is left is judged as it is: each pool's best (ties: the latest)
+    for i, b in enumerate(beams):
         pool[i] += [text for text, _ in b]
     items = [(problems[i], t, True) for i in range(len(problems)) for t in pool[i]]
     values = iter(scorer(items, cost) if items else [])
     vs = [[(next(values), j) for j in range(len(pool[i]))] for i in range(len(problems))]
-    return [pool[i][max(v)[1]] if v else "" for i, v in enumerate(vs)]  # ties: the latest
+    return [pool[i][max(v)[1]] if v else "" for i, v in enumerate(vs)]
 
 
 # -----------------------------------------------------------------------------
@@ -348,8 +259,7 @@ class Node:
 
     def __init__(self, text, finished=False, parent=None):
         self.text, self.finished, self.parent = text, finished, parent
-        self.children, self.N, self.W = [], 0, 0.0
-        self.best = (-1.0, "")
+        self.children, self.N, self.W, self.best = [], 0, 0.0, (-1.0, "")
 
 
 def uct(child, parent_N, c):
@@ -359,10 +269,8 @@ def uct(child, parent_N, c):
 
 def select_child(node, c):
     """An unvisited child first (in order of creation), else the child of highest UCT."""
-    for ch in node.children:
-        if ch.N == 0:
-            return ch
-    return max(node.children, key=lambda ch: uct(ch, node.N, c))
+    unvisited = [ch for ch in node.children if ch.N == 0]
+    return unvisited[0] if unvisited else max(node.children, key=lambda ch: uct(ch, node.N, c))
 
 
 def select(root, c):
@@ -391,15 +299,13 @@ def most_visited(root):
 
 
 def mcts(model, task, problems, scorer, sims, k, c, temperature, seeds, cost):
-    """One tree per problem, in lockstep: select by UCT; expand the leaf by k sampled steps
-    (merged duplicates); roll its first child out, score it (no PUCT prior); back up. After s in
-    sims simulations (s of problem i from seed_for(seeds[i], s, j)): (most-visited answers,
-    value-weighted vote's, cost.counts())."""
-    roots = [Node("") for _ in problems]
-    found = [[] for _ in problems]  # every evaluated solution with its value
-    results = {}
+    """A tree per problem, in lockstep, no PUCT prior; simulation s of problem i samples from
+    seed_for(seeds[i], s, j). Returns {s in sims: (most-visited, voted picks, cost.counts())}."""
+    roots, found, results = [Node("") for _ in problems], [[] for _ in problems], {}
     for s in range(1, max(sims) + 1):
+        # 1) select: each tree's path by UCT down to a node without children
         paths = [select(r, c) for r in roots]
+        # 2) expand each unfinished leaf by k sampled steps (duplicates merged), to its first child
         grow = [i for i, path in enumerate(paths) if not path[-1].finished]
         lines = sample_steps(model, task, [(problems[i], paths[i][-1].text) for i in grow],
                              [k] * len(grow), temperature,
@@ -413,6 +319,7 @@ def mcts(model, task, problems, scorer, sims, k, c, temperature, seeds, cost):
                     fin = fin or depth >= MAX_STEPS or not fits(model, task, problems[i], text)
                     leaf.children.append(Node(text, fin, leaf))
             paths[i].append(leaf.children[0])
+        # 3) roll the path's end out to a solution (unless finished), score it, back it up
         todo = [i for i, path in enumerate(paths) if not path[-1].finished]
         sols = [path[-1].text for path in paths]
         for i, sol in zip(todo, rollouts(model, task, [(problems[i], sols[i]) for i in todo],
@@ -423,6 +330,7 @@ def mcts(model, task, problems, scorer, sims, k, c, temperature, seeds, cost):
         for i, (path, v, sol) in enumerate(zip(paths, values, sols)):
             backup(path, v, sol)
             found[i].append((sol, v))
+        # 4) after s in sims simulations: the most-visited path's answer, and the weighted vote's
         if s in sims:
             won = [vote([task.extract_answer(t) for t, _ in f], [v for _, v in f]) for f in found]
             voted = [next((t for t, _ in f if task.extract_answer(t) == a), "")
@@ -435,15 +343,13 @@ def mcts(model, task, problems, scorer, sims, k, c, temperature, seeds, cost):
 # The run: generator, learned scorers, every method at every budget
 
 def method_row(stage, method, scorer, budgets, right, counts):
-    """One method's metrics per budget: accuracy, each problem's rightness (for paired intervals),
-    tokens per problem in all and by kind (counts[b]: sampled, prompt, scored), rounded."""
+    """A method's metrics row: at each budget, accuracy, rightness and tokens per problem."""
     rounded = lambda xs: [round(x, 3) for x in xs]  # noqa: E731
     sampled, prompt, scored = zip(*counts)
-    return {"kind": "method", "stage": stage, "method": method, "scorer": scorer,
-            "budget": budgets, "accuracy": [sum(r) / len(r) for r in right],
-            "tokens": rounded(map(sum, counts)), "sampled_tokens": rounded(sampled),
-            "prompt_tokens": rounded(prompt), "scorer_tokens": rounded(scored),
-            "right_by_budget": right}
+    return {"kind": "method", "stage": stage, "method": method, "scorer": scorer, "budget": budgets,
+            "accuracy": [sum(r) / len(r) for r in right], "tokens": rounded(map(sum, counts)),
+            "sampled_tokens": rounded(sampled), "prompt_tokens": rounded(prompt),
+            "scorer_tokens": rounded(scored), "right_by_budget": right}
 
 
 def rightness(task, problems, texts):
@@ -467,14 +373,12 @@ def train_generator(args, task, P, test, out, new_model):
 
 
 def label_samples(model, task, problems, args, out):
-    """The generator's own samples of P+D, labelled by their outcome (GenRM-CoT's data) and by
-    Math-Shepherd's rollouts (the PRM's), saved."""
+    """The generator's samples of P+D, labelled by outcome and by Math-Shepherd, saved: its row."""
     texts, n_tok = star.sample(model, task, problems, n=args.samples, temperature=args.temperature,
                                batch_size=args.sample_batch_size,
                                seed=seed_for(args.seed, "labels"), desc="samples of P+D")
     labelled = vstar.label(task, problems, texts)
-    ms, cost = shepherd_labels(model, task, problems, texts, args,
-                               seed_for(args.seed, "rollouts"))
+    ms, cost = shepherd_labels(model, task, problems, texts, args, seed_for(args.seed, "rollouts"))
     vstar.save_labelled(os.path.join(out, "labelled.jsonl"), labelled)
     write_jsonl(os.path.join(out, "shepherd.jsonl"), ms)
     right = sum(ok for _, _, ok in labelled) / len(labelled)
@@ -484,7 +388,7 @@ def label_samples(model, task, problems, args, out):
 
 
 def train_scorers(args, task, P, out, device):
-    """GenRM-CoT on gold and labelled samples, the PRM on Math-Shepherd's labels, saved."""
+    """GenRM-CoT on gold and labelled samples, the PRM on Math-Shepherd's labels, saved: a row."""
     path = lambda name: os.path.join(out, name)  # noqa: E731
     gold = [(p, c, True) for p, c in star.gold_examples(task, P, with_hints=False)]
     gold += vstar.load_labelled(path("labelled.jsonl"))
@@ -497,8 +401,7 @@ def train_scorers(args, task, P, out, device):
 
 
 def load_scorers(model, task, out, device):
-    """The learned scorers by name, each network's tokens weighted by its size (the PRM's by its
-    GPT's: its head is one dot product per read)."""
+    """The learned scorers by name, a network's tokens weighted by its size (a PRM by its GPT's)."""
     gpt, ckpt = load_checkpoint(os.path.join(out, "prm.pt"), device)
     prm = ScalarHead(gpt).to(device).eval()
     prm.head.load_state_dict(ckpt["extra"]["head"])
@@ -511,44 +414,48 @@ def load_scorers(model, task, out, device):
 
 
 def evaluate_pool(model, task, test, scorers, budgets, args):
-    """Best-of-N, majority and weighted votes, pass@N from one pool of --eval-samples per problem
-    (sample j of problem i from seed_for(seed, "pool", i, j)), exact over every N-subset (weighted
-    vote: Monte Carlo). N samples cost the prompt once (shared cache), N x a sample and a read."""
-    n, mine, learned = args.eval_samples, share(len(test)), ("GenRM-CoT", *LEARNED)
+    """Best-of-N, votes and pass@N on one pool of --eval-samples per problem (N samples cost the
+    prompt once, N x a sample and a read). Returns the scorers' quality row, then the methods'."""
+    n, mine, learned = args.eval_samples, my_share(len(test)), ("GenRM-CoT", *LEARNED)
     cost, pool, spent = TokenCount(), {}, {name: TokenCount() for name in learned}
-    problems_per_batch = max(1, args.sample_batch_size // n)
-    for c in tqdm(range(0, len(mine), problems_per_batch), desc="pool of samples", leave=False):
-        chunk = mine[c:c + problems_per_batch]
+    # 1) the pool of this process's problems: sample j of i from seed_for(seed, "pool", i, j)
+    per_batch = max(1, args.sample_batch_size // n)
+    for c in tqdm(range(0, len(mine), per_batch), desc="pool of samples", leave=False):
+        chunk = mine[c:c + per_batch]
         rows = rollouts(model, task, [(test[i], "") for i in chunk], [n] * len(chunk),
                         args.temperature, [seed_for(args.seed, "pool", i, j) for i in chunk
                                            for j in range(n)], cost)
         pool.update((i, rows[j * n:(j + 1) * n]) for j, i in enumerate(chunk))
+    # 2) the learned scorers' values; every process's samples and values, the tokens spent
     flat = [(test[i], t, True) for i, ts in pool.items() for t in ts]
     value = {name: scorers[name](flat, spent[name]) for name in learned}
-    pool, counts = merge_shares(  # every problem's samples and their values
+    pool, counts = merge_shares(
         {i: (ts, {name: v[j * n:(j + 1) * n] for name, v in value.items()})
          for j, (i, ts) in enumerate(pool.items())},
         [cost.sampled, cost.prompt] + [spent[name].scored for name in learned])
     sample, prompt = counts[0] / (n * len(test)), counts[1] / len(test)
     reads = dict(zip(learned, (c / (n * len(test)) for c in counts[2:])))  # per sample
+    # 3) each sample's values, the baselines' too, its rightness and its answer
     texts = [ts for ts, _ in pool.values()]
     value = {name: [v[name] for _, v in pool.values()] for name in learned}
     value["length"] = [[-len(t) for t in ts] for ts in texts]  # baselines: the shortest first,
     value["random"] = [[0.0] * n for _ in texts]                 # and no preference (= one sample)
     right = [[task.check(p, t) for t in ts] for p, ts in zip(test, texts)]
     answers = [[task.extract_answer(t) for t in ts] for ts in texts]
+    # 4) each method at every N: exact over the N-subsets (the weighted vote: Monte Carlo)
     ks, rng = [k for k in budgets if k <= n], random.Random(seed_for(args.seed, "weighted vote"))
-    rights = [vstar.right_answers(a, r) for a, r in zip(answers, right)]
+    rights = [right_answers(a, r) for a, r in zip(answers, right)]
     per_k = [vstar.per_problem(right, answers, rights, value, k) for k in ks]  # exact estimators
-    by_method = {("majority vote", "-"): [rows["majority@k"] for rows in per_k],
+    by_method = {("majority vote", "-"): [row["majority@k"] for row in per_k],
                  **{("weighted vote", name): [[weighted_vote_accuracy(a, r, k, w, rng) for a, r, w
                                                in zip(answers, right, value[name])] for k in ks]
                     for name in learned},
-                 **{("best-of-N", name): [rows[f"best-of-k {name}"] for rows in per_k]
+                 **{("best-of-N", name): [row[f"best-of-k {name}"] for row in per_k]
                     for name in value},
-                 ("pass@N", "oracle"): [rows["pass@k"] for rows in per_k]}
+                 ("pass@N", "oracle"): [row["pass@k"] for row in per_k]}
+    # 5) the scorers' held-out pair accuracy on the pool, then a row per method
     pairs = {name: vstar.pair_accuracy(right, value[name]) for name in value}
-    quality = {"kind": "scorer quality", "stage": "pool",  # held-out, on the pool
+    quality = {"kind": "scorer quality", "stage": "pool",
                **{f"pair_acc {name}": acc for name, (acc, _) in pairs.items()},
                **{f"pair_ties {name}": ties for name, (_, ties) in pairs.items()}}
     return [quality] + [method_row("pool", m, s, ks, r, [(k * sample, prompt, k * reads.get(s, 0))
@@ -574,9 +481,8 @@ def search_rows(stage, methods, name, budgets, task, test, found):
 
 
 def evaluate_beam(model, task, test, name, scorer, budgets, args):
-    """Beam search guided by `scorer`, afresh at each budget N, each process its share of the
-    problems: the metrics row of "beam search"."""
-    stage, mine = f"beam {name}", share(len(test))
+    """The metrics row of beam search guided by `scorer`, run afresh at each budget N."""
+    stage, mine = f"beam {name}", my_share(len(test))
     problems, seeds, found = [test[i] for i in mine], search_seeds(args, stage, mine), []
     for N in tqdm(budgets, desc=f"beam search ({name})", leave=False):
         cost = TokenCount()
@@ -587,9 +493,8 @@ def evaluate_beam(model, task, test, name, scorer, budgets, args):
 
 
 def evaluate_mcts(model, task, test, name, scorer, budgets, args):
-    """MCTS guided by `scorer`, one search read off after each budget of simulations, each
-    process its share of the problems: the rows of its two picks, most-visited and voted."""
-    stage, mine = f"mcts {name}", share(len(test))
+    """The rows of MCTS's picks (most-visited, voted): one search by `scorer`, read at each N."""
+    stage, mine = f"mcts {name}", my_share(len(test))
     problems, seeds = [test[i] for i in mine], search_seeds(args, stage, mine)
     res = mcts(model, task, problems, scorer, budgets, args.mcts_children, args.mcts_c,
                args.temperature, seeds(), TokenCount())
@@ -599,21 +504,20 @@ def evaluate_mcts(model, task, test, name, scorer, budgets, args):
 
 
 def run(args, task, P, D, test, out, device, new_model):
-    """Stages in the order of the module docstring, each committed by appending its metrics
-    rows at once; started again on the same folder, finished stages are skipped."""
+    """The module docstring's stages in order, each committed at once; reruns skip finished ones."""
     finished = committed(out, "stage")
     budgets = [int(b) for b in str(args.budgets).split(",")]
 
     def stage(name, make_rows, *inputs):  # run a stage not yet committed, then commit its rows
         if name not in finished:
-            t0 = time.time()
-            commit(out, t0, *make_rows(*inputs))
-
+            commit(out, time.time(), *make_rows(*inputs))
+    # 1) the generator, its labelled samples of P + D, the learned scorers trained on them
     stage("generator", train_generator, args, task, P, test, out, new_model)
     model = load_checkpoint(os.path.join(out, "generator.pt"), device)[0].eval()
     stage("labels", label_samples, model, task, P + D, args, out)
     stage("scorers", train_scorers, args, task, P, out, device)
     scorers = load_scorers(model, task, out, device)
+    # 2) the pool's methods, then beam search and MCTS guided by each scorer
     stage("pool", evaluate_pool, model, task, test, scorers, budgets, args)
     for name in (*LEARNED, "oracle"):
         for how, evaluate in (("beam", evaluate_beam), ("mcts", evaluate_mcts)):
@@ -630,9 +534,7 @@ def equal_compute_pairs(methods):
     vote by its scorer at the smallest pool budget N of at least its total compute (the largest
     if none is: 'pool smaller'). Yields (search, pool row, N's index, pool smaller, mean, CI)."""
     pool = {(r["method"], r["scorer"]): r for r in methods if r["stage"] == "pool"}
-    for r in methods:
-        if r["stage"] == "pool" or r["scorer"] not in LEARNED:
-            continue
+    for r in [s for s in methods if s["stage"] != "pool" and s["scorer"] in LEARNED]:
         for b in filter(None, (pool.get((m, r["scorer"])) for m in ("best-of-N", "weighted vote"))):
             j = next((j for j, t in enumerate(b["tokens"]) if t >= r["tokens"][-1]), None)
             smaller, j = j is None, len(b["tokens"]) - 1 if j is None else j
@@ -654,18 +556,17 @@ def row_name(r):
 
 
 def table(rows):
-    """Markdown: accuracy and tokens at every budget; at each method's largest, its 95% interval
-    and paired leads over majority vote (same N) and equal_compute_pairs'."""
+    """Returns the markdown report: every method at every budget, then at its largest with leads."""
     kind = {r["kind"]: r for r in rows}
     greedy, lab, quality = kind.get("greedy"), kind.get("labels"), kind.get("scorer quality", {})
     methods = [r for r in rows if r["kind"] == "method"]
     budgets = sorted({b for r in methods for b in r["budget"]})
     ci = lambda d, c: "{:+.3f} ({:+.3f} to {:+.3f})".format(d, *c)  # noqa: E731
+    # 1) greedy decoding, the scorers' data and held-out quality; every method at every budget
     lines = [f"greedy decoding: accuracy {greedy['accuracy']:.3f} at {greedy['tokens']:.1f} "
              f"tokens per problem ({greedy['sampled_tokens']:.1f} sampled)" if greedy else "",
-             f"learned scorers trained on {lab['samples']} samples of P+D "
-             f"({lab['samples_right']:.3f} right); Math-Shepherd rollouts: "
-             f"{lab['rollout_tokens']} tokens" if lab else "",
+             "learned scorers trained on {samples} samples of P+D ({samples_right:.3f} right); "
+             "Math-Shepherd rollouts: {rollout_tokens} tokens".format(**lab) if lab else "",
              "held-out pair accuracy (ties count 1/2; share tied): " + ", ".join(
                  f"{k[9:]} {v:.3f} ({quality.get('pair_ties ' + k[9:], float('nan')):.0%})"
                  for k, v in quality.items() if k.startswith("pair_acc")), "",
@@ -677,7 +578,7 @@ def table(rows):
         cell = {b: f"{a:.3f} ({t:.0f} / {s:.0f})" for b, a, t, s in
                 zip(r["budget"], r["accuracy"], r["tokens"], r["sampled_tokens"])}
         lines.append(f"| {row_name(r)} | " + " | ".join(cell.get(b, "-") for b in budgets) + " |")
-    # 95% bootstrap intervals over the test problems (paired: the same problems resampled)
+    # 2) at each method's largest N: 95% bootstrap intervals, paired (same problems) for leads
     pairs = {(id(r), b["method"]): f"N={b['budget'][j]}, {b['tokens'][j]:.0f} tokens"
              f"{', pool smaller' if small else ''}: {ci(d, c)}"
              for r, b, j, small, d, c in equal_compute_pairs(methods)}
@@ -699,13 +600,14 @@ def table(rows):
 
 
 def plot(path, task_name, rows):
-    """Accuracy against total compute per problem (log x), one line per method."""
+    """Draws accuracy against total compute per problem (log x), a line per method, to path."""
     from matplotlib import colormaps, ticker
     methods = [r for r in rows if r["kind"] == "method" and r["scorer"] not in ("length", "random")]
     names = list(dict.fromkeys(r["method"] for r in methods))  # a colour per method
     style = {"oracle": ("--", "s"), "PRM": ("-.", "^"), "GenRM-CoT": ("-", "o"),
              PRODUCT: ("-", "D"), "generator": (":", "x"), "-": ("-", "o")}
     with figure(path, figsize=(8.5, 5)) as (fig, ax):
+        # 1) a line per method: its colour by method, its style by scorer; greedy decoding a star
         for r in methods:  # (best-of-N by length or at random: in the table, flat lines here)
             ls, marker = ("-", "P") if r["method"] == "pass@N" else style[r["scorer"]]
             ax.plot(r["tokens"], r["accuracy"], ls=ls, marker=marker, label=row_name(r),
@@ -713,6 +615,7 @@ def plot(path, task_name, rows):
         for r in rows:
             if r["kind"] == "greedy":
                 ax.plot([r["tokens"]], [r["accuracy"]], "k*", ms=12, label="greedy")
+        # 2) a log x axis with plain numbers, the labels, the legend beside the axes
         ax.set_xscale("log")
         ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1, 2, 5)))
         ax.xaxis.set_major_formatter(ticker.ScalarFormatter())

@@ -27,9 +27,9 @@ import torch
 from tqdm import tqdm
 
 import vstar
-from common import (SWITCH, commit, committed, figure, flag, load_checkpoint, non_negative,
-                    paired_difference, positive, presets, save_checkpoint, seed_for, setting,
-                    write_atomic)
+from common import (SWITCH, best_of_k, commit, committed, figure, flag, load_checkpoint,
+                    non_negative, paired_difference, pass_at_k, positive, presets,
+                    save_checkpoint, seed_for, setting, write_atomic)
 from star import (finetune, gold_examples, iteration_steps, keep_verified, sample, sample_lines,
                   test_model)
 from tasks import EOT, TOKENIZER, encode
@@ -96,11 +96,13 @@ def tool_tokens(task, p, text):
 def greedy_results(model, task, test, args):
     """One model's greedy results: accuracy, per-problem rightness, tokens per problem (prompt,
     sampled, written by the tool) and, for traces, what the searches did. Returns (row, texts)."""
+    # 1) greedy accuracy, and the tokens per problem: prompt, sampled, written by the tool
     row, texts = test_model(model, task, test, args)
     right, n = row["right"], len(test)
     row.update({"prompt_tokens": sum(len(encode(task.prompt(p))) for p in test) / n,
                 "completion_tokens": sum(len(encode(t)) + 1 for t in texts) / n,
                 "written_tokens": sum(tool_tokens(task, p, t) for p, t in zip(test, texts)) / n})
+    # 2) what the searches did (traces), or the arithmetic slips (paths)
     if isinstance(task, CountdownTraces):
         st = [trace_stats(p, t) for p, t in zip(test, texts)]
         symbolic = [any(search_trace(*p.data, strategy=s, budget=task.budget)[1]
@@ -133,9 +135,9 @@ def best_of_n(model, task, test, args):
     score = vstar.logprob_scores(model, prompts, comps, mean=True)
     ks = [2 ** i for i in range(int(math.log2(N)) + 1)]
     ok = [[task.check(p, t) for t in ts] for p, ts in zip(test, texts)]
-    best = [[vstar.best_of_k(score[i * N:(i + 1) * N], o, k) for i, o in enumerate(ok)]
+    best = [[best_of_k(score[i * N:(i + 1) * N], o, k) for i, o in enumerate(ok)]
             for k in ks]
-    passes = [[vstar.pass_at_k(N, sum(o), k) for o in ok] for k in ks]
+    passes = [[pass_at_k(N, sum(o), k) for o in ok] for k in ks]
     # a sample costs its prompt and completion once (cached), and once more to be scored
     per_sample = 2 * sum(len(p) + len(c) for p, c in zip(prompts, comps)) / len(prompts)
     return {"k": ks, "best": best, "pass": passes, "tokens_per_sample": per_sample}
@@ -229,6 +231,7 @@ def headline_differences(rows):
                  key=lambda r: int(r["model"].split()[1]))
     if "paths" not in by or not its:
         return {}
+    # the first and the last trace model against the paths model, then against each other
     paths, bon = by["paths"], by["paths"]["best_of_n"]
     out = {}
     for m in dict.fromkeys([its[0]["model"], its[-1]["model"]]):
@@ -252,6 +255,7 @@ def plot(path, rows, calculator):
     sos = [r for r in rows if r.get("kind") == "sos"]
     bon = next(r for r in sos if r["model"] == "paths")["best_of_n"]
     with figure(path, figsize=(6.5, 4)) as (fig, ax):
+        # the paths model's curves against tokens, then a point per trace model
         x = [k * bon["tokens_per_sample"] for k in bon["k"]]
         ax.plot(x, [sum(b) / len(b) for b in bon["best"]], marker="o",
                 label="optimal paths: best-of-N (own log-prob)")
@@ -275,6 +279,7 @@ def report(args, rows):
              "backtracks | right after a dead end | lines with an error | false goal claims | "
              "solved beyond the symbolic searches | trained tokens | wall s |",
              "|---" * 10 + "|"]
+    # 1) a row per model
     sos = [r for r in rows if r.get("kind") == "sos"]
     f = lambda r, k: f"{r[k]:.3f}" if k in r else "-"  # noqa: E731
     for r in sos:
@@ -284,6 +289,7 @@ def report(args, rows):
                      f"{f(r, 'right_after_dead_end')} | {f(r, 'line_errors')} | "
                      f"{f(r, 'false_goal_claims')} | {f(r, 'beyond_symbolic')} | "
                      f"{r['trained_tokens']} | {r['wall_s']} |")
+    # 2) the headline differences, and the picture
     lines += ["", "| comparison | difference (95% paired CI) |", "|---|---|"]
     lines += [f"| {k} | {m:+.3f} ({lo:+.3f} to {hi:+.3f}) |"
               for k, (m, (lo, hi)) in headline_differences(rows).items()]

@@ -21,6 +21,7 @@ import os
 import random
 import time
 from contextlib import nullcontext
+from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
@@ -158,11 +159,13 @@ def finetune(model, examples, steps, lr, batch_size, seed, desc="fine-tune", com
     in length buckets; returns the mean of the last 20 losses."""
     if not examples:
         raise ValueError("nothing to fine-tune on: the example set is empty")
+    # 1) the forward (compiled, DDP-wrapped under torchrun) and a fresh optimiser
     device = next(model.parameters()).device
     forward = wrap_ddp(torch.compile(model, dynamic=True) if compile else model)
     opt = model.configure_optimizer(lr)
     opt.zero_grad(set_to_none=True)
     rng, losses = random.Random(seed), []  # rng: the same batches in every process
+    # 2) each step: a batch drawn with replacement, its gradient bucket by bucket, one update
     model.train()
     bar = tqdm(range(steps), desc=desc, leave=False, dynamic_ncols=True)
     for step in bar:
@@ -193,10 +196,12 @@ def sample(model, task, problems, hint=False, n=1, temperature=0.0, batch_size=2
     """n completions per problem (end-of-text stripped) and the tokens generated (a tool's
     writes included). Sample j of problem i is drawn with seed_for(seed, i, j) in any batch;
     under torchrun each process samples its share, and every process gets all texts."""
+    # 1) this process's (difficulty, problem, sample) jobs, sorted so a batch has one length
     device = next(model.parameters()).device
     rank, world = rank_world()
     jobs = sorted((p.difficulty, i, j) for i, p in enumerate(problems) for j in range(n)
                   if i % world == rank)
+    # 2) each batch sampled with the cache, a row capped at its own difficulty's length
     results, n_tokens = [], 0
     bar = tqdm(range(0, len(jobs), batch_size), desc=desc, leave=False, dynamic_ncols=True)
     for start in bar:
@@ -215,12 +220,34 @@ def sample(model, task, problems, hint=False, n=1, temperature=0.0, batch_size=2
         for (d, i, j), row, n_tok in zip(chunk, tokens, lengths):
             row = row[:min(n_tok, completion_cap(task, d))]  # its own cap, not its batch's
             results.append((i, j, decode(row[:-1] if row and row[-1] == EOT else row)))
+    # 3) every process's texts, in problem and sample order
     texts = [[None] * n for _ in problems]
     shares = all_gather((results, n_tokens))  # torchrun: every process's share; else just ours
     for share, _ in shares:
         for i, j, text in share:
             texts[i][j] = text
     return texts, sum(n for _, n in shares)
+
+
+def continue_prefixes(model, prefixes, copies, max_new, stop, temperature, seeds, cost):
+    """copies[u] continuations of each token list prefixes[u], each to a stop token (kept) or
+    max_new tokens, counted into `cost`. Row r is drawn from seeds[r] with all the room the block
+    leaves its prefix (batched apart by room): it depends on neither its batch nor its process."""
+    room = [min(max_new, model.config.block_size - len(x)) for x in prefixes]
+    first, rows = [0, *accumulate(copies)], [None] * len(prefixes)  # prefix u's first row
+    for r in sorted(set(room), reverse=True):
+        group = [u for u in range(len(prefixes)) if room[u] == r]
+        with autocast(str(next(model.parameters()).device)):
+            tokens, _, lengths = generate(
+                model, [prefixes[u] for u in group], r, stop, PAD, temperature,
+                banned_tokens=NOT_TEXT, copies=[copies[u] for u in group],
+                seeds=[seeds[first[u] + j] for u in group for j in range(copies[u])])
+        sampled = iter(row[:n] for row, n in zip(tokens.tolist(), lengths.tolist()))
+        for u in group:
+            rows[u] = [next(sampled) for _ in range(copies[u])]
+    cost.sampled += sum(len(row) for rs in rows for row in rs)
+    cost.prompt += sum(map(len, prefixes))  # each prefix encoded once (its cache rows shared)
+    return [row for rs in rows for row in rs]
 
 
 def row_tool(task, problems, chunk):
@@ -271,11 +298,13 @@ def keep_verified(task, problems, texts):
 def star_iteration(prev, start_path, task, P, D, args, n, device):
     """One iteration: generate, keep, rationalize, fine-tune. Returns (model, kept, stats).
     Seeds derive from the iteration alone, so a resumed run samples what it would have."""
+    # 1) sample a rationale per problem of D, keep those whose answer checks out
     texts, n_tok = sample(prev, task, D, n=args.samples, temperature=args.temperature,
                           batch_size=args.sample_batch_size,
                           seed=seed_for(args.seed, "generate", n), desc=f"iter {n}: generate")
     kept, solved = keep_verified(task, D, texts)
-    n_generated = len(kept)  # rationalize: the failures again, with the answer as a hint
+    n_generated = len(kept)
+    # 2) rationalize: the failures again, with the answer as a hint (kept without it)
     failed = [p for i, p in enumerate(D) if i not in solved]
     if args.rationalize and failed:
         hinted, n_tok_h = sample(prev, task, failed, hint=True, n=args.samples,
@@ -284,7 +313,8 @@ def star_iteration(prev, start_path, task, P, D, args, n, device):
                                  desc=f"iter {n}: rationalize")
         kept += keep_verified(task, failed, hinted)[0]
         n_tok += n_tok_h
-    model = load_checkpoint(start_path, device)[0] if args.restart else prev  # paper: restart
+    # 3) fine-tune M0 again (the paper restarts) on P and everything kept
+    model = load_checkpoint(start_path, device)[0] if args.restart else prev
     steps = iteration_steps(args, n)
     loss = finetune(model, gold_examples(task, P) + kept, steps, args.lr, args.batch_size,
                     seed=seed_for(args.seed, "fine-tune", n), desc=f"iter {n}: fine-tune",
@@ -377,6 +407,7 @@ def run_direct_baseline(args, task, P, D, test, out, new_model):
     rationales, from scratch, for as many steps as M0 plus every STaR iteration together."""
     if committed(out, "kind", kind="direct"):
         return
+    # 1) from scratch on the answers alone, as many steps as M0 and every iteration together
     t0 = time.time()
     steps = args.steps + sum(iteration_steps(args, n) for n in range(1, args.iterations + 1))
     torch.manual_seed(args.seed)
@@ -385,6 +416,7 @@ def run_direct_baseline(args, task, P, D, test, out, new_model):
     loss = finetune(model, direct, steps, args.lr, args.batch_size,
                     seed=seed_for(args.seed, "direct"), desc="direct-answer baseline",
                     compile=args.compile)
+    # 2) tested greedily, committed
     acc, overall, _ = evaluate(model, task, test, args.sample_batch_size)
     commit(out, t0, {"kind": "direct", "accuracy": overall,
                      "accuracy_by_difficulty": {str(d): a for d, a in acc.items()},
@@ -416,6 +448,7 @@ def plot(out, rows, difficulties, title, trained=()):
     """STaR's Figure 4: test accuracy per difficulty across iterations, with and without
     rationalization side by side when both folders exist (iteration 0 alone: a bar chart)."""
     from matplotlib import colormaps
+    # 1) this run, and beside it its twin with (or without) rationalization if there is one
     runs = [(title, rows)]
     twin = out[:-len("-norat")] if out.endswith("-norat") else out + "-norat"
     if os.path.exists(os.path.join(twin, "metrics.jsonl")):
@@ -424,6 +457,7 @@ def plot(out, rows, difficulties, title, trained=()):
                         pair if twin.endswith("-norat") else pair[::-1]))
     with figure(os.path.join(out, "accuracy.png"), ncols=len(runs),
                 figsize=(5.5 * len(runs) + 1.5, 4), squeeze=False) as (fig, axes):
+        # 2) a panel per run: a line per difficulty across iterations (M0 alone: bars)
         for ax, (name, rs) in zip(axes[0], runs):
             its = [r for r in rs if r["kind"] == "iteration"]
             if len(its) == 1:

@@ -172,6 +172,7 @@ def default_difficulties(task, preset):
 def resolve(args, parser):
     """Merge the flags over the method's table (the one place where defaults meet flags), check
     what argparse cannot, and return the task. A flag the method does not use is refused."""
+    # 1) refuse a flag the method does not take, then fill the unset ones from its table
     args.method = args.method or "star"
     table = DEFAULTS[args.method][args.preset]
     for name, value in vars(args).items():
@@ -181,6 +182,7 @@ def resolve(args, parser):
     for name, value in table.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    # 2) what argparse cannot check: values that depend on each other, files, devices
     if getattr(args, "eval_samples", None) and args.eval_samples & (args.eval_samples - 1):
         parser.error(f"argument --eval-samples: {args.eval_samples} is not a power of 2")
     if getattr(args, "worked_fraction", None) == 1:
@@ -196,6 +198,7 @@ def resolve(args, parser):
         parser.error("argument --device: cuda is not available here; choose auto or cpu")
     elif args.device == "mps" and not torch.backends.mps.is_available():
         parser.error("argument --device: mps is not available here; choose auto or cpu")
+    # 3) the task, its difficulties and the output folder
     task = get_task(args.task)
     train_d, test_d = default_difficulties(task, args.preset)
     try:
@@ -297,6 +300,7 @@ def write_report(args, t0):
 
 
 def main(argv=None):
+    # 1) the flags, resolved over the method's table (--help: shown, then exit)
     parser = get_parser()
     args = parser.parse_args(argv)
     if args.help:
@@ -305,6 +309,7 @@ def main(argv=None):
     task = resolve(args, parser)
     if "LOCAL_RANK" in os.environ:  # started by torchrun
         init_distributed(args, parser)
+    # 2) the data, and a model config whose block holds its longest prompt and completion
     P, D, test = build_data(task, args)
     cfg = get_config(args.preset)
     if P is not None:  # a block that holds every prompt and completion of this data
@@ -322,6 +327,7 @@ def main(argv=None):
             return load_checkpoint(args.checkpoint, args.device)[0]
         return GPT(cfg).to(args.device)
 
+    # 3) the method's run (it resumes after its last commit), then the report
     t0 = time.time()
     METHODS[args.method][0].run(args, task, P, D, test, args.out, args.device, new_model)
     if rank_world()[1] > 1:  # torchrun: the work is done; rank 0 alone writes the report

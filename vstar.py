@@ -19,18 +19,18 @@ import math
 import os
 import random
 import time
-from collections import Counter
-from itertools import groupby, product
+from itertools import product
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 import star
-from common import (SWITCH, all_gather, autocast, bootstrap_ci, commit, committed, figure,
-                    flag, load_checkpoint, non_negative, optimizer_step, paired_difference,
-                    positive, presets, rank_world, read_jsonl, save_checkpoint, seed_for,
-                    setting, split_batch, wrap_ddp, write_jsonl)
+from common import (SWITCH, all_gather, autocast, best_of_k, bootstrap_ci, commit, committed,
+                    figure, flag, load_checkpoint, majority_at_k, non_negative, optimizer_step,
+                    paired_difference, pass_at_k, positive, presets, rank_world, read_jsonl,
+                    right_answers, save_checkpoint, seed_for, setting, split_batch, wrap_ddp,
+                    write_jsonl)
 from model import ScalarHead, sequence_logprobs
 from tasks import EOT, NEWLINE, PAD, TOKENIZER, decode, encode
 
@@ -66,62 +66,6 @@ FLAGS = [
          "samples per held-out problem for pass@k, best-of-k, majority@k (a power of 2)"),
 ]
 DEFAULTS = presets(FLAGS)
-
-# -----------------------------------------------------------------------------
-# Unbiased estimators over n samples of one problem
-
-
-def pass_at_k(n, c, k):
-    """P(one of k of n samples, c right, is right): Chen et al. 2021, 1 - C(n-c, k) / C(n, k)."""
-    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
-
-
-def best_of_k(scores, correct, k):
-    """P(the top-scored of k of n samples is right): sum_i C(n-i-1, k-1) a_i / C(n, k), sorted by
-    score (V-STaR, section 4), a_i the mean rightness of i's tie group (a tie picks uniformly)."""
-    n, a = len(scores), []
-    for _, group in groupby(sorted(range(n), key=lambda i: -scores[i]), key=lambda i: scores[i]):
-        group = [float(correct[i]) for i in group]
-        a += [sum(group) / len(group)] * len(group)
-    return sum(math.comb(n - i - 1, k - 1) * a[i] for i in range(n - k + 1)) / math.comb(n, k)
-
-
-def majority_at_k(answers, right_answers, k):
-    """P(majority vote over k of n samples is right), exactly: answers (None never votes), the
-    right ones among them right_answers; a tie of t top answers credits 1/t each."""
-    return sum(_majority_credit(answers, a, k) for a in set(right_answers) if a is not None)
-
-
-def right_answers(answers, right):
-    """The answers that count as right in one problem's pool: those of its right samples."""
-    return {a for a, ok in zip(answers, right) if ok}
-
-
-def _majority_credit(answers, right_answer, k):
-    """majority_at_k's credit of one answer: for each j votes it gets, count by dynamic
-    programming the ways the other answers stay below j or tie at j (and how many tie)."""
-    n, groups = len(answers), Counter(a for a in answers if a is not None)
-    c = groups.pop(right_answer, 0)
-    n_none = n - c - sum(groups.values())
-    others = list(groups.values())
-    total = 0.0
-    for j in range(1, min(c, k) + 1):
-        # ways[m][t]: the ways to pick m samples of the other answers, none over j votes, t at j
-        ways = [[0] * (len(others) + 1) for _ in range(k + 1)]
-        ways[0][0] = 1
-        for g in others:
-            new = [[0] * (len(others) + 1) for _ in range(k + 1)]
-            for m, t in product(range(k + 1), range(len(others) + 1)):
-                if ways[m][t]:
-                    for x in range(min(g, j, k - m) + 1):
-                        new[m + x][t + (x == j)] += ways[m][t] * math.comb(g, x)
-            ways = new
-        for m in range(max(0, k - j - n_none), k - j + 1):  # the k - j - m others: unparsable
-            for t in range(len(others) + 1):
-                if ways[m][t]:
-                    total += math.comb(c, j) * ways[m][t] * math.comb(n_none, k - j - m) / (t + 1)
-    return total / math.comb(n, k)
-
 
 # -----------------------------------------------------------------------------
 # The DPO loss and the verifiers
@@ -259,6 +203,7 @@ def train_dpo(sft_path, labelled, args, device, nearest=False):
     pairs = pairs_of(labelled, nearest)
     if not pairs:
         raise ValueError("no (right, wrong) pair of the same problem: DPO has nothing to learn")
+    # 1) the policy and the frozen reference, both G_SFT
     policy = load_checkpoint(sft_path, device)[0].train()
     ref = load_checkpoint(sft_path, device)[0].eval()
     opt = policy.configure_optimizer(args.verifier_lr, weight_decay=0.0)
@@ -269,6 +214,7 @@ def train_dpo(sft_path, labelled, args, device, nearest=False):
     accs = []
     opt.zero_grad(set_to_none=True)
     for step in bar:
+        # 2) a batch of pairs: log-probs of the right and the wrong ones under both models
         batch = [pairs[rng.randrange(len(pairs))] for _ in range(args.batch_size)]
         share, denom = split_batch(batch)  # torchrun: this process's share
         prompts = [p for p, _, _ in share] * 2
@@ -277,6 +223,7 @@ def train_dpo(sft_path, labelled, args, device, nearest=False):
             pi = sequence_logprobs(forward, prompts, completions, PAD)  # (2B,)
             with torch.no_grad():
                 rf = sequence_logprobs(ref, prompts, completions, PAD)
+        # 3) DPO's loss (+ RPO's NLL), one update
         B = len(share)
         loss, _, _, acc = dpo_loss(pi[:B], pi[B:], rf[:B], rf[B:], args.beta)
         if args.dpo_nll:  # RPO: also the right solutions' mean token NLL (departure 5)
@@ -301,10 +248,12 @@ def train_bce(model, rows, steps, lr, batch_size, seed, desc):
     opt.zero_grad(set_to_none=True)
     bar = tqdm(range(steps), desc=desc, leave=False, dynamic_ncols=True)
     for step in bar:
+        # 1) a batch of rows: the head's logits at each row's read positions
         batch = [rows[rng.randrange(len(rows))] for _ in range(batch_size)]
         share, denom = split_batch(batch, size=lambda row: len(row[3]))
         with autocast(str(model.head.weight.device)):
             logits, mask = forward(*map(list, zip(*[row[:3] for row in share])))
+        # 2) BCE against each read's label, summed over the batch's reads, one update
         y = torch.zeros(mask.shape, device=logits.device)
         for b, (_, _, _, labels) in enumerate(share):
             y[b, :len(labels)] = torch.tensor(labels, dtype=torch.float)
@@ -459,8 +408,9 @@ def run(args, task, P, D, test, out, device, new_model):
 
 def generator_iteration(args, task, problems, test, gold, out, device, new_model, n):
     """Iteration n (0: gold only): label G_(n-1)'s samples, G_n = SFT(base, D_GEN); its row."""
+    # 1) from n = 1: G_(n-1)'s samples of P + D, labelled; D_VER grows by all, D_GEN by the right
     stats, right = {}, []
-    if n > 0:  # D_VER grows by every sample, right or wrong
+    if n > 0:
         generator = load_checkpoint(generator_path(out, n - 1), device)[0].eval()
         texts, _ = star.sample(generator, task, problems, n=args.samples,
                                temperature=args.temperature, seed=seed_for(args.seed, "samples", n),
@@ -471,7 +421,8 @@ def generator_iteration(args, task, problems, test, gold, out, device, new_model
                  for p, c, ok in load_labelled(labelled_path(out, i)) if ok]
         stats = {"samples_right": sum(ok for _, _, ok in labelled) / len(labelled),
                  "d_gen": len(gold) + len(right)}
-    torch.manual_seed(args.seed)  # G = SFT(base, D_GEN): a fresh base, as the paper restarts
+    # 2) G_n = SFT(base, D_GEN): a fresh base, as the paper restarts; tested greedily, saved
+    torch.manual_seed(args.seed)
     model = new_model()
     loss = star.finetune(model, gold + right, args.steps, args.lr, args.batch_size,
                          seed=seed_for(args.seed, "generator", n), desc=f"generator {n}: SFT",
@@ -509,6 +460,7 @@ def train_verifiers(args, task, d_ver, sft_path, device):
 
 def score_samples(nets, task, problems, texts, reference, generator):
     """Every verifier's and baseline's score of each (problem, text) pair: {name: scores}."""
+    # 1) the verifiers trained on outcome labels: DPO's (three readings), the ORM, GenRM
     prompts = [encode(task.prompt(p)) for p in problems]
     comps = [encode(t) + [EOT] for t in texts]
     dpo = logprob_scores(nets["dpo"], prompts, comps)
@@ -520,11 +472,12 @@ def score_samples(nets, task, problems, texts, reference, generator):
                                                       comps),
             "orm": head_scores(nets["orm"], prompts, comps),
             "genrm": genrm_scores(nets["genrm"], prompts, comps)}
+    # 2) those trained on the program's per-step labels, and the exact check
     if "genrm-cot" in nets:
         flat["genrm-cot"] = cot_scores(nets["genrm-cot"], task, problems, texts)
         flat["prm on program labels"] = program_scores(nets["program"], task, problems, texts)
         flat["exact check (oracle)"] = [float(task.check(p, t)) for p, t in zip(problems, texts)]
-    # the baselines a learned verifier must beat: the generator's mean log-prob, shortest, none
+    # 3) the baselines a learned verifier must beat: the generator's mean log-prob, shortest, none
     flat.update({"generator": logprob_scores(generator, prompts, comps, mean=True),
                  "length": [-len(c) for c in comps], "random": [0.0] * len(comps)})
     if "genrm-cot" in nets:  # GenRM-CoT's rule without its learned arithmetic: what it adds
@@ -564,6 +517,7 @@ def evaluate_test_time(args, task, test, nets, out, device):
 
 def report(args, rows):
     """The table (generator per iteration, then accuracy against k) and vstar.png."""
+    # 1) the generators, one row per iteration
     lines = ["| generator | greedy accuracy | right samples | D_GEN | steps | wall s |",
              "|---|---|---|---|---|---|"]
     for r in rows:
@@ -575,6 +529,7 @@ def report(args, rows):
     ev = next((r for r in rows if r.get("kind") == "eval"), None)
     if ev is None:
         return "\n".join(lines)
+    # 2) every estimator against k, then each verifier at equal compute
     keys = list(ev["ci"])
     lines += ["", "| k | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for i, k in enumerate(ev["k"]):
@@ -610,7 +565,7 @@ def equal_compute_table(ev):
              "there | gap pass@1 -> pass@k closed | held-out pair accuracy (ties) |",
              "|---|---|---|---|---|---|---|---|"]
     for key in [k for k in ev["ci"] if k.startswith("best-of-k ")]:
-        name = key[len("best-of-k "):]
+        name = key[len("best-of-k "):]  # j: the largest k costing no more than majority@n
         j = max(i for i, k in enumerate(ks) if cost_of(ev, key, k) <= cost_of(ev, "m", n) + 1e-9
                 or i == 0)
         vs_gen = "-" if name == "generator" else paired_cell(ev, key, J, "best-of-k generator", J)

@@ -3,7 +3,7 @@ Benchmark: what sharing a prefix's KV cache saves search.py (best-of-N pools, be
 MCTS expansions, Math-Shepherd rollouts all sample many continuations of one prefix).
 
 model.generate(copies=...) encodes each distinct prefix once and copies its cache rows to its
-continuations (what search.continue_prefixes asks for); the baseline re-encodes the prefix for
+continuations (what star.continue_prefixes asks for); the baseline re-encodes the prefix for
 every continuation (model.generate on the repeated prompts). Greedy, no early stop, so both
 must return the same tokens (asserted). Prints a table. Not collected by pytest (no test_
 prefix).

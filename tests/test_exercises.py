@@ -71,8 +71,11 @@ def test_exercise_10_leave_one_out_baseline():
 
     import quiet_star
     import train
-    assert "--baseline" in train.get_parser()._option_string_actions, "add the --baseline flag"
-    assert train.get_parser().parse_args([]).baseline == "mean", "keep mean as the default"
+    parser = train.get_parser()
+    assert "--baseline" in parser._option_string_actions, "add --baseline to quiet_star.FLAGS"
+    args = parser.parse_args(["--method", "quiet_star"])
+    train.resolve(args, parser)
+    assert args.baseline == "mean", "keep mean as the default"
     torch.manual_seed(0)
     model = random_model().float()
     head = quiet_star.MixingHead(model.config.n_embd)

@@ -222,10 +222,10 @@ def test_run_resumes_after_an_interruption(tmp_path, monkeypatch):
     cut = str(tmp_path / "cut")
     real_commit = qs.commit
 
-    def crash_at_step_4(out, row, t0):
+    def crash_at_step_4(out, t0, row):
         if row.get("step") == 4:
             raise KeyboardInterrupt  # killed after step 4's checkpoints, before its commit
-        real_commit(out, row, t0)
+        real_commit(out, t0, row)
     monkeypatch.setattr(qs, "commit", crash_at_step_4)
     with pytest.raises(KeyboardInterrupt):
         train.main(small + ["--out", cut])

@@ -21,7 +21,9 @@ import pytest
 import torch
 import torch.nn as nn
 
+import common
 import search
+import star
 import train
 import vstar
 from common import read_jsonl
@@ -97,7 +99,7 @@ def test_beam_search_finds_the_known_path():
     # letter with probability (2/3)^24 = 6e-5 per round, so a seed fails with p < 2e-4
     for seed in range(3):
         chosen = search.beam_search(ToyLM(), TASK, [P0], search.oracle_scorer(TASK), N=24, M=24,
-                                    temperature=1.0, seeds=[seed], cost=search.TokenCount())
+                                    temperature=1.0, seeds=[seed], cost=common.TokenCount())
         assert chosen == [RIGHT]
 
 
@@ -107,7 +109,7 @@ def test_mcts_finds_the_known_path():
     # samples per expansion, 46 in 200, as 3 * (2/3)^6 predicts)
     for seed in range(3):
         res = search.mcts(ToyLM(), TASK, [P0], search.oracle_scorer(TASK), [40], k=20, c=1.0,
-                          temperature=1.0, seeds=[seed], cost=search.TokenCount())
+                          temperature=1.0, seeds=[seed], cost=common.TokenCount())
         most_visited, voted, _ = res[40]
         assert most_visited == [RIGHT] and voted == [RIGHT]
 
@@ -184,7 +186,7 @@ def test_beam_search_keeps_the_top_and_never_two_identical_prefixes(monkeypatch)
     # a scorer that prefers later letters, so that pruning has something to choose
     score = lambda items, cost: [sum(map(ord, t)) / 1000 for _, t, _ in items]  # noqa: E731
     search.beam_search(ToyLM(), TASK, [P0, P0], score, N=8, M=4, temperature=1.0,
-                       seeds=[0, 1], cost=search.TokenCount())
+                       seeds=[0, 1], cost=common.TokenCount())
     assert calls
     for cands, scores, keep, kept in calls:
         assert keep == 8 // 4  # N // M survive
@@ -199,18 +201,18 @@ def test_token_accounting_is_exact():
     whole = 3 * line + answer  # 11 tokens per solution
     prompt = len(encode(TASK.prompt(P0)))
     # best-of-N's pool: n samples, the shared prompt encoded once
-    cost = search.TokenCount()
+    cost = common.TokenCount()
     search.rollouts(model, TASK, [(P0, "")], [7], 1.0, list(range(7)), cost)
     assert (cost.sampled, cost.prompt) == (7 * whole, prompt)
     # beam search: N steps sampled every round, every solution ends together; the oracle is a
     # program and reads no tokens
     for N, M in ((8, 4), (6, 2)):
-        cost = search.TokenCount()
+        cost = common.TokenCount()
         search.beam_search(model, TASK, [P0, P0], search.oracle_scorer(TASK, tie_seed=1), N, M,
                            1.0, [0, 1], cost)
         assert cost.sampled == 2 * N * whole and cost.scored == 0
     # MCTS is anytime: its count after fewer simulations is a prefix of the same search's
-    k, cost = 3, search.TokenCount()
+    k, cost = 3, common.TokenCount()
     res = search.mcts(model, TASK, [P0], search.oracle_scorer(TASK), [1, 5, 9], k, 1.0, 1.0,
                       [0], cost)
     assert res[9][2] == cost.counts() and 0 < res[1][2][0] < res[5][2][0] <= res[9][2][0]
@@ -225,7 +227,7 @@ def test_mcts_token_count_matches_its_tree(monkeypatch):
         init(self, *a, **kw)
         made.append(self)
     monkeypatch.setattr(search.Node, "__init__", record)
-    k, cost = 3, search.TokenCount()
+    k, cost = 3, common.TokenCount()
     search.mcts(ToyLM(), TASK, [P0], search.oracle_scorer(TASK), [12], k, 1.0, 1.0, [1], cost)
     expected = 0
     for n in made:
@@ -256,16 +258,17 @@ def count_reads(monkeypatch, module):
 
 
 def count_generator(monkeypatch):
-    """The generator's prefill and sampled tokens, counted where search calls model.generate."""
+    """The generator's prefill and sampled tokens, counted where star.continue_prefixes (search's
+    sampler) calls model.generate."""
     seen = {"prompt": 0, "sampled": 0}
-    real = search.generate
+    real = star.generate
 
     def spy(model, prompts, *a, **kw):
         out = real(model, prompts, *a, **kw)
         seen["prompt"] += sum(map(len, prompts))
         seen["sampled"] += int(out[2].sum())
         return out
-    monkeypatch.setattr(search, "generate", spy)
+    monkeypatch.setattr(star, "generate", spy)
     return seen
 
 
@@ -274,13 +277,13 @@ def test_a_scorers_forward_passes_count_in_the_search_compute(monkeypatch, how):
     # ToyLM samples (several rounds of steps); two tiny random GPTs score, one of them a
     # network of another size, whose tokens count in proportion to its parameters
     a, b = tiny_gpt(0), tiny_gpt(1, n_embd=32)
-    w = search.relative_size(b, a)
+    w = common.relative_size(b, a)
     assert w > 2  # wider: about four times the parameters per layer
     reads, gen = count_reads(monkeypatch, vstar), count_generator(monkeypatch)
     both, calls = search.product_scorer(search.logprob_scorer(a, TASK),
                                         search.logprob_scorer(b, TASK, w)), []
     scorer = lambda items, cost: calls.append(1) or both(items, cost)  # noqa: E731
-    cost = search.TokenCount()
+    cost = common.TokenCount()
     if how == "beam":
         search.beam_search(ToyLM(), TASK, [P0, P0], scorer, 6, 2, 1.0, [0, 1], cost)
     else:
@@ -299,13 +302,13 @@ def test_genrm_cot_and_the_prm_count_the_rows_they_read(monkeypatch):
     items = [(p, "5+4=9\n9*3=27\nA: 27", True), (p, "5+4=9\n", False),
              (p, "garbage", True), (p, "5*4=20\n", False)]
     verifier, reads = tiny_gpt(2), count_reads(monkeypatch, vstar)
-    cost = search.TokenCount()
+    cost = common.TokenCount()
     search.cot_scorer(verifier, task)(items, cost)
     rows = vstar.cot_rows(task, *zip(*items))
     assert rows[2] is None  # not a step: GenRM-CoT reads nothing of it, and scores it 0
     assert cost.scored == sum(len(q) + len(c) for st in rows for q, c in st or ()) == \
         reads[verifier]
-    prm, cost = ScalarHead(tiny_gpt(3)).eval(), search.TokenCount()
+    prm, cost = ScalarHead(tiny_gpt(3)).eval(), common.TokenCount()
     seen = []
     prm.register_forward_hook(
         lambda m, args, out: seen.append(sum(len(q) + len(c) for q, c in zip(*args[:2]))))
@@ -337,7 +340,7 @@ def test_pool_costs_the_prompt_once_and_n_samples_and_scorer_passes():
 def test_oracle_ties_break_at_random_the_same_in_any_batch():
     items = [(P0, RIGHT, True), (P0, "a\nb\nc\nA: 1", True), (P0, "b\n", False), (P0, "a\n", False),
              (P0, "c\n", False)]
-    cost = search.TokenCount()
+    cost = common.TokenCount()
     plain = search.oracle_scorer(TASK)(items, cost)
     assert plain == [1.0, 0.0, 1.0, 0.0, 0.0]
     tied = search.oracle_scorer(TASK, tie_seed=7)(items, cost)
@@ -375,15 +378,15 @@ def test_equal_compute_pairs_pick_the_smallest_pool_budget_at_or_above_the_searc
 
 
 def test_majority_vote_tie_rule_and_unparsable_answers():
-    assert search.vote(["x", "y", "y", "x"]) == "x"  # a tie goes to the answer seen first
-    assert search.vote(["y", "x", "x", "y"]) == "y"
-    assert search.vote(["x", "y"], [0.5, 0.5]) == "x"
-    assert search.vote(["x", "y", "y"], [0.9, 0.3, 0.3]) == "x"  # weights, not counts
-    assert search.vote([None, None, None, "x"]) == "x"  # unparsable answers cast no vote
-    assert search.vote([None, "x"], [10.0, 0.1]) == "x"
-    assert search.vote([None, None]) is None
+    assert common.vote(["x", "y", "y", "x"]) == "x"  # a tie goes to the answer seen first
+    assert common.vote(["y", "x", "x", "y"]) == "y"
+    assert common.vote(["x", "y"], [0.5, 0.5]) == "x"
+    assert common.vote(["x", "y", "y"], [0.9, 0.3, 0.3]) == "x"  # weights, not counts
+    assert common.vote([None, None, None, "x"]) == "x"  # unparsable answers cast no vote
+    assert common.vote([None, "x"], [10.0, 0.1]) == "x"
+    assert common.vote([None, None]) is None
     # a pool where every subset has only unparsable answers or one wrong one: never right
-    assert search.weighted_vote_accuracy([None, None, "w"], [True, True, False], 2,
+    assert common.weighted_vote_accuracy([None, None, "w"], [True, True, False], 2,
                                          [5.0, 5.0, 0.1], random.Random(0)) == 0.0
 
 
@@ -396,8 +399,8 @@ def test_seeded_continuations_depend_on_no_other_row():
         for p in model.parameters():
             p.normal_(0, 0.5) if p.dim() >= 2 else None
     prefixes, copies, seeds = [[5, 6, 7, 8, 9], [10] * 58, [10, 11]], [3, 1, 2], [4, 8, 15, 1, 6, 2]
-    cost = search.TokenCount()
-    rows = search.continue_prefixes(model, prefixes, copies, 12, (), 1.0, seeds, cost)
+    cost = common.TokenCount()
+    rows = star.continue_prefixes(model, prefixes, copies, 12, (), 1.0, seeds, cost)
     assert [len(r) for r in rows] == [12, 12, 12, 6, 12, 12]  # no stop token: each its own room
     assert cost.sampled == 66 and cost.prompt == 5 + 58 + 2
     tokens, _, lengths = generate_naive(model, [prefixes[0], prefixes[2]], 12, (), PAD, 1.0,
@@ -405,8 +408,8 @@ def test_seeded_continuations_depend_on_no_other_row():
                                         copies=[3, 2])
     assert rows[:3] + rows[4:] == tokens.tolist()
     for u, at in ((0, 0), (1, 3), (2, 4)):  # each prefix alone: the same rows
-        alone = search.continue_prefixes(model, [prefixes[u]], [copies[u]], 12, (), 1.0,
-                                       seeds[at:at + copies[u]], search.TokenCount())
+        alone = star.continue_prefixes(model, [prefixes[u]], [copies[u]], 12, (), 1.0,
+                                       seeds[at:at + copies[u]], common.TokenCount())
         assert alone == rows[at:at + copies[u]]
 
 
@@ -454,8 +457,8 @@ def test_a_learned_scorer_search_never_calls_the_ground_truth_checker():
         check_steps = check
     task = NoPeek()
     score = lambda items, cost: [len(t) / 100 for _, t, _ in items]  # noqa: E731 (a stand-in)
-    search.beam_search(ToyLM(), task, [P0], score, 8, 4, 1.0, [0], search.TokenCount())
-    search.mcts(ToyLM(), task, [P0], score, [6], 3, 1.0, 1.0, [0], search.TokenCount())
+    search.beam_search(ToyLM(), task, [P0], score, 8, 4, 1.0, [0], common.TokenCount())
+    search.mcts(ToyLM(), task, [P0], score, [6], 3, 1.0, 1.0, [0], common.TokenCount())
 
 
 def test_product_scorer_multiplies_each_items_values_and_calls_each_scorer_once():
@@ -467,7 +470,7 @@ def test_product_scorer_multiplies_each_items_values_and_calls_each_scorer_once(
             return values
         return score
     both = search.product_scorer(scorer([0.5, 1.0, 0.0]), scorer([0.25, 0.75, 0.9]))
-    assert both([(P0, "a", False)] * 3, search.TokenCount()) == [0.125, 0.75, 0.0]
+    assert both([(P0, "a", False)] * 3, common.TokenCount()) == [0.125, 0.75, 0.0]
     assert calls == [3, 3]
 
 

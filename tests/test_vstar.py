@@ -17,6 +17,7 @@ from itertools import combinations
 import pytest
 import torch
 
+import common
 import train
 import vstar
 from common import bootstrap_ci, read_jsonl
@@ -97,24 +98,24 @@ def test_estimators_equal_brute_force_over_all_k_subsets(seed):
     correct = [rng.random() < 0.4 for _ in range(n)]
     answers = [rng.choice(["7", "8", "9", None]) for _ in range(n)]
     for k in range(1, n + 1):
-        assert math.isclose(vstar.best_of_k(scores, correct, k),
+        assert math.isclose(common.best_of_k(scores, correct, k),
                             brute_best_of_k(scores, correct, k), abs_tol=1e-12)
         brute_pass = sum(any(correct[i] for i in s) for s in combinations(range(n), k)) / \
             math.comb(n, k)
-        assert math.isclose(vstar.pass_at_k(n, sum(correct), k), brute_pass, abs_tol=1e-12)
-        assert math.isclose(vstar.pass_at_k(n, sum(correct), k),
+        assert math.isclose(common.pass_at_k(n, sum(correct), k), brute_pass, abs_tol=1e-12)
+        assert math.isclose(common.pass_at_k(n, sum(correct), k),
                             1 - math.comb(n - sum(correct), k) / math.comb(n, k))
-        assert math.isclose(vstar.majority_at_k(answers, {"8"}, k),
+        assert math.isclose(common.majority_at_k(answers, {"8"}, k),
                             brute_majority(answers, {"8"}, k), abs_tol=1e-12)
         # several right answers (countdown: every right trace is its own answer)
-        assert math.isclose(vstar.majority_at_k(answers, {"8", "9"}, k),
+        assert math.isclose(common.majority_at_k(answers, {"8", "9"}, k),
                             brute_majority(answers, {"8", "9"}, k), abs_tol=1e-12)
 
 
 def test_an_unparsable_answer_never_wins_the_vote():
-    assert vstar.majority_at_k([None, None, None], {None}, 2) == 0.0
-    assert vstar.majority_at_k([None, None, "3"], {"3"}, 3) == 1.0
-    assert vstar.majority_at_k(["3", "4"], set(), 2) == 0.0  # no right answer in the pool
+    assert common.majority_at_k([None, None, None], {None}, 2) == 0.0
+    assert common.majority_at_k([None, None, "3"], {"3"}, 3) == 1.0
+    assert common.majority_at_k(["3", "4"], set(), 2) == 0.0  # no right answer in the pool
 
 
 def test_verifier_scores_ignore_padding_and_batch_mates():
