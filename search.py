@@ -362,21 +362,20 @@ def train_generator(args, task, P, test, out, new_model):
     model = new_model()
     loss = None if args.checkpoint else star.train_start_model(model, task, P, args)
     save_checkpoint(os.path.join(out, "generator.pt"), model, TOKENIZER)
-    texts, n_tok = star.sample(model.eval(), task, test, temperature=0.0,
-                               batch_size=args.sample_batch_size, desc="greedy")
+    texts, cost = star.sample(model.eval(), task, test, temperature=0.0,
+                              batch_size=args.sample_batch_size, desc="greedy")
     acc = sum(rightness(task, test, [t[0] for t in texts])) / len(test)
-    prompt = sum(len(prefix_ids(task, p, "")) for p in test)
     tqdm.write(f"generator: greedy accuracy {acc:.3f}")
     return [{"kind": "greedy", "stage": "generator", "accuracy": acc,
-             "tokens": (n_tok + prompt) / len(test), "sampled_tokens": n_tok / len(test),
-             "train_loss": loss}]
+             "tokens": (cost.sampled + cost.prompt) / len(test),
+             "sampled_tokens": cost.sampled / len(test), "train_loss": loss}]
 
 
 def label_samples(model, task, problems, args, out):
     """The generator's samples of P+D, labelled by outcome and by Math-Shepherd, saved: its row."""
-    texts, n_tok = star.sample(model, task, problems, n=args.samples, temperature=args.temperature,
-                               batch_size=args.sample_batch_size,
-                               seed=seed_for(args.seed, "labels"), desc="samples of P+D")
+    texts, sampled = star.sample(model, task, problems, n=args.samples,
+                                 temperature=args.temperature, batch_size=args.sample_batch_size,
+                                 seed=seed_for(args.seed, "labels"), desc="samples of P+D")
     labelled = vstar.label(task, problems, texts)
     ms, cost = shepherd_labels(model, task, problems, texts, args, seed_for(args.seed, "rollouts"))
     vstar.save_labelled(os.path.join(out, "labelled.jsonl"), labelled)
@@ -384,7 +383,8 @@ def label_samples(model, task, problems, args, out):
     right = sum(ok for _, _, ok in labelled) / len(labelled)
     tqdm.write(f"labels: {right:.3f} of {len(labelled)} samples of P+D right")
     return [{"kind": "labels", "stage": "labels", "samples_right": right,
-             "samples": len(labelled), "sample_tokens": n_tok, "rollout_tokens": cost.sampled}]
+             "samples": len(labelled), "sample_tokens": sampled.sampled,
+             "rollout_tokens": cost.sampled}]
 
 
 def train_scorers(args, task, P, out, device):

@@ -127,7 +127,7 @@ def best_of_n(model, task, test, args):
     (close to an exact check: an unexpected calculator result lowers it) and pass@k, k = 1, 2, 4
     .. N, and tokens per sample (generated and scored). Returns the best_of_n entry of its row."""
     N = args.eval_samples
-    texts, _ = sample(model, task, test, n=N, temperature=args.temperature,
+    texts, sampled = sample(model, task, test, n=N, temperature=args.temperature,
                       batch_size=args.sample_batch_size, seed=seed_for(args.seed, "sos best-of"),
                       desc="paths: best-of-N samples")
     prompts = [encode(task.prompt(p)) for p in test for _ in range(N)]
@@ -138,9 +138,19 @@ def best_of_n(model, task, test, args):
     best = [[best_of_k(score[i * N:(i + 1) * N], o, k) for i, o in enumerate(ok)]
             for k in ks]
     passes = [[pass_at_k(N, sum(o), k) for o in ok] for k in ks]
-    # a sample costs its prompt and completion once (cached), and once more to be scored
-    per_sample = 2 * sum(len(p) + len(c) for p, c in zip(prompts, comps)) / len(prompts)
-    return {"k": ks, "best": best, "pass": passes, "tokens_per_sample": per_sample}
+    # k samples cost the prompt once (shared cache rows) and k completions; the scoring pass
+    # reads each sample's prompt and completion again (tokens: "prompt" per problem, the others
+    # per sample)
+    tokens = {"prompt": sampled.prompt / len(test), "sampled": sampled.sampled / len(comps),
+              "scored": sum(len(p) + len(c) for p, c in zip(prompts, comps)) / len(comps)}
+    return {"k": ks, "best": best, "pass": passes, "tokens": tokens}
+
+
+def paths_cost(bon, key, k):
+    """Tokens per problem of the paths model's best-of-k (key "best": with its scoring pass) or
+    pass@k (key "pass": the exact check reads nothing)."""
+    t = bon["tokens"]
+    return t["prompt"] + k * (t["sampled"] + (t["scored"] if key == "best" else 0.0))
 
 
 # -----------------------------------------------------------------------------
@@ -236,10 +246,8 @@ def headline_differences(rows):
     out = {}
     for m in dict.fromkeys([its[0]["model"], its[-1]["model"]]):
         t, cost = by[m], by[m]["prompt_tokens"] + by[m]["completion_tokens"]
-        # best-of-k pays a scoring pass per sample; the exact check of pass@k costs nothing
-        for key, name, per_sample in (("best", "best-of-", bon["tokens_per_sample"]),
-                                      ("pass", "pass@", bon["tokens_per_sample"] / 2)):
-            j = max([0] + [j for j, k in enumerate(bon["k"]) if k * per_sample <= cost])
+        for key, name in (("best", "best-of-"), ("pass", "pass@")):
+            j = max([0] + [j for j, k in enumerate(bon["k"]) if paths_cost(bon, key, k) <= cost])
             out[f"{m} - paths {name}{bon['k'][j]} (equal tokens)"] = paired_difference(
                 t["right"], bon[key][j])
         out[f"{m} - paths greedy"] = paired_difference(t["right"], paths["right"])
@@ -256,10 +264,11 @@ def plot(path, rows, calculator):
     bon = next(r for r in sos if r["model"] == "paths")["best_of_n"]
     with figure(path, figsize=(6.5, 4)) as (fig, ax):
         # the paths model's curves against tokens, then a point per trace model
-        x = [k * bon["tokens_per_sample"] for k in bon["k"]]
-        ax.plot(x, [sum(b) / len(b) for b in bon["best"]], marker="o",
+        ax.plot([paths_cost(bon, "best", k) for k in bon["k"]],
+                [sum(b) / len(b) for b in bon["best"]], marker="o",
                 label="optimal paths: best-of-N (own log-prob)")
-        ax.plot([v / 2 for v in x], [sum(b) / len(b) for b in bon["pass"]], ls="--",
+        ax.plot([paths_cost(bon, "pass", k) for k in bon["k"]],
+                [sum(b) / len(b) for b in bon["pass"]], ls="--",
                 marker=".", label="optimal paths: pass@N (exact check, no scoring pass)")
         for r in sos:
             if r["model"] != "paths":

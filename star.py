@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (SWITCH, all_gather, autocast, commit, committed, figure, flag, is_main,
-                    load_checkpoint, lr_at, non_negative, optimizer_step, positive, presets,
-                    rank_world, read_jsonl, save_checkpoint, seed_for, setting, split_batch,
-                    wrap_ddp, write_atomic, write_jsonl)
+from common import (SWITCH, TokenCount, all_gather, autocast, commit, committed, figure, flag,
+                    is_main, load_checkpoint, lr_at, non_negative, optimizer_step, positive,
+                    presets, rank_world, read_jsonl, save_checkpoint, seed_for, setting,
+                    split_batch, wrap_ddp, write_atomic, write_jsonl)
 from model import generate, right_pad
 from tasks import EOT, NOT_TEXT, PAD, TOKENIZER, decode, encode
 
@@ -193,40 +193,45 @@ def completion_cap(task, difficulty):
 
 def sample(model, task, problems, hint=False, n=1, temperature=0.0, batch_size=256, seed=0,
            desc="sample"):
-    """n completions per problem (end-of-text stripped) and the tokens generated (a tool's
-    writes included). Sample j of problem i is drawn with seed_for(seed, i, j) in any batch;
-    under torchrun each process samples its share, and every process gets all texts."""
+    """n completions per problem (end-of-text stripped), and a TokenCount of the tokens the
+    model processed: sampled (a tool's writes included) and prompt (encoded once per batch for
+    all of a problem's samples, whose cache rows share it). Sample j of problem i is drawn with
+    seed_for(seed, i, j) in any batch; under torchrun each process samples its share, and
+    every process gets all texts and the whole count."""
     # 1) this process's (difficulty, problem, sample) jobs, sorted so a batch has one length
     device = next(model.parameters()).device
     rank, world = rank_world()
     jobs = sorted((p.difficulty, i, j) for i, p in enumerate(problems) for j in range(n)
                   if i % world == rank)
     # 2) each batch sampled with the cache, a row capped at its own difficulty's length
-    results, n_tokens = [], 0
+    results, cost = [], TokenCount()
     bar = tqdm(range(0, len(jobs), batch_size), desc=desc, leave=False, dynamic_ncols=True)
     for start in bar:
         chunk = jobs[start:start + batch_size]
-        prompts = [encode(task.prompt(problems[i], hint=hint)) for _, i, _ in chunk]
+        owners = list(dict.fromkeys(i for _, i, _ in chunk))  # each problem's prompt once
+        prompts = [encode(task.prompt(problems[i], hint=hint)) for i in owners]
         max_new = min(max(completion_cap(task, d) for d, _, _ in chunk),
                       model.config.block_size - max(map(len, prompts)))
         with autocast(str(device)):
             tokens, _, lengths = generate(model, prompts, max_new, stop_tokens=(EOT,),
                                           pad_id=PAD, temperature=temperature,
                                           banned_tokens=NOT_TEXT,
+                                          copies=[sum(i == u for _, i, _ in chunk) for u in owners],
                                           seeds=[seed_for(seed, i, j) for _, i, j in chunk],
                                           tool=task.tool and row_tool(task, problems, chunk))
         tokens, lengths = tokens.tolist(), lengths.tolist()
-        n_tokens += sum(lengths)
+        cost.sampled += sum(lengths)
+        cost.prompt += sum(map(len, prompts))
         for (d, i, j), row, n_tok in zip(chunk, tokens, lengths):
             row = row[:min(n_tok, completion_cap(task, d))]  # its own cap, not its batch's
             results.append((i, j, decode(row[:-1] if row and row[-1] == EOT else row)))
     # 3) every process's texts, in problem and sample order
-    texts = [[None] * n for _ in problems]
-    shares = all_gather((results, n_tokens))  # torchrun: every process's share; else just ours
-    for share, _ in shares:
+    texts, total = [[None] * n for _ in problems], TokenCount()
+    for share, counts in all_gather((results, cost.counts())):  # torchrun: every process's
         for i, j, text in share:
             texts[i][j] = text
-    return texts, sum(n for _, n in shares)
+        total = TokenCount(*(a + b for a, b in zip(total.counts(), counts)))
+    return texts, total
 
 
 def continue_prefixes(model, prefixes, copies, max_new, stop, temperature, seeds, cost):
@@ -299,7 +304,7 @@ def star_iteration(prev, start_path, task, P, D, args, n, device):
     """One iteration: generate, keep, rationalize, fine-tune. Returns (model, kept, stats).
     Seeds derive from the iteration alone, so a resumed run samples what it would have."""
     # 1) sample a rationale per problem of D, keep those whose answer checks out
-    texts, n_tok = sample(prev, task, D, n=args.samples, temperature=args.temperature,
+    texts, cost = sample(prev, task, D, n=args.samples, temperature=args.temperature,
                           batch_size=args.sample_batch_size,
                           seed=seed_for(args.seed, "generate", n), desc=f"iter {n}: generate")
     kept, solved = keep_verified(task, D, texts)
@@ -307,12 +312,12 @@ def star_iteration(prev, start_path, task, P, D, args, n, device):
     # 2) rationalize: the failures again, with the answer as a hint (kept without it)
     failed = [p for i, p in enumerate(D) if i not in solved]
     if args.rationalize and failed:
-        hinted, n_tok_h = sample(prev, task, failed, hint=True, n=args.samples,
+        hinted, cost_h = sample(prev, task, failed, hint=True, n=args.samples,
                                  temperature=args.temperature, batch_size=args.sample_batch_size,
                                  seed=seed_for(args.seed, "rationalize", n),
                                  desc=f"iter {n}: rationalize")
         kept += keep_verified(task, failed, hinted)[0]
-        n_tok += n_tok_h
+        cost.sampled += cost_h.sampled
     # 3) fine-tune M0 again (the paper restarts) on P and everything kept
     model = load_checkpoint(start_path, device)[0] if args.restart else prev
     steps = iteration_steps(args, n)
@@ -321,7 +326,7 @@ def star_iteration(prev, start_path, task, P, D, args, n, device):
                     compile=args.compile)
     stats = {"kept_generated": n_generated, "kept_rationalized": len(kept) - n_generated,
              "solved_D": len(solved) / len(D), "train_steps": steps, "train_loss": loss,
-             "sampled_tokens": n_tok}
+             "sampled_tokens": cost.sampled}
     return model, kept, stats
 
 

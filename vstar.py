@@ -363,15 +363,16 @@ def curves(right, answers, verifier_scores, ks):
     return res
 
 
-def compute_per_sample(task, problems, prompts, comps, names):
-    """Mean tokens per sample: "sample" (its own), each scorer's pass (a rule's or check's: 0)."""
+def scorer_reads(task, problems, prompts, comps, names):
+    """Mean tokens each scorer's network reads per sample, {name: tokens}: the prompt and the
+    completion again (GenRM: and its question; GenRM-CoT: the step rows; a rule or a check: 0)."""
     n = len(comps)
     full = sum(len(p) + len(c) for p, c in zip(prompts, comps)) / n
     cot = sum(len(q) + len(c) for rows in cot_rows(task, problems, [decode(c[:-1]) for c in comps])
               for q, c in rows or ()) / n
-    cost = {"sample": full, "genrm": full + len(encode(GENRM_QUESTION)), "genrm-cot": cot,
+    cost = {"genrm": full + len(encode(GENRM_QUESTION)), "genrm-cot": cot,
             "dpo-reward": 2 * full, "length": 0.0, "random": 0.0, "exact check (oracle)": 0.0}
-    return {name: cost.get(name, full) for name in ["sample"] + names}
+    return {name: cost.get(name, full) for name in names}
 
 
 def pair_accuracy(right, s):
@@ -491,7 +492,7 @@ def evaluate_test_time(args, task, test, nets, out, device):
     row (best-of-k, majority@k, pass@k against k; tokens per sample; held-out pair accuracy)."""
     # 1) n samples per test problem from the last generator, each scored by every scorer
     generator = load_checkpoint(generator_path(out, args.iterations), device)[0].eval()
-    texts, _ = star.sample(generator, task, test, n=args.eval_samples,
+    texts, sampled = star.sample(generator, task, test, n=args.eval_samples,
                            temperature=args.temperature, batch_size=args.sample_batch_size,
                            seed=seed_for(args.seed, "test samples"), desc="test samples")
     n = args.eval_samples
@@ -506,7 +507,11 @@ def evaluate_test_time(args, task, test, nets, out, device):
     right = [[task.check(p, t) for t in ts] for p, ts in zip(test, texts)]
     answers = [[task.extract_answer(t) for t in ts] for ts in texts]
     res = curves(right, answers, verifier_scores, [2 ** i for i in range(int(math.log2(n)) + 1)])
-    res["tokens"] = compute_per_sample(task, problems, prompts, comps, list(flat))
+    # the tokens of k samples of a problem: its prompt once (shared cache rows), k completions,
+    # and k passes of a scorer (tokens["prompt"] per problem, the others per sample)
+    res["tokens"] = {"prompt": sampled.prompt / len(test),
+                     "sampled": sampled.sampled / len(problems),
+                     **scorer_reads(task, problems, prompts, comps, list(flat))}
     greedy = [r for r in read_jsonl(os.path.join(out, "metrics.jsonl"))
               if r.get("kind") == "iteration"][-1]["accuracy"]
     pairs = {name: pair_accuracy(right, s) for name, s in verifier_scores.items()}
@@ -550,9 +555,11 @@ def paired_cell(ev, a, ja, b, jb):
 
 
 def cost_of(ev, key, k):
-    """Tokens per problem of a method at k samples: k samples, and k passes of its scorer."""
+    """Tokens per problem of a method at k samples: the prompt once, k samples, and k passes of
+    its scorer (majority vote and pass@k: none)."""
     name = key[len("best-of-k "):] if key.startswith("best-of-k ") else None
-    return k * (ev["tokens"]["sample"] + (ev["tokens"][name] if name else 0.0))
+    tokens = ev["tokens"]
+    return tokens["prompt"] + k * (tokens["sampled"] + (tokens[name] if name else 0.0))
 
 
 def equal_compute_table(ev):

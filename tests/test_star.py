@@ -18,9 +18,9 @@ import torch
 
 import star
 import train
-from common import read_jsonl, save_checkpoint
+from common import TokenCount, read_jsonl, save_checkpoint
 from model import GPT, get_config
-from tasks import PAD, TOKENIZER, decode, get_task, sample_problems
+from tasks import PAD, TOKENIZER, decode, encode, get_task, sample_problems
 
 TINY_RUN = ["--task", "addition", "--n-train", "16", "--n-unlabeled", "12", "--n-test", "12",
             "--steps", "30", "--star-steps", "8", "--iterations", "2", "--batch-size", "8",
@@ -70,7 +70,7 @@ def fake_sampler(task, right_without_hint, right_with_hint):
             ok = (right_with_hint if hint else right_without_hint)(i, p)
             wrong = task.completion(task.rationale(p), str(int(p.answer) + 1))
             texts.append([task.gold_completion(p) if ok else wrong] * n)
-        return texts, 0
+        return texts, TokenCount()
     return sample
 
 
@@ -224,3 +224,30 @@ def test_completion_cap_reads_the_difficulty_not_the_problems(monkeypatch):
     star.sample(net, task, short)
     star.sample(net, task, long)
     assert caps[0] == caps[1] == star.completion_cap(task, 3)
+
+
+def test_sample_encodes_each_prompt_once_and_counts_what_it_computes(monkeypatch):
+    # a problem's n samples share one prefill (generate's copies): its prompt is encoded and
+    # counted once per batch, the samples are those of one row per sample, and the count is
+    # what generate was given and returned
+    task = get_task("countdown")
+    torch.manual_seed(0)
+    net = GPT(get_config("tiny", n_layer=1, n_embd=32, n_head=2)).eval()
+    problems = sample_problems(task, 5, [3], seed=4)
+    seen = {"prompt": 0, "sampled": 0}
+    real = star.generate
+
+    def spy(model, prompts, *a, **kw):
+        out = real(model, prompts, *a, **kw)
+        seen["prompt"] += sum(map(len, prompts))
+        seen["sampled"] += int(out[2].sum())
+        return out
+    monkeypatch.setattr(star, "generate", spy)
+    texts, cost = star.sample(net, task, problems, n=3, temperature=1.0, seed=2)
+    assert (cost.prompt, cost.sampled) == (seen["prompt"], seen["sampled"])
+    prompts = sum(len(encode(task.prompt(p))) for p in problems)
+    assert cost.prompt == prompts  # once per problem, not once per sample
+    alone, alone_cost = star.sample(net, task, problems, n=3, temperature=1.0, seed=2,
+                                    batch_size=1)  # every sample its own batch and prefill
+    assert alone == texts and alone_cost.prompt == 3 * prompts
+    assert alone_cost.sampled == cost.sampled
