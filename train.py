@@ -111,12 +111,15 @@ def build_parser(groups, method=None, preset=None, epilog=None):
     return p
 
 
-def get_parser():
-    """The parser of every flag of every method: resolve() then refuses the ones --method's
-    table does not list."""
+def get_parser(method=None):
+    """The parser of every flag of every method, each flag as the method's own table types it
+    (with no method, as the first table that has it): resolve() then refuses the flags the
+    method's table does not list."""
+    own = {} if method is None else {dest: (dest, names, kw) for dest, names, kw, _ in
+                                     METHODS[method][1] if dest not in COMMON}
     return build_parser({"every method": COMMON_FLAGS,
                          "the methods' own (python train.py --method M --help)":
-                         list(METHOD_FLAGS.values())})
+                         list({**METHOD_FLAGS, **own}.values())})
 
 
 def help_parser(method, preset):
@@ -301,7 +304,9 @@ def write_report(args, t0):
 
 def main(argv=None):
     # 1) the flags, resolved over the method's table (--help: shown, then exit)
-    parser = get_parser()
+    first = Parser(add_help=False)  # --method first: each flag is then typed as it uses it
+    first.add_argument("--method", choices=sorted(METHODS))
+    parser = get_parser(first.parse_known_args(argv)[0].method)
     args = parser.parse_args(argv)
     if args.help:
         help_parser(args.method, args.preset).print_help()

@@ -33,6 +33,8 @@ BAD_INPUT = [  # (arguments, words the one-line error must contain)
     (["--method", "quiet_star", "--worked-fraction", "1.5"], ["--worked-fraction", "'1.5'"]),
     (["--method", "quiet_star", "--worked-fraction", "1"], ["--worked-fraction", "no bare"]),
     (["--method", "quiet_star", "--mixing", "relu"], ["--mixing", "relu", "tanh"]),
+    # a flag is typed by the method's own table: V-STaR's verifiers need sampled solutions
+    (["--method", "vstar", "--iterations", "0"], ["--iterations", "'0'", "greater than 0"]),
 ]
 
 
