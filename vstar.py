@@ -294,10 +294,8 @@ def score_in_shares(score, prompts, completions, batch_size=256):
 def logprobs(model, prompts, completions, mean=False):
     """log p(y|x) of one batch, summed over the completion (DPO's log V(y|x)), or per token
     (mean=True): the generator's own confidence, the baseline every verifier must beat."""
-    s = sequence_logprobs(model, prompts, completions, PAD).float()
-    if mean:
-        s = s / torch.tensor([max(1, len(c)) for c in completions], device=s.device)
-    return s.tolist()
+    s = sequence_logprobs(model, prompts, completions, PAD).float().tolist()
+    return [x / max(1, len(c)) for x, c in zip(s, completions)] if mean else s
 
 
 def logprob_scores(model, prompts, completions, mean=False):
