@@ -4,7 +4,8 @@ optimiser step, seeds, files (JSON lines, atomic writes, figures), a run's resum
 devices and checkpoints, the torchrun helpers, and the types of the command line's flags.
 model.py is the network and its sampler; the method files build on both.
 
-Run the tests: python -m pytest tests/test_model.py tests/test_train.py
+Tested in tests/test_model.py (checkpoints, seeds, batch split), test_vstar.py (estimators),
+test_search.py (votes, TokenCount), test_train.py (flags), test_star.py (resume).
 """
 
 import argparse
@@ -188,10 +189,12 @@ def write_atomic(path, text):
 
 
 def write_jsonl(path, rows):
+    """rows (dicts) as a JSON-lines file, one per line, written atomically."""
     write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def read_jsonl(path):
+    """The rows of a JSON-lines file; [] if there is no file yet."""
     if not os.path.exists(path):
         return []
     with open(path) as f:
@@ -364,7 +367,6 @@ def non_negative(cast):
     return checked(cast, lambda v: v >= 0, "must be 0 or more")
 
 
-fraction = checked(float, lambda v: 0 <= v <= 1, "is not between 0 and 1")
 SWITCH = "switch"  # a flag's kind: it takes no value and turns the method's value over
 
 

@@ -5,7 +5,7 @@ learns chain-task lines, half of which show their work ("8+8*8+5:(6,8,3)3"), and
 the answers of bare held-out lines ("8+8*8+5=3") against a plain continuation (same data and
 steps, not equal compute) and against the base's own thoughts before training.
 
-    base = train_base(text)              # then the diagnostic: its own thoughts at w = 0 and 1
+    base = base_stage(text)              # then the diagnostic: its own thoughts at w = 0 and 1
     plain, quiet, head = load_arms(base)
     for s in range(think_steps):         # think_training: both arms, the same batch and lr
         lm_step(plain, batch)
@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (all_gather, autocast, bootstrap_ci, commit, committed, figure, flag, fraction,
+from common import (all_gather, autocast, bootstrap_ci, checked, commit, committed, figure, flag,
                     is_main, load_checkpoint, lr_at, non_negative, optimizer_step, positive,
                     presets, rank_world, read_jsonl, save_checkpoint, seed_for, setting, wrap_ddp,
                     write_atomic)
@@ -44,7 +44,9 @@ FLAGS = [
     setting("--test-difficulty", ("3", "4", "6")),
     # the text
     flag("--n-test", positive(int), (400, 1000, 2000), "held-out test lines"),
-    flag("--worked-fraction", fraction, 0.5, "share of text lines that show their work (0: none)"),
+    flag("--worked-fraction", checked(float, lambda v: 0 <= v < 1, "is not in [0, 1): 1 leaves no "
+                                      "bare lines to measure"), 0.5,
+         "share of text lines that show their work (0: none)"),
     flag("--seq-len", positive(int), (48, 64, 128), "tokens per sequence (whole lines, padded)"),
     # stage 1: the base language model, from scratch
     flag("--base-steps", positive(int), (1500, 3000, 5000), "training steps of the base model"),
@@ -78,7 +80,7 @@ NOT_THOUGHT = (SOT, EOTH, EOT, PAD)  # never sampled as a thought token
 # The text (tasks/text.py: lines that show their work or not, packed into rows)
 
 
-def test_problems(task, args):
+def held_out_problems(task, args):
     """The held-out lines, no problem twice; every training batch is drawn without them."""
     return sample_problems(task, args.n_test, args.test_difficulty,
                            seed=seed_for(args.seed, "test"), distinct=True)
@@ -292,7 +294,7 @@ def quiet_star_loss(th, seqs, n_thoughts, args, counts=None):
 
 
 @torch.no_grad()
-def evaluate(model, head, data, args, batch_size=64):
+def evaluate_answers(model, head, data, args, batch_size=64):
     """Answer tokens of the bare lines in data (pack's output) under the plain model (head=None) or
     greedy thoughts everywhere (n_true=1: greedy accuracy is read from teacher-forced argmaxes).
     Returns answer_nll, accuracy, line_nll, line_right (per line), with a head mixing_weight."""
@@ -343,7 +345,7 @@ def paired_change(quiet, plain):
 
 
 @torch.no_grad()
-def sample_lines(model, head, task, problems, thought_len, k=6):
+def thought_samples(model, head, task, problems, thought_len, k=6):
     """Text to read for a few bare held-out lines: before each answer token, the greedy thought,
     the mixing weight and the token then predicted (teacher-forced, as evaluate reads accuracy)."""
     device = next(model.parameters()).device
@@ -371,7 +373,7 @@ def sample_lines(model, head, task, problems, thought_len, k=6):
 # Training: the base model, then Quiet-STaR and the plain arm side by side (same data, steps)
 
 
-def update(opt, loss, lr, params):
+def gradient_step(opt, loss, lr, params):
     """loss.backward(), then optimizer_step with each group at lr x its lr_mult (head: faster)."""
     loss.backward()
     for g in opt.param_groups:
@@ -381,7 +383,8 @@ def update(opt, loss, lr, params):
 
 def lm_step(model, opt, seqs, lr):
     """A next-token step on the batch seqs; returns this process's loss. Under torchrun (model in
-    DDP) on its rows, as model.split_batch splits (counted without a sync): the batch's gradient."""
+    DDP) on its rows, as common.split_batch splits (counted without a sync): the batch's
+    gradient."""
     rank, world = rank_world()
     share = seqs[rank::world]
     with autocast(str(seqs.device)):
@@ -389,7 +392,7 @@ def lm_step(model, opt, seqs, lr):
     loss = F.cross_entropy(text_logits(logits).reshape(-1, logits.size(-1)),
                            targets(share).reshape(-1), ignore_index=-1,
                            reduction="sum") / ((targets(seqs) >= 0).sum() / world)
-    update(opt, loss, lr, model.parameters())
+    gradient_step(opt, loss, lr, model.parameters())
     return loss.item()
 
 
@@ -435,12 +438,12 @@ def quiet_star_step(model, head, opt, seqs, lr, step, args, thinker=None):
     # 3) the update, then the meta-tokens moved meta_lr_mult times as far (capped)
     wte = model.transformer.wte.weight
     before, median_norm = wte[META].detach().clone(), wte.detach().norm(dim=1).median()
-    update(opt, loss, lr, list(model.parameters()) + list(head.parameters()))
+    gradient_step(opt, loss, lr, list(model.parameters()) + list(head.parameters()))
     move_meta_tokens(wte, before, median_norm, args.meta_lr_mult, args.meta_max_change)
     return stats
 
 
-def train_base(args, task, cfg, data, test_keys, path, out, device):
+def base_stage(args, task, cfg, data, test_keys, path, out, device):
     """Stage 1: the base language model, saved, and its "base" row committed (returns nothing)."""
     # 1) the base on the text, from scratch
     t0 = time.time()
@@ -459,9 +462,9 @@ def train_base(args, task, cfg, data, test_keys, path, out, device):
     quiet = copy.deepcopy(base)
     init_meta_tokens(quiet, args.meta_init)
     row = {"kind": "base", "step": 0, "base_steps": args.base_steps,
-           "plain": evaluate(base, None, data, args),
-           "w=0": evaluate(quiet, FixedHead(0.0), data, args),
-           "w=1": evaluate(quiet, FixedHead(1.0), data, args)}
+           "plain": evaluate_answers(base, None, data, args),
+           "w=0": evaluate_answers(quiet, FixedHead(0.0), data, args),
+           "w=1": evaluate_answers(quiet, FixedHead(1.0), data, args)}
     commit(out, t0, row)
     tqdm.write(diagnostic(row))
 
@@ -493,7 +496,7 @@ def save_arms(arms, path, step, task, bare, args, out):
     save_checkpoint(path("quiet", step), quiet, TOKENIZER,
                     extra={"head": head.state_dict(), "opt": opt_q.state_dict()})
     write_atomic(os.path.join(out, f"samples_step{step}.txt"),
-                 sample_lines(quiet, head, task, bare, args.thought_len))
+                 thought_samples(quiet, head, task, bare, args.thought_len))
 
 
 def evaluate_arms(arms, data, args, step, stats, base_w1):
@@ -503,7 +506,8 @@ def evaluate_arms(arms, data, args, step, stats, base_w1):
     shares = all_gather({k: sum(d[k] for d in stats) / len(stats) for k in stats[0]})
     mean = {k: sum(m[k] for m in shares) / len(shares) for k in shares[0]}  # over processes
     row = {"kind": "eval", "step": step, "tokens_seen": step * args.batch_size * args.seq_len,
-           "plain": evaluate(plain, None, data, args), "quiet": evaluate(quiet, head, data, args),
+           "plain": evaluate_answers(plain, None, data, args),
+           "quiet": evaluate_answers(quiet, head, data, args),
            "train": mean}
     row["change"] = paired_change(row["quiet"], row["plain"])
     row["vs_fixed"] = paired_change(row["quiet"], base_w1)
@@ -550,7 +554,7 @@ def run(args, task, P, D, test, out, device, new_model):
     # 1) the model (its block holds a sequence and a thought) and the held-out lines, packed
     need = args.seq_len + args.thought_len + args.n_true + 2
     cfg = get_config(args.preset, block_size=max(need, get_config(args.preset).block_size))
-    problems = test_problems(task, args)
+    problems = held_out_problems(task, args)
     test_keys = held_out(task, problems)
     worked = show_work(len(problems), args.worked_fraction, seed_for(args.seed, "test work"))
     data = pack(task, problems, worked, args.seq_len)
@@ -558,7 +562,7 @@ def run(args, task, P, D, test, out, device, new_model):
     path = lambda arm, step: os.path.join(out, f"{arm}_step{step}.pt")  # noqa: E731
     # 2) stage 1 unless committed, then stage 2 from the last committed step
     if not committed(out, "step", kind="base"):
-        train_base(args, task, cfg, data, test_keys, path, out, device)
+        base_stage(args, task, cfg, data, test_keys, path, out, device)
     start = max(committed(out, "step", kind="eval"), default=0)
     if start > 0:
         tqdm.write(f"resuming {out} after step {start}")

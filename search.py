@@ -7,7 +7,7 @@ and MCTS over steps (RAP, arXiv 2305.14992; rStar-math, arXiv 2501.04519), each 
 GenRM-CoT (arXiv 2408.15240), a PRM on Math-Shepherd's labels (arXiv 2312.08935), the
 generator's log-prob, or the exact verifier ("oracle-guided": for teaching, not a bound).
 
-    train_generator(P); label_samples(P + D); train_scorers()     # M0 of star.py, PRM, GenRM-CoT
+    generator_stage(P); labels_stage(P + D); scorers_stage()     # M0 of star.py, PRM, GenRM-CoT
     evaluate_pool(N)        # best-of-N, majority and weighted votes, pass@N (the pool's ceiling)
     for scorer in LEARNED + oracle: evaluate_beam, evaluate_mcts
     table: each search against best-of-N and the weighted vote by its scorer at equal compute
@@ -356,8 +356,9 @@ def rightness(task, problems, texts):
     return [float(task.check(p, t)) for p, t in zip(problems, texts)]
 
 
-def train_generator(args, task, P, test, out, new_model):
-    """M0 of star.py (or --checkpoint as it is), saved; its greedy accuracy and tokens."""
+def generator_stage(args, task, P, test, out, new_model):
+    """The generator's stage: M0 of star.py (or --checkpoint as it is) trained and saved, its
+    greedy accuracy and tokens measured: its row."""
     torch.manual_seed(args.seed)
     model = new_model()
     loss = None if args.checkpoint else star.train_start_model(model, task, P, args)
@@ -371,7 +372,7 @@ def train_generator(args, task, P, test, out, new_model):
              "sampled_tokens": cost.sampled / len(test), "train_loss": loss}]
 
 
-def label_samples(model, task, problems, args, out):
+def labels_stage(model, task, problems, args, out):
     """The generator's samples of P+D, labelled by outcome and by Math-Shepherd, saved: its row."""
     texts, sampled = star.sample(model, task, problems, n=args.samples,
                                  temperature=args.temperature, batch_size=args.sample_batch_size,
@@ -387,7 +388,7 @@ def label_samples(model, task, problems, args, out):
              "rollout_tokens": cost.sampled}]
 
 
-def train_scorers(args, task, P, out, device):
+def scorers_stage(args, task, P, out, device):
     """GenRM-CoT on gold and labelled samples, the PRM on Math-Shepherd's labels, saved: a row."""
     path = lambda name: os.path.join(out, name)  # noqa: E731
     gold = [(p, c, True) for p, c in star.gold_examples(task, P, with_hints=False)]
@@ -468,7 +469,7 @@ def search_seeds(args, stage, mine):
     return lambda *key: [seed_for(args.seed, stage, *key, i) for i in mine]
 
 
-def search_rows(stage, methods, name, budgets, task, test, found):
+def search_result_rows(stage, methods, name, budgets, task, test, found):
     """The metrics rows of a search's methods (found[b]: every problem's picks, one per method,
     and the token counts, at budgets[b]), and its line of progress."""
     spent = [[c / len(test) for c in counts] for _, counts in found]
@@ -489,7 +490,7 @@ def evaluate_beam(model, task, test, name, scorer, budgets, args):
         texts = beam_search(model, task, problems, scorer, N, args.beam_width,
                             args.temperature, seeds(N), cost)
         found.append(merge_shares(dict(zip(mine, zip(texts))), cost.counts()))
-    return search_rows(stage, ["beam search"], name, budgets, task, test, found)
+    return search_result_rows(stage, ["beam search"], name, budgets, task, test, found)
 
 
 def evaluate_mcts(model, task, test, name, scorer, budgets, args):
@@ -499,8 +500,8 @@ def evaluate_mcts(model, task, test, name, scorer, budgets, args):
     res = mcts(model, task, problems, scorer, budgets, args.mcts_children, args.mcts_c,
                args.temperature, seeds(), TokenCount())
     found = [merge_shares(dict(zip(mine, zip(*res[s][:2]))), res[s][2]) for s in budgets]
-    return search_rows(stage, ["MCTS most-visited", "MCTS weighted vote"], name, budgets, task,
-                       test, found)
+    return search_result_rows(stage, ["MCTS most-visited", "MCTS weighted vote"], name,
+                              budgets, task, test, found)
 
 
 def run(args, task, P, D, test, out, device, new_model):
@@ -512,10 +513,10 @@ def run(args, task, P, D, test, out, device, new_model):
         if name not in finished:
             commit(out, time.time(), *make_rows(*inputs))
     # 1) the generator, its labelled samples of P + D, the learned scorers trained on them
-    stage("generator", train_generator, args, task, P, test, out, new_model)
+    stage("generator", generator_stage, args, task, P, test, out, new_model)
     model = load_checkpoint(os.path.join(out, "generator.pt"), device)[0].eval()
-    stage("labels", label_samples, model, task, P + D, args, out)
-    stage("scorers", train_scorers, args, task, P, out, device)
+    stage("labels", labels_stage, model, task, P + D, args, out)
+    stage("scorers", scorers_stage, args, task, P, out, device)
     scorers = load_scorers(model, task, out, device)
     # 2) the pool's methods, then beam search and MCTS guided by each scorer
     stage("pool", evaluate_pool, model, task, test, scorers, budgets, args)

@@ -5,9 +5,9 @@ writes the trace of a symbolic search (the steps tried, the numbers left, dead e
 backing up) as text; the same fine-tuning as STaR's trains on it, and the same STaR loop improves
 it on the model's own traces.
 
-    paths    <- finetune(fresh, P's optimal paths)                 train_paths_model
-    traces 0 <- finetune(fresh, P's search traces, failed ones too) train_traces_model(0)
-    for n = 1..T:                                                  train_traces_model(n)
+    paths    <- finetune(fresh, P's optimal paths)                 paths_stage
+    traces 0 <- finetune(fresh, P's search traces, failed ones too) traces_stage(0)
+    for n = 1..T:                                                  traces_stage(n)
         kept <- keep_verified(D, sample(traces n-1, D))             # STaR on its own searches
         traces n <- finetune(traces 0, P's traces + kept)
     test: each model greedily; one trace against the paths model's best-of-k at equal tokens
@@ -31,7 +31,7 @@ from common import (SWITCH, best_of_k, commit, committed, figure, flag, load_che
                     non_negative, paired_difference, pass_at_k, positive, presets,
                     save_checkpoint, seed_for, setting, write_atomic)
 from star import (finetune, gold_examples, iteration_steps, keep_verified, sample, sample_lines,
-                  test_model)
+                  held_out_results)
 from tasks import EOT, TOKENIZER, encode
 from tasks.countdown import Countdown, CountdownTraces, search_trace, trace_stats
 
@@ -97,7 +97,7 @@ def greedy_results(model, task, test, args):
     """One model's greedy results: accuracy, per-problem rightness, tokens per problem (prompt,
     sampled, written by the tool) and, for traces, what the searches did. Returns (row, texts)."""
     # 1) greedy accuracy, and the tokens per problem: prompt, sampled, written by the tool
-    row, texts = test_model(model, task, test, args)
+    row, texts = held_out_results(model, task, test, args)
     right, n = row["right"], len(test)
     row.update({"prompt_tokens": sum(len(encode(task.prompt(p))) for p in test) / n,
                 "completion_tokens": sum(len(encode(t)) + 1 for t in texts) / n,
@@ -166,34 +166,35 @@ def fit(model, examples, steps, name, args):
             "trained_tokens": round(steps * args.batch_size * mean_len)}
 
 
-def commit_model(args, out, name, row, stats, texts, task, test, t0):
-    """A model's samples to read, then its metrics row: the commit point a rerun resumes after."""
+def save_samples(out, name, task, test, texts):
+    """A few of a model's test completions, for a person to read: samples_<name>.txt."""
     write_atomic(os.path.join(out, f"samples_{name.replace(' ', '')}.txt"),
                  "\n".join(sample_lines(task, test, texts, k=12)))
-    commit(out, t0, {"kind": "sos", "model": name, **row, **stats})
-    tqdm.write(f"{name}: greedy accuracy {row['accuracy']:.3f}")
 
 
-def train_paths_model(args, paths, P, test, out, new_model):
-    """The baseline: a fresh model fine-tuned on P's optimal paths, tested greedily and by
-    best-of-N with its own log-prob."""
+def paths_stage(args, paths, P, test, out, new_model):
+    """The stage of the baseline: a fresh model fine-tuned on P's optimal paths, tested greedily
+    and by best-of-N with its own log-prob, its samples saved, its row committed."""
     t0 = time.time()
     torch.manual_seed(args.seed)
     model = new_model()
     stats = fit(model, gold_examples(paths, P, with_hints=False), args.steps, "paths", args)
     row, texts = greedy_results(model, paths, test, args)
     row["best_of_n"] = best_of_n(model, paths, test, args)
-    commit_model(args, out, "paths", row, stats, texts, paths, test, t0)
+    save_samples(out, "paths", paths, test, texts)
+    commit(out, t0, {"kind": "sos", "model": "paths", **row, **stats})
+    tqdm.write(f"paths: greedy accuracy {row['accuracy']:.3f}")
 
 
 def traces_path(out, n):
     return os.path.join(out, f"traces_iter{n}.pt")
 
 
-def train_traces_model(args, traces, P, D, test, out, device, new_model, n):
-    """Trace model n: a fresh model on P's search traces (n = 0), or STaR's iteration n: traces
-    n-1 searches D, the traces whose found path is right are kept, and traces 0 is fine-tuned on
-    them with P's for iteration n's steps. Tested greedily and saved."""
+def traces_stage(args, traces, P, D, test, out, device, new_model, n):
+    """The stage of trace model n: a fresh model on P's search traces (n = 0), or STaR's
+    iteration n: traces n-1 searches D, the traces whose found path is right are kept, and
+    traces 0 is fine-tuned on them with P's for iteration n's steps. Tested greedily, saved with
+    its samples, its row committed."""
     t0, name, stats = time.time(), f"traces {n}", {}
     examples = gold_examples(traces, P, with_hints=False)
     # 1) the starting model and the examples: P's traces, and from n = 1 its own kept searches
@@ -213,7 +214,9 @@ def train_traces_model(args, traces, P, D, test, out, device, new_model, n):
     stats.update(fit(model, examples, steps, name, args))
     row, texts = greedy_results(model, traces, test, args)
     save_checkpoint(traces_path(out, n), model, TOKENIZER, extra={"iteration": n})
-    commit_model(args, out, name, row, stats, texts, traces, test, t0)
+    save_samples(out, name, traces, test, texts)
+    commit(out, t0, {"kind": "sos", "model": name, **row, **stats})
+    tqdm.write(f"{name}: greedy accuracy {row['accuracy']:.3f}")
 
 
 def run(args, task, P, D, test, out, device, new_model):
@@ -222,10 +225,10 @@ def run(args, task, P, D, test, out, device, new_model):
     paths, traces = paths_and_traces(args)
     finished = committed(out, "model", kind="sos")
     if "paths" not in finished:
-        train_paths_model(args, paths, P, test, out, new_model)
+        paths_stage(args, paths, P, test, out, new_model)
     for n in range(args.iterations + 1):
         if f"traces {n}" not in finished:
-            train_traces_model(args, traces, P, D, test, out, device, new_model, n)
+            traces_stage(args, traces, P, D, test, out, device, new_model, n)
 
 
 # -----------------------------------------------------------------------------

@@ -5,7 +5,7 @@ STaR, the Self-Taught Reasoner (Zelikman, Wu, Mu, Goodman 2022, arXiv 2203.14465
   for n = 1..N:                                    # star_iteration
       kept <- keep_verified(D, sample(M(n-1), D))  # rationales whose answer checks out
       kept += keep_verified(failed, sample(M(n-1), failed, hint=True))   # rationalize
-      M(n) <- finetune(M0, P + kept, iteration_steps(n)); test_model(M(n)); commit
+      M(n) <- finetune(M0, P + kept, iteration_steps(n)); held_out_results(M(n)); commit
 The first half of the file is what every method that fine-tunes and samples builds on (collate,
 batch_backward, finetune, sample, evaluate); V-STaR, search and Stream of Search import it.
 Run: python train.py --method star | sft (M0 alone)   (--help for the ablation flags)
@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (SWITCH, TokenCount, all_gather, autocast, commit, committed, figure, flag,
-                    is_main, load_checkpoint, lr_at, non_negative, optimizer_step, positive,
-                    presets, rank_world, read_jsonl, save_checkpoint, seed_for, setting,
+                    is_main, load_checkpoint, lr_at, my_share, non_negative, optimizer_step,
+                    positive, presets, read_jsonl, save_checkpoint, seed_for, setting,
                     split_batch, wrap_ddp, write_atomic, write_jsonl)
 from model import generate, right_pad
 from tasks import EOT, NOT_TEXT, PAD, TOKENIZER, decode, encode
@@ -200,9 +200,8 @@ def sample(model, task, problems, hint=False, n=1, temperature=0.0, batch_size=2
     every process gets all texts and the whole count."""
     # 1) this process's (difficulty, problem, sample) jobs, sorted so a batch has one length
     device = next(model.parameters()).device
-    rank, world = rank_world()
-    jobs = sorted((p.difficulty, i, j) for i, p in enumerate(problems) for j in range(n)
-                  if i % world == rank)
+    jobs = sorted((problems[i].difficulty, i, j) for i in my_share(len(problems))
+                  for j in range(n))
     # 2) each batch sampled with the cache, a row capped at its own difficulty's length
     results, cost = [], TokenCount()
     bar = tqdm(range(0, len(jobs), batch_size), desc=desc, leave=False, dynamic_ncols=True)
@@ -343,7 +342,7 @@ def model_path(out, n):
     return os.path.join(out, f"model_iter{n}.pt")
 
 
-def test_model(model, task, test, args):
+def held_out_results(model, task, test, args):
     """A model's greedy results on the test set: (its metrics, its completions)."""
     acc, overall, texts = evaluate(model, task, test, args.sample_batch_size)
     return {"accuracy": overall, "accuracy_by_difficulty": {str(d): a for d, a in acc.items()},
@@ -374,7 +373,7 @@ def run(args, task, P, D, test, out, device, new_model):
     start_path = os.path.join(out, "start.pt")
 
     def end_stage(n, model, stats, t0, kept=None):  # iteration n: test, save, commit, report
-        row, texts = test_model(model, task, test, args)
+        row, texts = held_out_results(model, task, test, args)
         save_iteration(out, task, test, n, model, texts, kept)
         commit(out, t0, {"kind": "iteration", "iteration": n, **row, **stats})
         if n > 0:

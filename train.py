@@ -48,7 +48,8 @@ METHODS = {  # name: (its file, its flags beyond train.py's own)
     "quiet_star": (quiet_star, quiet_star.FLAGS),
     "sos": (sos, sos.FLAGS),
 }
-DEFAULTS = {name: presets(table) for name, (_, table) in METHODS.items()}  # {method: {preset: ..}}
+# {method: {preset: {flag: value}}}, each method's values at each preset
+METHOD_DEFAULTS = {name: presets(table) for name, (_, table) in METHODS.items()}
 
 
 class Parser(argparse.ArgumentParser):
@@ -138,7 +139,7 @@ def help_parser(method, preset):
 
 def shown_default(dest, kw, method, preset):
     """The value resolve() would give args.<dest> for this method and preset, for --help."""
-    table = DEFAULTS[method][preset]
+    table = METHOD_DEFAULTS[method][preset]
     task = get_task(table["task"])
     train_d, test_d = default_difficulties(task, preset)
     resolved = {"method": method, "preset": preset, "train_difficulty": train_d,
@@ -177,7 +178,7 @@ def resolve(args, parser):
     what argparse cannot, and return the task. A flag the method does not use is refused."""
     # 1) refuse a flag the method does not take, then fill the unset ones from its table
     args.method = args.method or "star"
-    table = DEFAULTS[args.method][args.preset]
+    table = METHOD_DEFAULTS[args.method][args.preset]
     for name, value in vars(args).items():
         if value is not None and name not in COMMON and name not in table:
             parser.error(f"argument {FLAG_OF[name]}: --method {args.method} does not use it; "
@@ -188,9 +189,6 @@ def resolve(args, parser):
     # 2) what argparse cannot check: values that depend on each other, files, devices
     if getattr(args, "eval_samples", None) and args.eval_samples & (args.eval_samples - 1):
         parser.error(f"argument --eval-samples: {args.eval_samples} is not a power of 2")
-    if getattr(args, "worked_fraction", None) == 1:
-        parser.error("argument --worked-fraction: 1 leaves no bare lines to measure; "
-                     "choose 0 <= fraction < 1")
     if getattr(args, "temperature", None) is not None and args.temperature < 0:
         parser.error(f"argument --temperature: {args.temperature} must be 0 or more")
     if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
@@ -276,7 +274,7 @@ def write_config(args, cfg, parser):
     """config.json: every resolved setting. A folder that holds another run's results is never
     mixed with this one's: only settings that add rows or move the run may change."""
     os.makedirs(args.out, exist_ok=True)
-    used = DEFAULTS[args.method][args.preset]
+    used = METHOD_DEFAULTS[args.method][args.preset]
     config = {k: v for k, v in vars(args).items() if k in COMMON or k in used}
     config["model"] = asdict(cfg)
     cfg_path = os.path.join(args.out, "config.json")
@@ -303,6 +301,7 @@ def write_report(args, t0):
 
 
 def main(argv=None):
+    """python train.py [flags]: one run of one method, its outputs in --out."""
     # 1) the flags, resolved over the method's table (--help: shown, then exit)
     first = Parser(add_help=False)  # --method first: each flag is then typed as it uses it
     first.add_argument("--method", choices=sorted(METHODS))

@@ -425,7 +425,7 @@ def trace_backtracks(text):
 
 
 # -----------------------------------------------------------------------------
-# Tools and the trace task for Stream of Search (star.py: --method sos)
+# Tools and the trace task for Stream of Search (sos.py)
 
 PARTIAL_LINE = re.compile(rf"( *)({NUMBER})([-+*/])({NUMBER})=")
 DONE_LINE = re.compile(rf"( *)({NUMBER}[-+*/]{NUMBER}={NUMBER})")

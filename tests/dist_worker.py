@@ -59,9 +59,9 @@ def checks(out_dir):
     star.generate = generate
     shares = all_gather(seen)
     # the same call in this process alone (no split, no gather): the same texts expected
-    star.rank_world, star.all_gather = (lambda: (0, 1)), (lambda x: [x])
+    common.rank_world, star.all_gather = (lambda: (0, 1)), (lambda x: [x])  # (common.my_share)
     alone, _ = star.sample(net, task, problems, n=2, temperature=1.0, seed=5)
-    star.rank_world, star.all_gather = rank_world, all_gather
+    common.rank_world, star.all_gather = rank_world, all_gather
 
     # 2. one DDP step on a global batch, bucket by bucket as finetune runs it (a small overhead,
     # so each process's share takes several buckets and no_sync is used), against the

@@ -27,7 +27,7 @@ def model_row(run, name):
     sys.exit(f"paired.py: error: {run!r} has no sos row of model {name!r}")
 
 
-def rightness(run, iteration):
+def right_of(run, iteration):
     rows = [r for r in read_jsonl(os.path.join(run, "metrics.jsonl"))
             if r.get("kind") == "iteration" and "right" in r]
     if not rows:
@@ -52,7 +52,7 @@ def main():
     if args.models:
         a, b = model_row(args.run_a, args.models[0]), model_row(args.run_b, args.models[1])
     else:
-        a, b = rightness(args.run_a, args.iteration), rightness(args.run_b, args.iteration)
+        a, b = right_of(args.run_a, args.iteration), right_of(args.run_b, args.iteration)
     if len(a["right"]) != len(b["right"]):
         sys.exit("paired.py: error: the runs have different test sets "
                  f"({len(a['right'])} and {len(b['right'])} problems)")

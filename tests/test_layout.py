@@ -23,26 +23,43 @@ ALLOWED = {  # each file: the project files it may import
 
 
 def project_files():
-    """{module name: its source files}: every top-level .py file, and tasks/ as one module."""
-    files = {f[:-3]: [os.path.join(ROOT, f)] for f in os.listdir(ROOT) if f.endswith(".py")}
-    files["tasks"] = [os.path.join(ROOT, "tasks", f)
-                      for f in os.listdir(os.path.join(ROOT, "tasks")) if f.endswith(".py")]
+    """{module name: its source files}: every top-level .py file, and each top-level folder of
+    .py files (tasks/) as one module; tests/ is not part of the program."""
+    files = {}
+    for entry in sorted(os.listdir(ROOT)):
+        path = os.path.join(ROOT, entry)
+        if entry.endswith(".py"):
+            files[entry[:-3]] = [path]
+        elif os.path.isdir(path) and entry != "tests" and not entry.startswith("."):
+            inner = [os.path.join(path, f) for f in os.listdir(path) if f.endswith(".py")]
+            if inner:
+                files[entry] = inner
     return files
 
 
 def imports_of(path, names):
-    """(project modules imported at the top level of the file, those imported inside a function
-    or class), each a set of names from `names`."""
+    """(project modules imported at module level, those imported inside a function, class or
+    lambda, or by name at run time: importlib.import_module("m"), __import__("m")), each a set
+    of names from `names`. An import under a module-level if or try counts as module level."""
     tree = ast.parse(open(path).read(), path)
     top, nested = set(), set()
-    for node in ast.walk(tree):
+
+    def visit(node, inside):
+        found = set()
         if isinstance(node, ast.Import):
             found = {a.name.split(".")[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             found = {node.module.split(".")[0]}
-        else:
-            continue
-        (top if node in tree.body else nested).update(found & names)
+        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) \
+                and isinstance(node.args[0].value, str) and ast.unparse(node.func) in (
+                    "importlib.import_module", "import_module", "__import__"):
+            nested.update({node.args[0].value.split(".")[0]} & names)
+        (nested if inside else top).update(found & names)
+        inside = inside or isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef,
+                                             ast.Lambda))
+        for child in ast.iter_child_nodes(node):
+            visit(child, inside)
+    visit(tree, False)
     return top, nested
 
 
@@ -81,6 +98,15 @@ def find_cycle(edges):
 def test_the_cycle_finder_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_imports_are_read_wherever_they_hide(tmp_path):
+    path = tmp_path / "m.py"
+    path.write_text("import star\ntry:\n    import vstar\nexcept ImportError:\n    pass\n"
+                    "def f():\n    from search import run\n    importlib.import_module('sos')\n"
+                    "g = lambda: __import__('train')\n")
+    top, nested = imports_of(str(path), {"star", "vstar", "search", "sos", "train"})
+    assert top == {"star", "vstar"} and nested == {"search", "sos", "train"}
 
 
 def test_no_import_cycle_among_the_top_level_files():

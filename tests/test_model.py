@@ -1,7 +1,8 @@
 """
 Guards model.py: the KV-cache sampler against the textbook sampler, ragged batches against one
 prompt at a time, seeding, sequence_logprobs against a hand computation, masks, hidden states,
-checkpoints, and the one-to-one mapping onto Hugging Face's GPT-2 parameter names.
+and the one-to-one mapping onto Hugging Face's GPT-2 parameter names; and common.py's
+checkpoints, seeds and batch split.
 
 Run: python -m pytest tests/test_model.py
 
@@ -23,7 +24,7 @@ from model import (GPT, GPTConfig, KVCache, ScalarHead, decode_step, generate, g
                    sequence_logprobs)
 
 PAD = 99
-TOKENIZER = "arith-char-v1"  # tasks.TOKENIZER; model.py stores whatever name it is given
+TOKENIZER = "arith-char-v1"  # tasks.TOKENIZER; a checkpoint stores whatever name it is given
 
 
 def random_model(seed=0, std=0.3, block_size=256, dtype=torch.float64):

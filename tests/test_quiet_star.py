@@ -198,7 +198,8 @@ def test_greedy_accuracy_equals_token_by_token_generation():
     task = get_task("addition")
     problems = sample_problems(task, 6, [1], seed=3)
     args = argparse.Namespace(thought_len=2)
-    res = qs.evaluate(model, head, qs.pack(task, problems, [False] * 6, 7), args)  # a line per row
+    res = qs.evaluate_answers(model, head, qs.pack(task, problems, [False] * 6, 7),
+                              args)  # a line per row
     right = 0
     for p in problems:
         toks = decode_with_thoughts(model, head, encode(p.question + "="), len(p.answer), 2)

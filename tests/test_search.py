@@ -5,9 +5,9 @@ the path and nothing else; beam pruning keeps exactly the best distinct prefixes
 token count is exact, a scorer's forward passes included (both of a product's; a network of
 another size in proportion), and the pool charges N samples and N scorer passes; the oracle's
 ties break at random, the same in any batch; the equal-compute pairs pick the right pool budget;
-the vote's tie rule and its treatment of unparsable answers; the shared-prefix sampler equals
-the naive one, and a seeded row depends on no other row (what torchrun needs); the run end to
-end, resumed without redoing a stage.
+the vote's tie rule and its treatment of unparsable answers (common.vote); the shared-prefix
+sampler (star.continue_prefixes) equals the naive one, and a seeded row depends on no other row
+(what torchrun needs); the run end to end, resumed without redoing a stage.
 
 Run: python -m pytest tests/test_search.py
 """

@@ -48,7 +48,7 @@ def test_no_test_problem_is_twice_in_the_test_set_or_in_any_training_set(method,
 @pytest.mark.parametrize("seed", [0, 1])
 def test_quiet_star_trains_on_no_test_line(seed):
     task, args = default_args("quiet_star", seed)
-    test = quiet_star.test_problems(task, args)
+    test = quiet_star.held_out_problems(task, args)
     keys = [task.key(p) for p in test]
     assert len(set(keys)) == len(keys) == args.n_test
     for step in range(-3, 5):  # base-model batches have negative steps

@@ -120,13 +120,13 @@ def test_help_shows_the_values_the_run_uses(method, preset, capsys, monkeypatch)
     args = train.get_parser().parse_args(["--method", method, "--preset", preset])
     task = train.resolve(args, train.get_parser())
     shown = {name: text.rsplit(": ", 1)[1][:-1] for name, text in flags.items() if name != "-h"}
-    assert set(shown) == {train.FLAG_OF[k] for k in train.COMMON + tuple(train.DEFAULTS[method][
-        preset])}
+    assert set(shown) == {train.FLAG_OF[k] for k in
+                          train.COMMON + tuple(train.METHOD_DEFAULTS[method][preset])}
     for name in ("train_difficulty", "test_difficulty"):
         flag = train.FLAG_OF[name]
         assert train.parse_difficulties(shown[flag], task, flag) == getattr(args, name)
     assert shown["--out"] == args.out and shown["--task"] == args.task
-    for name, value in train.DEFAULTS[method][preset].items():
+    for name, value in train.METHOD_DEFAULTS[method][preset].items():
         if train.FLAG_OF[name] not in ("--no-rationalize", "--continue-training", "--compile",
                                        "--direct-baseline"):
             assert shown[train.FLAG_OF[name]] == str(value), name

@@ -1,6 +1,7 @@
 """
 Guards vstar.py: the DPO loss against its hand formula and one optimiser step's effect; the
-best-of-k, pass@k and majority@k estimators against brute-force enumeration of every k-subset;
+best-of-k, pass@k and majority@k estimators (common.py) against brute-force enumeration of every
+k-subset;
 verifier scores that padding and batch-mates cannot change; GenRM's p(Yes) and GenRM-CoT's
 product of step probabilities by hand; tie-aware pair accuracy and the bootstrap interval; the
 V-STaR run end to end.
