@@ -80,12 +80,6 @@ NOT_THOUGHT = (SOT, EOTH, EOT, PAD)  # never sampled as a thought token
 # The text (tasks/text.py: lines that show their work or not, packed into rows)
 
 
-def held_out_problems(task, args):
-    """The held-out lines, no problem twice; every training batch is drawn without them."""
-    return sample_problems(task, args.n_test, args.test_difficulty,
-                           seed=seed_for(args.seed, "test"), distinct=True)
-
-
 def train_problems(task, args, step, test_keys):
     """More fresh problems than a batch of rows holds (a line is >= 6 tokens), from a seed
     derived from the step (a resumed run sees the same batches); no test problem among them."""
@@ -550,15 +544,15 @@ def think_training(args, task, arms, data, bare, test_keys, path, out, start):
 
 def run(args, task, P, D, test, out, device, new_model):
     """Stage 1 (train_base), then stage 2 (think_training), resumed after the last committed row
-    when started again on the folder; returns (quiet, head). P, D, test: unused (text data)."""
+    when started again on the folder; returns (quiet, head). test: the problems of the held-out
+    lines (train.py's test set; every training batch is drawn without them); P, D: unused."""
     # 1) the model (its block holds a sequence and a thought) and the held-out lines, packed
     need = args.seq_len + args.thought_len + args.n_true + 2
     cfg = get_config(args.preset, block_size=max(need, get_config(args.preset).block_size))
-    problems = held_out_problems(task, args)
-    test_keys = held_out(task, problems)
-    worked = show_work(len(problems), args.worked_fraction, seed_for(args.seed, "test work"))
-    data = pack(task, problems, worked, args.seq_len)
-    bare = [p for p, w in zip(problems, worked) if not w]  # the lines measured
+    test_keys = held_out(task, test)
+    worked = show_work(len(test), args.worked_fraction, seed_for(args.seed, "test work"))
+    data = pack(task, test, worked, args.seq_len)
+    bare = [p for p, w in zip(test, worked) if not w]  # the lines measured
     path = lambda arm, step: os.path.join(out, f"{arm}_step{step}.pt")  # noqa: E731
     # 2) stage 1 unless committed, then stage 2 from the last committed step
     if not committed(out, "step", kind="base"):

@@ -69,18 +69,21 @@ FLAGS = [
          "and a leaf's verdict (judge), or nothing (off)"),
 ]
 DEFAULTS = presets(FLAGS)
+TASK_CHOICES = ("countdown",)  # train.py refuses another --task
 
 
-def paths_and_traces(args):
-    """The two views of countdown the two models learn: optimal paths, and search traces."""
+def paths_and_traces(args, task):
+    """The two views of countdown the two models learn, drawn as `task` is: optimal paths, and
+    search traces."""
     on = args.calculator != "off"
-    return Countdown("result" if on else None), CountdownTraces(args.calculator if on else None)
+    return (Countdown("result" if on else None, **task.setting),
+            CountdownTraces(args.calculator if on else None, **task.setting))
 
 
 def completion_task(args, task):
     """The task whose completions are the longest this method writes (train.py sizes the model's
     block by it): the search traces."""
-    return paths_and_traces(args)[1]
+    return paths_and_traces(args, task)[1]
 
 
 # -----------------------------------------------------------------------------
@@ -222,7 +225,7 @@ def traces_stage(args, traces, P, D, test, out, device, new_model, n):
 def run(args, task, P, D, test, out, device, new_model):
     """The paths model, the trace model and its STaR iterations, each a stage; a rerun on the
     folder resumes after the last committed."""
-    paths, traces = paths_and_traces(args)
+    paths, traces = paths_and_traces(args, task)
     finished = committed(out, "model", kind="sos")
     if "paths" not in finished:
         paths_stage(args, paths, P, test, out, new_model)

@@ -38,7 +38,9 @@ import vstar
 from common import (autodetect_device, is_main, load_checkpoint, non_negative, presets, rank_world,
                     read_jsonl, seed_for, write_atomic)
 from model import GPT, PRESETS, get_config
-from tasks import TASKS, distinct_problems, encode, get_task, held_out, sample_problems
+from tasks import (TASKS, Countdown, distinct_problems, encode, get_task, held_out, reachable,
+                   sample_problems)
+from tasks.countdown import NUMBERS, TARGETS, parse_numbers, parse_range, read_problems
 
 METHODS = {  # name: (its file, its flags beyond train.py's own)
     "sft": (star, star.SFT_FLAGS),  # STaR's iteration 0 alone: M0 trained on P
@@ -86,14 +88,28 @@ COMMON_FLAGS = [
     arg("-h", "--help", action="store_const", const=True,
         help="show the flags of --method M and the values it uses, then exit"),
 ]
-COMMON = tuple(dest for dest, _, _ in COMMON_FLAGS if dest != "help")
+# Countdown's problems as others set them (README: "Countdown on the public settings")
+COUNTDOWN_FLAGS = [
+    arg("--numbers", help="countdown: the numbers drawn, lo-hi, and +a,b,.. for large ones, one "
+                          "of which replaces a number in 1 problem of 4 (TinyZero's: 1-100)"),
+    arg("--targets", help="countdown: the targets allowed, lo-hi (TinyZero's: 1-100)"),
+    arg("--test-file", help='countdown: the test set read from a JSON-lines file, one problem a '
+                            'line: {"nums": [30, 100, 93], "target": 23} or {"input": '
+                            '"30,100,93", "output": "23"}; no training problem is one of them'),
+    arg("--skip-unsolvable", action="store_const", const=True,
+        help="leave out (and count) a test-file problem the rules here cannot solve, instead of "
+             "stopping at it"),
+]
+COUNTDOWN = tuple(dest for dest, _, _ in COUNTDOWN_FLAGS)
+COMMON = tuple(dest for dest, _, _ in COMMON_FLAGS if dest != "help") + COUNTDOWN
 # every method's own flags, each once (the same flag means the same in every table it is in)
 METHOD_FLAGS = {}
 for _, table in METHODS.values():
     for dest, names, kw, _ in table:
         if dest not in COMMON:
             METHOD_FLAGS.setdefault(dest, (dest, names, kw))
-FLAG_OF = {dest: names[-1] for dest, names, _ in COMMON_FLAGS + list(METHOD_FLAGS.values())}
+FLAG_OF = {dest: names[-1] for dest, names, _ in
+           COMMON_FLAGS + COUNTDOWN_FLAGS + list(METHOD_FLAGS.values())}
 
 
 def build_parser(groups, method=None, preset=None, epilog=None):
@@ -118,7 +134,7 @@ def get_parser(method=None):
     method's table does not list."""
     own = {} if method is None else {dest: (dest, names, kw) for dest, names, kw, _ in
                                      METHODS[method][1] if dest not in COMMON}
-    return build_parser({"every method": COMMON_FLAGS,
+    return build_parser({"every method": COMMON_FLAGS, "countdown's problems": COUNTDOWN_FLAGS,
                          "the methods' own (python train.py --method M --help)":
                          list({**METHOD_FLAGS, **own}.values())})
 
@@ -128,12 +144,12 @@ def help_parser(method, preset):
     with the values M uses at this preset; without, the common flags and the methods to ask
     about."""
     if method is None:
-        return build_parser({"every method": COMMON_FLAGS},
-                            epilog="methods: " + ", ".join(sorted(METHODS)) +
+        return build_parser({"every method": COMMON_FLAGS,
+                             "countdown's problems": COUNTDOWN_FLAGS}, epilog="methods: " + ", ".join(sorted(METHODS)) +
                             ". Add --method M for M's flags and the values it uses "
                             "(and --preset P for another preset's).")
     own = [(dest, names, kw) for dest, names, kw, _ in METHODS[method][1] if dest not in COMMON]
-    return build_parser({"every method": COMMON_FLAGS,
+    return build_parser({"every method": COMMON_FLAGS, "countdown's problems": COUNTDOWN_FLAGS,
                          f"{method} ({METHODS[method][0].__name__}.py)": own}, method, preset)
 
 
@@ -144,6 +160,9 @@ def shown_default(dest, kw, method, preset):
     train_d, test_d = default_difficulties(task, preset)
     resolved = {"method": method, "preset": preset, "train_difficulty": train_d,
                 "test_difficulty": test_d, "out": os.path.join("out", f"{method}-{task.name}")}
+    if dest in COUNTDOWN and task.name != "countdown":
+        return "not used: countdown's only"
+    resolved.update(numbers=NUMBERS, targets=TARGETS, test_file="none: a test set is drawn")
     value = {**resolved, **table}.get(dest, kw.get("default"))
     if kw.get("action") == "store_const":  # a switch: on when the method sets it
         return "on" if value == kw["const"] else "off"
@@ -179,6 +198,11 @@ def resolve(args, parser):
     # 1) refuse a flag the method does not take, then fill the unset ones from its table
     args.method = args.method or "star"
     table = METHOD_DEFAULTS[args.method][args.preset]
+    if args.test_file is not None:  # the file is the test set: its size and difficulties too
+        for name in ("n_test", "test_difficulty"):
+            if getattr(args, name) is not None:
+                parser.error(f"argument {FLAG_OF[name]}: --test-file {args.test_file} sets the "
+                             "test set; give one or the other")
     for name, value in vars(args).items():
         if value is not None and name not in COMMON and name not in table:
             parser.error(f"argument {FLAG_OF[name]}: --method {args.method} does not use it; "
@@ -199,8 +223,16 @@ def resolve(args, parser):
         parser.error("argument --device: cuda is not available here; choose auto or cpu")
     elif args.device == "mps" and not torch.backends.mps.is_available():
         parser.error("argument --device: mps is not available here; choose auto or cpu")
-    # 3) the task, its difficulties and the output folder
-    task = get_task(args.task)
+    # 3) the task (countdown: drawn as its flags say), its difficulties and the output folder
+    task = countdown_setting(args, parser) if args.task == "countdown" else get_task(args.task)
+    taken = getattr(METHODS[args.method][0], "TASK_CHOICES", TASKS)
+    if args.task not in taken:
+        parser.error(f"argument --task: --method {args.method} does not run {args.task}; "
+                     f"choose {', '.join(taken)}")
+    given = [FLAG_OF[name] for name in COUNTDOWN if getattr(args, name) is not None]
+    if given and args.task != "countdown":
+        parser.error(f"argument {given[0]}: it sets countdown's problems, and the task is "
+                     f"{args.task}; add --task countdown")
     train_d, test_d = default_difficulties(task, args.preset)
     try:
         args.train_difficulty = parse_difficulties(args.train_difficulty or train_d, task,
@@ -215,15 +247,41 @@ def resolve(args, parser):
     return task
 
 
+def countdown_setting(args, parser):
+    """The countdown task as --numbers and --targets draw it (the registry's if neither is
+    given); --test-file must name a file, and --skip-unsolvable needs one."""
+    try:
+        parse_numbers(args.numbers or NUMBERS)
+    except ValueError as e:
+        parser.error(f"argument --numbers: {e}")
+    try:
+        parse_range(args.targets or TARGETS)
+    except ValueError as e:
+        parser.error(f"argument --targets: {e}")
+    if args.test_file is not None and not os.path.isfile(args.test_file):
+        parser.error(f"argument --test-file: no file at {args.test_file!r}")
+    if args.skip_unsolvable and args.test_file is None:
+        parser.error("argument --skip-unsolvable: it leaves out test-file problems; add "
+                     "--test-file PATH")
+    if args.numbers is None and args.targets is None:
+        return get_task("countdown")
+    return Countdown(numbers=args.numbers or NUMBERS, targets=args.targets or TARGETS)
+
+
 def build_data(task, args):
-    """Test set first, no problem twice (by task.key: countdown's numbers in any order are one
-    problem); P and D are drawn without any test problem. A method that makes its own data
-    (Quiet-STaR's text) gets none."""
+    """Test set first, drawn or read from --test-file, no problem twice (by task.key: countdown's
+    numbers in any order are one problem); P and D are drawn without any test problem. Returns
+    (P, D, test, where the test set comes from). A method that makes its own training data
+    (Quiet-STaR's text) gets no P and D."""
+    if args.test_file is not None:
+        test, source = read_test_file(task, args)
+    else:
+        test = sample_problems(task, args.n_test, args.test_difficulty,
+                               seed=seed_for(args.seed, "test"), distinct=True)
+        report_short_test(task, test, args.n_test, args.test_difficulty)
+        source = f"test set: {len(test)} problems drawn with seed {args.seed}"
     if args.n_train is None:
-        return None, None, None
-    test = sample_problems(task, args.n_test, args.test_difficulty,
-                           seed=seed_for(args.seed, "test"), distinct=True)
-    report_short_test(task, test, args.n_test, args.test_difficulty)
+        return None, None, test, source
     keys = held_out(task, test)
     P = sample_problems(task, args.n_train, args.train_difficulty, seed=seed_for(args.seed, "P"),
                         exclude=keys)
@@ -231,7 +289,44 @@ def build_data(task, args):
     if args.n_unlabeled:
         D = sample_problems(task, args.n_unlabeled, args.train_difficulty,
                             seed=seed_for(args.seed, "D"), exclude=keys)
-    return P, D, test
+    return P, D, test, source
+
+
+def read_test_file(task, args):
+    """The test set of --test-file: its problems the rules here can solve, each once (the first
+    line of a key). An unsolvable one stops the run with its line unless --skip-unsolvable
+    (then it is counted). Sets args.n_test and args.test_difficulty to the file's. Returns
+    (problems, a sentence saying what was read)."""
+    try:
+        rows = read_problems(task, args.test_file)
+    except (OSError, ValueError) as e:  # (a file that is not text is a UnicodeDecodeError)
+        raise ValueError(f"argument --test-file: {e}") from None
+    if not rows:
+        raise ValueError(f"argument --test-file: {args.test_file} holds no problem")
+    unsolvable = [(n, p) for n, p in rows if not reachable(*p.data)]
+    if unsolvable and not args.skip_unsolvable:
+        n, p = unsolvable[0]
+        raise ValueError(f"argument --test-file: {args.test_file} line {n}: {p.question} cannot "
+                         "be solved with each number once, + - * and exact division, and no "
+                         f"negative or fraction in between (so can {len(unsolvable) - 1} more "
+                         f"of its {len(rows)}; --skip-unsolvable leaves them out)")
+    test, seen, bad = [], set(), {n for n, _ in unsolvable}
+    for n, p in rows:
+        if n not in bad and task.key(p) not in seen:
+            seen.add(task.key(p))
+            test.append(p)
+    if not test:
+        raise ValueError(f"argument --test-file: every problem in {args.test_file} is unsolvable "
+                         "here")
+    args.n_test, args.test_difficulty = len(test), tuple(sorted({p.difficulty for p in test}))
+    source = (f"test set: {len(test)} problems read from {args.test_file} ({len(rows)} read, "
+              f"{len(bad)} left out as unsolvable here, {len(rows) - len(bad) - len(test)} as "
+              "repeats)")
+    outside = sum(not task.could_draw(p) for p in test)
+    if outside:
+        source += (f"; {outside} of them are outside the training draw (--numbers "
+                   f"{task.setting['numbers']} --targets {task.setting['targets']})")
+    return test, source
 
 
 def report_short_test(task, test, n, difficulties):
@@ -281,18 +376,21 @@ def write_config(args, cfg, parser):
     if os.path.exists(cfg_path):
         old = json.load(open(cfg_path))
         free = ("iterations", "device", "direct_baseline")  # more rows, or another machine
-        same = {k: v for k, v in old.items() if k not in free} == \
-            {k: v for k, v in json.loads(json.dumps(config)).items() if k not in free}
+        # (a flag unset, None, is the same as one a folder written before it existed lacks)
+        same = {k: v for k, v in old.items() if k not in free and v is not None} == \
+            {k: v for k, v in json.loads(json.dumps(config)).items()
+             if k not in free and v is not None}
         if not same:
             parser.error(f"argument --out: {args.out!r} holds a run with other settings; "
                          f"choose another --out or delete it")
     write_atomic(cfg_path, json.dumps(config, indent=2))
 
 
-def write_report(args, t0):
-    """summary.md: the method's table of its metrics rows, also printed."""
+def write_report(args, t0, source):
+    """summary.md: where the test set comes from and the method's table of its metrics rows,
+    also printed."""
     rows = read_jsonl(os.path.join(args.out, "metrics.jsonl"))
-    table = METHODS[args.method][0].report(args, rows)
+    table = f"{source}\n\n{METHODS[args.method][0].report(args, rows)}"
     write_atomic(os.path.join(args.out, "summary.md"),
                  f"# {args.method} on {args.task}\n\n{table}\n")
     plots = ", ".join(sorted(f for f in os.listdir(args.out) if f.endswith(".png")))
@@ -314,7 +412,10 @@ def main(argv=None):
     if "LOCAL_RANK" in os.environ:  # started by torchrun
         init_distributed(args, parser)
     # 2) the data, and a model config whose block holds its longest prompt and completion
-    P, D, test = build_data(task, args)
+    try:
+        P, D, test, source = build_data(task, args)
+    except ValueError as e:  # a test file that is not one, or a draw that cannot be made
+        parser.error(str(e))
     cfg = get_config(args.preset)
     if P is not None:  # a block that holds every prompt and completion of this data
         module = METHODS[args.method][0]  # (a method that writes other completions names them)
@@ -324,7 +425,8 @@ def main(argv=None):
     write_config(args, cfg, parser)
     data = "" if P is None else f"P={len(P)} D={len(D)} test={len(test)} | "
     print(f"{args.method} on {args.task}: {data}model {args.preset} ({cfg.n_layer}x{cfg.n_embd}, "
-          f"block {cfg.block_size}) on {args.device} x {rank_world()[1]} | out {args.out}")
+          f"block {cfg.block_size}) on {args.device} x {rank_world()[1]} | out {args.out}\n"
+          f"{source}")
 
     def new_model():
         if args.checkpoint:
@@ -339,7 +441,7 @@ def main(argv=None):
         torch.distributed.destroy_process_group()
         if not main_process:
             return
-    write_report(args, t0)
+    write_report(args, t0, source)
 
 
 if __name__ == "__main__":

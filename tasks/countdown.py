@@ -15,10 +15,15 @@ whether a target is still reachable, which is what makes a step "good" for the p
 Test: python -m pytest tests/test_tasks.py -k countdown
 
 Choices, on purpose:
-1. Difficulty = how many numbers (2..5). Numbers are drawn from 1..12, and with probability
-   1/4 one of them is replaced by 25, 50, 75 or 100 (the TV show's "large" numbers). The
-   target is the end of a random solution path and must lie in 10..999, so every problem is
-   solvable by construction.
+1. Difficulty = how many numbers (2..5). By default (NUMBERS) numbers are drawn from 1..12,
+   and with probability 1/4 one of them is replaced by 25, 50, 75 or 100 (the TV show's
+   "large" numbers). The target is the end of a random solution path and must lie in 10..999
+   (TARGETS), so every problem is solvable by construction. Both are settings: "1-100" and
+   "1-100" draw 1..100 uniformly and keep targets in 1..100 (TinyZero's setting).
+5. A test set may come from a file in the formats in public use (read_problems); a problem
+   these rules cannot solve is the caller's to refuse (reachable). Public checkers differ: the
+   rules here and Stream of Search's allow no fraction and no negative number in between;
+   TinyZero's evaluates one expression and allows both.
 2. The gold rationale is the solver's first solution (solve()), not the random path that made
    the problem: it is a function of the question alone, so the same question always gets the
    same gold steps. Operands are written larger first ("25+7", "32-4").
@@ -31,14 +36,41 @@ Choices, on purpose:
    state is undefined, so every later line is wrong.
 """
 
+import json
 import re
 from functools import lru_cache
 
 from .base import NUMBER, Problem, Task, parse_answer_line, split_lines
 
-LARGE = (25, 50, 75, 100)
-TARGETS = range(10, 1000)  # targets outside this range are resampled
+NUMBERS = "1-12+25,50,75,100"  # drawn from 1..12; in 1 problem of 4, one is a large one
+TARGETS = "10-999"  # a path that ends outside this range is drawn again
+LARGE_SHARE = 0.25
+MAX_DRAWS = 10000  # random paths per problem before a setting is called impossible
 STEP_LINE = re.compile(rf"({NUMBER})([-+*/])({NUMBER})=({NUMBER})")
+
+
+def parse_range(text):
+    """'10-999' -> (10, 999), both ends included; ValueError unless 0 <= lo <= hi."""
+    m = re.fullmatch(r"(\d+)-(\d+)", text)
+    if m is None or int(m.group(1)) > int(m.group(2)):
+        raise ValueError(f"{text!r} is not a range: write lo-hi, e.g. 1-100")
+    return int(m.group(1)), int(m.group(2))
+
+
+def parse_numbers(text):
+    """'1-12+25,50,75,100' -> ((1, 12), (25, 50, 75, 100)): the range every number is drawn
+    from, and the large ones, one of which replaces a number in 1 problem of 4 (LARGE_SHARE);
+    '1-100' -> ((1, 100), ()). ValueError for anything else."""
+    small, plus, large = text.partition("+")
+    try:
+        lo, hi = parse_range(small)
+        extra = tuple(int(x) for x in large.split(",")) if plus else ()
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number setting: write lo-hi, e.g. 1-100, or "
+                         "lo-hi+a,b,.. for large numbers a, b, .. (1-12+25,50,75,100)") from None
+    if lo < 1 or any(x < 1 for x in extra):
+        raise ValueError(f"{text!r}: the numbers start at 1")
+    return (lo, hi), extra
 
 
 def apply_op(a, op, b):
@@ -115,28 +147,46 @@ class Countdown(Task):
     name = "countdown"
     difficulties = (2, 3, 4, 5)  # how many numbers
     default_difficulties = {"cpu": ("2-4", "2-4"), "gpu": ("2-5", "2-5")}  # (train, test)
+    tool_end = "\n"  # what follows the calculator's result: a path's step line ends there
 
-    def __init__(self, calculator=None):
-        # None, "result" or "judge"; a path's step line ends after its result
-        self.tool = Calculator(calculator, end="\n") if calculator else None
+    def __init__(self, calculator=None, numbers=NUMBERS, targets=TARGETS):
+        # calculator: None, "result" or "judge"; numbers, targets: the draw, as parse_numbers
+        # and parse_range read them (ValueError if they do not)
+        self.tool = Calculator(calculator, end=self.tool_end) if calculator else None
+        self.setting = {"numbers": numbers, "targets": targets}  # as written, for copies
+        (self.lo, self.hi), self.large = parse_numbers(numbers)
+        self.targets = parse_range(targets)
+
+    def problem(self, numbers, target):
+        """The problem of reaching `target` from `numbers` (in the order written)."""
+        question = " ".join(map(str, numbers)) + f" T: {target}"
+        return Problem(question=question, answer=str(target), difficulty=len(numbers),
+                       data=(tuple(numbers), target))
 
     def sample(self, rng, difficulty):
         self.validate(difficulty)
-        while True:  # resample until the path ends inside TARGETS (most do)
-            numbers = [rng.randint(1, 12) for _ in range(difficulty)]
-            if rng.random() < 0.25:
-                numbers[rng.randrange(difficulty)] = rng.choice(LARGE)
+        for _ in range(MAX_DRAWS):  # until a path ends inside the targets (most do)
+            numbers = [rng.randint(self.lo, self.hi) for _ in range(difficulty)]
+            if self.large and rng.random() < LARGE_SHARE:
+                numbers[rng.randrange(difficulty)] = rng.choice(self.large)
             # A random solution path: combine two random numbers with a random valid op.
             pool = list(numbers)
             while len(pool) > 1:
                 a, b = (pool.pop(rng.randrange(len(pool))) for _ in range(2))
                 results = [apply_op(x, op, y) for x, y in ((a, b), (b, a)) for op in "+-*/"]
                 pool.append(rng.choice([c for c in results if c is not None]))
-            if pool[0] in TARGETS:
-                target = pool[0]
-                question = " ".join(map(str, numbers)) + f" T: {target}"
-                return Problem(question=question, answer=str(target), difficulty=difficulty,
-                               data=(tuple(numbers), target))
+            if self.targets[0] <= pool[0] <= self.targets[1]:
+                return self.problem(numbers, pool[0])
+        raise ValueError(f"no {difficulty} numbers from {self.setting['numbers']} reached a "
+                         f"target in {self.setting['targets']} in {MAX_DRAWS} random paths: "
+                         "widen the targets")
+
+    def could_draw(self, p):
+        """Could sample() have drawn p's numbers and target (whether or not by p's path)?"""
+        numbers, target = p.data
+        out = [x for x in numbers if not self.lo <= x <= self.hi]
+        return (len(out) == 0 or len(out) == 1 and out[0] in self.large) and \
+            self.targets[0] <= target <= self.targets[1]
 
     def key(self, p):
         # the same numbers in another order: the same problem (the solver sorts them, so even
@@ -223,6 +273,64 @@ class Countdown(Task):
                 pool = None if pool is None else apply_step(pool, line)
                 labels.append(pool is not None and reachable(pool, target))
         return labels
+
+
+# ---------------------------------------------------------------- Test files in public formats
+
+def read_problems(task, path):
+    """The countdown problems of a JSON-lines file in a format in public use, one per line:
+    {"nums": [30, 100, 93], "target": 23} (Stream of Search's and TinyZero's data) or
+    {"input": "30,100,93", "output": "23"}; other keys are ignored, blank lines skipped.
+    Returns [(line number, Problem)]; a line that is neither, or whose count of numbers is not
+    a difficulty here, raises ValueError naming the file and the line. Whether a problem can be
+    solved under these rules is the caller's to ask (reachable)."""
+    formats = '{"nums": [30, 100, 93], "target": 23} or {"input": "30,100,93", "output": "23"}'
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        try:
+            lines = f.readlines()
+        except UnicodeDecodeError:
+            raise ValueError(f"{path} is not a text file (UTF-8)") from None
+        for n, text in enumerate(lines, 1):
+            if not text.strip():
+                continue
+            where = f"{path} line {n}"
+            try:
+                row = json.loads(text)
+            except ValueError:
+                raise ValueError(f"{where} is not JSON; write one problem per line, as "
+                                 f"{formats}") from None
+            numbers, target = _numbers_and_target(row)
+            if numbers is None or target is None:
+                raise ValueError(f"{where} is not a countdown problem: {text.strip()[:60]!r};"
+                                 f" write {formats}")
+            if len(numbers) not in task.difficulties:
+                raise ValueError(f"{where}: countdown here takes {min(task.difficulties)} to "
+                                 f"{max(task.difficulties)} numbers, not {len(numbers)}")
+            rows.append((n, task.problem(numbers, target)))
+    return rows
+
+
+def _numbers_and_target(row):
+    """A file row's (numbers, target) as non-negative ints; None for what is not there."""
+    def integer(x):
+        if isinstance(x, str) and x.strip().isdigit():
+            return int(x)
+        return x if isinstance(x, int) and not isinstance(x, bool) and x >= 0 else None
+
+    if not isinstance(row, dict):
+        return None, None
+    if "nums" in row:
+        numbers, target = row["nums"], row.get("target")
+    else:
+        numbers, target = row.get("input"), row.get("output")
+        if isinstance(numbers, str):
+            numbers = numbers.replace(",", " ").split()
+    if isinstance(numbers, list):
+        numbers = [integer(x) for x in numbers]
+    if not isinstance(numbers, list) or None in numbers:
+        numbers = None
+    return numbers, integer(target)
 
 
 # ---------------------------------------------------------------- Stream of Search
@@ -487,9 +595,10 @@ class CountdownTraces(Countdown):
 
     name = "countdown-traces"
     mix = ("dfs-near", "dfs-sum")
+    tool_end = ""  # a trace line goes on after the result
 
-    def __init__(self, calculator=None, budget=DEFAULT_BUDGET):
-        self.tool = Calculator(calculator) if calculator else None  # a trace line goes on
+    def __init__(self, calculator=None, budget=DEFAULT_BUDGET, **setting):
+        super().__init__(calculator, **setting)
         self.budget = budget
 
     def strategy(self, p):

@@ -15,9 +15,9 @@ import train  # noqa: E402
 from tasks import Problem, distinct_problems, get_task, held_out, sample_problems  # noqa: E402
 
 
-def default_args(method, seed):
+def default_args(method, seed, *argv):
     parser = train.get_parser()
-    args = parser.parse_args(["--method", method, "--seed", str(seed)])
+    args = parser.parse_args(["--method", method, "--seed", str(seed), *argv])
     return train.resolve(args, parser), args
 
 
@@ -38,17 +38,43 @@ def test_keys_name_the_same_problem_whatever_the_order():
 @pytest.mark.parametrize("method", ["sft", "star", "vstar", "search", "sos"])
 def test_no_test_problem_is_twice_in_the_test_set_or_in_any_training_set(method, seed):
     task, args = default_args(method, seed)
-    P, D, test = train.build_data(task, args)
+    P, D, test, _ = train.build_data(task, args)
     keys = [task.key(p) for p in test]
     assert len(set(keys)) == len(keys)
     assert not set(keys) & {task.key(p) for p in P + D}
     assert len(test) >= 0.9 * args.n_test  # only the smallest difficulties are cut short
 
 
+@pytest.mark.parametrize("method", ["sft", "star", "vstar", "search", "sos", "quiet_star"])
+def test_a_test_file_is_the_test_set_and_no_training_set_holds_its_problems(method, tmp_path):
+    # The file: problems that training would draw without it, written in both public formats
+    # and another order, once twice: without the exclusion P and D would hold them all.
+    task, args = default_args(method, 0, "--task", "countdown")
+    drawn = train.build_data(task, args)[0] or sample_problems(task, 50, [3], seed=0)
+    lines, keys = [], []
+    for i, p in enumerate(drawn[:40] + drawn[:1]):
+        numbers, target = p.data
+        lines.append(f'{{"nums": {list(numbers)}, "target": {target}}}' if i % 2 else
+                     f'{{"input": "{",".join(map(str, numbers[::-1]))}", "output": "{target}"}}')
+        keys.append(task.key(p))
+    f = tmp_path / "test.jsonl"
+    f.write_text("\n".join(lines) + "\n")
+    task, args = default_args(method, 0, "--task", "countdown", "--test-file", str(f))
+    P, D, test, source = train.build_data(task, args)
+    assert [task.key(p) for p in test] == list(dict.fromkeys(keys))  # in order, each once
+    assert args.n_test == len(test) and "41 read" in source and "1 as repeats" in source
+    if P is not None:
+        assert not set(keys) & {task.key(p) for p in P + D}
+    else:  # quiet_star: its training lines are drawn without its test lines' problems
+        assert not set(keys) & held_out(task, quiet_star.train_problems(task, args, 0,
+                                                                        frozenset(keys)))
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_quiet_star_trains_on_no_test_line(seed):
     task, args = default_args("quiet_star", seed)
-    test = quiet_star.held_out_problems(task, args)
+    P, D, test, _ = train.build_data(task, args)  # its held-out lines' problems
+    assert P is None and D is None  # it draws its own training text
     keys = [task.key(p) for p in test]
     assert len(set(keys)) == len(keys) == args.n_test
     for step in range(-3, 5):  # base-model batches have negative steps

@@ -16,10 +16,10 @@ import string
 
 import pytest
 
-from tasks import (EOT, NEWLINE, PAD, SOT, TASKS, Problem, decode, encode, get_task,
+from tasks import (EOT, NEWLINE, PAD, SOT, TASKS, Countdown, Problem, decode, encode, get_task,
                    get_tokenizer, reachable, sample_problems, solve)
 from tasks import expression as E
-from tasks.countdown import apply_op, apply_step
+from tasks.countdown import apply_op, apply_step, read_problems
 
 N_PER_DIFFICULTY = 40  # 40 * (12 + 8 + 8 + 4) = 1280 problems across the four tasks
 
@@ -267,6 +267,89 @@ def test_every_countdown_problem_is_solvable():
         assert reachable(numbers, target) and 10 <= target <= 999
         assert p.question == " ".join(map(str, numbers)) + f" T: {target}"
         assert len(task.rationale(p)) == len(numbers) - 1
+
+
+# ---------------------------------------------------------------- countdown's settings and files
+
+def test_countdown_default_draw_is_pinned():
+    # The default setting draws what it always drew (every result in the README rests on it).
+    assert [p.question for p in sample_problems("countdown", 4, [2, 3, 4, 5], seed=0)] == \
+        ["7 100 T: 700", "50 4 9 T: 86", "12 2 11 6 T: 184", "5 1 9 1 2 T: 47"]
+    default = sample_problems(Countdown(), 200, [2, 3, 4], seed=1)
+    assert default == sample_problems(get_task("countdown"), 200, [2, 3, 4], seed=1)
+
+
+def test_countdown_setting_draws_inside_its_ranges():
+    public = Countdown(numbers="1-100", targets="1-100")  # TinyZero's setting: no large ones
+    ps = sample_problems(public, 400, [2, 3, 4, 5], seed=0)
+    numbers = [x for p in ps for x in p.data[0]]
+    assert min(numbers) == 1 and max(numbers) == 100  # the whole range, nothing outside it
+    assert all(1 <= p.data[1] <= 100 and reachable(*p.data) for p in ps)
+    assert all(public.could_draw(p) for p in ps)
+    large = Countdown(numbers="1-5+50", targets="0-10000")
+    ps = sample_problems(large, 400, [3], seed=0)
+    assert all(x <= 5 or x == 50 for p in ps for x in p.data[0])
+    assert all(p.data[0].count(50) <= 1 for p in ps)
+    assert 0.15 < sum(50 in p.data[0] for p in ps) / len(ps) < 0.35  # 1 problem in 4
+    drawn = lambda numbers, target: Countdown().could_draw(  # noqa: E731
+        Problem("", str(target), len(numbers), (numbers, target)))
+    assert drawn((12, 2, 100), 26) and not drawn((13, 2, 2), 26)  # 13: not in 1-12+large
+    assert not drawn((25, 50, 2), 77) and not drawn((12, 2, 2), 9)  # two large; target < 10
+
+
+@pytest.mark.parametrize("numbers,targets", [("1-x", "1-100"), ("0-5", "1-100"), ("5-1", "1-100"),
+                                             ("1-9+", "1-100"), ("1-9", "100"), ("1-9", "9-1")])
+def test_countdown_setting_refuses_what_is_not_one(numbers, targets):
+    with pytest.raises(ValueError):
+        Countdown(numbers=numbers, targets=targets)
+
+
+def test_countdown_setting_that_cannot_be_drawn_is_an_error_not_a_hang():
+    with pytest.raises(ValueError, match="900-999"):
+        Countdown(numbers="1-2", targets="900-999").sample(random.Random(0), 2)
+
+
+def test_read_problems_reads_both_public_formats(tmp_path):
+    task = get_task("countdown")
+    f = tmp_path / "test.jsonl"
+    f.write_text('{"nums": [30, 100, 93], "target": 23}\n'
+                 '{"input": "4,7,2", "output": "30", "id": 7}\n'
+                 '\n'
+                 '{"input": "93 30 100", "output": 23}\n'
+                 '{"nums": ["3", "8"], "target": "24", "solution": ["3*8=24"]}\n')
+    rows = read_problems(task, str(f))
+    assert [n for n, _ in rows] == [1, 2, 4, 5]  # the blank line is skipped, not counted
+    ps = [p for _, p in rows]
+    assert ps[0].question == "30 100 93 T: 23" and ps[0].answer == "23" and ps[0].difficulty == 3
+    assert ps[1].data == ((4, 7, 2), 30) and ps[3].data == ((3, 8), 24)
+    assert task.key(ps[0]) == task.key(ps[2])  # the same numbers in another order
+    for p in ps:
+        assert task.check(p, task.gold_completion(p))
+
+
+BAD_LINES = [  # (a line, words its error names besides the line number)
+    ("not json", ["not JSON", '"nums"']),
+    ("[30, 100, 93]", ["not a countdown problem"]),
+    ('{"nums": [30, 100, 93]}', ["not a countdown problem"]),
+    ('{"nums": [30, true, 93], "target": 23}', ["not a countdown problem"]),
+    ('{"nums": [30, 1.5, 93], "target": 23}', ["not a countdown problem"]),
+    ('{"nums": [30, -7, 93], "target": 23}', ["not a countdown problem"]),
+    ('{"input": "30,x,93", "output": "23"}', ["not a countdown problem"]),
+    ('{"input": "30,100,93", "output": "twenty"}', ["not a countdown problem"]),
+    ('{"nums": [1, 2, 3, 4, 5, 6], "target": 3}', ["2 to 5 numbers, not 6"]),
+    ('{"nums": [7], "target": 7}', ["2 to 5 numbers, not 1"]),
+]
+
+
+@pytest.mark.parametrize("line,words", BAD_LINES)
+def test_read_problems_names_the_bad_line(line, words, tmp_path):
+    f = tmp_path / "test.jsonl"
+    f.write_text('{"nums": [30, 100, 93], "target": 23}\n\n' + line + "\n")
+    with pytest.raises(ValueError) as e:
+        read_problems(get_task("countdown"), str(f))
+    assert f"{f} line 3" in str(e.value) and "\n" not in str(e.value)
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
 
 
 # ---------------------------------------------------------------- expression

@@ -6,6 +6,7 @@ choices, exit code 2, no traceback; a run folder is never mixed with another run
 Run: python -m pytest tests/test_train.py
 """
 
+import json
 import re
 import subprocess
 import sys
@@ -47,6 +48,57 @@ def test_bad_input_is_one_line_exit_2(argv, words, capsys, tmp_path):
     assert err.count("\n") == 1, err  # one line
     for w in words:
         assert w in err, (w, err)
+
+
+GOOD = '{"nums": [30, 100, 93], "target": 23}\n'
+BAD_TEST_FILES = [  # (file text, other arguments, words the one-line error must contain)
+    (GOOD + "{nums: [1, 2]}\n", [], ["--test-file", "line 2", "not JSON"]),
+    (GOOD + '{"nums": [1, 2], "target": 1000}\n', [], ["line 2", "1 2 T: 1000",
+                                                        "--skip-unsolvable"]),
+    ("\n\n", [], ["--test-file", "no problem"]),
+    (GOOD, ["--n-test", "5"], ["--n-test", "--test-file"]),
+    (GOOD, ["--test-difficulty", "3"], ["--test-difficulty", "--test-file"]),
+    (GOOD, ["--task", "addition"], ["--test-file", "addition", "--task countdown"]),
+    (GOOD, ["--method", "sos", "--task", "chain"], ["--task", "chain", "countdown"]),
+    (None, ["--skip-unsolvable"], ["--skip-unsolvable", "--test-file"]),
+    (None, ["--numbers", "1-100+x"], ["--numbers", "1-100+x", "lo-hi"]),
+    (None, ["--targets", "100-1"], ["--targets", "100-1", "lo-hi"]),
+    (None, ["--numbers", "1-2", "--targets", "900-999"], ["1-2", "900-999"]),
+]
+
+
+@pytest.mark.parametrize("text,argv,words", BAD_TEST_FILES)
+def test_a_bad_countdown_setting_or_test_file_is_one_line_exit_2(text, argv, words, capsys,
+                                                                  tmp_path):
+    f = tmp_path / "test.jsonl"
+    if text is not None:
+        f.write_text(text)
+        argv = ["--test-file", str(f)] + argv
+    argv = ["--method", "sft", "--task", "countdown"] + argv if "--method" not in argv else argv
+    with pytest.raises(SystemExit) as e:
+        train.main(argv + ["--out", str(tmp_path / "run")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    for w in words:
+        assert w in err, (w, err)
+
+
+def test_a_test_file_is_the_test_set_and_the_summary_says_what_was_read(tmp_path):
+    f, out = tmp_path / "public.jsonl", tmp_path / "run"
+    f.write_text('{"nums": [30, 100, 93], "target": 23}\n'
+                 '{"nums": [1, 2], "target": 1000}\n'  # unsolvable here: left out, counted
+                 '{"input": "93,30,100", "output": "23"}\n'  # a repeat: left out, counted
+                 '{"input": "4 7 2", "output": "30"}\n')
+    train.main(["--method", "sft", "--task", "countdown", "--numbers", "1-100", "--targets",
+                "1-100", "--test-file", str(f), "--skip-unsolvable", "--n-train", "4",
+                "--steps", "2", "--out", str(out)])
+    summary = (out / "summary.md").read_text()
+    assert f"test set: 2 problems read from {f} (4 read, 1 left out as unsolvable here, 1 as " \
+           "repeats)" in summary
+    config = json.loads((out / "config.json").read_text())
+    assert config["n_test"] == 2 and config["test_difficulty"] == [3]
+    assert config["numbers"] == "1-100" and config["test_file"] == str(f)
 
 
 def test_bad_input_from_the_shell_has_no_traceback():
