@@ -46,6 +46,9 @@ FLAGS = [
     flag("--compile", SWITCH, False, "torch.compile the training forward"),
     flag("--sample-batch-size", positive(int), (300, 500, 2048), "prompts per sampling batch"),
     flag("--temperature", float, 1.0, "sampling temperature of every sample, step and rollout"),
+    flag("--calculator", ["off", "result"], "off",
+         "result: the program writes each a op b= result as the model samples (Cobbe et al. "
+         "2021), in every sample, step and rollout; off: the model computes it"),
     # the learned scorers, from the generator on its own labelled samples of P + D
     flag("--samples", positive(int), (2, 4, 8), "the scorers' samples per problem of P + D"),
     flag("--rollouts", positive(int), (4, 8, 8), "PRM labels: Math-Shepherd rollouts per prefix"),
@@ -79,11 +82,17 @@ def fits(model, task, p, text):
     return len(prefix_ids(task, p, text)) + STEP_TOKENS <= model.config.block_size
 
 
+def node_tool(task, nodes):
+    """The task's tool (None if it has none) for continuations of (problem, prefix text) nodes."""
+    return task.tool and star.row_tool(task, [p for p, _ in nodes], [text for _, text in nodes])
+
+
 def sample_steps(model, task, nodes, copies, temperature, seeds, cost):
     """One more line for copies[i] continuations of each (problem, prefix text) nodes[i], row r
     from seeds[r]: (line, finished) pairs; ended by end-of-text or out of tokens is finished."""
     rows = star.continue_prefixes(model, [prefix_ids(task, p, text) for p, text in nodes], copies,
-                                  STEP_TOKENS, (NEWLINE, EOT), temperature, seeds, cost)
+                                  STEP_TOKENS, (NEWLINE, EOT), temperature, seeds, cost,
+                                  tool=node_tool(task, nodes))
     return [(decode(t for t in row if t not in (NEWLINE, EOT)), not row or row[-1] != NEWLINE)
             for row in rows]
 
@@ -92,7 +101,8 @@ def rollouts(model, task, nodes, copies, temperature, seeds, cost):
     """copies[i] completions to the end (end-of-text) of each (problem, prefix text) nodes[i],
     row r from seeds[r]: the texts of the finished solutions, prefix included."""
     rows = star.continue_prefixes(model, [prefix_ids(task, p, text) for p, text in nodes], copies,
-                                  ROLLOUT_TOKENS, (EOT,), temperature, seeds, cost)
+                                  ROLLOUT_TOKENS, (EOT,), temperature, seeds, cost,
+                                  tool=node_tool(task, nodes))
     starts = [text for (_, text), c in zip(nodes, copies) for _ in range(c)]
     return [s + decode(t for t in row if t != EOT) for s, row in zip(starts, rows)]
 
@@ -506,6 +516,7 @@ def evaluate_mcts(model, task, test, name, scorer, budgets, args):
 
 def run(args, task, P, D, test, out, device, new_model):
     """The module docstring's stages in order, each committed at once; reruns skip finished ones."""
+    task = task.with_calculator(args.calculator)  # every sample, step and rollout calls it
     finished = committed(out, "stage")
     budgets = [int(b) for b in str(args.budgets).split(",")]
 

@@ -217,7 +217,8 @@ def sample(model, task, problems, hint=False, n=1, temperature=0.0, batch_size=2
                                           banned_tokens=NOT_TEXT,
                                           copies=[sum(i == u for _, i, _ in chunk) for u in owners],
                                           seeds=[seed_for(seed, i, j) for _, i, j in chunk],
-                                          tool=task.tool and row_tool(task, problems, chunk))
+                                          tool=task.tool and row_tool(
+                                              task, [problems[i] for _, i, _ in chunk]))
         tokens, lengths = tokens.tolist(), lengths.tolist()
         cost.sampled += sum(lengths)
         cost.prompt += sum(map(len, prompts))
@@ -233,19 +234,23 @@ def sample(model, task, problems, hint=False, n=1, temperature=0.0, batch_size=2
     return texts, total
 
 
-def continue_prefixes(model, prefixes, copies, max_new, stop, temperature, seeds, cost):
+def continue_prefixes(model, prefixes, copies, max_new, stop, temperature, seeds, cost,
+                      tool=None):
     """copies[u] continuations of each token list prefixes[u], each to a stop token (kept) or
-    max_new tokens, counted into `cost`. Row r is drawn from seeds[r] with all the room the block
-    leaves its prefix (batched apart by room): it depends on neither its batch nor its process."""
+    max_new tokens, counted into `cost` (tokens a tool wrote included). Row r is drawn from
+    seeds[r] with all the room the block leaves its prefix (batched apart by room): it depends
+    on neither its batch nor its process. tool: row_tool over the prefixes, or None."""
     room = [min(max_new, model.config.block_size - len(x)) for x in prefixes]
     first, rows = [0, *accumulate(copies)], [None] * len(prefixes)  # prefix u's first row
     for r in sorted(set(room), reverse=True):
         group = [u for u in range(len(prefixes)) if room[u] == r]
+        owner = [u for u in group for _ in range(copies[u])]  # the prefix of each row
         with autocast(str(next(model.parameters()).device)):
             tokens, _, lengths = generate(
                 model, [prefixes[u] for u in group], r, stop, PAD, temperature,
                 banned_tokens=NOT_TEXT, copies=[copies[u] for u in group],
-                seeds=[seeds[first[u] + j] for u in group for j in range(copies[u])])
+                seeds=[seeds[first[u] + j] for u in group for j in range(copies[u])],
+                tool=tool and tool.over(owner))
         sampled = iter(row[:n] for row, n in zip(tokens.tolist(), lengths.tolist()))
         for u in group:
             rows[u] = [next(sampled) for _ in range(copies[u])]
@@ -254,11 +259,15 @@ def continue_prefixes(model, prefixes, copies, max_new, stop, temperature, seeds
     return [row for rs in rows for row in rs]
 
 
-def row_tool(task, problems, chunk):
-    """The task's tool (a calculator) as the sampler calls it: row r of the batch, its tokens."""
+def row_tool(task, problems, texts=None):
+    """The task's tool (a calculator) as the sampler calls it: row r of the batch, problems[r]'s,
+    continuing texts[r] (None: the prompt), gets the ids of what the tool writes. over(owner):
+    the same for rows whose problem and text are owner[r]'s."""
     def call(r, ids):
-        return encode(task.tool(problems[chunk[r][1]], decode(ids)))
+        return encode(task.tool(problems[r], (texts[r] if texts else "") + decode(ids)))
     call.trigger = encode(task.tool.trigger)[0]
+    call.over = lambda owner: row_tool(task, [problems[u] for u in owner],
+                                       texts and [texts[u] for u in owner])
     return call
 
 

@@ -229,6 +229,10 @@ def resolve(args, parser):
     if args.task not in taken:
         parser.error(f"argument --task: --method {args.method} does not run {args.task}; "
                      f"choose {', '.join(taken)}")
+    calculator = args.calculator or "off"  # (None: the method has no --calculator)
+    if calculator != "off" and calculator not in task.calculators:
+        parser.error(f"argument --calculator: {args.task} has no calculator {calculator!r}; "
+                     "choose " + ", ".join(("off", *task.calculators)))
     given = [FLAG_OF[name] for name in COUNTDOWN if getattr(args, name) is not None]
     if given and args.task != "countdown":
         parser.error(f"argument {given[0]}: it sets countdown's problems, and the task is "

@@ -54,6 +54,9 @@ FLAGS = [
     flag("--sample-batch-size", positive(int), (300, 500, 2048), "prompts per sampling batch"),
     flag("--samples", positive(int), 8, "samples per problem of P + D in each iteration"),
     flag("--temperature", float, 0.7, "sampling temperature of training and test samples"),
+    flag("--calculator", ["off", "result"], "off",
+         "result: the program writes each a op b= result as the model samples (Cobbe et al. "
+         "2021), in every sample, step and rollout; off: the model computes it"),
     # the verifiers, from G_SFT on D_VER
     flag("--beta", positive(float), 0.1, "DPO's beta (the DPO paper's default; V-STaR gives none)"),
     flag("--dpo-nll", non_negative(float), 1.0,
@@ -389,6 +392,7 @@ def pair_accuracy(right, s):
 def run(args, task, P, D, test, out, device, new_model):
     """Algorithm 1: each generator iteration is a stage, then the verifiers are trained and
     tested together as the last ("eval"); a rerun on the folder resumes after the last."""
+    task = task.with_calculator(args.calculator)  # every sample the generators draw calls it
     gold = star.gold_examples(task, P, with_hints=False)
     done = committed(out, "iteration", kind="iteration")
     for n in range(args.iterations + 1):

@@ -55,6 +55,7 @@ class Task:
     # small) and the gpu preset; None: every difficulty
     default_difficulties = {"cpu": None, "gpu": None}
     tool = None  # a program the sampler calls when the model writes tool.trigger (a calculator)
+    calculators = ()  # the tools it has, by name (with_calculator)
 
     # ---- what each task writes ----
 
@@ -92,6 +93,13 @@ class Task:
         return True
 
     # ---- shared: formatting ----
+
+    def with_calculator(self, mode):
+        """This task with its sampler calling the calculator `mode` (one of self.calculators),
+        or with none ("off")."""
+        if mode != "off":
+            raise ValueError(f"{self.name} has no calculator {mode!r}; choose off")
+        return self
 
     def validate(self, difficulty):
         if difficulty not in self.difficulties:

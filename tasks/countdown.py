@@ -148,6 +148,7 @@ class Countdown(Task):
     difficulties = (2, 3, 4, 5)  # how many numbers
     default_difficulties = {"cpu": ("2-4", "2-4"), "gpu": ("2-5", "2-5")}  # (train, test)
     tool_end = "\n"  # what follows the calculator's result: a path's step line ends there
+    calculators = ("result", "judge")  # Calculator's modes
 
     def __init__(self, calculator=None, numbers=NUMBERS, targets=TARGETS):
         # calculator: None, "result" or "judge"; numbers, targets: the draw, as parse_numbers
@@ -156,6 +157,12 @@ class Countdown(Task):
         self.setting = {"numbers": numbers, "targets": targets}  # as written, for copies
         (self.lo, self.hi), self.large = parse_numbers(numbers)
         self.targets = parse_range(targets)
+
+    def with_calculator(self, mode):
+        if mode != "off" and mode not in self.calculators:
+            raise ValueError(f"{self.name} has no calculator {mode!r}; choose off, "
+                             + ", ".join(self.calculators))
+        return type(self)(None if mode == "off" else mode, **self.setting)
 
     def problem(self, numbers, target):
         """The problem of reaching `target` from `numbers` (in the order written)."""

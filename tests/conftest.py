@@ -24,3 +24,21 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("exercise"):
             item.add_marker(skip)
+
+
+@pytest.fixture
+def sampler_tools(monkeypatch):
+    """What each call of model.generate by star.py (every sampler of vstar and search goes
+    through it) is given as its tool: a list of True (a calculator, checked to answer "12+7="
+    with "19") or False (none)."""
+    import star
+    from tasks import decode, encode
+    seen, real = [], star.generate
+
+    def spy(model, prompts, *a, tool=None, **kw):
+        seen.append(tool is not None)
+        if tool is not None:
+            assert decode(tool(0, encode("12+7="))) == "19\n"
+        return real(model, prompts, *a, tool=tool, **kw)
+    monkeypatch.setattr(star, "generate", spy)
+    return seen

@@ -414,15 +414,47 @@ def test_seeded_continuations_depend_on_no_other_row():
 
 
 @pytest.mark.slow
-def test_search_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
+class ArithToy(ToyLM):
+    """A language model that always writes "7+5=0" then "A: 12": its own arithmetic is wrong,
+    so a right result in its text is the calculator's."""
+
+    def next_logits(self, ids):
+        logits = torch.full((100,), -1e9)
+        text = decode([t for t in ids if t != PAD])
+        if "\n" not in text:
+            return logits
+        lines = text.split("\n", 1)[1].split("\n")
+        line, cur = ("7+5=0", "A: 12")[min(len(lines) - 1, 1)], lines[-1]
+        if cur != line and line.startswith(cur):
+            logits[encode(line[len(cur)])[0]] = 0.0
+        else:
+            logits[NEWLINE if len(lines) == 1 else EOT] = 0.0
+        return logits
+
+
+@pytest.mark.parametrize("calculator,line", [("result", "7+5=12"), ("off", "7+5=0")])
+def test_every_sampler_writes_the_calculators_results(calculator, line):
+    # The pool and the generators' samples (star.sample), search's steps and rollouts (also
+    # Math-Shepherd's) all call it; "off" leaves the model's own arithmetic.
+    task = get_task("countdown").with_calculator(calculator)
+    p, cost, toy = task.problem((7, 5), 12), common.TokenCount(), ArithToy()
+    texts, count = star.sample(toy, task, [p], n=2, temperature=1.0)
+    assert texts == [[f"{line}\nA: 12"] * 2]
+    assert count.sampled == 2 * (len(encode(f"{line}\nA: 12")) + 1)  # the tool's tokens too
+    assert search.sample_steps(toy, task, [(p, "")], [2], 1.0, [0, 1], cost) == [(line, False)] * 2
+    assert search.rollouts(toy, task, [(p, "")], [1], 1.0, [0], cost) == [f"{line}\nA: 12"]
+
+
+def test_search_runs_end_to_end_and_resumes(tmp_path, monkeypatch, sampler_tools):
     # an untrained generator writes garbage to the end of every budget: keep the budgets short
     monkeypatch.setattr(search, "ROLLOUT_TOKENS", 32)
     monkeypatch.setattr(search, "STEP_TOKENS", 12)
+    tools = sampler_tools
     out = str(tmp_path / "run")
     argv = ["--method", "search", "--out", out, "--n-train", "6", "--n-unlabeled", "2",
             "--n-test", "3", "--steps", "2", "--verifier-steps", "2", "--eval-samples", "2",
             "--budgets", "1,2", "--samples", "2", "--rollouts", "2", "--batch-size", "4",
-            "--train-difficulty", "2", "--test-difficulty", "2"]
+            "--train-difficulty", "2", "--test-difficulty", "2", "--calculator", "result"]
     train.main(argv)
     rows = read_jsonl(os.path.join(out, "metrics.jsonl"))
     stages = [r["stage"] for r in rows]
@@ -445,6 +477,7 @@ def test_search_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
     assert ("best-of-N", "GenRM-CoT x generator") in methods
     assert ("weighted vote", "PRM") in methods
     assert search.headline_differences(rows)  # the equal-compute pairs exist
+    assert len(tools) > 10 and all(tools)  # every sampling call had the calculator
     assert os.path.exists(os.path.join(out, "search.png"))
     train.main(argv)  # finished: nothing is redone, no row added
     assert read_jsonl(os.path.join(out, "metrics.jsonl")) == rows

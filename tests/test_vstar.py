@@ -256,12 +256,14 @@ def test_bootstrap_interval_covers_the_mean_and_narrows_with_more_problems():
 
 
 @pytest.mark.slow
-def test_vstar_runs_end_to_end(tmp_path):
+def test_vstar_runs_end_to_end(tmp_path, sampler_tools):
+    tools = sampler_tools
     out = str(tmp_path / "run")
     train.main(["--method", "vstar", "--out", out, "--n-train", "16", "--n-unlabeled", "8",
                 "--n-test", "6", "--steps", "20", "--batch-size", "8", "--samples", "4",
                 "--eval-samples", "4", "--verifier-steps", "3", "--iterations", "1",
-                "--train-difficulty", "2-3", "--test-difficulty", "2-3", "--temperature", "1.5"])
+                "--train-difficulty", "2-3", "--test-difficulty", "2-3", "--temperature", "1.5",
+                "--calculator", "result"])
     rows = read_jsonl(os.path.join(out, "metrics.jsonl"))
     assert [r.get("iteration") for r in rows] == [0, 1, None]
     ev = rows[-1]
@@ -276,3 +278,4 @@ def test_vstar_runs_end_to_end(tmp_path):
     assert all(abs(x - ev["pass@k"][0]) < 1e-12 for x in ev["best-of-k random"])
     assert ev["pair_acc random"] in (0.5, None) or math.isnan(ev["pair_acc random"])
     assert os.path.exists(os.path.join(out, "vstar.png"))
+    assert len(tools) >= 4 and all(tools)  # every sample (greedy ones too) had the calculator
