@@ -80,6 +80,15 @@ NOT_THOUGHT = (SOT, EOTH, EOT, PAD)  # never sampled as a thought token
 # The text (tasks/text.py: lines that show their work or not, packed into rows)
 
 
+def check_data(args, task, problems):
+    """train.py's check of what this method will read: every problem's line fits a sequence."""
+    for p in problems:
+        text = line(task, p, worked=True)  # the longer of its two lines
+        if len(encode(text)) > args.seq_len + 1:
+            raise ValueError(f"argument --seq-len: the line {text.strip()!r} is longer than "
+                             f"{args.seq_len} + 1 tokens; raise --seq-len or draw smaller numbers")
+
+
 def train_problems(task, args, step, test_keys):
     """More fresh problems than a batch of rows holds (a line is >= 6 tokens), from a seed
     derived from the step (a resumed run sees the same batches); no test problem among them."""

@@ -20,6 +20,7 @@ the flags every method takes; resolve() below merges the given flags over the me
 """
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -91,8 +92,8 @@ COMMON_FLAGS = [
 # Countdown's problems as others set them (README: "Countdown on the public settings")
 COUNTDOWN_FLAGS = [
     arg("--numbers", help="countdown: the numbers drawn, lo-hi, and +a,b,.. for large ones, one "
-                          "of which replaces a number in 1 problem of 4 (TinyZero's: 1-100)"),
-    arg("--targets", help="countdown: the targets allowed, lo-hi (TinyZero's: 1-100)"),
+                          "of which replaces a number in 1 problem of 4 (e.g. 1-100)"),
+    arg("--targets", help="countdown: the targets allowed, lo-hi (e.g. 1-100)"),
     arg("--test-file", help='countdown: the test set read from a JSON-lines file, one problem a '
                             'line: {"nums": [30, 100, 93], "target": 23} or {"input": '
                             '"30,100,93", "output": "23"}; no training problem is one of them'),
@@ -161,7 +162,7 @@ def shown_default(dest, kw, method, preset):
     resolved = {"method": method, "preset": preset, "train_difficulty": train_d,
                 "test_difficulty": test_d, "out": os.path.join("out", f"{method}-{task.name}")}
     if dest in COUNTDOWN and task.name != "countdown":
-        return "not used: countdown's only"
+        return f"- (countdown's; the task is {task.name})"
     resolved.update(numbers=NUMBERS, targets=TARGETS, test_file="none: a test set is drawn")
     value = {**resolved, **table}.get(dest, kw.get("default"))
     if kw.get("action") == "store_const":  # a switch: on when the method sets it
@@ -276,7 +277,8 @@ def build_data(task, args):
     """Test set first, drawn or read from --test-file, no problem twice (by task.key: countdown's
     numbers in any order are one problem); P and D are drawn without any test problem. Returns
     (P, D, test, where the test set comes from). A method that makes its own training data
-    (Quiet-STaR's text) gets no P and D."""
+    (Quiet-STaR's text) gets no P and D, but what it would draw is tried here: a setting that
+    cannot be drawn, or a problem the method cannot take (its check_data), ends the run now."""
     if args.test_file is not None:
         test, source = read_test_file(task, args)
     else:
@@ -284,9 +286,12 @@ def build_data(task, args):
                                seed=seed_for(args.seed, "test"), distinct=True)
         report_short_test(task, test, args.n_test, args.test_difficulty)
         source = f"test set: {len(test)} problems drawn with seed {args.seed}"
-    if args.n_train is None:
-        return None, None, test, source
     keys = held_out(task, test)
+    if args.n_train is None:
+        tried = sample_problems(task, 16, args.train_difficulty, seed_for(args.seed, "try"),
+                                exclude=keys)
+        getattr(METHODS[args.method][0], "check_data", lambda *a: None)(args, task, test + tried)
+        return None, None, test, source
     P = sample_problems(task, args.n_train, args.train_difficulty, seed=seed_for(args.seed, "P"),
                         exclude=keys)
     D = []  # --method sft has no D
@@ -312,8 +317,8 @@ def read_test_file(task, args):
         n, p = unsolvable[0]
         raise ValueError(f"argument --test-file: {args.test_file} line {n}: {p.question} cannot "
                          "be solved with each number once, + - * and exact division, and no "
-                         f"negative or fraction in between (so can {len(unsolvable) - 1} more "
-                         f"of its {len(rows)}; --skip-unsolvable leaves them out)")
+                         f"negative or fraction in between ({len(unsolvable)} of its {len(rows)} "
+                         "problems cannot; --skip-unsolvable leaves them out)")
     test, seen, bad = [], set(), {n for n, _ in unsolvable}
     for n, p in rows:
         if n not in bad and task.key(p) not in seen:
@@ -376,6 +381,8 @@ def write_config(args, cfg, parser):
     used = METHOD_DEFAULTS[args.method][args.preset]
     config = {k: v for k, v in vars(args).items() if k in COMMON or k in used}
     config["model"] = asdict(cfg)
+    if args.test_file is not None:  # the same file name may come to hold other problems
+        config["test_file_sha256"] = hashlib.sha256(open(args.test_file, "rb").read()).hexdigest()
     cfg_path = os.path.join(args.out, "config.json")
     if os.path.exists(cfg_path):
         old = json.load(open(cfg_path))

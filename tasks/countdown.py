@@ -18,12 +18,9 @@ Choices, on purpose:
 1. Difficulty = how many numbers (2..5). By default (NUMBERS) numbers are drawn from 1..12,
    and with probability 1/4 one of them is replaced by 25, 50, 75 or 100 (the TV show's
    "large" numbers). The target is the end of a random solution path and must lie in 10..999
-   (TARGETS), so every problem is solvable by construction. Both are settings: "1-100" and
-   "1-100" draw 1..100 uniformly and keep targets in 1..100 (TinyZero's setting).
-5. A test set may come from a file in the formats in public use (read_problems); a problem
-   these rules cannot solve is the caller's to refuse (reachable). Public checkers differ: the
-   rules here and Stream of Search's allow no fraction and no negative number in between;
-   TinyZero's evaluates one expression and allows both.
+   (TARGETS), so every problem is solvable by construction. Both are settings: numbers
+   "1-100" draws each number uniformly from 1..100 (no large ones), targets "1-100" keeps the
+   paths that end in 1..100.
 2. The gold rationale is the solver's first solution (solve()), not the random path that made
    the problem: it is a function of the question alone, so the same question always gets the
    same gold steps. Operands are written larger first ("25+7", "32-4").
@@ -34,6 +31,10 @@ Choices, on purpose:
 4. The process verifier labels a step right iff it is valid in the state left by the steps
    before it and the target is still reachable from the new state. After an invalid step the
    state is undefined, so every later line is wrong.
+5. A test set may come from a file in the formats in public use (read_problems); a problem
+   these rules cannot solve is the caller's to refuse (reachable). Public checkers differ: the
+   rules here and Stream of Search's allow no fraction and no negative number in between;
+   TinyZero's evaluates one expression and allows both.
 """
 
 import json
@@ -46,6 +47,7 @@ NUMBERS = "1-12+25,50,75,100"  # drawn from 1..12; in 1 problem of 4, one is a l
 TARGETS = "10-999"  # a path that ends outside this range is drawn again
 LARGE_SHARE = 0.25
 MAX_DRAWS = 10000  # random paths per problem before a setting is called impossible
+MAX_NUMBER = 10 ** 6  # the largest number or target a test file may hold
 STEP_LINE = re.compile(rf"({NUMBER})([-+*/])({NUMBER})=({NUMBER})")
 
 
@@ -285,15 +287,16 @@ class Countdown(Task):
 # ---------------------------------------------------------------- Test files in public formats
 
 def read_problems(task, path):
-    """The countdown problems of a JSON-lines file in a format in public use, one per line:
-    {"nums": [30, 100, 93], "target": 23} (Stream of Search's and TinyZero's data) or
-    {"input": "30,100,93", "output": "23"}; other keys are ignored, blank lines skipped.
-    Returns [(line number, Problem)]; a line that is neither, or whose count of numbers is not
-    a difficulty here, raises ValueError naming the file and the line. Whether a problem can be
+    """The countdown problems of a JSON-lines file, one a line, with the fields in public use:
+    {"nums": [30, 100, 93], "target": 23} (the fields of Stream of Search's and TinyZero's data;
+    "numbers" for "nums" too) or {"input": "30,100,93", "output": "23"}; other keys are ignored,
+    blank lines skipped. Numbers and targets are integers from 0 to MAX_NUMBER. Returns
+    [(line number, Problem)]; a line that is none of these, or whose count of numbers is not a
+    difficulty here, raises ValueError naming the file and the line. Whether a problem can be
     solved under these rules is the caller's to ask (reachable)."""
     formats = '{"nums": [30, 100, 93], "target": 23} or {"input": "30,100,93", "output": "23"}'
     rows = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # (-sig: a byte-order mark is not a problem)
         try:
             lines = f.readlines()
         except UnicodeDecodeError:
@@ -304,7 +307,7 @@ def read_problems(task, path):
             where = f"{path} line {n}"
             try:
                 row = json.loads(text)
-            except ValueError:
+            except (ValueError, RecursionError):  # (nested too deep for the parser)
                 raise ValueError(f"{where} is not JSON; write one problem per line, as "
                                  f"{formats}") from None
             numbers, target = _numbers_and_target(row)
@@ -319,16 +322,17 @@ def read_problems(task, path):
 
 
 def _numbers_and_target(row):
-    """A file row's (numbers, target) as non-negative ints; None for what is not there."""
+    """A file row's (numbers, target) as ints in 0..MAX_NUMBER; None for what is not there."""
     def integer(x):
-        if isinstance(x, str) and x.strip().isdigit():
-            return int(x)
-        return x if isinstance(x, int) and not isinstance(x, bool) and x >= 0 else None
+        if isinstance(x, str) and re.fullmatch(r"[0-9]{1,7}", x.strip()):
+            x = int(x)
+        ok = isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= MAX_NUMBER
+        return x if ok else None
 
     if not isinstance(row, dict):
         return None, None
-    if "nums" in row:
-        numbers, target = row["nums"], row.get("target")
+    if "nums" in row or "numbers" in row:
+        numbers, target = row.get("nums", row.get("numbers")), row.get("target")
     else:
         numbers, target = row.get("input"), row.get("output")
         if isinstance(numbers, str):

@@ -275,8 +275,10 @@ def test_countdown_default_draw_is_pinned():
     # The default setting draws what it always drew (every result in the README rests on it).
     assert [p.question for p in sample_problems("countdown", 4, [2, 3, 4, 5], seed=0)] == \
         ["7 100 T: 700", "50 4 9 T: 86", "12 2 11 6 T: 184", "5 1 9 1 2 T: 47"]
-    default = sample_problems(Countdown(), 200, [2, 3, 4], seed=1)
-    assert default == sample_problems(get_task("countdown"), 200, [2, 3, 4], seed=1)
+    # ... and written out, the default setting draws the same
+    default = Countdown(numbers="1-12+25,50,75,100", targets="10-999")
+    assert sample_problems(default, 200, [2, 3, 4], seed=1) == \
+        sample_problems("countdown", 200, [2, 3, 4], seed=1)
 
 
 def test_countdown_setting_draws_inside_its_ranges():
@@ -312,11 +314,11 @@ def test_countdown_setting_that_cannot_be_drawn_is_an_error_not_a_hang():
 def test_read_problems_reads_both_public_formats(tmp_path):
     task = get_task("countdown")
     f = tmp_path / "test.jsonl"
-    f.write_text('{"nums": [30, 100, 93], "target": 23}\n'
+    f.write_text('\ufeff{"nums": [30, 100, 93], "target": 23}\r\n'  # a byte-order mark, CRLF
                  '{"input": "4,7,2", "output": "30", "id": 7}\n'
                  '\n'
                  '{"input": "93 30 100", "output": 23}\n'
-                 '{"nums": ["3", "8"], "target": "24", "solution": ["3*8=24"]}\n')
+                 '{"numbers": ["3", "8"], "target": "24", "solution": ["3*8=24"]}\n')
     rows = read_problems(task, str(f))
     assert [n for n, _ in rows] == [1, 2, 4, 5]  # the blank line is skipped, not counted
     ps = [p for _, p in rows]
@@ -336,6 +338,9 @@ BAD_LINES = [  # (a line, words its error names besides the line number)
     ('{"nums": [30, -7, 93], "target": 23}', ["not a countdown problem"]),
     ('{"input": "30,x,93", "output": "23"}', ["not a countdown problem"]),
     ('{"input": "30,100,93", "output": "twenty"}', ["not a countdown problem"]),
+    ('{"nums": [30, "\u00b2", 93], "target": 23}', ["not a countdown problem"]),  # a digit?
+    ('{"nums": [30, 100, 93], "target": 10000000}', ["not a countdown problem"]),  # > 10**6
+    ("[" * 100000, ["not JSON"]),  # nested deeper than the parser goes
     ('{"nums": [1, 2, 3, 4, 5, 6], "target": 3}', ["2 to 5 numbers, not 6"]),
     ('{"nums": [7], "target": 7}', ["2 to 5 numbers, not 1"]),
 ]

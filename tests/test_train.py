@@ -64,6 +64,12 @@ BAD_TEST_FILES = [  # (file text, other arguments, words the one-line error must
     (None, ["--numbers", "1-100+x"], ["--numbers", "1-100+x", "lo-hi"]),
     (None, ["--targets", "100-1"], ["--targets", "100-1", "lo-hi"]),
     (None, ["--numbers", "1-2", "--targets", "900-999"], ["1-2", "900-999"]),
+    # a method that draws its own training lines: tried before it starts
+    (GOOD, ["--method", "quiet_star", "--task", "countdown", "--numbers", "1-2", "--targets",
+            "900-999"], ["1-2", "900-999"]),
+    (None, ["--method", "quiet_star", "--task", "countdown", "--numbers", "1-100000",
+            "--targets", "1-1000000", "--train-difficulty", "5", "--test-difficulty", "5"],
+     ["--seq-len", "longer than 48"]),
 ]
 
 
@@ -99,6 +105,18 @@ def test_a_test_file_is_the_test_set_and_the_summary_says_what_was_read(tmp_path
     config = json.loads((out / "config.json").read_text())
     assert config["n_test"] == 2 and config["test_difficulty"] == [3]
     assert config["numbers"] == "1-100" and config["test_file"] == str(f)
+
+
+def test_a_folder_is_refused_when_its_test_file_now_holds_other_problems(tmp_path, capsys):
+    f, out = tmp_path / "public.jsonl", str(tmp_path / "run")
+    argv = ["--method", "sft", "--task", "countdown", "--test-file", str(f), "--n-train", "4",
+            "--steps", "2", "--out", out]
+    f.write_text('{"nums": [30, 100, 93], "target": 23}\n')
+    train.main(argv)
+    f.write_text('{"nums": [30, 100, 92], "target": 22}\n')  # the same name, size, difficulty
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    assert e.value.code == 2 and "--out" in capsys.readouterr().err
 
 
 def test_bad_input_from_the_shell_has_no_traceback():
