@@ -1,7 +1,8 @@
 """
 Guards the gpu preset without a GPU: every method starts and finishes with `--preset gpu` on the
 CPU, with the gpu preset's model (6 layers, 384 wide) and block size and its method settings,
-but every count (steps, problems, samples, budgets) cut to the smallest that runs each stage.
+but every count (steps, problems, samples, budgets; quiet_star's sequence) cut to the smallest
+that runs each stage.
 A size, shape or block-size error in a gpu run then shows up in CI, not on a rented GPU.
 
 Run: python -m pytest tests/test_gpu_preset.py   (slow: about a minute on 2 cores)
@@ -32,7 +33,7 @@ COUNTS = {  # the smallest counts that exercise every stage of each method
                "--eval-samples", "2", "--verifier-steps", "1", "--rollouts", "1",
                "--budgets", "1,2"],
     "quiet_star": ["--base-steps", "2", "--think-steps", "2", "--eval-every", "2",
-                   "--n-test", "2", "--batch-size", "2"],
+                   "--n-test", "2", "--batch-size", "2", "--seq-len", "32"],
 }
 
 
