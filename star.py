@@ -271,6 +271,23 @@ def row_tool(task, problems, texts=None):
     return call
 
 
+def tool_written(task, p, text):
+    """Which characters of a completion (one token each) the task's tool wrote, replayed: after
+    each trigger the model wrote, what the tool answers there, where the text has it (a row cut
+    mid-write has part of it). A trigger inside the tool's own writing is not the model's."""
+    written = [False] * len(text)
+    i = 0
+    while task.tool is not None and i < len(text):
+        if text[i] == task.tool.trigger:
+            answer = task.tool(p, text[:i + 1])
+            n = next((k for k in range(len(answer), -1, -1)
+                      if text[i + 1:i + 1 + k] == answer[:k]), 0)
+            written[i + 1:i + 1 + n] = [True] * n
+            i += n
+        i += 1
+    return written
+
+
 def evaluate(model, task, problems, batch_size=256):
     """Greedy accuracy per difficulty, overall accuracy, and the completions."""
     texts, _ = sample(model, task, problems, temperature=0.0, batch_size=batch_size,

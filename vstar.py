@@ -301,6 +301,12 @@ def logprobs(model, prompts, completions, mean=False):
     return [x / max(1, len(c)) for x, c in zip(s, completions)] if mean else s
 
 
+def token_logprobs(model, prompts, completions):
+    """log p of each completion token given what comes before it, one list per pair."""
+    _, tok = sequence_logprobs(model, prompts, completions, PAD, per_token=True)
+    return [row[:len(c)] for row, c in zip(tok.float().tolist(), completions)]
+
+
 def logprob_scores(model, prompts, completions, mean=False):
     """logprobs of every (prompt, completion) pair, in batches shared out under torchrun."""
     return score_in_shares(functools.partial(logprobs, model, mean=mean), prompts, completions)
@@ -484,6 +490,12 @@ def score_samples(nets, task, problems, texts, reference, generator):
     # 3) the baselines a learned verifier must beat: the generator's mean log-prob, shortest, none
     flat.update({"generator": logprob_scores(generator, prompts, comps, mean=True),
                  "length": [-len(c) for c in comps], "random": [0.0] * len(comps)})
+    if task.tool is not None:  # its confidence in the tokens it sampled, not the calculator's
+        own = [[not w for w in star.tool_written(task, p, t)] + [True]  # (+ the end-of-text)
+               for p, t in zip(problems, texts)]
+        per_token = score_in_shares(functools.partial(token_logprobs, generator), prompts, comps)
+        flat["generator (own tokens)"] = [sum(x for x, k in zip(lp, m) if k) / max(1, sum(m))
+                                          for lp, m in zip(per_token, own)]
     if "genrm-cot" in nets:  # GenRM-CoT's rule without its learned arithmetic: what it adds
         flat["rule x generator"] = [g - (0.0 if task.rules_ok(p, t) else 1e3) for p, t, g in
                                     zip(problems, texts, flat["generator"])]

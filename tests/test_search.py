@@ -445,6 +445,24 @@ def test_every_sampler_writes_the_calculators_results(calculator, line):
     assert search.rollouts(toy, task, [(p, "")], [1], 1.0, [0], cost) == [f"{line}\nA: 12"]
 
 
+def test_tool_written_marks_exactly_what_the_calculator_wrote():
+    from tasks.countdown import CountdownTraces
+    task = get_task("countdown").with_calculator("result")
+    p, text = task.problem((7, 5, 2), 24), "7+5=12\n12*2=24\nA: 24"
+    written = star.tool_written(task, p, text)
+    assert "".join(ch for ch, w in zip(text, written) if w) == "12\n24\n"
+    assert sum(star.tool_written(task, p, "7+5=1")) == 1  # a row cut in the tool's writing
+    assert not any(star.tool_written(get_task("countdown"), p, text))  # no tool: the model's
+    # A judge writes "=" itself (the found path at the goal): those are not the model's triggers.
+    traces = CountdownTraces("judge")
+    q, text, by_tool = traces.problem((11, 3, 7), 32), "", 0
+    for step in ("7*3=", "\n 21+11="):
+        answer = traces.tool(q, text + step)
+        text, by_tool = text + step + answer, by_tool + len(answer)
+    assert text.endswith("7*3=21\n21+11=32\nA: 32") and sum(star.tool_written(traces, q, text)) \
+        == by_tool
+
+
 def test_search_runs_end_to_end_and_resumes(tmp_path, monkeypatch, sampler_tools):
     # an untrained generator writes garbage to the end of every budget: keep the budgets short
     monkeypatch.setattr(search, "ROLLOUT_TOKENS", 32)

@@ -134,6 +134,13 @@ def test_verifier_scores_ignore_padding_and_batch_mates():
         alone = [score([p], [c])[0] for p, c in zip(prompts, comps)]
         assert all(math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6)
                    for a, b in zip(together, alone)), kind
+    # per token: one value per completion token, alone as in a batch, summing to the total
+    together = vstar.token_logprobs(gpt, prompts, comps)
+    assert [len(t) for t in together] == [len(c) for c in comps]
+    for p, c, t, total in zip(prompts, comps, together, vstar.logprobs(gpt, prompts, comps)):
+        alone = vstar.token_logprobs(gpt, [p], [c])[0]
+        assert all(math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6) for a, b in zip(t, alone))
+        assert math.isclose(sum(t), total, rel_tol=1e-5)
 
 
 def test_genrm_score_is_p_yes_after_the_question_by_hand():
@@ -279,3 +286,5 @@ def test_vstar_runs_end_to_end(tmp_path, sampler_tools):
     assert ev["pair_acc random"] in (0.5, None) or math.isnan(ev["pair_acc random"])
     assert os.path.exists(os.path.join(out, "vstar.png"))
     assert len(tools) >= 4 and all(tools)  # every sample (greedy ones too) had the calculator
+    # with a calculator, the generator's confidence in its own tokens is a scorer too
+    assert len(ev["best-of-k generator (own tokens)"]) == 3
