@@ -46,7 +46,8 @@ def test_no_test_problem_is_twice_in_the_test_set_or_in_any_training_set(method,
 
 
 @pytest.mark.parametrize("method", ["sft", "star", "vstar", "search", "sos", "quiet_star"])
-def test_a_test_file_is_the_test_set_and_no_training_set_holds_its_problems(method, tmp_path):
+def test_a_test_file_is_the_test_set_and_no_training_set_holds_its_problems(method, tmp_path,
+                                                                           monkeypatch):
     # The file: problems that training would draw without it, written in both public formats
     # and another order, once twice: without the exclusion P and D would hold them all.
     task, args = default_args(method, 0, "--task", "countdown")
@@ -65,9 +66,18 @@ def test_a_test_file_is_the_test_set_and_no_training_set_holds_its_problems(meth
     assert args.n_test == len(test) and "41 read" in source and "1 as repeats" in source
     if P is not None:
         assert not set(keys) & {task.key(p) for p in P + D}
-    else:  # quiet_star: its first batch's lines, drawn without the test lines' problems
-        assert not set(keys) & held_out(task, quiet_star.train_problems(task, args, 0,
-                                                                        held_out(task, test)))
+        return
+    # quiet_star draws its own training lines: the keys its run hands that draw are the file's
+    handed = []
+
+    def first_draw(task, args, step, test_keys):
+        handed.append(test_keys)
+        raise KeyboardInterrupt  # (no need to train)
+    monkeypatch.setattr(quiet_star, "train_problems", first_draw)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(["--method", method, "--task", "countdown", "--test-file", str(f), "--out",
+                    str(tmp_path / "run")])
+    assert handed == [held_out(task, test)] and set(keys) <= handed[0]
 
 
 @pytest.mark.parametrize("seed", [0, 1])
