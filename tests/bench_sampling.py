@@ -10,6 +10,7 @@ asserted identical token for token. Prints a table. Not collected by pytest (no 
   python tests/bench_sampling.py --preset gpu --methods sft star vstar search quiet_star
   git worktree add ../before HEAD~1 && python tests/bench_sampling.py --against ../before
   python tests/bench_sampling.py --profile --batch-sizes 1 64   # where the decode loop's time goes
+  python tests/bench_sampling.py --calculator out/vstar-countdown/generator_iter0.pt
 
 The recompute baseline is model.generate_naive: the whole left-padded sequence through the
 model for every new token, what sampling costs without a cache. "compiled" is generate's
@@ -22,7 +23,10 @@ GPU every sampler runs under bf16 autocast, so all see the same arithmetic. --me
 `python train.py --method M --preset P` for each M in turn (output under runs/bench/) and
 prints its wall time. --against DIR times the eager sampler of DIR/model.py (another
 checkout) against this one's, in one process, alternating 8 times on the same weights and
-prompts: an A/B that a noisy machine cannot bias.
+prompts: an A/B that a noisy machine cannot bias. --calculator CKPT times star.sample of a
+trained countdown generator on 64 countdown problems (its own stops and length caps), with and
+without the calculator writing each result, alternating 3 times: sampled tokens per second
+(the calculator's included), and the share of them it wrote.
 """
 
 import argparse
@@ -95,6 +99,32 @@ def profile(preset, batch_sizes, prompt_len, new_tokens, device):
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
 
+def calculator(checkpoint, batch_sizes, device):
+    """Sampled tokens/s of star.sample with and without the countdown calculator, alternating."""
+    import star
+    from common import load_checkpoint
+    from tasks import get_task, sample_problems
+    model = load_checkpoint(checkpoint, device)[0].eval()
+    off = get_task("countdown")
+    on = off.with_calculator("result")
+    problems = sample_problems(off, 64, [2, 3, 4], seed=12345)
+    print(f"| batch | calculator off tok/s | calculator on tok/s | on / off | written by it |\n"
+          "|---|---|---|---|---|")
+    for B in batch_sizes:
+        rates, written = {"off": [], "on": []}, 0
+        for rep in range(3):
+            for name, task in (("off", off), ("on", on)) if rep % 2 else (("on", on), ("off", off)):
+                (texts, count), t = timed(lambda: star.sample(model, task, problems,
+                                                              batch_size=B), device)
+                rates[name].append(count.sampled / t)
+                if name == "on":
+                    written = sum(sum(star.tool_written(on, p, x[0]))
+                                  for p, x in zip(problems, texts)) / count.sampled
+        off_rate, on_rate = (statistics.median(rates[k]) for k in ("off", "on"))
+        print(f"| {B} | {off_rate:,.0f} | {on_rate:,.0f} | {on_rate / off_rate:.2f}x | "
+              f"{written:.0%} |", flush=True)
+
+
 def against(other_dir, preset, batch_sizes, prompt_len, new_tokens, device):
     """Median new tokens/s of this generate and of other_dir/model.py's, alternating."""
     spec = importlib.util.spec_from_file_location("other_model",
@@ -137,11 +167,15 @@ def main():
                     help="print torch.profiler's table of the eager sampler's operators instead")
     ap.add_argument("--against", metavar="DIR",
                     help="A/B the eager sampler against DIR/model.py (another checkout)")
+    ap.add_argument("--calculator", metavar="CKPT",
+                    help="star.sample of this countdown generator with and without the calculator")
     args = ap.parse_args()
     device = args.device
     preset = args.preset or ("gpu" if device == "cuda" else "tiny")
     if args.profile:
         return profile(preset, args.batch_sizes, args.prompt_len, args.new_tokens, device)
+    if args.calculator:
+        return calculator(args.calculator, args.batch_sizes, device)
     if args.against:
         return against(args.against, preset, args.batch_sizes, args.prompt_len,
                        args.new_tokens, device)
