@@ -145,8 +145,8 @@ def help_parser(method, preset):
     with the values M uses at this preset; without, the common flags and the methods to ask
     about."""
     if method is None:
-        return build_parser({"every method": COMMON_FLAGS,
-                             "countdown's problems": COUNTDOWN_FLAGS}, epilog="methods: " + ", ".join(sorted(METHODS)) +
+        return build_parser({"every method": COMMON_FLAGS, "countdown's problems": COUNTDOWN_FLAGS},
+                            epilog="methods: " + ", ".join(sorted(METHODS)) +
                             ". Add --method M for M's flags and the values it uses "
                             "(and --preset P for another preset's).")
     own = [(dest, names, kw) for dest, names, kw, _ in METHODS[method][1] if dest not in COMMON]
