@@ -67,9 +67,8 @@ BAD_TEST_FILES = [  # (file text, other arguments, words the one-line error must
     # a method that draws its own training lines: tried before it starts
     (GOOD, ["--method", "quiet_star", "--task", "countdown", "--numbers", "1-2", "--targets",
             "900-999"], ["1-2", "900-999"]),
-    (None, ["--method", "quiet_star", "--task", "countdown", "--numbers", "1-100000",
-            "--targets", "1-1000000", "--train-difficulty", "5", "--test-difficulty", "5"],
-     ["--seq-len", "longer than 48"]),
+    ('{"nums": [99999, 99998, 99997, 99996, 99995], "target": 499985}\n',
+     ["--method", "quiet_star", "--task", "countdown"], ["--seq-len", "longer than 48"]),
 ]
 
 
