@@ -33,7 +33,7 @@ from common import (SWITCH, best_of_k, commit, committed, figure, flag, load_che
 from star import (finetune, gold_examples, iteration_steps, keep_verified, sample, sample_lines,
                   held_out_results)
 from tasks import EOT, TOKENIZER, encode
-from tasks.countdown import Countdown, CountdownTraces, search_trace, trace_stats
+from tasks.countdown import CountdownTraces, search_trace, trace_stats
 
 # Every flag sos takes beyond train.py's own, with its value per preset (tiny, small, gpu).
 FLAGS = [
@@ -76,7 +76,7 @@ def paths_and_traces(args, task):
     """The two views of countdown the two models learn, drawn as `task` is: optimal paths, and
     search traces."""
     on = args.calculator != "off"
-    return (Countdown("result" if on else None, **task.setting),
+    return (task.with_calculator("result" if on else "off"),
             CountdownTraces(args.calculator if on else None, **task.setting))
 
 
