@@ -4,10 +4,11 @@ every token a network processes (TokenCount: sampled, prompt and prefixes encode
 scorer in proportion to its size). Best-of-N and votes over one pool (self-consistency, Wang et
 al. 2022, arXiv 2203.11171) against step-level beam search (Snell et al. 2024, arXiv 2408.03314)
 and MCTS over steps (RAP, arXiv 2305.14992; rStar-math, arXiv 2501.04519), each guided by
-GenRM-CoT (arXiv 2408.15240), a PRM on Math-Shepherd's labels (arXiv 2312.08935), the
+a learned recheck (GenRM-CoT's form, arXiv 2408.15240, on program-written rationales), a PRM on
+Math-Shepherd's labels (arXiv 2312.08935), the
 generator's log-prob, or the exact verifier ("oracle-guided": for teaching, not a bound).
 
-    generator_stage(P); labels_stage(P + D); scorers_stage()     # M0 of star.py, PRM, GenRM-CoT
+    generator_stage(P); labels_stage(P + D); scorers_stage()     # M0 of star.py, PRM, recheck
     evaluate_pool(N)        # best-of-N, majority and weighted votes, pass@N (the pool's ceiling)
     for scorer in LEARNED + oracle: evaluate_beam, evaluate_mcts
     table: each search against best-of-N and the weighted vote by its scorer at equal compute
@@ -46,9 +47,7 @@ FLAGS = [
     flag("--compile", SWITCH, False, "torch.compile the training forward"),
     flag("--sample-batch-size", positive(int), (300, 500, 2048), "prompts per sampling batch"),
     flag("--temperature", float, 1.0, "sampling temperature of every sample, step and rollout"),
-    flag("--calculator", ["off", "result"], "off",
-         "result: the program writes each a op b= result as the model samples (Cobbe et al. "
-         "2021), in every sample, step and rollout; off: the model computes it"),
+    vstar.CALCULATOR,
     # the learned scorers, from the generator on its own labelled samples of P + D
     flag("--samples", positive(int), (2, 4, 8), "the scorers' samples per problem of P + D"),
     flag("--rollouts", positive(int), (4, 8, 8), "PRM labels: Math-Shepherd rollouts per prefix"),
@@ -66,7 +65,7 @@ DEFAULTS = presets(FLAGS)
 STEP_TOKENS = 24      # longest step line (countdown's "100*12=1200" is 11 tokens)
 ROLLOUT_TOKENS = 160  # longest rollout to the end of a solution
 MAX_STEPS = 12        # deepest prefix beam search and MCTS build
-PRODUCT = "GenRM-CoT x generator"
+PRODUCT = "learned recheck x generator"
 LEARNED = (PRODUCT, "PRM", "generator")  # what guides the learned searches
 
 
@@ -142,19 +141,19 @@ def logprob_scorer(model, task, weight=1.0):
     return network_scorer(task, weight, values)
 
 
-def cot_scorer(verifier, task, weight=1.0):
-    """GenRM-CoT's p(every step so far is right), reading vstar.cot_rows' (step, claim) rows."""
+def recheck_scorer(verifier, task, weight=1.0):
+    """The learned recheck's p(every step so far is right), reading vstar.recheck_rows' rows."""
     def score(items, cost):
         args = ([p for p, _, _ in items], [t for _, t, _ in items], [f for _, _, f in items])
-        cost.scored += weight * sum(len(q) + len(c) for rows in vstar.cot_rows(task, *args)
+        cost.scored += weight * sum(len(q) + len(c) for rows in vstar.recheck_rows(task, *args)
                                     for q, c in rows or ())
-        return vstar.cot_scores(verifier, task, *args)
+        return vstar.recheck_scores(verifier, task, *args)
     return score
 
 
 def product_scorer(*scorers):
-    """The product of scorers' values. GenRM-CoT x generator: p(steps right) times the prior on
-    which step to take (alone, GenRM-CoT favours the surest arithmetic, `1-1=0`)."""
+    """The product of scorers' values. Learned recheck x generator: p(steps right) times the
+    prior on which step to take (alone, the recheck favours the surest arithmetic, `1-1=0`)."""
     def score(items, cost):
         return [math.prod(values) for values in zip(*(s(items, cost) for s in scorers))]
     return score
@@ -399,12 +398,13 @@ def labels_stage(model, task, problems, args, out):
 
 
 def scorers_stage(args, task, P, out, device):
-    """GenRM-CoT on gold and labelled samples, the PRM on Math-Shepherd's labels, saved: a row."""
+    """The learned recheck on gold and labelled samples, the PRM on Math-Shepherd's labels,
+    saved: a row."""
     path = lambda name: os.path.join(out, name)  # noqa: E731
     gold = [(p, c, True) for p, c in star.gold_examples(task, P, with_hints=False)]
     gold += vstar.load_labelled(path("labelled.jsonl"))
-    cot = vstar.train_genrm_cot(path("generator.pt"), task, gold, args, device)
-    save_checkpoint(path("genrm_cot.pt"), cot, TOKENIZER)
+    cot = vstar.train_recheck(path("generator.pt"), task, gold, args, device)
+    save_checkpoint(path("recheck.pt"), cot, TOKENIZER)
     prm = vstar.train_head(path("generator.pt"), read_jsonl(path("shepherd.jsonl")), args,
                            device, "prm", "PRM (Math-Shepherd)")
     save_checkpoint(path("prm.pt"), prm.gpt, TOKENIZER, extra={"head": prm.head.state_dict()})
@@ -416,18 +416,18 @@ def load_scorers(model, task, out, device):
     gpt, ckpt = load_checkpoint(os.path.join(out, "prm.pt"), device)
     prm = ScalarHead(gpt).to(device).eval()
     prm.head.load_state_dict(ckpt["extra"]["head"])
-    cot = load_checkpoint(os.path.join(out, "genrm_cot.pt"), device)[0].eval()
+    cot = load_checkpoint(os.path.join(out, "recheck.pt"), device)[0].eval()
     scorers = {"PRM": prm_scorer(prm, task, relative_size(gpt, model)),
-               "GenRM-CoT": cot_scorer(cot, task, relative_size(cot, model)),
+               "learned recheck": recheck_scorer(cot, task, relative_size(cot, model)),
                "generator": logprob_scorer(model, task)}
-    scorers[PRODUCT] = product_scorer(scorers["GenRM-CoT"], scorers["generator"])
+    scorers[PRODUCT] = product_scorer(scorers["learned recheck"], scorers["generator"])
     return scorers
 
 
 def evaluate_pool(model, task, test, scorers, budgets, args):
     """Best-of-N, votes and pass@N on one pool of --eval-samples per problem (N samples cost the
     prompt once, N x a sample and a read). Returns the scorers' quality row, then the methods'."""
-    n, mine, learned = args.eval_samples, my_share(len(test)), ("GenRM-CoT", *LEARNED)
+    n, mine, learned = args.eval_samples, my_share(len(test)), ("learned recheck", *LEARNED)
     cost, pool, spent = TokenCount(), {}, {name: TokenCount() for name in learned}
     # 1) the pool of this process's problems: sample j of i from seed_for(seed, "pool", i, j)
     per_batch = max(1, args.sample_batch_size // n)
@@ -616,7 +616,7 @@ def plot(path, task_name, rows):
     from matplotlib import colormaps, ticker
     methods = [r for r in rows if r["kind"] == "method" and r["scorer"] not in ("length", "random")]
     names = list(dict.fromkeys(r["method"] for r in methods))  # a colour per method
-    style = {"oracle": ("--", "s"), "PRM": ("-.", "^"), "GenRM-CoT": ("-", "o"),
+    style = {"oracle": ("--", "s"), "PRM": ("-.", "^"), "learned recheck": ("-", "o"),
              PRODUCT: ("-", "D"), "generator": (":", "x"), "-": ("-", "o")}
     with figure(path, figsize=(8.5, 5)) as (fig, ax):
         # 1) a line per method: its colour by method, its style by scorer; greedy decoding a star

@@ -208,6 +208,7 @@ def resolve(args, parser):
         if value is not None and name not in COMMON and name not in table:
             parser.error(f"argument {FLAG_OF[name]}: --method {args.method} does not use it; "
                          "its own flags: " + " ".join(FLAG_OF[k] for k in table if k not in COMMON))
+    chosen = {name for name, value in vars(args).items() if value is not None}
     for name, value in table.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -231,7 +232,9 @@ def resolve(args, parser):
         parser.error(f"argument --task: --method {args.method} does not run {args.task}; "
                      f"choose {', '.join(taken)}")
     calculator = args.calculator or "off"  # (None: the method has no --calculator)
-    if calculator != "off" and calculator not in task.calculators:
+    if calculator not in ("off", *task.calculators) and "calculator" not in chosen:
+        args.calculator = "off"  # the method's default calculator, on a task without it
+    elif calculator not in ("off", *task.calculators):
         parser.error(f"argument --calculator: {args.task} has no calculator {calculator!r}; "
                      "choose " + ", ".join(("off", *task.calculators)))
     given = [FLAG_OF[name] for name in COUNTDOWN if getattr(args, name) is not None]

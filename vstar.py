@@ -7,9 +7,11 @@ V-STaR (Hosseini et al. 2024, arXiv 2402.06457): keep the wrong samples too, tra
     verifiers <- from G_0, on D_VER                                   train_verifiers
     test time: n samples from G_T; best-of-k by each verifier         evaluate_test_time
 Verifiers by what they learn from. Outcome labels: DPO (the paper's), DPO shared-prefix pairs,
-ORM, GenRM (Zhang et al. 2024, arXiv 2408.15240). The program's per-step labels: GenRM-CoT, prm
-on program labels. Nothing: the generator's mean log-prob, rule x generator (GenRM-CoT's rule
-task.rules_ok with that log-prob), shortest, random. The exact check: an oracle.
+ORM, GenRM (Zhang et al. 2024, arXiv 2408.15240). The program's per-step labels: the learned
+recheck (the task's rule, then each step recomputed by a network trained on program-written
+rationales: GenRM-CoT's form, not its data), prm on program labels. Nothing: the generator's mean
+log-prob, rule x generator (the recheck's rule task.rules_ok with that log-prob), shortest,
+random. The exact check: an oracle.
 Departures: a fresh seeded base; DPO adds the right solutions' NLL (RPO; --dpo-nll 0: plain).
 Run: python train.py --method vstar          (countdown by default)
 """
@@ -34,6 +36,10 @@ from common import (SWITCH, all_gather, autocast, best_of_k, bootstrap_ci, commi
 from model import ScalarHead, sequence_logprobs
 from tasks import EOT, NEWLINE, PAD, TOKENIZER, decode, encode
 
+# The calculator, search.py's too: every sample, step and rollout of a run calls it (use_tool)
+CALCULATOR = flag("--calculator", ["off", "result"], "result",
+                  "result: the program writes each a op b= result as the model samples (Cobbe et "
+                  "al. 2021), in every sample, step and rollout; off: the model computes it")
 # Every flag vstar takes beyond train.py's own, with its value per preset (tiny, small, gpu).
 # countdown: checking a solution is easier than finding one.
 FLAGS = [
@@ -54,9 +60,7 @@ FLAGS = [
     flag("--sample-batch-size", positive(int), (300, 500, 2048), "prompts per sampling batch"),
     flag("--samples", positive(int), 8, "samples per problem of P + D in each iteration"),
     flag("--temperature", float, 0.7, "sampling temperature of training and test samples"),
-    flag("--calculator", ["off", "result"], "off",
-         "result: the program writes each a op b= result as the model samples (Cobbe et al. "
-         "2021), in every sample, step and rollout; off: the model computes it"),
+    CALCULATOR,
     # the verifiers, from G_SFT on D_VER
     flag("--beta", positive(float), 0.1, "DPO's beta (the DPO paper's default; V-STaR gives none)"),
     flag("--dpo-nll", non_negative(float), 1.0,
@@ -110,28 +114,30 @@ def train_genrm(sft_path, labelled, args, device):
     return model.eval()
 
 
-# GenRM-CoT (same paper): a verification rationale, then Yes or No. Here the task writes the
-# rationale (task.recheck): each step recomputed alone ("48+11=" -> "59"), the claim out of view;
-# Yes iff every recomputation equals its claim. Over many sampled rationales p(Yes) tends to the
-# product over steps of p(claim | operands), which one teacher-forced pass computes: cot_scores.
+# The learned recheck, in GenRM-CoT's form (same paper: a verification rationale, then Yes or No),
+# but the task, not a model, writes the rationale (task.recheck): each step recomputed alone
+# ("48+11=" -> "59"), the claim out of view; Yes iff every recomputation equals its claim. Over
+# many sampled rationales p(Yes) tends to the product over steps of p(claim | operands), which one
+# teacher-forced pass computes: recheck_scores.
 def recheck_examples(task, labelled):
-    """GenRM-CoT's rows: each labelled sample's steps alone, with their due results ("59\n")."""
+    """The recheck's rows: each labelled sample's steps alone, with their due results ("59\n")."""
     return [(encode(q), encode(should) + [NEWLINE]) for _, c, _ in labelled
             for q, _, should in task.recheck(decode(c[:-1])) or ()]
 
 
-def train_genrm_cot(sft_path, task, labelled, args, device):
-    """GenRM-CoT: G_SFT fine-tuned on the labelled samples' rationales, at the SFT rate."""
+def train_recheck(sft_path, task, labelled, args, device):
+    """The learned recheck: G_SFT fine-tuned on the labelled samples' rationales, SFT's rate."""
     model = load_checkpoint(sft_path, device)[0]
     star.finetune(model, recheck_examples(task, labelled), args.verifier_steps, args.lr,
-                  2 * args.batch_size, seed=seed_for(args.seed, "genrm-cot"),
-                  desc="GenRM-CoT verifier")
+                  2 * args.batch_size, seed=seed_for(args.seed, "genrm-cot"),  # (its old name)
+                  desc="learned recheck")
     return model.eval()
 
 
-def cot_rows(task, problems, texts, finished=None):
-    """What GenRM-CoT reads of each text: (step without its result, claim + newline) per step;
-    None where it has no rationale or task.rules_ok rejects it (finished: a whole solution)."""
+def recheck_rows(task, problems, texts, finished=None):
+    """What the learned recheck reads of each text: (step without its result, claim + newline)
+    per step; None where it has no rationale or task.rules_ok rejects it (finished: a whole
+    solution)."""
     finished = [True] * len(texts) if finished is None else finished
     return [None if not task.rules_ok(p, t, fin) or (st := task.recheck(t)) is None else
             [(encode(q), encode(claim) + [NEWLINE]) for q, claim, _ in st]
@@ -139,10 +145,11 @@ def cot_rows(task, problems, texts, finished=None):
 
 
 @torch.no_grad()
-def cot_scores(verifier, task, problems, texts, finished=None, batch_size=512):
-    """GenRM-CoT's p(Yes) of each text: the product over its steps of p(claim | operands), 0
-    where cot_rows gives None (every finished solution has as many steps: none favoured)."""
-    steps = cot_rows(task, problems, texts, finished)
+def recheck_scores(verifier, task, problems, texts, finished=None, batch_size=512):
+    """The learned recheck's p(Yes) of each text: the product over its steps of p(claim |
+    operands), 0 where recheck_rows gives None (every finished solution has as many steps: none
+    favoured)."""
+    steps = recheck_rows(task, problems, texts, finished)
     rows = [row for st in steps for row in st or ()]
     logp = []
     with autocast(str(next(verifier.parameters()).device)):
@@ -164,14 +171,14 @@ def step_prefixes(text):
 
 
 def program_step_rows(task, labelled):
-    """The format control's rows: GenRM-CoT's per-step labels, for a head read at step ends."""
+    """The format control's rows: the recheck's per-step labels, for a head read at step ends."""
     return [(p, c, step_reads(c)[:len(st)], [float(claim == should) for _, claim, should in st])
             for p, c, _ in labelled if (st := task.recheck(decode(c[:-1])))]
 
 
 @torch.no_grad()
 def program_scores(head, task, problems, texts, batch_size=256):
-    """The format control's score, aggregated as cot_scores: the product of p(step right)."""
+    """The format control's score, aggregated as recheck_scores: the product of p(step right)."""
     out = []
     for i in range(0, len(texts), batch_size):
         ps, ts = problems[i:i + batch_size], texts[i:i + batch_size]
@@ -373,13 +380,14 @@ def curves(right, answers, verifier_scores, ks):
 
 def scorer_reads(task, problems, prompts, comps, names):
     """Mean tokens each scorer's network reads per sample, {name: tokens}: the prompt and the
-    completion again (GenRM: and its question; GenRM-CoT: the step rows; a rule or a check: 0)."""
+    completion again (GenRM: and its question; the recheck: the step rows; a rule or a check: 0)."""
     n = len(comps)
     full = sum(len(p) + len(c) for p, c in zip(prompts, comps)) / n
-    cot = sum(len(q) + len(c) for rows in cot_rows(task, problems, [decode(c[:-1]) for c in comps])
-              for q, c in rows or ()) / n
-    cost = {"genrm": full + len(encode(GENRM_QUESTION)), "genrm-cot": cot,
-            "dpo-reward": 2 * full, "length": 0.0, "random": 0.0, "exact check (oracle)": 0.0}
+    rows = recheck_rows(task, problems, [decode(c[:-1]) for c in comps])
+    cot = sum(len(q) + len(c) for steps in rows for q, c in steps or ()) / n
+    cost = {"genrm": full + len(encode(GENRM_QUESTION)), "learned recheck": cot,
+            "dpo-reward": 2 * full, "length": 0.0, "random": 0.0, "exact check (oracle)": 0.0,
+            "rule": 0.0}
     return {name: cost.get(name, full) for name in names}
 
 
@@ -461,8 +469,8 @@ def train_verifiers(args, task, d_ver, sft_path, device):
             "orm": train_orm(sft_path, d_ver, args, device),
             "genrm": train_genrm(sft_path, d_ver, args, device)}
     if task.recheck(decode(d_ver[0][1][:-1])) is not None:  # (a gold solution) a rationale
-        nets["genrm-cot"] = train_genrm_cot(sft_path, task, d_ver, args, device)
-        # the format control: GenRM-CoT's per-step program labels given to the ORM's network
+        nets["learned recheck"] = train_recheck(sft_path, task, d_ver, args, device)
+        # the format control: the recheck's per-step program labels given to the ORM's network
         nets["program"] = train_head(sft_path, program_step_rows(task, d_ver), args, device,
                                      "program", "PRM on program labels").eval()
     return nets, n_pairs
@@ -483,8 +491,8 @@ def score_samples(nets, task, problems, texts, reference, generator):
             "orm": head_scores(nets["orm"], prompts, comps),
             "genrm": genrm_scores(nets["genrm"], prompts, comps)}
     # 2) those trained on the program's per-step labels, and the exact check
-    if "genrm-cot" in nets:
-        flat["genrm-cot"] = cot_scores(nets["genrm-cot"], task, problems, texts)
+    if "learned recheck" in nets:
+        flat["learned recheck"] = recheck_scores(nets["learned recheck"], task, problems, texts)
         flat["prm on program labels"] = program_scores(nets["program"], task, problems, texts)
         flat["exact check (oracle)"] = [float(task.check(p, t)) for p, t in zip(problems, texts)]
     # 3) the baselines a learned verifier must beat: the generator's mean log-prob, shortest, none
@@ -496,9 +504,10 @@ def score_samples(nets, task, problems, texts, reference, generator):
         per_token = score_in_shares(functools.partial(token_logprobs, generator), prompts, comps)
         flat["generator (own tokens)"] = [sum(x for x, k in zip(lp, m) if k) / max(1, sum(m))
                                           for lp, m in zip(per_token, own)]
-    if "genrm-cot" in nets:  # GenRM-CoT's rule without its learned arithmetic: what it adds
-        flat["rule x generator"] = [g - (0.0 if task.rules_ok(p, t) else 1e3) for p, t, g in
-                                    zip(problems, texts, flat["generator"])]
+    if "learned recheck" in nets:  # the recheck's rule without its learned arithmetic: alone
+        rule = [float(task.rules_ok(p, t)) for p, t in zip(problems, texts)]  # (ties: uniform)
+        flat["rule"] = rule
+        flat["rule x generator"] = [g - 1e3 * (1 - r) for r, g in zip(rule, flat["generator"])]
     return flat, prompts, comps
 
 
@@ -530,7 +539,8 @@ def evaluate_test_time(args, task, test, nets, out, device):
     greedy = [r for r in read_jsonl(os.path.join(out, "metrics.jsonl"))
               if r.get("kind") == "iteration"][-1]["accuracy"]
     pairs = {name: pair_accuracy(right, s) for name, s in verifier_scores.items()}
-    return {"kind": "eval", "greedy": greedy, "n": n, **res,
+    return {"kind": "eval", "greedy": greedy, "n": n, "difficulty": [p.difficulty for p in test],
+            **res,
             **{f"pair_acc {name}": acc for name, (acc, _) in pairs.items()},
             **{f"pair_ties {name}": ties for name, (_, ties) in pairs.items()}}
 
@@ -557,6 +567,11 @@ def report(args, rows):
     ci = ["{:.3f}-{:.3f}".format(*ev["ci"][key]) for key in keys]
     lines.append("| 95% CI | " + " | ".join(ci) + " |")
     lines += [""] + equal_compute_table(ev)
+    if "difficulty" in ev:
+        lines += [""] + regime_map([ev]) + [""] + [
+            f"numbers {d}: dpo - {best} (the strongest free signal there) {m:+.3f} "
+            f"({lo:+.3f} to {hi:+.3f})"
+            for d, (best, (m, (lo, hi))) in against_free(ev, "best-of-k dpo").items()]
     lines += ["", f"greedy {ev['greedy']:.3f}; {ev['pairs']} training pairs from "
               f"{ev['d_ver']} labelled samples"]
     plot_curves(ev, os.path.join(args.out, "vstar.png"), args.task)
@@ -600,6 +615,54 @@ def equal_compute_table(ev):
     lines.append(f"| pass@{n} (the ceiling) | {ev['pass@k'][-1]:.3f} | {cost_of(ev, 'm', n):.0f} "
                  "| - | - | - | 100% | - |")
     return lines
+
+
+# What costs nothing: signals a learned verifier must beat (majority at the same k is cheaper)
+FREE = ("majority@k", "best-of-k generator", "best-of-k generator (own tokens)", "best-of-k rule",
+        "best-of-k rule x generator")
+REGIME = FREE + ("best-of-k dpo", "best-of-k orm", "best-of-k genrm", "best-of-k learned recheck")
+
+
+def short(key):
+    """A name from its metrics key: "best-of-k dpo" -> "dpo", "majority@k" -> "majority"."""
+    return key.removeprefix("best-of-k ").removesuffix("@k")
+
+
+def regime_map(evs):
+    """Per number of a problem (its difficulty), pooled over runs (seeds): pass@1 and pass@n, and
+    the share of the gap between them each free signal and each verifier closes at k = n."""
+    keys = [k for k in REGIME if all(k in ev["by_problem"] for ev in evs)]
+    pooled = {}  # difficulty -> key -> each problem's value at k = 1 (pass@1) or k = n
+    for ev in evs:
+        for i, d in enumerate(ev["difficulty"]):
+            at = pooled.setdefault(d, {})
+            at.setdefault("pass@1", []).append(ev["by_problem"]["pass@k"][0][i])
+            for key in ("pass@k", *keys):
+                at.setdefault(key, []).append(ev["by_problem"][key][-1][i])
+    n = evs[0]["k"][-1]
+    lines = [f"| numbers | problems | pass@1 | pass@{n} | gap closed at k = {n}: " +
+             " | ".join(map(short, keys)) + " |",
+             "|---" * (len(keys) + 4) + "|"]
+    for d, at in sorted(pooled.items()):
+        mean = {key: sum(v) / len(v) for key, v in at.items()}
+        gap = mean["pass@k"] - mean["pass@1"]
+        cells = [f"{(mean[k] - mean['pass@1']) / gap:.0%}" if gap > 0 else "-" for k in keys]
+        lines.append(f"| {d} | {len(at['pass@1'])} | {mean['pass@1']:.3f} | {mean['pass@k']:.3f} "
+                     "| " + " | ".join(cells) + " |")
+    return lines
+
+
+def against_free(ev, key):
+    """{difficulty: (the strongest free signal there, mean and 95% paired interval of key minus
+    it at k = n)}, the strongest chosen by its mean accuracy on those problems."""
+    out = {}
+    for d in sorted(set(ev["difficulty"])):
+        idx = [i for i, x in enumerate(ev["difficulty"]) if x == d]
+        at = {k: [ev["by_problem"][k][-1][i] for i in idx] for k in (key, *FREE)
+              if k in ev["by_problem"]}
+        best = max((k for k in FREE if k in at), key=lambda k: sum(at[k]))
+        out[d] = (short(best), paired_difference(at[key], at[best]))
+    return out
 
 
 def plot_curves(ev, path, task_name):

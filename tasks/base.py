@@ -79,16 +79,16 @@ class Task:
         return i < len(gold) and line == gold[i]
 
     def recheck(self, text) -> list[tuple[str, str, str]] | None:
-        """GenRM-CoT's verification rationale, written by the task: for every step line of a
-        completion or of a prefix of one, (the step with its result cut off, the result it
+        """The learned recheck's verification rationale, written by the task: for every step line
+        of a completion or of a prefix of one, (the step with its result cut off, the result it
         claims, the result it should have), each checkable alone: ("48+11=", "300", "59"). A
         step is judged wrong exactly where the two results differ. None where a line (but a
         last answer line) is not a step, and for a task without such a check (the default)."""
         return None
 
     def rules_ok(self, p, text, finished=True) -> bool:
-        """What GenRM-CoT does not learn, judged by rule: can the rationale of recheck cover
-        this text (a finished solution, or a prefix of one when finished is False)? The task's
+        """What the learned recheck does not learn, judged by rule: can the rationale of recheck
+        cover this text (a finished solution, or a prefix of one when finished is False)? The task's
         bookkeeping: in countdown, operands still available and the target reached."""
         return True
 

@@ -247,8 +247,8 @@ class Countdown(Task):
     def rules_ok(self, p, text, finished=True):
         # The bookkeeping around the arithmetic, by rule: every line but a final answer line is
         # a step whose two operands are still left, in the state that the claimed results before
-        # it leave (the claims themselves are what GenRM-CoT judges); a finished solution also
-        # has an answer line naming the target, at least one step, and only the target left.
+        # it leave (the claims themselves are what the learned recheck judges); a finished solution
+        # also has an answer line naming the target, at least one step, and only the target left.
         numbers, target = p.data
         lines = split_lines(text)
         answer = parse_answer_line(lines[-1])

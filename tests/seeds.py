@@ -8,12 +8,13 @@ run's test problems, and the count of seeds whose interval excludes 0 on the cla
 
 The comparisons: star, the last iteration against M0 (iteration 0); vstar, each verifier's
 best-of-n against the generator's own log-prob at the same n (the same compute) and against
-majority vote at equal total compute, and GenRM-CoT against its own rule with the generator's
-log-prob (rule x generator); search, each learned-guided search against best-of-N and
-the weighted vote with the same scorer at equal total compute; quiet_star, the thinking arm
-against the plain arm and against the base's own thoughts at a fixed weight; sos, the trace
-models against the paths model (sos.headline_differences). Not collected by pytest (no test_
-prefix).
+majority vote at equal total compute, the learned recheck against its own rule with the
+generator's log-prob (rule x generator), DPO against the strongest free signal at each number
+count, then the regime map pooled over the runs (the share of pass@1 -> pass@n each signal
+closes); search, each learned-guided search against best-of-N and the weighted vote with the
+same scorer at equal total compute; quiet_star, the thinking arm against the plain arm and
+against the base's own thoughts at a fixed weight; sos, the trace models against the paths
+model (sos.headline_differences). Not collected by pytest (no test_ prefix).
 """
 
 import argparse
@@ -48,14 +49,17 @@ def vstar_rows(rows):
         if name != "generator":
             out[f"{name} - generator log-prob, k={ks[J]}"] = diff(
                 ev["by_problem"][key][J], ev["by_problem"]["best-of-k generator"][J])
-        if name == "genrm-cot" and "best-of-k rule x generator" in ev["by_problem"]:
-            # what GenRM-CoT's learned arithmetic adds to its rule (same samples, same k)
-            out[f"genrm-cot - rule x generator, k={ks[J]}"] = diff(
+        if name == "learned recheck" and "best-of-k rule x generator" in ev["by_problem"]:
+            # what the recheck's learned arithmetic adds to its rule (same samples, same k)
+            out[f"{name} - rule x generator, k={ks[J]}"] = diff(
                 ev["by_problem"][key][J], ev["by_problem"]["best-of-k rule x generator"][J])
         j = max(i for i, k in enumerate(ks) if i == 0 or vstar.cost_of(ev, key, k)
                 <= vstar.cost_of(ev, "m", ks[J]) + 1e-9)
         out[f"{name} k={ks[j]} - majority k={ks[J]} (equal compute)"] = diff(
             ev["by_problem"][key][j], ev["by_problem"]["majority@k"][J])
+    for d, (best, cell) in vstar.against_free(ev, "best-of-k dpo").items() \
+            if "difficulty" in ev else ():
+        out[f"dpo - the strongest free signal ({best} in this run), numbers {d}"] = cell
     return out
 
 
@@ -97,6 +101,11 @@ def main():
         text = ["-" if c is None else "{:+.3f} ({:+.3f} to {:+.3f})".format(c[0], *c[1])
                 for c in cells]
         print(f"| {name} | " + " | ".join(text) + f" | {up} | {down} |")
+    if args.method == "vstar":  # the regime map, pooled over the runs
+        evs = [next(r for r in read_jsonl(os.path.join(run, "metrics.jsonl"))
+                    if r.get("kind") == "eval") for run in args.runs]
+        if all("difficulty" in ev for ev in evs):
+            print("\n" + "\n".join(vstar.regime_map(evs)))
 
 
 if __name__ == "__main__":

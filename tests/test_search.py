@@ -296,16 +296,16 @@ def test_a_scorers_forward_passes_count_in_the_search_compute(monkeypatch, how):
         gen["sampled"] + gen["prompt"] + reads[a] + w * reads[b])
 
 
-def test_genrm_cot_and_the_prm_count_the_rows_they_read(monkeypatch):
+def test_the_recheck_and_the_prm_count_the_rows_they_read(monkeypatch):
     task = get_task("countdown")
     p = Problem(question="3 4 5 T: 27", answer="27", difficulty=3, data=((3, 4, 5), 27))
     items = [(p, "5+4=9\n9*3=27\nA: 27", True), (p, "5+4=9\n", False),
              (p, "garbage", True), (p, "5*4=20\n", False)]
     verifier, reads = tiny_gpt(2), count_reads(monkeypatch, vstar)
     cost = common.TokenCount()
-    search.cot_scorer(verifier, task)(items, cost)
-    rows = vstar.cot_rows(task, *zip(*items))
-    assert rows[2] is None  # not a step: GenRM-CoT reads nothing of it, and scores it 0
+    search.recheck_scorer(verifier, task)(items, cost)
+    rows = vstar.recheck_rows(task, *zip(*items))
+    assert rows[2] is None  # not a step: the recheck reads nothing of it, and scores it 0
     assert cost.scored == sum(len(q) + len(c) for st in rows for q, c in st or ()) == \
         reads[verifier]
     prm, cost = ScalarHead(tiny_gpt(3)).eval(), common.TokenCount()
@@ -320,9 +320,10 @@ def test_genrm_cot_and_the_prm_count_the_rows_they_read(monkeypatch):
 def test_pool_costs_the_prompt_once_and_n_samples_and_scorer_passes():
     # ToyLM's solutions are 11 tokens (end-of-text included); a scorer reads prompt + 11
     gpt, P = tiny_gpt(0), len(encode(TASK.prompt(P0)))
-    scorers = {name: search.logprob_scorer(gpt, TASK) for name in ("GenRM-CoT", "PRM",
+    scorers = {name: search.logprob_scorer(gpt, TASK) for name in ("learned recheck", "PRM",
                                                                    "generator")}
-    scorers[search.PRODUCT] = search.product_scorer(scorers["GenRM-CoT"], scorers["generator"])
+    scorers[search.PRODUCT] = search.product_scorer(scorers["learned recheck"],
+                                                    scorers["generator"])
     args = argparse.Namespace(eval_samples=4, sample_batch_size=8, temperature=1.0, seed=0)
     rows = search.evaluate_pool(ToyLM(), TASK, [P0, P0], scorers, [1, 2, 4], args)
     row = {(r["method"], r["scorer"]): r for r in rows[1:]}
@@ -488,11 +489,11 @@ def test_search_runs_end_to_end_and_resumes(tmp_path, monkeypatch, sampler_tools
             # the total is every network's tokens; a learned scorer's count in it
             parts = zip(r["sampled_tokens"], r["prompt_tokens"], r["scorer_tokens"])
             assert all(abs(t - sum(p)) < 1e-2 for t, p in zip(r["tokens"], parts))
-            if r["scorer"] in ("PRM", "generator", "GenRM-CoT x generator"):  # read every item
+            if r["scorer"] in ("PRM", "generator", search.PRODUCT):  # read every item
                 assert all(s > 0 for s in r["scorer_tokens"]), (r["method"], r["scorer"])
             if r["scorer"] in ("-", "oracle", "length", "random"):  # programs read nothing
                 assert r["scorer_tokens"] == [0] * len(r["budget"]), (r["method"], r["scorer"])
-    assert ("best-of-N", "GenRM-CoT x generator") in methods
+    assert ("best-of-N", "learned recheck x generator") in methods
     assert ("weighted vote", "PRM") in methods
     assert search.headline_differences(rows)  # the equal-compute pairs exist
     assert len(tools) > 10 and all(tools)  # every sampling call had the calculator

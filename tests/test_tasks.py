@@ -173,8 +173,8 @@ def test_countdown_process_verifier_after_a_corrupted_step():
 
 
 def test_countdown_rationale_marks_exactly_the_step_the_process_verifier_rejects():
-    # GenRM-CoT's rationale (task.recheck): each step recomputed from its operands. On gold
-    # traces with one step's arithmetic broken, the steps whose recomputation differs from the
+    # the learned recheck's rationale (task.recheck): each step recomputed from its operands. On
+    # gold traces with one step's arithmetic broken, the steps whose recomputation differs from the
     # claim are exactly the one the process verifier rejects first; a gold trace has none.
     task, rng = get_task("countdown"), random.Random(6)
     for p in problems(task, n=40):

@@ -36,6 +36,9 @@ BAD_INPUT = [  # (arguments, words the one-line error must contain)
     (["--method", "quiet_star", "--mixing", "relu"], ["--mixing", "relu", "tanh"]),
     # a flag is typed by the method's own table: V-STaR's verifiers need sampled solutions
     (["--method", "vstar", "--iterations", "0"], ["--iterations", "'0'", "greater than 0"]),
+    # a calculator asked for on a task without one (the default falls back to off there)
+    (["--method", "vstar", "--task", "addition", "--calculator", "result"],
+     ["--calculator", "addition", "'result'", "off"]),
 ]
 
 
@@ -146,6 +149,11 @@ def test_defaults_come_from_the_methods_table_and_flags_override_them(tmp_path):
     args = train.get_parser().parse_args(["--method", "vstar", "--samples", "3"])
     train.resolve(args, train.get_parser())
     assert args.samples == 3 and args.iterations == vstar.DEFAULTS["tiny"]["iterations"]
+    # the calculator is on by default on countdown, off on a task that has none
+    for task, calculator in (("countdown", "result"), ("addition", "off")):
+        args = train.get_parser().parse_args(["--method", "search", "--task", task])
+        train.resolve(args, train.get_parser())
+        assert args.calculator == calculator
 
 
 def help_of(argv, capsys, monkeypatch):

@@ -2,7 +2,7 @@
 Guards vstar.py: the DPO loss against its hand formula and one optimiser step's effect; the
 best-of-k, pass@k and majority@k estimators (common.py) against brute-force enumeration of every
 k-subset;
-verifier scores that padding and batch-mates cannot change; GenRM's p(Yes) and GenRM-CoT's
+verifier scores that padding and batch-mates cannot change; GenRM's p(Yes) and the learned recheck's
 product of step probabilities by hand; tie-aware pair accuracy and the bootstrap interval; the
 V-STaR run end to end.
 
@@ -158,14 +158,14 @@ def test_genrm_score_is_p_yes_after_the_question_by_hand():
     assert got[0] != got[1]
 
 
-def test_genrm_cot_score_is_the_product_of_each_claims_probability_by_hand():
-    # p(Yes) of GenRM-CoT = prod over steps of p(claimed result + newline | the step alone)
+def test_recheck_score_is_the_product_of_each_claims_probability_by_hand():
+    # p(Yes) of the learned recheck = prod over steps of p(claimed result + newline | the step)
     torch.manual_seed(3)
     gpt = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64)).eval()
     task = get_task("countdown")
     texts = ["4*3=12\n12+5=17\nA: 17", "4*3=12\n", "4*3=12\n12+5=17", "4*3=1x\nA: 1"]
     probs = [Problem("4 3 5 T: 17", "17", 3, ((4, 3, 5), 17))] * 4
-    got = vstar.cot_scores(gpt, task, probs, texts, finished=[True, False, True, True])
+    got = vstar.recheck_scores(gpt, task, probs, texts, finished=[True, False, True, True])
 
     def p_claim(step, claim):
         ids = encode(step + claim + "\n")
@@ -176,7 +176,7 @@ def test_genrm_cot_score_is_the_product_of_each_claims_probability_by_hand():
     assert math.isclose(got[0], p_claim("4*3=", "12") * p_claim("12+5=", "17"), rel_tol=1e-4)
     assert math.isclose(got[1], p_claim("4*3=", "12"), rel_tol=1e-4)  # a prefix: its steps
     assert got[2] == 0.0 and got[3] == 0.0  # finished without an answer; not a step
-    one_by_one = [vstar.cot_scores(gpt, task, probs[:1], [t], [f], batch_size=1)[0]
+    one_by_one = [vstar.recheck_scores(gpt, task, probs[:1], [t], [f], batch_size=1)[0]
                   for t, f in zip(texts, [True, False, True, True])]
     assert all(math.isclose(a, b, rel_tol=1e-4) for a, b in zip(got, one_by_one))
     # its training rows: every step of right and wrong samples alike, with the right result
@@ -186,7 +186,7 @@ def test_genrm_cot_score_is_the_product_of_each_claims_probability_by_hand():
         [("4*3=", "12\n"), ("4*3=", "12\n")]
 
 
-def test_genrm_cot_scores_no_solution_it_cannot_cover_above_a_right_one():
+def test_the_recheck_scores_no_solution_it_cannot_cover_above_a_right_one():
     # The rule around the learned arithmetic (task.rules_ok): no steps, an unfinished solution,
     # an operand that is not left, a last number off the target: 0, below a right solution,
     # whatever the verifier; and every covered solution has as many steps as any other
@@ -199,7 +199,7 @@ def test_genrm_cot_scores_no_solution_it_cannot_cover_above_a_right_one():
            "4*4=16\n16+1=17\nA: 17",            # 4 used twice, 1 never given
            "4*3=12\n12-5=7\nA: 17",             # ends at 7, not the target
            "4*3=12\n12+5=17\n17*1=17\nA: 17"]  # an extra step on an unavailable 1
-    scores = vstar.cot_scores(gpt, task, [p] * (len(bad) + 1), [right] + bad)
+    scores = vstar.recheck_scores(gpt, task, [p] * (len(bad) + 1), [right] + bad)
     assert scores[0] > 0 and all(s == 0.0 for s in scores[1:])
     for q in sample_problems(task, 30, [2, 3, 4], seed=5):
         gold = task.gold_completion(q)
@@ -210,9 +210,9 @@ def test_genrm_cot_scores_no_solution_it_cannot_cover_above_a_right_one():
         assert not task.rules_ok(p, text) and not task.rules_ok(p, text, finished=False)
 
 
-def test_the_format_control_learns_genrm_cots_labels_at_the_end_of_each_step():
+def test_the_format_control_learns_the_rechecks_labels_at_the_end_of_each_step():
     # the scalar head on program labels: step k's label is whether its arithmetic is right
-    # (what GenRM-CoT learns to recompute), read at the end of step k; no outcome label
+    # (what the recheck learns to recompute), read at the end of step k; no outcome label
     task = get_task("countdown")
     p = Problem(question="3 4 5 T: 27", answer="27", difficulty=3, data=((3, 4, 5), 27))
     texts = ["5+4=9\n9*3=27\nA: 27",    # right
@@ -262,6 +262,27 @@ def test_bootstrap_interval_covers_the_mean_and_narrows_with_more_problems():
     assert bootstrap_ci([0.2] * 10) == (0.2, 0.2)
 
 
+
+def test_regime_map_pools_runs_by_number_count_and_picks_the_strongest_free_signal():
+    # two runs of 2 problems each (numbers 2 and 3); at k = 1 and k = 4. In both runs dpo reaches
+    # pass@4 on the 2-number problem and stays at pass@1 on the 3-number one; the generator's
+    # log-prob closes half of the 2-number gap and all of the 3-number one; majority none.
+    def run(p1, p4):
+        bp = {"pass@k": [p1, p4], "best-of-k dpo": [p1, [p4[0], p1[1]]],
+              "best-of-k generator": [p1, [(p1[0] + p4[0]) / 2, p4[1]]], "majority@k": [p1, p1]}
+        return {"k": [1, 4], "difficulty": [2, 3], "by_problem": bp}
+    evs = [run([0.5, 0.0], [1.0, 0.5]), run([0.2, 0.1], [0.6, 0.3])]
+    lines = vstar.regime_map(evs)
+    assert lines[0].split(" | ")[4:] == ["gap closed at k = 4: majority", "generator", "dpo |"]
+    cells = {int(line.split(" | ")[0][2:]): line.split(" | ")[1:] for line in lines[2:]}
+    # numbers 2: pass@1 (0.5 + 0.2) / 2, pass@4 (1.0 + 0.6) / 2; majority 0%, generator 50%
+    assert cells[2] == ["2", "0.350", "0.800", "0%", "50%", "100% |"]
+    assert cells[3] == ["2", "0.050", "0.400", "0%", "100%", "0% |"]
+    # per run: dpo against the generator on 2 numbers, where it is the strongest free signal
+    got = vstar.against_free(evs[0], "best-of-k dpo")
+    assert got[2][0] == "generator" and got[2][1][0] == pytest.approx(0.25)
+    assert got[3][0] == "generator" and got[3][1][0] == pytest.approx(-0.5)
+
 @pytest.mark.slow
 def test_vstar_runs_end_to_end(tmp_path, sampler_tools):
     tools = sampler_tools
@@ -288,3 +309,8 @@ def test_vstar_runs_end_to_end(tmp_path, sampler_tools):
     assert len(tools) >= 4 and all(tools)  # every sample (greedy ones too) had the calculator
     # with a calculator, the generator's confidence in its own tokens is a scorer too
     assert len(ev["best-of-k generator (own tokens)"]) == 3
+    # the task's rule alone is a free signal: a program, it reads no token
+    assert len(ev["best-of-k rule"]) == 3 and ev["tokens"]["rule"] == 0.0
+    # each test problem's number count in the test set's order (sample_problems: problem i at
+    # difficulties[i % 2]): the regime map's bins
+    assert ev["difficulty"] == [2, 3] * 3
