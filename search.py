@@ -4,17 +4,19 @@ every token a network processes (TokenCount: sampled, prompt and prefixes encode
 scorer in proportion to its size). Best-of-N and votes over one pool (self-consistency, Wang et
 al. 2022, arXiv 2203.11171) against step-level beam search (Snell et al. 2024, arXiv 2408.03314)
 and MCTS over steps (RAP, arXiv 2305.14992; rStar-math, arXiv 2501.04519), each guided by
-a learned recheck (GenRM-CoT's form, arXiv 2408.15240, on program-written rationales), a PRM on
-Math-Shepherd's labels (arXiv 2312.08935), the
-generator's log-prob, or the exact verifier ("oracle-guided": for teaching, not a bound).
+a learned recheck (GenRM-CoT's form, arXiv 2408.15240, on program-written rationales) times the
+generator's log-prob, a PRM on Math-Shepherd's labels (arXiv 2312.08935), the generator's
+log-prob, or the exact verifier ("oracle-guided": the headroom, for teaching, not a bound).
 
     generator_stage(P); labels_stage(P + D); scorers_stage()     # M0 of star.py, PRM, recheck
     evaluate_pool(N)        # best-of-N, majority and weighted votes, pass@N (the pool's ceiling)
-    for scorer in LEARNED + oracle: evaluate_beam, evaluate_mcts
-    table: each search against best-of-N and the weighted vote by its scorer at equal compute
+    for scorer in --guides: evaluate_beam, evaluate_mcts      # each number count apart
+    table: each search against best-of-N and the weighted vote by its scorer at equal compute,
+      over all problems and per number count (Snell et al.'s bins); the compute-optimal choice
 
 Run: python train.py --method search   (torchrun splits the problems; any count gives one result)
 """
+import argparse
 import math
 import os
 import random
@@ -31,6 +33,19 @@ from common import (SWITCH, TokenCount, autocast, bootstrap_ci, commit, committe
                     seed_for, setting, vote, weighted_vote_accuracy, write_jsonl)
 from model import ScalarHead
 from tasks import EOT, NEWLINE, TOKENIZER, decode, encode
+
+PRODUCT = "learned recheck x generator"
+GUIDES = {"recheck": PRODUCT, "generator": "generator", "prm": "PRM", "oracle": "oracle"}
+
+
+def guide_list(text):
+    """--guides: comma-separated names of GUIDES, checked (argparse's type)."""
+    bad = [g for g in text.split(",") if g not in GUIDES]
+    if bad or not text:
+        raise argparse.ArgumentTypeError(f"{bad[0] if bad else text!r} is not a guide; choose "
+                                         "comma-separated names of " + ", ".join(GUIDES))
+    return text
+
 
 # Every flag search takes beyond train.py's own, with its value per preset (tiny, small, gpu).
 FLAGS = [
@@ -54,19 +69,24 @@ FLAGS = [
     flag("--verifier-steps", positive(int), (200, 1000, 2000), "training steps of each scorer"),
     flag("--verifier-lr", positive(float), 1e-4, "learning rate of the PRM"),
     # the searches
-    flag("--eval-samples", positive(int), (16, 32, 64), "pool size per test problem, a power of 2"),
+    flag("--eval-samples", positive(int), (32, 64, 128),
+         "pool size per test problem, a power of 2 (best-of-N and votes up to it: at least the "
+         "searches' compute)"),
     flag("--budgets", str, ("1,2,4,8,16", "1,2,4,8,16,32", "1,2,4,8,16,32,64"),
          "budgets N, e.g. 1,2,4,8,16: best-of-N/vote samples, beam search beams, MCTS simulations"),
     flag("--beam-width", positive(int), 4, "M: each of the N/M surviving beams repeated M times"),
     flag("--mcts-children", positive(int), 4, "steps per MCTS expansion (duplicates merged)"),
     flag("--mcts-c", float, 1.0, "UCT's exploration constant c"),
+    flag("--guides", guide_list, "recheck,generator,oracle",
+         "scorers that guide beam search and MCTS, of " + ", ".join(GUIDES) + " (recheck: the "
+         "learned recheck x the generator; oracle: the exact check, the headroom)"),
 ]
 DEFAULTS = presets(FLAGS)
 STEP_TOKENS = 24      # longest step line (countdown's "100*12=1200" is 11 tokens)
 ROLLOUT_TOKENS = 160  # longest rollout to the end of a solution
 MAX_STEPS = 12        # deepest prefix beam search and MCTS build
-PRODUCT = "learned recheck x generator"
-LEARNED = (PRODUCT, "PRM", "generator")  # what guides the learned searches
+COMPUTE_BUDGETS = (128, 256, 512, 1024, 2048)  # tokens per problem: compute-optimal's budgets
+LEARNED = (PRODUCT, "PRM", "generator")  # the learned scorers (of the pool's samples too)
 
 
 # -----------------------------------------------------------------------------
@@ -351,14 +371,16 @@ def mcts(model, task, problems, scorer, sims, k, c, temperature, seeds, cost):
 # -----------------------------------------------------------------------------
 # The run: generator, learned scorers, every method at every budget
 
-def method_row(stage, method, scorer, budgets, right, counts):
-    """A method's metrics row: at each budget, accuracy, rightness and tokens per problem."""
+def method_row(stage, method, scorer, budgets, right, counts, by_count):
+    """A method's metrics row: at each budget, accuracy, rightness and tokens per problem, and
+    its total tokens per problem of each number count (by_count: {numbers: counts per budget})."""
     rounded = lambda xs: [round(x, 3) for x in xs]  # noqa: E731
     sampled, prompt, scored = zip(*counts)
     return {"kind": "method", "stage": stage, "method": method, "scorer": scorer, "budget": budgets,
             "accuracy": [sum(r) / len(r) for r in right], "tokens": rounded(map(sum, counts)),
             "sampled_tokens": rounded(sampled), "prompt_tokens": rounded(prompt),
-            "scorer_tokens": rounded(scored), "right_by_budget": right}
+            "scorer_tokens": rounded(scored), "right_by_budget": right,
+            "tokens_by_count": {str(d): rounded(map(sum, c)) for d, c in by_count.items()}}
 
 
 def rightness(task, problems, texts):
@@ -377,6 +399,7 @@ def generator_stage(args, task, P, test, out, new_model):
     acc = sum(rightness(task, test, [t[0] for t in texts])) / len(test)
     tqdm.write(f"generator: greedy accuracy {acc:.3f}")
     return [{"kind": "greedy", "stage": "generator", "accuracy": acc,
+             "difficulty": [p.difficulty for p in test],  # each test problem's number count
              "tokens": (cost.sampled + cost.prompt) / len(test),
              "sampled_tokens": cost.sampled / len(test), "train_loss": loss}]
 
@@ -426,35 +449,41 @@ def load_scorers(model, task, out, device):
 
 def evaluate_pool(model, task, test, scorers, budgets, args):
     """Best-of-N, votes and pass@N on one pool of --eval-samples per problem (N samples cost the
-    prompt once, N x a sample and a read). Returns the scorers' quality row, then the methods'."""
-    n, mine, learned = args.eval_samples, my_share(len(test)), ("learned recheck", *LEARNED)
-    cost, pool, spent = TokenCount(), {}, {name: TokenCount() for name in learned}
-    # 1) the pool of this process's problems: sample j of i from seed_for(seed, "pool", i, j)
+    prompt once, N x a sample and a read), at every power of 2 up to it. Returns the scorers'
+    quality row, then the methods'."""
+    n, learned = args.eval_samples, ("learned recheck", *LEARNED)
+    pool, counts = {}, []
+    # 1) the pool, each number count apart: sample j of problem i from seed_for(seed, "pool",
+    # i, j); the learned scorers' values; the tokens sampled, encoded and read per count
     per_batch = max(1, args.sample_batch_size // n)
-    for c in tqdm(range(0, len(mine), per_batch), desc="pool of samples", leave=False):
-        chunk = mine[c:c + per_batch]
-        rows = rollouts(model, task, [(test[i], "") for i in chunk], [n] * len(chunk),
-                        args.temperature, [seed_for(args.seed, "pool", i, j) for i in chunk
-                                           for j in range(n)], cost)
-        pool.update((i, rows[j * n:(j + 1) * n]) for j, i in enumerate(chunk))
-    # 2) the learned scorers' values; every process's samples and values, the tokens spent
-    flat = [(test[i], t, True) for i, ts in pool.items() for t in ts]
-    value = {name: scorers[name](flat, spent[name]) for name in learned}
-    pool, counts = merge_shares(
-        {i: (ts, {name: v[j * n:(j + 1) * n] for name, v in value.items()})
-         for j, (i, ts) in enumerate(pool.items())},
-        [cost.sampled, cost.prompt] + [spent[name].scored for name in learned])
-    sample, prompt = counts[0] / (n * len(test)), counts[1] / len(test)
-    reads = dict(zip(learned, (c / (n * len(test)) for c in counts[2:])))  # per sample
-    # 3) each sample's values, the baselines' too, its rightness and its answer
+    for idx in tqdm(by_count(test).values(), desc="pool of samples", leave=False):
+        cost, spent, texts = TokenCount(), {name: TokenCount() for name in learned}, {}
+        for c in range(0, len(idx), per_batch):
+            chunk = idx[c:c + per_batch]
+            rows = rollouts(model, task, [(test[i], "") for i in chunk], [n] * len(chunk),
+                            args.temperature, [seed_for(args.seed, "pool", i, j) for i in chunk
+                                               for j in range(n)], cost)
+            texts.update((i, rows[j * n:(j + 1) * n]) for j, i in enumerate(chunk))
+        flat = [(test[i], t, True) for i in idx for t in texts[i]]
+        value = {name: scorers[name](flat, spent[name]) if flat else [] for name in learned}
+        pool.update((i, (texts[i], {name: v[j * n:(j + 1) * n] for name, v in value.items()}))
+                    for j, i in enumerate(idx))
+        counts += [cost.sampled, cost.prompt] + [spent[name].scored for name in learned]
+    pool, counts = merge_shares(pool, counts)
+    # per sample: sampled tokens and each scorer's reads; per problem: the prompt, encoded once
+    total, by = per_count(test, counts)
+    unit = {d: (c[0] / n, c[1], {name: x / n for name, x in zip(learned, c[2:])})
+            for d, c in {**by, "all": total}.items()}
+    # 2) each sample's values, the baselines' too, its rightness and its answer
     texts = [ts for ts, _ in pool.values()]
     value = {name: [v[name] for _, v in pool.values()] for name in learned}
     value["length"] = [[-len(t) for t in ts] for ts in texts]  # baselines: the shortest first,
     value["random"] = [[0.0] * n for _ in texts]                 # and no preference (= one sample)
     right = [[task.check(p, t) for t in ts] for p, ts in zip(test, texts)]
     answers = [[task.extract_answer(t) for t in ts] for ts in texts]
-    # 4) each method at every N: exact over the N-subsets (the weighted vote: Monte Carlo)
-    ks, rng = [k for k in budgets if k <= n], random.Random(seed_for(args.seed, "weighted vote"))
+    # 3) each method at every N: exact over the N-subsets (the weighted vote: Monte Carlo)
+    ks = sorted({k for k in budgets if k <= n} | {2 ** i for i in range(int(math.log2(n)) + 1)})
+    rng = random.Random(seed_for(args.seed, "weighted vote"))
     rights = [right_answers(a, r) for a, r in zip(answers, right)]
     per_k = [vstar.per_problem(right, answers, rights, value, k) for k in ks]  # exact estimators
     by_method = {("majority vote", "-"): [row["majority@k"] for row in per_k],
@@ -464,52 +493,82 @@ def evaluate_pool(model, task, test, scorers, budgets, args):
                  **{("best-of-N", name): [row[f"best-of-k {name}"] for row in per_k]
                     for name in value},
                  ("pass@N", "oracle"): [row["pass@k"] for row in per_k]}
-    # 5) the scorers' held-out pair accuracy on the pool, then a row per method
+    # 4) the scorers' held-out pair accuracy on the pool, then a row per method: N samples cost
+    # the prompt once, N samples and N reads by the scorer (programs read none)
     pairs = {name: vstar.pair_accuracy(right, value[name]) for name in value}
     quality = {"kind": "scorer quality", "stage": "pool",
                **{f"pair_acc {name}": acc for name, (acc, _) in pairs.items()},
                **{f"pair_ties {name}": ties for name, (_, ties) in pairs.items()}}
-    return [quality] + [method_row("pool", m, s, ks, r, [(k * sample, prompt, k * reads.get(s, 0))
-                                                         for k in ks])  # programs read none
+
+    def cost_of(scorer, at):
+        sample, prompt, reads = unit[at]
+        return [(k * sample, prompt, k * reads.get(scorer, 0)) for k in ks]
+    return [quality] + [method_row("pool", m, s, ks, r, cost_of(s, "all"),
+                                   {d: cost_of(s, d) for d in by})
                         for (m, s), r in by_method.items()]
 
 
-def search_seeds(args, stage, mine):
-    """seeds(*key): a seed per problem of this process's share, from (run, stage, key, problem)."""
-    return lambda *key: [seed_for(args.seed, stage, *key, i) for i in mine]
+def by_count(test):
+    """This process's share of the test problems by number count (difficulty), every count of
+    the test set a key (so that every process's counts line up): {numbers: indices}."""
+    groups = {d: [] for d in sorted({p.difficulty for p in test})}
+    for i in my_share(len(test)):
+        groups[test[i].difficulty].append(i)
+    return groups
+
+
+def per_count(test, counts):
+    """Tokens per problem from every process's summed counts, [group 0's k counts, group 1's..]
+    in by_count's order: (overall, {numbers: this count's})."""
+    sizes = {d: sum(p.difficulty == d for p in test) for d in by_count(test)}
+    k = len(counts) // len(sizes)
+    groups = {d: counts[j * k:(j + 1) * k] for j, d in enumerate(sizes)}
+    total = [sum(c[j] for c in groups.values()) / len(test) for j in range(k)]
+    return total, {d: [x / sizes[d] for x in c] for d, c in groups.items()}
 
 
 def search_result_rows(stage, methods, name, budgets, task, test, found):
     """The metrics rows of a search's methods (found[b]: every problem's picks, one per method,
-    and the token counts, at budgets[b]), and its line of progress."""
-    spent = [[c / len(test) for c in counts] for _, counts in found]
+    and the token counts of each number count, at budgets[b]), and its line of progress."""
+    spent = [per_count(test, counts) for _, counts in found]
+    by = {d: [s[1][d] for s in spent] for d in by_count(test)}
     rows = [method_row(stage, m, name, budgets,
                        [rightness(task, test, [a[j] for a in got.values()]) for got, _ in found],
-                       spent) for j, m in enumerate(methods)]
+                       [s[0] for s in spent], by) for j, m in enumerate(methods)]
     tqdm.write(f"{rows[0]['method']} ({name}) at {budgets[-1]}: accuracy "
                f"{rows[0]['accuracy'][-1]:.3f}, {rows[0]['tokens'][-1]:.0f} tokens per problem")
     return rows
 
 
 def evaluate_beam(model, task, test, name, scorer, budgets, args):
-    """The metrics row of beam search guided by `scorer`, run afresh at each budget N."""
-    stage, mine = f"beam {name}", my_share(len(test))
-    problems, seeds, found = [test[i] for i in mine], search_seeds(args, stage, mine), []
+    """The metrics row of beam search guided by `scorer`, run afresh at each budget N, each
+    number count apart (its tokens counted apart); problem i's seeds from (run, stage, N, i)."""
+    stage, found = f"beam {name}", []
     for N in tqdm(budgets, desc=f"beam search ({name})", leave=False):
-        cost = TokenCount()
-        texts = beam_search(model, task, problems, scorer, N, args.beam_width,
-                            args.temperature, seeds(N), cost)
-        found.append(merge_shares(dict(zip(mine, zip(texts))), cost.counts()))
+        got, counts = {}, []
+        for idx in by_count(test).values():
+            cost = TokenCount()
+            texts = beam_search(model, task, [test[i] for i in idx], scorer, N, args.beam_width,
+                                args.temperature, [seed_for(args.seed, stage, N, i) for i in idx],
+                                cost) if idx else []
+            got.update(zip(idx, zip(texts)))
+            counts += cost.counts()
+        found.append(merge_shares(got, counts))
     return search_result_rows(stage, ["beam search"], name, budgets, task, test, found)
 
 
 def evaluate_mcts(model, task, test, name, scorer, budgets, args):
-    """The rows of MCTS's picks (most-visited, voted): one search by `scorer`, read at each N."""
-    stage, mine = f"mcts {name}", my_share(len(test))
-    problems, seeds = [test[i] for i in mine], search_seeds(args, stage, mine)
-    res = mcts(model, task, problems, scorer, budgets, args.mcts_children, args.mcts_c,
-               args.temperature, seeds(), TokenCount())
-    found = [merge_shares(dict(zip(mine, zip(*res[s][:2]))), res[s][2]) for s in budgets]
+    """The rows of MCTS's picks (most-visited, voted): one search by `scorer` per number count,
+    read at each N; problem i's seeds from (run, stage, i)."""
+    stage, got, counts = f"mcts {name}", {s: {} for s in budgets}, {s: [] for s in budgets}
+    for idx in by_count(test).values():
+        res = mcts(model, task, [test[i] for i in idx], scorer, budgets, args.mcts_children,
+                   args.mcts_c, args.temperature, [seed_for(args.seed, stage, i) for i in idx],
+                   TokenCount()) if idx else {s: ([], [], [0, 0, 0]) for s in budgets}
+        for s in budgets:
+            got[s].update(zip(idx, zip(*res[s][:2])))
+            counts[s] += res[s][2]
+    found = [merge_shares(got[s], counts[s]) for s in budgets]
     return search_result_rows(stage, ["MCTS most-visited", "MCTS weighted vote"], name,
                               budgets, task, test, found)
 
@@ -531,7 +590,7 @@ def run(args, task, P, D, test, out, device, new_model):
     scorers = load_scorers(model, task, out, device)
     # 2) the pool's methods, then beam search and MCTS guided by each scorer
     stage("pool", evaluate_pool, model, task, test, scorers, budgets, args)
-    for name in (*LEARNED, "oracle"):
+    for name in (GUIDES[g] for g in args.guides.split(",")):
         for how, evaluate in (("beam", evaluate_beam), ("mcts", evaluate_mcts)):
             scorer = (oracle_scorer(task, seed_for(args.seed, f"{how} {name}", "ties"))
                       if name == "oracle" else scorers[name])
@@ -541,24 +600,42 @@ def run(args, task, P, D, test, out, device, new_model):
 # -----------------------------------------------------------------------------
 # Report: the equal-compute comparisons, the table and the test-time-scaling plot
 
-def equal_compute_pairs(methods):
-    """Each learned-guided search at its largest budget, paired with best-of-N and the weighted
-    vote by its scorer at the smallest pool budget N of at least its total compute (the largest
-    if none is: 'pool smaller'). Yields (search, pool row, N's index, pool smaller, mean, CI)."""
+def view(r, d=None, idx=None):
+    """A method row's (tokens per problem at each budget, each budget's per-problem rightness):
+    over every test problem, or over those of number count d (their indices idx)."""
+    if d is None:
+        return r["tokens"], r["right_by_budget"]
+    return r["tokens_by_count"][str(d)], [[x[i] for i in idx] for x in r["right_by_budget"]]
+
+
+def equal_compute_pairs(methods, d=None, idx=None):
+    """Each search at its largest budget, paired with best-of-N and the weighted vote by its
+    scorer (an oracle-guided one: with pass@N, the pool's ceiling) at the smallest pool budget N
+    of at least its total compute (the largest if none is: 'pool smaller'), over every problem
+    or those of number count d. Yields (search, pool row, N's index, pool smaller, mean, CI)."""
     pool = {(r["method"], r["scorer"]): r for r in methods if r["stage"] == "pool"}
-    for r in [s for s in methods if s["stage"] != "pool" and s["scorer"] in LEARNED]:
-        for b in filter(None, (pool.get((m, r["scorer"])) for m in ("best-of-N", "weighted vote"))):
-            j = next((j for j, t in enumerate(b["tokens"]) if t >= r["tokens"][-1]), None)
-            smaller, j = j is None, len(b["tokens"]) - 1 if j is None else j
-            yield r, b, j, smaller, *paired_difference(r["right_by_budget"][-1],
-                                                       b["right_by_budget"][j])
+    for r in [s for s in methods if s["stage"] != "pool"]:
+        tokens, right = view(r, d, idx)
+        for m in ("best-of-N", "weighted vote"):
+            b = pool.get(("pass@N" if r["scorer"] == "oracle" else m, r["scorer"]))
+            if b is None or (r["scorer"] == "oracle" and m != "best-of-N"):
+                continue
+            b_tokens, b_right = view(b, d, idx)
+            j = next((j for j, t in enumerate(b_tokens) if t >= tokens[-1]), None)
+            smaller, j = j is None, len(b_tokens) - 1 if j is None else j
+            yield r, b, j, smaller, *paired_difference(right[-1], b_right[j])
 
 
 def headline_differences(rows):
-    """A run's equal-compute pairs: name -> (mean difference, 95% paired CI) (tests/seeds.py)."""
-    methods = [r for r in rows if r.get("kind") == "method"]
-    return {f"{r['method']} - {b['method']} ({r['scorer']}), equal total compute": (d, ci)
-            for r, b, _, _, d, ci in equal_compute_pairs(methods)}
+    """A run's equal-compute pairs, over every problem then per number count: name -> (mean
+    difference, 95% paired CI) (tests/seeds.py)."""
+    methods, counts = [r for r in rows if r.get("kind") == "method"], number_counts(rows) or {}
+    out = {}
+    for d, idx in [(None, None), *counts.items()]:
+        where = "" if d is None else f", {d} numbers"
+        out.update({f"{r['method']} - {b['method']} ({r['scorer']}), equal total compute{where}":
+                    (mean, ci) for r, b, _, _, mean, ci in equal_compute_pairs(methods, d, idx)})
+    return out
 
 
 def row_name(r):
@@ -591,7 +668,8 @@ def table(rows):
                 zip(r["budget"], r["accuracy"], r["tokens"], r["sampled_tokens"])}
         lines.append(f"| {row_name(r)} | " + " | ".join(cell.get(b, "-") for b in budgets) + " |")
     # 2) at each method's largest N: 95% bootstrap intervals, paired (same problems) for leads
-    pairs = {(id(r), b["method"]): f"N={b['budget'][j]}, {b['tokens'][j]:.0f} tokens"
+    pairs = {(id(r), "weighted vote" if b["method"] == "weighted vote" else "best-of-N"):
+             f"N={b['budget'][j]}, {b['tokens'][j]:.0f} tokens"
              f"{', pool smaller' if small else ''}: {ci(d, c)}"
              for r, b, j, small, d, c in equal_compute_pairs(methods)}
     majority = next((r for r in methods if r["method"] == "majority vote"), None)
@@ -611,36 +689,125 @@ def table(rows):
     return "\n".join(lines)
 
 
-def plot(path, task_name, rows):
-    """Draws accuracy against total compute per problem (log x), a line per method, to path."""
-    from matplotlib import colormaps, ticker
-    methods = [r for r in rows if r["kind"] == "method" and r["scorer"] not in ("length", "random")]
-    names = list(dict.fromkeys(r["method"] for r in methods))  # a colour per method
-    style = {"oracle": ("--", "s"), "PRM": ("-.", "^"), "learned recheck": ("-", "o"),
-             PRODUCT: ("-", "D"), "generator": (":", "x"), "-": ("-", "o")}
-    with figure(path, figsize=(8.5, 5)) as (fig, ax):
-        # 1) a line per method: its colour by method, its style by scorer; greedy decoding a star
-        for r in methods:  # (best-of-N by length or at random: in the table, flat lines here)
-            ls, marker = ("-", "P") if r["method"] == "pass@N" else style[r["scorer"]]
-            ax.plot(r["tokens"], r["accuracy"], ls=ls, marker=marker, label=row_name(r),
-                    color=colormaps["tab10"](names.index(r["method"]) % 10))
-        for r in rows:
-            if r["kind"] == "greedy":
-                ax.plot([r["tokens"]], [r["accuracy"]], "k*", ms=12, label="greedy")
-        # 2) a log x axis with plain numbers, the labels, the legend beside the axes
-        ax.set_xscale("log")
-        ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1, 2, 5)))
-        ax.xaxis.set_major_formatter(ticker.ScalarFormatter())
-        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
-        ax.set(xlabel="total compute per problem (log): tokens processed by all networks\n"
-                      "(sampled, prompt and prefixes encoded, read by scorers)",
-               ylabel="test accuracy", title=f"test-time search on {task_name}\n(dashed: "
-               "oracle-guided searches; pass@N: the pool's ceiling)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+def number_counts(rows):
+    """{number count: the test problems' indices}, from the greedy row (None: an older run)."""
+    greedy = next((r for r in rows if r.get("kind") == "greedy"), {})
+    if "difficulty" not in greedy:
+        return None
+    out = {}
+    for i, d in enumerate(greedy["difficulty"]):
+        out.setdefault(d, []).append(i)
+    return dict(sorted(out.items()))
+
+
+def count_table(rows):
+    """Per number count (Snell et al.'s difficulty bins, known before sampling): each search at
+    its largest N against the pool's methods by its scorer at equal compute on those problems."""
+    methods, lines = [r for r in rows if r["kind"] == "method"], [
+        "| numbers | search (scorer) at its largest N | accuracy | tokens per problem | search - "
+        "best-of-N, same scorer (95% paired CI) | search - weighted vote, same scorer |",
+        "|---" * 6 + "|"]
+    for d, idx in number_counts(rows).items():
+        cells = {}  # a row per search, a cell per pool method at the smallest N of >= its tokens
+        for r, b, j, small, mean, c in equal_compute_pairs(methods, d, idx):
+            cells.setdefault(id(r), [r])
+            cells[id(r)].append(f"{mean:+.3f} ({c[0]:+.3f} to {c[1]:+.3f}) at "
+                                f"{'pass@' if b['method'] == 'pass@N' else ''}N={b['budget'][j]}"
+                                f"{', pool smaller' if small else ''}")
+        for r, *vs in cells.values():
+            tokens, right = view(r, d, idx)
+            lines.append(f"| {d} ({len(idx)}) | {row_name(r)} | {sum(right[-1]) / len(idx):.3f} "
+                         f"| {tokens[-1]:.0f} | " + " | ".join(vs + ["-"] * (2 - len(vs))) + " |")
+    return lines
+
+
+def compute_optimal(rows, budgets):
+    """Snell et al.'s compute-optimal strategy: at each compute budget (tokens per problem), the
+    best method per number count against the best single method, each chosen on the other half
+    of the test problems (by index parity, both ways: no problem picks its own method). Methods:
+    every pool method and search but those that read the answer (pass@N, oracle-guided).
+    Returns {budget: (single's names, its rightness, optimal's names, its rightness)}."""
+    methods = [r for r in rows if r["kind"] == "method" and "oracle" not in r["scorer"]]
+    counts = number_counts(rows)
+    d_of = {i: d for d, idx in counts.items() for i in idx}
+    n, out = len(d_of), {}
+    for B in budgets:
+        def right_at(r, i):  # r's rightness of problem i at its largest budget within B
+            tokens = r["tokens_by_count"][str(d_of[i])]
+            j = max((j for j, t in enumerate(tokens) if t <= B), default=None)
+            return None if j is None else r["right_by_budget"][j][i]
+
+        def best(idx):  # the method with the most right answers on idx, all of them within B
+            ok = [r for r in methods if all(right_at(r, i) is not None for i in idx)]
+            return max(ok, key=lambda r: sum(right_at(r, i) for i in idx), default=None)
+        single, optimal, names = [None] * n, [None] * n, (set(), set())
+        for fold in (0, 1):
+            test = [i for i in range(n) if i % 2 == fold]
+            pick = best([i for i in range(n) if i % 2 != fold])
+            for i in test:
+                single[i] = None if pick is None else right_at(pick, i)
+            names[0].add(row_name(pick) if pick else "none")
+            for d, idx in counts.items():
+                pick = best([i for i in idx if i % 2 != fold])
+                names[1].add(f"{d}: {row_name(pick) if pick else 'none'}")
+                for i in idx:
+                    if i % 2 == fold:
+                        optimal[i] = None if pick is None else right_at(pick, i)
+        if None not in single and None not in optimal:
+            out[B] = (sorted(names[0]), single, sorted(names[1]), optimal)
+    return out
+
+def plot(path, task_name, rows, scorer):
+    """search.png: a panel for every problem, then one per number count; in each, accuracy
+    against total tokens per problem of those problems (log x), one colour per method, guided
+    or picked by `scorer` (solid) or by the exact check (dashed: oracle-guided, and pass@N)."""
+    from matplotlib import ticker
+    methods, counts = [r for r in rows if r["kind"] == "method"], number_counts(rows) or {}
+    colour = {"majority vote": "gray", "best-of-N": "C0", "weighted vote": "C1",
+              "beam search": "C2", "MCTS most-visited": "C3", "pass@N": "black"}
+    shown = [r for r in methods if r["method"] in colour and (
+        r["scorer"] in (scorer, "-") or r["method"] == "pass@N" or
+        (r["scorer"] == "oracle" and r["method"] == "beam search"))]
+    panels = [("all", None, None)] + [(f"{d} numbers ({len(idx)})", d, idx)
+                                      for d, idx in counts.items()]
+    with figure(path, ncols=len(panels), squeeze=False,
+                figsize=(3.4 * len(panels) + 2.2, 3.8)) as (fig, axes):
+        axes = axes[0]
+        for ax, (title, d, idx) in zip(axes, panels):
+            for r in shown:
+                tokens, right = view(r, d, idx)
+                oracle = r["scorer"] == "oracle"
+                ax.plot(tokens, [sum(x) / len(x) for x in right], color=colour[r["method"]],
+                        ls="--" if oracle else "-", marker="s" if oracle else "o", ms=3,
+                        label=row_name(r))
+            ax.set_xscale("log")
+            ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1, 2, 5)))
+            ax.xaxis.set_major_formatter(ticker.ScalarFormatter())
+            ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+            ax.set(title=title, xlabel="tokens per problem (all networks)")
+            ax.grid(alpha=0.3)
+        axes[0].set_ylabel("test accuracy")
+        axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+        fig.suptitle(f"test-time search on {task_name}, by {scorer} (dashed: the exact check)",
+                     fontsize=10)
 
 
 def report(args, rows):
-    """search.png, and the markdown table it returns."""
-    plot(os.path.join(args.out, "search.png"), args.task, rows)
-    return table(rows)
+    """search.png, and the markdown report it returns: the table over every problem, then by
+    number count (an older run's rows lack the counts: the first alone)."""
+    guides = [GUIDES[g] for g in args.guides.split(",") if g != "oracle"]
+    plot(os.path.join(args.out, "search.png"), args.task, rows, (guides or [PRODUCT])[0])
+    lines = [table(rows)]
+    if number_counts(rows) is not None:
+        lines += ["", "by number count (each count's tokens per problem):", ""] + count_table(rows)
+        lines += ["", "compute-optimal (Snell et al.): at most B tokens per problem, the best "
+                  "method per number count against the best single method, each chosen on the "
+                  "other half of the test problems", "",
+                  "| B | best single method | accuracy | best per number count | accuracy | "
+                  "difference (95% paired CI) |", "|---" * 6 + "|"]
+        for B, (one, a, many, b) in compute_optimal(rows, COMPUTE_BUDGETS).items():
+            m, c = paired_difference(b, a)
+            lines.append(f"| {B} | {' / '.join(one)} | {sum(a) / len(a):.3f} | "
+                         f"{'; '.join(many)} | {sum(b) / len(b):.3f} | "
+                         f"{m:+.3f} ({c[0]:+.3f} to {c[1]:+.3f}) |")
+    return "\n".join(lines)

@@ -69,6 +69,9 @@ FLAGS = [
     flag("--verifier-steps", positive(int), (200, 1000, 2000), "training steps of each verifier"),
     flag("--verifier-lr", positive(float), 3e-4,
          "learning rate of DPO and the scalar-head verifiers"),
+    flag("--controls", SWITCH, False,
+         "also the two controls: DPO on shared-prefix pairs, and the recheck's per-step labels "
+         "on a scalar head (prm on program labels); about 100 s more on a 2-core CPU"),
     # test time
     flag("--eval-samples", positive(int), (16, 32, 64),
          "samples per held-out problem for pass@k, best-of-k, majority@k (a power of 2)"),
@@ -464,15 +467,15 @@ def labelled_path(out, n):
 def train_verifiers(args, task, d_ver, sft_path, device):
     """Every verifier from G_SFT on the same D_VER: {name: network}, and DPO's pair count."""
     dpo, n_pairs = train_dpo(sft_path, d_ver, args, device)
-    nets = {"dpo": dpo,
-            "dpo shared-prefix pairs": train_dpo(sft_path, d_ver, args, device, nearest=True)[0],
-            "orm": train_orm(sft_path, d_ver, args, device),
+    nets = {"dpo": dpo, "orm": train_orm(sft_path, d_ver, args, device),
             "genrm": train_genrm(sft_path, d_ver, args, device)}
+    if args.controls:  # DPO on step-level pairs
+        nets["dpo shared-prefix pairs"] = train_dpo(sft_path, d_ver, args, device, True)[0]
     if task.recheck(decode(d_ver[0][1][:-1])) is not None:  # (a gold solution) a rationale
         nets["learned recheck"] = train_recheck(sft_path, task, d_ver, args, device)
-        # the format control: the recheck's per-step program labels given to the ORM's network
-        nets["program"] = train_head(sft_path, program_step_rows(task, d_ver), args, device,
-                                     "program", "PRM on program labels").eval()
+        if args.controls:  # the format control: the recheck's labels on the ORM's network
+            nets["program"] = train_head(sft_path, program_step_rows(task, d_ver), args, device,
+                                         "program", "PRM on program labels").eval()
     return nets, n_pairs
 
 
@@ -486,14 +489,17 @@ def score_samples(nets, task, problems, texts, reference, generator):
     flat = {"dpo": dpo,  # the paper's score, log V(y|x)
             "dpo-mean": [s / len(c) for s, c in zip(dpo, comps)],  # per completion token
             "dpo-reward": [s - r for s, r in zip(dpo, ref)],  # DPO's implicit reward
-            "dpo shared-prefix pairs": logprob_scores(nets["dpo shared-prefix pairs"], prompts,
-                                                      comps),
             "orm": head_scores(nets["orm"], prompts, comps),
             "genrm": genrm_scores(nets["genrm"], prompts, comps)}
+    if "dpo shared-prefix pairs" in nets:  # --controls
+        flat["dpo shared-prefix pairs"] = logprob_scores(nets["dpo shared-prefix pairs"],
+                                                         prompts, comps)
     # 2) those trained on the program's per-step labels, and the exact check
     if "learned recheck" in nets:
         flat["learned recheck"] = recheck_scores(nets["learned recheck"], task, problems, texts)
-        flat["prm on program labels"] = program_scores(nets["program"], task, problems, texts)
+        if "program" in nets:  # --controls
+            flat["prm on program labels"] = program_scores(nets["program"], task, problems,
+                                                           texts)
         flat["exact check (oracle)"] = [float(task.check(p, t)) for p, t in zip(problems, texts)]
     # 3) the baselines a learned verifier must beat: the generator's mean log-prob, shortest, none
     flat.update({"generator": logprob_scores(generator, prompts, comps, mean=True),

@@ -4,7 +4,8 @@ it; UCT tries every unvisited child first and puts the PARENT's count in its log
 the path and nothing else; beam pruning keeps exactly the best distinct prefixes; every method's
 token count is exact, a scorer's forward passes included (both of a product's; a network of
 another size in proportion), and the pool charges N samples and N scorer passes; the oracle's
-ties break at random, the same in any batch; the equal-compute pairs pick the right pool budget;
+ties break at random, the same in any batch; the equal-compute pairs pick the right pool budget,
+per number count by that count's tokens; the compute-optimal choice is made on the other half;
 the vote's tie rule and its treatment of unparsable answers (common.vote); the shared-prefix
 sampler (star.continue_prefixes) equals the naive one, and a seeded row depends on no other row
 (what torchrun needs); the run end to end, resumed without redoing a stage.
@@ -334,6 +335,7 @@ def test_pool_costs_the_prompt_once_and_n_samples_and_scorer_passes():
         assert r["tokens"] == [k * 11 + P + reads * k * (P + 11) for k in (1, 2, 4)], (method,
                                                                                         scorer)
         assert len(r["right_by_budget"]) == 3 and all(len(x) == 2 for x in r["right_by_budget"])
+        assert r["tokens_by_count"] == {"1": r["tokens"]}  # one number count: the same
     for name in search.LEARNED:  # the like-for-like baselines of every learned-guided search
         assert ("best-of-N", name) in row and ("weighted vote", name) in row
 
@@ -356,9 +358,9 @@ def test_oracle_ties_break_at_random_the_same_in_any_batch():
 
 def test_equal_compute_pairs_pick_the_smallest_pool_budget_at_or_above_the_search():
     def row(stage, method, scorer, tokens, right):
-        r = search.method_row(stage, method, scorer, [1, 2, 4][:len(tokens)], right,
-                              [(t, 0, 0) for t in tokens])
-        return r
+        costs = [(t, 0, 0) for t in tokens]
+        return search.method_row(stage, method, scorer, [1, 2, 4][:len(tokens)], right, costs,
+                                 {1: costs})
     pool = row("pool", "best-of-N", "PRM", [10, 20, 40], [[0, 0], [0, 1], [1, 1]])
     vote = row("pool", "weighted vote", "PRM", [10, 20, 40], [[0, 0], [0, 0], [0, 1]])
     beam = row("beam PRM", "beam search", "PRM", [8, 15], [[0, 0], [1, 1]])
@@ -371,12 +373,63 @@ def test_equal_compute_pairs_pick_the_smallest_pool_budget_at_or_above_the_searc
     assert got == [("beam search", "best-of-N", 2, False, 0.5),  # 20 is the first >= 15
                    ("beam search", "weighted vote", 2, False, 1.0),
                    ("MCTS most-visited", "best-of-N", 4, True, -0.5),  # none >= 50: the largest
-                   ("MCTS most-visited", "weighted vote", 4, True, 0.0)]  # no oracle rows
-    assert len(search.headline_differences(rows)) == 4
+                   ("MCTS most-visited", "weighted vote", 4, True, 0.0),
+                   ("beam search", "pass@N", 2, False, 0.0)]  # oracle-guided: the ceiling's
+    assert len(search.headline_differences(rows)) == 5
     text = search.table(rows)
     assert "pool smaller" in text and "pass@N (the pool's ceiling)" in text
     assert "beam search (oracle-guided)" in text and "upper bound" not in text
 
+
+def by_counts(stage, method, scorer, right, tokens):
+    """A method row over 4 problems, numbers 2 2 3 3 (indices 0 1 2 3); tokens: {count: per
+    budget}, the overall their mean."""
+    budgets = [1, 2, 4][:len(right)]
+    mean = [(a + b) / 2 for a, b in zip(tokens[2], tokens[3])]
+    return search.method_row(stage, method, scorer, budgets, right, [(t, 0, 0) for t in mean],
+                             {d: [(t, 0, 0) for t in ts] for d, ts in tokens.items()})
+
+
+GREEDY = {"kind": "greedy", "accuracy": 0.0, "tokens": 1, "sampled_tokens": 1,
+          "difficulty": [2, 2, 3, 3]}
+
+
+def test_equal_compute_pairs_by_number_count_use_that_counts_tokens():
+    # the beam spends 30 tokens a 2-number problem and 90 a 3-number one; the pool's N=2 costs
+    # 40 and 80, N=4 costs 80 and 160: at 2 numbers N=2 matches it, at 3 numbers N=4
+    pool = by_counts("pool", "best-of-N", "PRM", [[0, 0, 0, 0], [1, 0, 0, 0], [1, 1, 1, 0]],
+                     {2: [20, 40, 80], 3: [40, 80, 160]})
+    beam = by_counts("beam PRM", "beam search", "PRM", [[1, 1, 0, 0]], {2: [30], 3: [90]})
+    rows = [GREEDY, pool, beam]
+    assert search.number_counts(rows) == {2: [0, 1], 3: [2, 3]}
+    got = {d: [(b["budget"][j], mean) for _, b, j, _, mean, _ in
+               search.equal_compute_pairs([pool, beam], d, idx)]
+           for d, idx in search.number_counts(rows).items()}
+    assert got == {2: [(2, 0.5)], 3: [(4, -0.5)]}  # beam (1, 1) vs (1, 0); (0, 0) vs (1, 0)
+    lines = search.count_table(rows)
+    assert lines[2].startswith("| 2 (2) | beam search (PRM) | 1.000 | 30 | +0.500 (") and \
+        lines[2].endswith(") at N=2 | - |") and len(lines) == 4
+
+
+def test_compute_optimal_picks_per_count_on_the_other_half():
+    # A is right on every 2-number problem, B on every 3-number one; both cost 10 tokens. The
+    # best single method gets half of them; the best per count gets all, each picked on the
+    # other half. C is right on every problem but costs 100: out of a budget of 50.
+    a = by_counts("pool", "best-of-N", "PRM", [[1, 1, 0, 0]], {2: [10], 3: [10]})
+    b = by_counts("pool", "weighted vote", "PRM", [[0, 0, 1, 1]], {2: [10], 3: [10]})
+    c = by_counts("beam PRM", "beam search", "PRM", [[1, 1, 1, 1]], {2: [100], 3: [100]})
+    oracle = by_counts("beam oracle", "beam search", "oracle", [[1, 1, 1, 1]], {2: [1], 3: [1]})
+    got = search.compute_optimal([GREEDY, a, b, c, oracle], (50, 200))
+    one, single, many, optimal = got[50]
+    assert sum(single) == 2 and optimal == [1, 1, 1, 1]  # the oracle-guided one never picked
+    assert many == ["2: best-of-N (PRM)", "3: weighted vote (PRM)"]
+    assert got[200][1] == [1, 1, 1, 1] and got[200][0] == ["beam search (PRM)"]
+    # E is right on the even problems, O on the odd ones: a half picks the method best on the
+    # other half, wrong on its own (chosen on the problems it is scored on, both would score 1)
+    e = by_counts("pool", "majority vote", "-", [[1, 0, 1, 0]], {2: [5], 3: [5]})
+    o = by_counts("pool", "best-of-N", "length", [[0, 1, 0, 1]], {2: [5], 3: [5]})
+    _, single, _, optimal = search.compute_optimal([GREEDY, e, o], (50,))[50]
+    assert single == optimal == [0, 0, 0, 0]
 
 def test_majority_vote_tie_rule_and_unparsable_answers():
     assert common.vote(["x", "y", "y", "x"]) == "x"  # a tie goes to the answer seen first
@@ -473,13 +526,17 @@ def test_search_runs_end_to_end_and_resumes(tmp_path, monkeypatch, sampler_tools
     argv = ["--method", "search", "--out", out, "--n-train", "6", "--n-unlabeled", "2",
             "--n-test", "3", "--steps", "2", "--verifier-steps", "2", "--eval-samples", "2",
             "--budgets", "1,2", "--samples", "2", "--rollouts", "2", "--batch-size", "4",
-            "--train-difficulty", "2", "--test-difficulty", "2", "--calculator", "result"]
+            "--train-difficulty", "2", "--test-difficulty", "2", "--calculator", "result",
+            "--guides", "recheck,generator,prm,oracle"]
     train.main(argv)
     rows = read_jsonl(os.path.join(out, "metrics.jsonl"))
     stages = [r["stage"] for r in rows]
     assert stages[:3] == ["generator", "labels", "scorers"]
     methods = {(r["method"], r["scorer"]) for r in rows if r["kind"] == "method"}
     assert ("beam search", "PRM") in methods and ("MCTS most-visited", "oracle") in methods
+    for r in rows:  # each number count's tokens: the overall is their mean by problem
+        if r["kind"] == "method":
+            assert list(r["tokens_by_count"]) == ["2"] and r["tokens_by_count"]["2"] == r["tokens"]
     assert ("beam search", "generator") in methods and ("best-of-N", "generator") in methods
     for r in rows:  # each problem's rightness at every budget, whose mean is the accuracy
         if r["kind"] == "method":
