@@ -66,6 +66,9 @@ FLAGS = [
     # the learned scorers, from the generator on its own labelled samples of P + D
     flag("--samples", positive(int), (2, 4, 8), "the scorers' samples per problem of P + D"),
     flag("--rollouts", positive(int), (4, 8, 8), "PRM labels: Math-Shepherd rollouts per prefix"),
+    flag("--prm-labels", ["soft", "hard", "exact"], "soft",
+         "the PRM's step labels: soft (share of rollouts ending right), hard (1 if any did; both "
+         "Math-Shepherd's), exact (the program's: every step right, the target reachable)"),
     flag("--verifier-steps", positive(int), (200, 1000, 2000), "training steps of each scorer"),
     flag("--verifier-lr", positive(float), 1e-4, "learning rate of the PRM"),
     # the searches
@@ -213,15 +216,26 @@ def shepherd_labels(model, task, problems, texts, args, seed):
         for j, (i, pre) in enumerate(chunk):
             soft[(i, pre)] = sum(task.check(problems[i], s) for s in sols[j * R:(j + 1) * R]) / R
         bar.set_postfix(mean_label=f"{sum(soft.values()) / len(soft):.2f}")
-    # 3) every process's labels; a row per sample: a label per step prefix, then its outcome
+    # 3) every process's labels; a row per sample: a label per step prefix, then its outcome;
+    # beside them the program's exact labels (every step so far right, the target reachable)
     soft, counts = merge_shares(soft, cost.counts())
     rows = []
     for i, (p, ts) in enumerate(zip(problems, texts)):
         for t in ts:
-            c = encode(t) + [EOT]
-            labels = [soft[(i, pre)] for pre in vstar.step_prefixes(t)] + [float(task.check(p, t))]
-            rows.append((encode(task.prompt(p)), c, vstar.step_reads(c), labels))
+            c, outcome = encode(t) + [EOT], float(task.check(p, t))
+            labels = [soft[(i, pre)] for pre in vstar.step_prefixes(t)] + [outcome]
+            exact = [float(all(task.check_steps(p, pre))) for pre in vstar.step_prefixes(t)]
+            rows.append((encode(task.prompt(p)), c, vstar.step_reads(c), labels, exact + [outcome]))
     return rows, TokenCount(*counts)
+
+
+def prm_rows(rows, labels):
+    """train_bce's rows from shepherd_labels' with the labels asked for: soft (Math-Shepherd's
+    share of rollouts ending right), hard (1 if any did), or exact (the program's)."""
+    pick = {"soft": lambda soft, exact: soft,
+            "hard": lambda soft, exact: [float(x > 0) for x in soft],
+            "exact": lambda soft, exact: exact}[labels]
+    return [(q, c, reads, pick(soft, exact)) for q, c, reads, soft, exact in rows]
 
 
 # -----------------------------------------------------------------------------
@@ -428,8 +442,9 @@ def scorers_stage(args, task, P, out, device):
     gold += vstar.load_labelled(path("labelled.jsonl"))
     cot = vstar.train_recheck(path("generator.pt"), task, gold, args, device)
     save_checkpoint(path("recheck.pt"), cot, TOKENIZER)
-    prm = vstar.train_head(path("generator.pt"), read_jsonl(path("shepherd.jsonl")), args,
-                           device, "prm", "PRM (Math-Shepherd)")
+    prm = vstar.train_head(path("generator.pt"),
+                           prm_rows(read_jsonl(path("shepherd.jsonl")), args.prm_labels), args,
+                           device, "prm", f"PRM ({args.prm_labels} labels)")
     save_checkpoint(path("prm.pt"), prm.gpt, TOKENIZER, extra={"head": prm.head.state_dict()})
     return [{"kind": "scorers", "stage": "scorers"}]
 
@@ -498,7 +513,8 @@ def evaluate_pool(model, task, test, scorers, budgets, args):
     pairs = {name: vstar.pair_accuracy(right, value[name]) for name in value}
     quality = {"kind": "scorer quality", "stage": "pool",
                **{f"pair_acc {name}": acc for name, (acc, _) in pairs.items()},
-               **{f"pair_ties {name}": ties for name, (_, ties) in pairs.items()}}
+               **{f"pair_ties {name}": ties for name, (_, ties) in pairs.items()},
+               **prefix_pair_accuracy(task, test, texts, scorers, learned)}
 
     def cost_of(scorer, at):
         sample, prompt, reads = unit[at]
@@ -507,6 +523,25 @@ def evaluate_pool(model, task, test, scorers, budgets, args):
                                    {d: cost_of(s, d) for d in by})
                         for (m, s), r in by_method.items()]
 
+
+def prefix_pair_accuracy(task, test, texts, scorers, names):
+    """What a step-level search needs: on the pool's step prefixes (distinct, of this process's
+    share of the problems), each scorer's share of (good, bad) prefix pairs of the same problem
+    and depth ranked right, a tie 1/2; good: every step so far right and the target reachable
+    (the program's exact label). {"prefix_pair_acc NAME": share}, read by no method's count."""
+    groups = {}  # (problem, depth) -> [(prefix, exact label)]
+    for i in my_share(len(test)):
+        for pre in dict.fromkeys(pre for t in texts[i] for pre in vstar.step_prefixes(t)):
+            groups.setdefault((i, pre.count("\n")), []).append(
+                (pre, all(task.check_steps(test[i], pre))))
+    items = [(test[i], pre, False) for (i, _), g in groups.items() for pre, _ in g]
+    values = {name: iter(scorers[name](items, TokenCount()) if items else []) for name in names}
+    mine = {key: ([ok for _, ok in g], {name: [next(v) for _ in g] for name, v in values.items()})
+            for key, g in groups.items()}
+    merged, _ = merge_shares({f"{i} {d}": x for (i, d), x in mine.items()}, [])
+    right = [r for r, _ in merged.values()]
+    return {f"prefix_pair_acc {name}": vstar.pair_accuracy(
+        right, [v[name] for _, v in merged.values()])[0] for name in names}
 
 def by_count(test):
     """This process's share of the test problems by number count (difficulty), every count of
@@ -658,7 +693,10 @@ def table(rows):
              "Math-Shepherd rollouts: {rollout_tokens} tokens".format(**lab) if lab else "",
              "held-out pair accuracy (ties count 1/2; share tied): " + ", ".join(
                  f"{k[9:]} {v:.3f} ({quality.get('pair_ties ' + k[9:], float('nan')):.0%})"
-                 for k, v in quality.items() if k.startswith("pair_acc")), "",
+                 for k, v in quality.items() if k.startswith("pair_acc")),
+             "step prefixes ranked right (a reachable one above one that is not, same problem "
+             "and depth; ties 1/2): " + ", ".join(f"{k[16:]} {v:.3f}" for k, v in quality.items()
+                                                   if k.startswith("prefix_pair_acc")), "",
              "accuracy (total / sampled tokens per problem) at budget N. Total: every token a "
              "network processes (sampled, prompt and prefixes encoded, read by a scorer)", "",
              "| method | " + " | ".join(f"N={b}" for b in budgets) + " |",

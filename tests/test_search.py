@@ -593,13 +593,31 @@ def test_math_shepherd_labels_on_the_toy_model():
     texts = [[RIGHT, "a\nb\nc\nA: 1"]]
     rows, cost = search.shepherd_labels(ToyLM(), TASK, [P0], texts, args, seed=0)
     assert len(rows) == 2 and cost.sampled > 0
-    (prompt, comp, reads, labels), (_, comp2, reads2, labels2) = rows
+    (prompt, comp, reads, labels, exact), (_, comp2, reads2, labels2, exact2) = rows
     assert prompt == encode(TASK.prompt(P0)) and comp == encode(RIGHT) + [EOT]
     assert reads == vstar.step_reads(comp) and len(labels) == len(reads) == 4
     for got, p in zip(labels, [1 / 9, 1 / 3, 1.0, 1.0]):
         assert abs(got - p) <= 5 * math.sqrt(p * (1 - p) / R) + 1e-12, (labels, p)
     assert labels2 == [0.0, 0.0, 0.0, 0.0]  # wrong from its first step; its outcome wrong too
+    # the program's labels: every step so far on the path; hard ones: any rollout right
+    assert exact == [1.0] * 4 and exact2 == [0.0] * 4
+    hard = [r[3] for r in search.prm_rows(rows, "hard")]
+    assert hard == [[1.0] * 4, [0.0] * 4]  # (1/9 of 300 rollouts: P(none right) < 1e-15)
+    assert [r[3] for r in search.prm_rows(rows, "exact")] == [exact, exact2]
+    assert [r[3] for r in search.prm_rows(rows, "soft")] == [labels, labels2]
 
+
+def test_prefix_pair_accuracy_pairs_good_and_bad_prefixes_of_the_same_depth():
+    # prefixes at depth 1: b (good), a (bad); at depth 2: b c (good), a b and b a (bad); depth
+    # 3: b c a (good), a b c and b a c (bad). The exact check ranks every pair right, a
+    # constant ties them all, the reversed check ranks every pair wrong.
+    texts = [[RIGHT, "a\nb\nc\nA: 1", "b\na\nc\nA: 1"]]
+    exact = search.oracle_scorer(TASK)
+    scorers = {"exact": exact, "none": lambda items, cost: [0.5] * len(items),
+               "reversed": lambda items, cost: [1 - v for v in exact(items, cost)]}
+    got = search.prefix_pair_accuracy(TASK, [P0], texts, scorers, list(scorers))
+    assert got == {"prefix_pair_acc exact": 1.0, "prefix_pair_acc none": 0.5,
+                   "prefix_pair_acc reversed": 0.0}
 
 def test_the_process_reward_model_reads_the_end_of_every_step():
     comp = encode("b\nc\nA: 1") + [EOT]
