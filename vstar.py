@@ -6,12 +6,13 @@ V-STaR (Hosseini et al. 2024, arXiv 2402.06457): keep the wrong samples too, tra
                    D_GEN += the right ones;  G_n <- SFT(base, D_GEN)   generator_iteration(n)
     verifiers <- from G_0, on D_VER                                   train_verifiers
     test time: n samples from G_T; best-of-k by each verifier         evaluate_test_time
-Verifiers by what they learn from. Outcome labels: DPO (the paper's), DPO shared-prefix pairs,
-ORM, GenRM (Zhang et al. 2024, arXiv 2408.15240). The program's per-step labels: the learned
-recheck (the task's rule, then each step recomputed by a network trained on program-written
-rationales: GenRM-CoT's form, not its data), prm on program labels. Nothing: the generator's mean
-log-prob, rule x generator (the recheck's rule task.rules_ok with that log-prob), shortest,
-random. The exact check: an oracle.
+Verifiers by what they learn from. Outcome labels: DPO (the paper's), ORM, GenRM (Zhang et al.
+2024, arXiv 2408.15240). The program's per-step labels: the learned recheck (the task's rule,
+then each step recomputed by a network trained on program-written rationales: GenRM-CoT's form,
+not its data). Free: majority vote, the generator's mean log-prob (over its own sampled tokens
+too, with the calculator), the task's rule alone and times that log-prob, shortest, random. The
+exact check: an oracle. --controls: DPO on shared-prefix pairs, the recheck's labels on a
+scalar head. regime_map: per number count, the share of pass@1 -> pass@n each one closes.
 Departures: a fresh seeded base; DPO adds the right solutions' NLL (RPO; --dpo-nll 0: plain).
 Run: python train.py --method vstar          (countdown by default)
 """
@@ -631,7 +632,7 @@ REGIME = FREE + ("best-of-k dpo", "best-of-k orm", "best-of-k genrm", "best-of-k
 
 def short(key):
     """A name from its metrics key: "best-of-k dpo" -> "dpo", "majority@k" -> "majority"."""
-    return key.removeprefix("best-of-k ").removesuffix("@k")
+    return key.removeprefix("best-of-k ").replace("majority@k", "majority")
 
 
 def regime_map(evs):
@@ -672,16 +673,22 @@ def against_free(ev, key):
 
 
 def plot_curves(ev, path, task_name):
-    """vstar.png: held-out accuracy against the tokens every network processed per problem."""
-    with figure(path, figsize=(7, 4.2)) as (fig, ax):
-        for key in ev["ci"]:
-            if key not in ("best-of-k length", "best-of-k random", "best-of-k dpo-mean"):
-                ax.plot([cost_of(ev, key, k) for k in ev["k"]], ev[key], marker="o", label=key,
-                        ls="--" if key == "pass@k" or "oracle" in key else "-")
+    """vstar.png: held-out accuracy against the tokens every network processed per problem; a
+    colour per scorer, solid: learned, dotted: free signals, dashed: oracles."""
+    from matplotlib import colormaps
+    keys = [k for k in ev["ci"] if k not in ("best-of-k length", "best-of-k random",
+                                             "best-of-k dpo-mean")]
+    with figure(path, figsize=(8, 4.4)) as (fig, ax):
+        for i, key in enumerate(keys):
+            ls = "--" if key == "pass@k" or "oracle" in key else ":" if key in FREE else "-"
+            ax.plot([cost_of(ev, key, k) for k in ev["k"]], ev[key], ls=ls, label=short(key),
+                    marker="s" if key in FREE else "o", ms=4, color=colormaps["tab20"](i % 20))
         ax.axhline(ev["greedy"], color="gray", ls=":", label="greedy")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("tokens processed per problem (samples and every scorer's passes)")
         ax.set_ylabel("held-out accuracy")
-        ax.set_title(f"V-STaR on {task_name} (dashed: pass@k and the exact check, oracles)")
+        ax.set_title(f"V-STaR on {task_name}: best-of-k by each scorer, k = 1 to {ev['k'][-1]}",
+                     fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5),
+                  title="solid: learned, dotted: free,\ndashed: oracles", title_fontsize=7)

@@ -57,9 +57,9 @@ def vstar_rows(rows):
                 <= vstar.cost_of(ev, "m", ks[J]) + 1e-9)
         out[f"{name} k={ks[j]} - majority k={ks[J]} (equal compute)"] = diff(
             ev["by_problem"][key][j], ev["by_problem"]["majority@k"][J])
-    for d, (best, cell) in vstar.against_free(ev, "best-of-k dpo").items() \
-            if "difficulty" in ev else ():
-        out[f"dpo - the strongest free signal ({best} in this run), numbers {d}"] = cell
+    for d, (_, cell) in vstar.against_free(ev, "best-of-k dpo").items() \
+            if "difficulty" in ev else ():  # (which signal it is: the run's summary.md)
+        out[f"dpo - the strongest free signal, numbers {d}"] = cell
     return out
 
 
