@@ -100,7 +100,7 @@ def only_rank0_wrote(log):
 SEARCH = ["--method", "search", "--n-train", "6", "--n-unlabeled", "2", "--n-test", "3",
           "--steps", "40", "--verifier-steps", "2", "--eval-samples", "2", "--budgets", "1,2",
           "--samples", "2", "--rollouts", "2", "--batch-size", "4", "--train-difficulty", "2",
-          "--test-difficulty", "2", "--device", "cpu"]
+          "--test-difficulty", "2-3", "--device", "cpu"]  # (numbers 2 3 2: a share lacks a count)
 
 
 def test_tiny_search_run_splits_the_problems_and_searches_as_one_process(tmp_path):
