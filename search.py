@@ -643,11 +643,14 @@ def view(r, d=None, idx=None):
     return r["tokens_by_count"][str(d)], [[x[i] for i in idx] for x in r["right_by_budget"]]
 
 
-def equal_compute_pairs(methods, d=None, idx=None):
+def equal_compute_pairs(methods, d=None, idx=None, match="tokens"):
     """Each search at its largest budget, paired with best-of-N and the weighted vote by its
-    scorer (an oracle-guided one: with pass@N, the pool's ceiling) at the smallest pool budget N
-    of at least its total compute (the largest if none is: 'pool smaller'), over every problem
-    or those of number count d. Yields (search, pool row, N's index, pool smaller, mean, CI)."""
+    scorer (an oracle-guided one: with pass@N, the pool's ceiling), over every problem or those
+    of number count d, at the pool budget N that matches it: match="tokens", the smallest N of
+    at least its total compute (the largest if none is: 'pool smaller'); "tokens below", the
+    largest N of at most it (the smallest if none is: 'pool larger'); "samples", its own N
+    (Snell et al.'s axis: the scorer's reads uncounted). Yields (search, pool row, N's index,
+    no N on the asked side, mean, CI)."""
     pool = {(r["method"], r["scorer"]): r for r in methods if r["stage"] == "pool"}
     for r in [s for s in methods if s["stage"] != "pool"]:
         tokens, right = view(r, d, idx)
@@ -656,20 +659,32 @@ def equal_compute_pairs(methods, d=None, idx=None):
             if b is None or (r["scorer"] == "oracle" and m != "best-of-N"):
                 continue
             b_tokens, b_right = view(b, d, idx)
-            j = next((j for j, t in enumerate(b_tokens) if t >= tokens[-1]), None)
-            smaller, j = j is None, len(b_tokens) - 1 if j is None else j
-            yield r, b, j, smaller, *paired_difference(right[-1], b_right[j])
+            if match == "samples":
+                j = b["budget"].index(r["budget"][-1]) if r["budget"][-1] in b["budget"] else None
+                missing = j is None
+            elif match == "tokens below":
+                j = max((j for j, t in enumerate(b_tokens) if t <= tokens[-1]), default=None)
+                missing, j = j is None, 0 if j is None else j
+            else:
+                j = next((j for j, t in enumerate(b_tokens) if t >= tokens[-1]), None)
+                missing, j = j is None, len(b_tokens) - 1 if j is None else j
+            if j is not None:
+                yield r, b, j, missing, *paired_difference(right[-1], b_right[j])
 
 
 def headline_differences(rows):
-    """A run's equal-compute pairs, over every problem then per number count: name -> (mean
-    difference, 95% paired CI) (tests/seeds.py)."""
+    """A run's pairs, over every problem then per number count, at equal total compute (the
+    pool at or above the search's tokens, then at or below) and at equal samples: name ->
+    (mean difference, 95% paired CI) (tests/seeds.py)."""
     methods, counts = [r for r in rows if r.get("kind") == "method"], number_counts(rows) or {}
     out = {}
     for d, idx in [(None, None), *counts.items()]:
         where = "" if d is None else f", {d} numbers"
-        out.update({f"{r['method']} - {b['method']} ({r['scorer']}), equal total compute{where}":
-                    (mean, ci) for r, b, _, _, mean, ci in equal_compute_pairs(methods, d, idx)})
+        for match, axis in (("tokens", "equal total compute"), ("tokens below", "pool at most "
+                            "its tokens"), ("samples", "equal samples")):
+            out.update({f"{r['method']} - {b['method']} ({r['scorer']}), {axis}{where}":
+                        (mean, ci) for r, b, _, _, mean, ci in
+                        equal_compute_pairs(methods, d, idx, match)})
     return out
 
 

@@ -576,8 +576,8 @@ def report(args, rows):
     lines += [""] + equal_compute_table(ev)
     if "difficulty" in ev:
         lines += [""] + regime_map([ev]) + [""] + [
-            f"numbers {d}: dpo - {best} (the strongest free signal there) {m:+.3f} "
-            f"({lo:+.3f} to {hi:+.3f})"
+            f"numbers {d}: dpo - {best} (the strongest free signal, each half's chosen on the "
+            f"other) {m:+.3f} ({lo:+.3f} to {hi:+.3f})"
             for d, (best, (m, (lo, hi))) in against_free(ev, "best-of-k dpo").items()]
     lines += ["", f"greedy {ev['greedy']:.3f}; {ev['pairs']} training pairs from "
               f"{ev['d_ver']} labelled samples"]
@@ -660,15 +660,19 @@ def regime_map(evs):
 
 
 def against_free(ev, key):
-    """{difficulty: (the strongest free signal there, mean and 95% paired interval of key minus
-    it at k = n)}, the strongest chosen by its mean accuracy on those problems."""
+    """{difficulty: (the free signals chosen, mean and 95% paired interval of key minus the
+    strongest free signal at k = n)}. Each half of the problems (by index parity) is scored by
+    the signal strongest on the other half: the baseline is not chosen on its own test."""
     out = {}
     for d in sorted(set(ev["difficulty"])):
         idx = [i for i, x in enumerate(ev["difficulty"]) if x == d]
-        at = {k: [ev["by_problem"][k][-1][i] for i in idx] for k in (key, *FREE)
-              if k in ev["by_problem"]}
-        best = max((k for k in FREE if k in at), key=lambda k: sum(at[k]))
-        out[d] = (short(best), paired_difference(at[key], at[best]))
+        free = [k for k in FREE if k in ev["by_problem"]]
+        at = lambda k, i: ev["by_problem"][k][-1][i]  # noqa: E731
+        best = {half: max(free, key=lambda k: sum(at(k, i) for i in idx if i % 2 != half))
+                for half in (0, 1)}
+        diff = [at(key, i) - at(best[i % 2], i) for i in idx]
+        out[d] = (" / ".join(sorted({short(b) for b in best.values()})),
+                  paired_difference(diff, [0.0] * len(diff)))
     return out
 
 

@@ -375,7 +375,15 @@ def test_equal_compute_pairs_pick_the_smallest_pool_budget_at_or_above_the_searc
                    ("MCTS most-visited", "best-of-N", 4, True, -0.5),  # none >= 50: the largest
                    ("MCTS most-visited", "weighted vote", 4, True, 0.0),
                    ("beam search", "pass@N", 2, False, 0.0)]  # oracle-guided: the ceiling's
-    assert len(search.headline_differences(rows)) == 5
+    # the other sides: the largest pool N at or below its tokens; the same N (equal samples)
+    below = [(r["method"], b["method"], b["budget"][j], missing) for r, b, j, missing, _, _ in
+             search.equal_compute_pairs(rows, match="tokens below")]
+    assert below[0] == ("beam search", "best-of-N", 1, False)  # 10 <= 15 < 20
+    assert below[2] == ("MCTS most-visited", "best-of-N", 4, False)
+    same = [(r["method"], b["budget"][j]) for r, b, j, _, _, _ in
+            search.equal_compute_pairs(rows, match="samples")]
+    assert same[0] == ("beam search", 2) and same[2] == ("MCTS most-visited", 1)
+    assert len(search.headline_differences(rows)) == 15
     text = search.table(rows)
     assert "pool smaller" in text and "pass@N (the pool's ceiling)" in text
     assert "beam search (oracle-guided)" in text and "upper bound" not in text
