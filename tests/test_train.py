@@ -36,6 +36,7 @@ BAD_INPUT = [  # (arguments, words the one-line error must contain)
     (["--method", "quiet_star", "--mixing", "relu"], ["--mixing", "relu", "tanh"]),
     # a flag is typed by the method's own table: V-STaR's verifiers need sampled solutions
     (["--method", "vstar", "--iterations", "0"], ["--iterations", "'0'", "greater than 0"]),
+    (["--method", "search", "--guides", "recheck,beam"], ["--guides", "'beam'", "prm", "oracle"]),
     # a calculator asked for on a task without one (the default falls back to off there)
     (["--method", "vstar", "--task", "addition", "--calculator", "result"],
      ["--calculator", "addition", "'result'", "off"]),
