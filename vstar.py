@@ -72,7 +72,7 @@ FLAGS = [
          "learning rate of DPO and the scalar-head verifiers"),
     flag("--controls", SWITCH, False,
          "also the two controls: DPO on shared-prefix pairs, and the recheck's per-step labels "
-         "on a scalar head (prm on program labels); about 100 s more on a 2-core CPU"),
+         "on a scalar head (prm on program labels): two more verifiers to train"),
     # test time
     flag("--eval-samples", positive(int), (16, 32, 64),
          "samples per held-out problem for pass@k, best-of-k, majority@k (a power of 2)"),
