@@ -65,7 +65,8 @@ def best_of_k(scores, correct, k):
 def majority_at_k(answers, right_answers, k):
     """P(majority vote over k of n samples is right), exactly: answers (None never votes), the
     right ones among them right_answers; a tie of t top answers credits 1/t each."""
-    return sum(_majority_credit(answers, a, k) for a in set(right_answers) if a is not None)
+    return sum(_majority_credit(answers, a, k)  # (in a fixed order: the same float sum in
+               for a in sorted(set(right_answers) - {None}, key=str))  # every process)
 
 
 def right_answers(answers, right):
