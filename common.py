@@ -45,6 +45,11 @@ def paired_difference(a, b):
     return sum(diff) / len(diff), bootstrap_ci(diff)
 
 
+def with_ci(mean, ci):
+    """A difference and its interval as every report writes them: "+0.010 (+0.000 to +0.023)"."""
+    return "{:+.3f} ({:+.3f} to {:+.3f})".format(mean, *ci)
+
+
 # Unbiased estimators over n samples of one problem (pass@k, best-of-k, majority@k)
 
 def pass_at_k(n, c, k):

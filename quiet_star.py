@@ -28,8 +28,8 @@ from tqdm import tqdm
 
 from common import (all_gather, autocast, bootstrap_ci, checked, commit, committed, figure, flag,
                     is_main, load_checkpoint, lr_at, non_negative, optimizer_step, positive,
-                    presets, rank_world, read_jsonl, save_checkpoint, seed_for, setting, wrap_ddp,
-                    write_atomic)
+                    presets, rank_world, read_jsonl, save_checkpoint, seed_for, setting, with_ci,
+                    wrap_ddp, write_atomic)
 from model import GPT, ConcatCache, get_config, sample_token
 from tasks import EOT, EOTH, PAD, SOT, TOKENIZER, decode, encode, held_out, sample_problems
 from tasks.text import line, pack, scratch, show_work
@@ -594,7 +594,7 @@ TABLE_HEAD = ("| step | NLL, thoughts | NLL, plain arm | NLL change (95% CI) | a
 def table_row(r):
     """An "eval" row as a line of the table under TABLE_HEAD."""
     q, p, c, f = r["quiet"], r["plain"], r["change"], r.get("vs_fixed")
-    fixed = "-" if f is None else "{:+.3f} ({:+.3f} to {:+.3f})".format(f["acc"], *f["acc_ci"])
+    fixed = "-" if f is None else with_ci(f["acc"], f["acc_ci"])
     return (f"| {r['step']} | {q['answer_nll']:.4f} | {p['answer_nll']:.4f} | "
             f"{c['nll_pct']:+.1f}% ({c['nll_pct_ci'][0]:+.1f} to {c['nll_pct_ci'][1]:+.1f}) | "
             f"{q['accuracy']:.3f} | {p['accuracy']:.3f} | {c['acc']:+.3f} ({c['acc_ci'][0]:+.3f}"

@@ -30,7 +30,7 @@ import vstar
 from common import (SWITCH, TokenCount, autocast, bootstrap_ci, commit, committed, figure, flag,
                     load_checkpoint, merge_shares, my_share, paired_difference, positive,
                     presets, read_jsonl, relative_size, right_answers, save_checkpoint,
-                    seed_for, setting, vote, weighted_vote_accuracy, write_jsonl)
+                    seed_for, setting, vote, weighted_vote_accuracy, with_ci, write_jsonl)
 from model import ScalarHead
 from tasks import EOT, NEWLINE, TOKENIZER, decode, encode
 
@@ -700,7 +700,6 @@ def table(rows):
     greedy, lab, quality = kind.get("greedy"), kind.get("labels"), kind.get("scorer quality", {})
     methods = [r for r in rows if r["kind"] == "method"]
     budgets = sorted({b for r in methods for b in r["budget"]})
-    ci = lambda d, c: "{:+.3f} ({:+.3f} to {:+.3f})".format(d, *c)  # noqa: E731
     # 1) greedy decoding, the scorers' data and held-out quality; every method at every budget
     lines = [f"greedy decoding: accuracy {greedy['accuracy']:.3f} at {greedy['tokens']:.1f} "
              f"tokens per problem ({greedy['sampled_tokens']:.1f} sampled)" if greedy else "",
@@ -723,7 +722,7 @@ def table(rows):
     # 2) at each method's largest N: 95% bootstrap intervals, paired (same problems) for leads
     pairs = {(id(r), "weighted vote" if b["method"] == "weighted vote" else "best-of-N"):
              f"N={b['budget'][j]}, {b['tokens'][j]:.0f} tokens"
-             f"{', pool smaller' if small else ''}: {ci(d, c)}"
+             f"{', pool smaller' if small else ''}: {with_ci(d, c)}"
              for r, b, j, small, d, c in equal_compute_pairs(methods)}
     majority = next((r for r in methods if r["method"] == "majority vote"), None)
     lines += ["", "at each method's largest N; oracle-guided searches are steered by the ground "
@@ -734,7 +733,7 @@ def table(rows):
     for r in methods:
         N, last = r["budget"][-1], r["right_by_budget"][-1]
         same_n = majority and majority["budget"][-1] == N and r is not majority
-        lead = ci(*paired_difference(last, majority["right_by_budget"][-1])) if same_n else "-"
+        lead = with_ci(*paired_difference(last, majority["right_by_budget"][-1])) if same_n else "-"
         acc = "{:.3f} ({:.3f} to {:.3f})".format(r["accuracy"][-1], *bootstrap_ci(last))
         cells = [row_name(r), N, acc, lead,
                  *(pairs.get((id(r), m), "-") for m in ("best-of-N", "weighted vote"))]
@@ -764,7 +763,7 @@ def count_table(rows):
         cells = {}  # a row per search, a cell per pool method at the smallest N of >= its tokens
         for r, b, j, small, mean, c in equal_compute_pairs(methods, d, idx):
             cells.setdefault(id(r), [r])
-            cells[id(r)].append(f"{mean:+.3f} ({c[0]:+.3f} to {c[1]:+.3f}) at "
+            cells[id(r)].append(f"{with_ci(mean, c)} at "
                                 f"{'pass@' if b['method'] == 'pass@N' else ''}N={b['budget'][j]}"
                                 f"{', pool smaller' if small else ''}")
         for r, *vs in cells.values():
@@ -859,8 +858,7 @@ def report(args, rows):
                   "| B | best single method | accuracy | best per number count | accuracy | "
                   "difference (95% paired CI) |", "|---" * 6 + "|"]
         for B, (one, a, many, b) in compute_optimal(rows, COMPUTE_BUDGETS).items():
-            m, c = paired_difference(b, a)
             lines.append(f"| {B} | {' / '.join(one)} | {sum(a) / len(a):.3f} | "
                          f"{'; '.join(many)} | {sum(b) / len(b):.3f} | "
-                         f"{m:+.3f} ({c[0]:+.3f} to {c[1]:+.3f}) |")
+                         f"{with_ci(*paired_difference(b, a))} |")
     return "\n".join(lines)

@@ -29,7 +29,7 @@ from tqdm import tqdm
 import vstar
 from common import (SWITCH, best_of_k, commit, committed, figure, flag, load_checkpoint,
                     non_negative, paired_difference, pass_at_k, positive, presets,
-                    save_checkpoint, seed_for, setting, write_atomic)
+                    save_checkpoint, seed_for, setting, with_ci, write_atomic)
 from star import (finetune, gold_examples, iteration_steps, keep_verified, sample, sample_lines,
                   held_out_results)
 from tasks import EOT, TOKENIZER, encode
@@ -306,8 +306,7 @@ def report(args, rows):
                      f"{r['trained_tokens']} | {r['wall_s']} |")
     # 2) the headline differences, and the picture
     lines += ["", "| comparison | difference (95% paired CI) |", "|---|---|"]
-    lines += [f"| {k} | {m:+.3f} ({lo:+.3f} to {hi:+.3f}) |"
-              for k, (m, (lo, hi)) in headline_differences(rows).items()]
+    lines += [f"| {k} | {with_ci(*d)} |" for k, d in headline_differences(rows).items()]
     if any(r["model"] == "paths" for r in sos):
         plot(os.path.join(args.out, "sos.png"), rows, args.calculator)
     return "\n".join(lines)

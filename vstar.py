@@ -32,8 +32,8 @@ import star
 from common import (SWITCH, all_gather, autocast, best_of_k, bootstrap_ci, commit, committed,
                     figure, flag, load_checkpoint, majority_at_k, non_negative, optimizer_step,
                     paired_difference, pass_at_k, positive, presets, rank_world, read_jsonl,
-                    right_answers, save_checkpoint, seed_for, setting, split_batch, wrap_ddp,
-                    write_jsonl)
+                    right_answers, save_checkpoint, seed_for, setting, split_batch, with_ci,
+                    wrap_ddp, write_jsonl)
 from model import ScalarHead, sequence_logprobs
 from tasks import EOT, NEWLINE, PAD, TOKENIZER, decode, encode
 
@@ -577,8 +577,8 @@ def report(args, rows):
     if "difficulty" in ev:
         lines += [""] + regime_map([ev]) + [""] + [
             f"numbers {d}: dpo - {best} (the strongest free signal, each half's chosen on the "
-            f"other) {m:+.3f} ({lo:+.3f} to {hi:+.3f})"
-            for d, (best, (m, (lo, hi))) in against_free(ev, "best-of-k dpo").items()]
+            f"other) {with_ci(*cell)}"
+            for d, (best, cell) in against_free(ev, "best-of-k dpo").items()]
     lines += ["", f"greedy {ev['greedy']:.3f}; {ev['pairs']} training pairs from "
               f"{ev['d_ver']} labelled samples"]
     plot_curves(ev, os.path.join(args.out, "vstar.png"), args.task)
@@ -587,8 +587,7 @@ def report(args, rows):
 
 def paired_cell(ev, a, ja, b, jb):
     """Mean and 95% paired bootstrap interval of a at ks[ja] minus b at ks[jb], per problem."""
-    mean, (lo, hi) = paired_difference(ev["by_problem"][a][ja], ev["by_problem"][b][jb])
-    return f"{mean:+.3f} ({lo:+.3f} to {hi:+.3f})"
+    return with_ci(*paired_difference(ev["by_problem"][a][ja], ev["by_problem"][b][jb]))
 
 
 def cost_of(ev, key, k):

@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import search  # noqa: E402
 import sos  # noqa: E402
 import vstar  # noqa: E402
-from common import paired_difference, read_jsonl  # noqa: E402
+from common import paired_difference, read_jsonl, with_ci  # noqa: E402
 
 
 def diff(a, b):
@@ -98,8 +98,7 @@ def main():
         cells = [r.get(name) for r in per_run]
         up = sum(c is not None and c[1][0] > 0 for c in cells)
         down = sum(c is not None and c[1][1] < 0 for c in cells)
-        text = ["-" if c is None else "{:+.3f} ({:+.3f} to {:+.3f})".format(c[0], *c[1])
-                for c in cells]
+        text = ["-" if c is None else with_ci(*c) for c in cells]
         print(f"| {name} | " + " | ".join(text) + f" | {up} | {down} |")
     if args.method == "vstar":  # the regime map, pooled over the runs
         evs = [next(r for r in read_jsonl(os.path.join(run, "metrics.jsonl"))
