@@ -133,13 +133,23 @@ def weighted_vote_accuracy(answers, right, k, weights, rng, trials=32):
 
 class TokenCount:
     """Tokens the networks process: `sampled` by the generator, `prompt` (prompt and prefix
-    tokens it encodes) and `scored` (read by scorers, times relative_size); padding uncounted."""
+    tokens it encodes) and `scored` (read by scorers, times relative_size); padding uncounted.
+    add() with a key (a problem's question) also counts them apart for that key."""
+    KINDS = ("sampled", "prompt", "scored")
 
     def __init__(self, sampled=0, prompt=0, scored=0):
         self.sampled, self.prompt, self.scored = sampled, prompt, scored
+        self.by = {}  # key -> [sampled, prompt, scored]
 
-    def counts(self):
-        return [self.sampled, self.prompt, self.scored]
+    def add(self, kind, n, key=None):
+        setattr(self, kind, getattr(self, kind) + n)
+        if key is not None:
+            self.by.setdefault(key, [0, 0, 0])[self.KINDS.index(kind)] += n
+
+    def counts(self, key=None):
+        """[sampled, prompt, scored]: in all, or of one key."""
+        return [self.sampled, self.prompt, self.scored] if key is None else \
+            list(self.by.get(key, [0, 0, 0]))
 
 
 def relative_size(net, generator):  # a token `net` reads, in generator tokens

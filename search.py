@@ -10,9 +10,10 @@ log-prob, or the exact verifier ("oracle-guided": the headroom, for teaching, no
 
     generator_stage(P); labels_stage(P + D); scorers_stage()     # M0 of star.py, PRM, recheck
     evaluate_pool(N)        # best-of-N, majority and weighted votes, pass@N (the pool's ceiling)
-    for scorer in --guides: evaluate_beam, evaluate_mcts      # each number count apart
+    for scorer in --guides: evaluate_beam, evaluate_mcts      # each problem's tokens apart
     table: each search against best-of-N and the weighted vote by its scorer at equal compute,
-      over all problems and per number count (Snell et al.'s bins); the compute-optimal choice
+      over all problems and per group (Snell et al.'s bins: number count, 5 oracle levels of
+      pass@1, 5 levels predicted by a scorer); the compute-optimal choice per group
 
 Run: python train.py --method search   (torchrun splits the problems; any count gives one result)
 """
@@ -21,6 +22,7 @@ import math
 import os
 import random
 import time
+from collections import defaultdict
 
 import torch
 from tqdm import tqdm
@@ -75,12 +77,14 @@ FLAGS = [
     flag("--eval-samples", positive(int), (32, 64, 128),
          "pool size per test problem, a power of 2 (best-of-N and votes up to it: at least the "
          "searches' compute)"),
+    flag("--bin-samples", positive(int), (8, 32, 64),
+         "more samples per test problem, apart from the pool: its pass@1, the oracle levels"),
     flag("--budgets", str, ("1,2,4,8,16", "1,2,4,8,16,32", "1,2,4,8,16,32,64"),
          "budgets N, e.g. 1,2,4,8,16: best-of-N/vote samples, beam search beams, MCTS simulations"),
     flag("--beam-width", positive(int), 4, "M: each of the N/M surviving beams repeated M times"),
     flag("--mcts-children", positive(int), 4, "steps per MCTS expansion (duplicates merged)"),
     flag("--mcts-c", float, 1.0, "UCT's exploration constant c"),
-    flag("--guides", guide_list, "recheck,generator,oracle",
+    flag("--guides", guide_list, "recheck,oracle",
          "scorers that guide beam search and MCTS, of " + ", ".join(GUIDES) + " (recheck: the "
          "learned recheck x the generator; oracle: the exact check, the headroom)"),
 ]
@@ -90,6 +94,7 @@ ROLLOUT_TOKENS = 160  # longest rollout to the end of a solution
 MAX_STEPS = 12        # deepest prefix beam search and MCTS build
 COMPUTE_BUDGETS = (128, 256, 512, 1024, 2048)  # tokens per problem: compute-optimal's budgets
 LEARNED = (PRODUCT, "PRM", "generator")  # the learned scorers (of the pool's samples too)
+FACTORS = ("learned recheck", "generator")  # PRODUCT's
 
 
 # -----------------------------------------------------------------------------
@@ -114,7 +119,7 @@ def sample_steps(model, task, nodes, copies, temperature, seeds, cost):
     from seeds[r]: (line, finished) pairs; ended by end-of-text or out of tokens is finished."""
     rows = star.continue_prefixes(model, [prefix_ids(task, p, text) for p, text in nodes], copies,
                                   STEP_TOKENS, (NEWLINE, EOT), temperature, seeds, cost,
-                                  tool=node_tool(task, nodes))
+                                  tool=node_tool(task, nodes), keys=[p.question for p, _ in nodes])
     return [(decode(t for t in row if t not in (NEWLINE, EOT)), not row or row[-1] != NEWLINE)
             for row in rows]
 
@@ -124,7 +129,7 @@ def rollouts(model, task, nodes, copies, temperature, seeds, cost):
     row r from seeds[r]: the texts of the finished solutions, prefix included."""
     rows = star.continue_prefixes(model, [prefix_ids(task, p, text) for p, text in nodes], copies,
                                   ROLLOUT_TOKENS, (EOT,), temperature, seeds, cost,
-                                  tool=node_tool(task, nodes))
+                                  tool=node_tool(task, nodes), keys=[p.question for p, _ in nodes])
     starts = [text for (_, text), c in zip(nodes, copies) for _ in range(c)]
     return [s + decode(t for t in row if t != EOT) for s, row in zip(starts, rows)]
 
@@ -134,12 +139,19 @@ def rollouts(model, task, nodes, copies, temperature, seeds, cost):
 
 def network_scorer(task, weight, values):
     """A scorer calling values(rows, items) on batches of (prompt ids, completion ids: a finished
-    text ended by end-of-text), every token its network reads counted times weight."""
+    text ended by end-of-text), every token its network reads counted times weight (each
+    problem's apart too). Batches of like lengths (less padding), the values in items' order."""
     def score(items, cost, size=256):
         rows = [(encode(task.prompt(p)), encode(t) + ([EOT] if fin else [])) for p, t, fin in items]
-        cost.scored += weight * sum(len(q) + len(c) for q, c in rows)
-        return [v for i in range(0, len(rows), size)
-                for v in values(rows[i:i + size], items[i:i + size])]
+        for (q, c), (p, _, _) in zip(rows, items):
+            cost.add("scored", weight * (len(q) + len(c)), p.question)
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]))
+        out = [None] * len(rows)
+        for i in range(0, len(rows), size):
+            at = order[i:i + size]
+            for j, v in zip(at, values([rows[j] for j in at], [items[j] for j in at])):
+                out[j] = v
+        return out
     return score
 
 
@@ -168,8 +180,8 @@ def recheck_scorer(verifier, task, weight=1.0):
     """The learned recheck's p(every step so far is right), reading vstar.recheck_rows' rows."""
     def score(items, cost):
         args = ([p for p, _, _ in items], [t for _, t, _ in items], [f for _, _, f in items])
-        cost.scored += weight * sum(len(q) + len(c) for rows in vstar.recheck_rows(task, *args)
-                                    for q, c in rows or ())
+        for p, rows in zip(args[0], vstar.recheck_rows(task, *args)):
+            cost.add("scored", weight * sum(len(q) + len(c) for q, c in rows or ()), p.question)
         return vstar.recheck_scores(verifier, task, *args)
     return score
 
@@ -343,7 +355,8 @@ def most_visited(root):
 
 def mcts(model, task, problems, scorer, sims, k, c, temperature, seeds, cost):
     """A tree per problem, in lockstep, no PUCT prior; simulation s of problem i samples from
-    seed_for(seeds[i], s, j). Returns {s in sims: (most-visited, voted picks, cost.counts())}."""
+    seed_for(seeds[i], s, j). Returns {s in sims: (most-visited, voted picks, cost.counts(), each
+    problem's total tokens so far)}."""
     roots, found, results = [Node("") for _ in problems], [[] for _ in problems], {}
     for s in range(1, max(sims) + 1):
         # 1) select: each tree's path by UCT down to a node without children
@@ -378,24 +391,23 @@ def mcts(model, task, problems, scorer, sims, k, c, temperature, seeds, cost):
             won = [vote([task.extract_answer(t) for t, _ in f], [v for _, v in f]) for f in found]
             voted = [next((t for t, _ in f if task.extract_answer(t) == a), "")
                      for a, f in zip(won, found)]
-            results[s] = ([most_visited(r) for r in roots], voted, cost.counts())
+            results[s] = ([most_visited(r) for r in roots], voted, cost.counts(),
+                          [sum(cost.counts(p.question)) for p in problems])
     return results
 
 
 # -----------------------------------------------------------------------------
 # The run: generator, learned scorers, every method at every budget
-
-def method_row(stage, method, scorer, budgets, right, counts, by_count):
-    """A method's metrics row: at each budget, accuracy, rightness and tokens per problem, and
-    its total tokens per problem of each number count (by_count: {numbers: counts per budget})."""
-    rounded = lambda xs: [round(x, 3) for x in xs]  # noqa: E731
+def method_row(stage, method, scorer, budgets, right, counts, per_problem):
+    """A method's metrics row: at each budget, accuracy, rightness and tokens per problem (counts:
+    the mean sampled, prompt and scorer tokens), and each problem's total tokens (per_problem)."""
+    rounded = lambda xs, places=3: [round(x, places) for x in xs]  # noqa: E731
     sampled, prompt, scored = zip(*counts)
     return {"kind": "method", "stage": stage, "method": method, "scorer": scorer, "budget": budgets,
             "accuracy": [sum(r) / len(r) for r in right], "tokens": rounded(map(sum, counts)),
             "sampled_tokens": rounded(sampled), "prompt_tokens": rounded(prompt),
             "scorer_tokens": rounded(scored), "right_by_budget": right,
-            "tokens_by_count": {str(d): rounded(map(sum, c)) for d, c in by_count.items()}}
-
+            "tokens_by_problem": [rounded(t, 1) for t in per_problem]}
 
 def rightness(task, problems, texts):
     return [float(task.check(p, t)) for p, t in zip(problems, texts)]
@@ -462,36 +474,45 @@ def load_scorers(model, task, out, device):
     return scorers
 
 
+def values_of(scorers, names, items, spent):
+    """{name: each item's value} of the named learned scorers, each one's reads counted into
+    spent[name]; the product's from its factors' values (not run twice), its reads theirs."""
+    value = {name: scorers[name](items, spent[name]) if items else []
+             for name in names if name != PRODUCT}
+    if PRODUCT in names:
+        value[PRODUCT] = [a * b for a, b in zip(*(value[f] for f in FACTORS))]
+        for f in FACTORS:
+            for key, c in spent[f].by.items():
+                spent[PRODUCT].add("scored", c[2], key)
+    return value
+
+
 def evaluate_pool(model, task, test, scorers, budgets, args):
     """Best-of-N, votes and pass@N on one pool of --eval-samples per problem (N samples cost the
-    prompt once, N x a sample and a read), at every power of 2 up to it. Returns the scorers'
+    prompt once, N x a sample and a read), at every power of 2 up to it; beside it, each
+    problem's difficulty on --bin-samples more samples (read by no method). Returns the scorers'
     quality row, then the methods'."""
-    n, learned = args.eval_samples, ("learned recheck", *LEARNED)
-    pool, counts = {}, []
-    # 1) the pool, each number count apart: sample j of problem i from seed_for(seed, "pool",
-    # i, j); the learned scorers' values; the tokens sampled, encoded and read per count
+    n, learned, mine = args.eval_samples, ("learned recheck", *LEARNED), list(my_share(len(test)))
+    # 1) the pool: sample j of problem i from seed_for(seed, "pool", i, j); the learned scorers'
+    # values; each problem's tokens sampled, encoded and read; its difficulty on other samples
+    cost, spent, texts = TokenCount(), {name: TokenCount() for name in learned}, []
     per_batch = max(1, args.sample_batch_size // n)
-    for idx in tqdm(by_count(test).values(), desc="pool of samples", leave=False):
-        cost, spent, texts = TokenCount(), {name: TokenCount() for name in learned}, {}
-        for c in range(0, len(idx), per_batch):
-            chunk = idx[c:c + per_batch]
-            rows = rollouts(model, task, [(test[i], "") for i in chunk], [n] * len(chunk),
-                            args.temperature, [seed_for(args.seed, "pool", i, j) for i in chunk
-                                               for j in range(n)], cost)
-            texts.update((i, rows[j * n:(j + 1) * n]) for j, i in enumerate(chunk))
-        flat = [(test[i], t, True) for i in idx for t in texts[i]]
-        value = {name: scorers[name](flat, spent[name]) if flat else [] for name in learned}
-        pool.update((i, (texts[i], {name: v[j * n:(j + 1) * n] for name, v in value.items()}))
-                    for j, i in enumerate(idx))
-        counts += [cost.sampled, cost.prompt] + [spent[name].scored for name in learned]
-    pool, counts = merge_shares(pool, counts)
-    # per sample: sampled tokens and each scorer's reads; per problem: the prompt, encoded once
-    total, by = per_count(test, counts)
-    unit = {d: (c[0] / n, c[1], {name: x / n for name, x in zip(learned, c[2:])})
-            for d, c in {**by, "all": total}.items()}
+    for c in tqdm(range(0, len(mine), per_batch), desc="pool of samples", leave=False):
+        chunk = mine[c:c + per_batch]
+        texts += rollouts(model, task, [(test[i], "") for i in chunk], [n] * len(chunk),
+                          args.temperature, [seed_for(args.seed, "pool", i, j) for i in chunk
+                                             for j in range(n)], cost)
+    flat = [(test[i], t, True) for j, i in enumerate(mine) for t in texts[j * n:(j + 1) * n]]
+    value = values_of(scorers, learned, flat, spent)
+    probe = difficulty(model, task, test, mine, scorers, args)
+    pool = {i: (texts[j * n:(j + 1) * n], {name: v[j * n:(j + 1) * n] for name, v in value.items()},
+                (*cost.counts(test[i].question)[:2],
+                 {name: spent[name].counts(test[i].question)[2] for name in learned}), probe[i])
+            for j, i in enumerate(mine)}
+    pool, _ = merge_shares(pool, [])
     # 2) each sample's values, the baselines' too, its rightness and its answer
-    texts = [ts for ts, _ in pool.values()]
-    value = {name: [v[name] for _, v in pool.values()] for name in learned}
+    texts = [ts for ts, _, _, _ in pool.values()]
+    value = {name: [v[name] for _, v, _, _ in pool.values()] for name in learned}
     value["length"] = [[-len(t) for t in ts] for ts in texts]  # baselines: the shortest first,
     value["random"] = [[0.0] * n for _ in texts]                 # and no preference (= one sample)
     right = [[task.check(p, t) for t in ts] for p, ts in zip(test, texts)]
@@ -508,20 +529,41 @@ def evaluate_pool(model, task, test, scorers, budgets, args):
                  **{("best-of-N", name): [row[f"best-of-k {name}"] for row in per_k]
                     for name in value},
                  ("pass@N", "oracle"): [row["pass@k"] for row in per_k]}
-    # 4) the scorers' held-out pair accuracy on the pool, then a row per method: N samples cost
-    # the prompt once, N samples and N reads by the scorer (programs read none)
+    # 4) the scorers' held-out pair accuracy on the pool, each problem's difficulty (oracle:
+    # pass@1 on other samples; predicted: the guides' scorer's mean on them), a row per method
     pairs = {name: vstar.pair_accuracy(right, value[name]) for name in value}
     quality = {"kind": "scorer quality", "stage": "pool",
                **{f"pair_acc {name}": acc for name, (acc, _) in pairs.items()},
                **{f"pair_ties {name}": ties for name, (_, ties) in pairs.items()},
-               **prefix_pair_accuracy(task, test, texts, scorers, learned)}
+               **prefix_pair_accuracy(task, test, texts, scorers, learned),
+               "pass@1 on other samples": [pass1 for _, _, _, (pass1, _) in pool.values()],
+               f"mean score {PRODUCT} on other samples": [m for *_, (_, m) in pool.values()]}
+    units = [unit for _, _, unit, _ in pool.values()]  # (sampled, prompt, {scorer: read})
 
-    def cost_of(scorer, at):
-        sample, prompt, reads = unit[at]
-        return [(k * sample, prompt, k * reads.get(scorer, 0)) for k in ks]
-    return [quality] + [method_row("pool", m, s, ks, r, cost_of(s, "all"),
-                                   {d: cost_of(s, d) for d in by})
+    def cost_of(scorer):  # per N: the mean (sampled, prompt, read) tokens, each problem's total
+        each = [[(k * s / n, p, k * reads.get(scorer, 0) / n) for s, p, reads in units]
+                for k in ks]
+        return ([[sum(x[f] for x in e) / len(e) for f in range(3)] for e in each],
+                [[sum(x) for x in e] for e in each])
+    return [quality] + [method_row("pool", m, s, ks, r, *cost_of(s))
                         for (m, s), r in by_method.items()]
+
+
+def difficulty(model, task, test, mine, scorers, args):
+    """Snell et al.'s difficulty of each of this process's test problems, on --bin-samples
+    samples apart from the pool (uncharged, as theirs): {index: (the share right, its pass@1;
+    the mean value by learned recheck x generator, which reads no answer)}."""
+    n, texts = args.bin_samples, []
+    per_batch = max(1, args.sample_batch_size // n)
+    for c in range(0, len(mine), per_batch):
+        chunk = mine[c:c + per_batch]
+        texts += rollouts(model, task, [(test[i], "") for i in chunk], [n] * len(chunk),
+                          args.temperature, [seed_for(args.seed, "difficulty", i, j)
+                                             for i in chunk for j in range(n)], TokenCount())
+    items = [(test[i], t, True) for j, i in enumerate(mine) for t in texts[j * n:(j + 1) * n]]
+    value = values_of(scorers, (*FACTORS, PRODUCT), items, defaultdict(TokenCount))[PRODUCT]
+    return {i: (sum(rightness(task, [test[i]] * n, texts[j * n:(j + 1) * n])) / n,
+                sum(value[j * n:(j + 1) * n]) / n) for j, i in enumerate(mine)}
 
 
 def prefix_pair_accuracy(task, test, texts, scorers, names):
@@ -535,7 +577,8 @@ def prefix_pair_accuracy(task, test, texts, scorers, names):
             groups.setdefault((i, pre.count("\n")), []).append(
                 (pre, all(task.check_steps(test[i], pre))))
     items = [(test[i], pre, False) for (i, _), g in groups.items() for pre, _ in g]
-    values = {name: iter(scorers[name](items, TokenCount()) if items else []) for name in names}
+    values = {name: iter(v) for name, v in
+              values_of(scorers, names, items, defaultdict(TokenCount)).items()}
     mine = {key: ([ok for _, ok in g], {name: [next(v) for _ in g] for name, v in values.items()})
             for key, g in groups.items()}
     merged, _ = merge_shares({f"{i} {d}": x for (i, d), x in mine.items()}, [])
@@ -543,33 +586,15 @@ def prefix_pair_accuracy(task, test, texts, scorers, names):
     return {f"prefix_pair_acc {name}": vstar.pair_accuracy(
         right, [v[name] for _, v in merged.values()])[0] for name in names}
 
-def by_count(test):
-    """This process's share of the test problems by number count (difficulty), every count of
-    the test set a key (so that every process's counts line up): {numbers: indices}."""
-    groups = {d: [] for d in sorted({p.difficulty for p in test})}
-    for i in my_share(len(test)):
-        groups[test[i].difficulty].append(i)
-    return groups
-
-
-def per_count(test, counts):
-    """Tokens per problem from every process's summed counts, [group 0's k counts, group 1's..]
-    in by_count's order: (overall, {numbers: this count's})."""
-    sizes = {d: sum(p.difficulty == d for p in test) for d in by_count(test)}
-    k = len(counts) // len(sizes)
-    groups = {d: counts[j * k:(j + 1) * k] for j, d in enumerate(sizes)}
-    total = [sum(c[j] for c in groups.values()) / len(test) for j in range(k)]
-    return total, {d: [x / sizes[d] for x in c] for d, c in groups.items()}
-
 
 def search_result_rows(stage, methods, name, budgets, task, test, found):
-    """The metrics rows of a search's methods (found[b]: every problem's picks, one per method,
-    and the token counts of each number count, at budgets[b]), and its line of progress."""
-    spent = [per_count(test, counts) for _, counts in found]
-    by = {d: [s[1][d] for s in spent] for d in by_count(test)}
+    """The metrics rows of a search's methods (found[b]: {problem: its picks, one per method,
+    then its tokens} and the summed token counts, at budgets[b]), and its line of progress."""
     rows = [method_row(stage, m, name, budgets,
                        [rightness(task, test, [a[j] for a in got.values()]) for got, _ in found],
-                       [s[0] for s in spent], by) for j, m in enumerate(methods)]
+                       [[c / len(test) for c in counts] for _, counts in found],
+                       [[a[-1] for a in got.values()] for got, _ in found])
+            for j, m in enumerate(methods)]
     tqdm.write(f"{rows[0]['method']} ({name}) at {budgets[-1]}: accuracy "
                f"{rows[0]['accuracy'][-1]:.3f}, {rows[0]['tokens'][-1]:.0f} tokens per problem")
     return rows
@@ -577,36 +602,29 @@ def search_result_rows(stage, methods, name, budgets, task, test, found):
 
 def evaluate_beam(model, task, test, name, scorer, budgets, args):
     """The metrics row of beam search guided by `scorer`, run afresh at each budget N, each
-    number count apart (its tokens counted apart); problem i's seeds from (run, stage, N, i)."""
-    stage, found = f"beam {name}", []
+    problem's tokens counted apart; problem i's seeds from (run, stage, N, i)."""
+    stage, found, mine = f"beam {name}", [], list(my_share(len(test)))
     for N in tqdm(budgets, desc=f"beam search ({name})", leave=False):
-        got, counts = {}, []
-        for idx in by_count(test).values():
-            cost = TokenCount()
-            texts = beam_search(model, task, [test[i] for i in idx], scorer, N, args.beam_width,
-                                args.temperature, [seed_for(args.seed, stage, N, i) for i in idx],
-                                cost) if idx else []
-            got.update(zip(idx, zip(texts)))
-            counts += cost.counts()
-        found.append(merge_shares(got, counts))
+        cost = TokenCount()
+        texts = beam_search(model, task, [test[i] for i in mine], scorer, N, args.beam_width,
+                            args.temperature, [seed_for(args.seed, stage, N, i) for i in mine],
+                            cost) if mine else []
+        found.append(merge_shares({i: (t, sum(cost.counts(test[i].question)))
+                                   for i, t in zip(mine, texts)}, cost.counts()))
     return search_result_rows(stage, ["beam search"], name, budgets, task, test, found)
 
 
 def evaluate_mcts(model, task, test, name, scorer, budgets, args):
-    """The rows of MCTS's picks (most-visited, voted): one search by `scorer` per number count,
-    read at each N; problem i's seeds from (run, stage, i)."""
-    stage, got, counts = f"mcts {name}", {s: {} for s in budgets}, {s: [] for s in budgets}
-    for idx in by_count(test).values():
-        res = mcts(model, task, [test[i] for i in idx], scorer, budgets, args.mcts_children,
-                   args.mcts_c, args.temperature, [seed_for(args.seed, stage, i) for i in idx],
-                   TokenCount()) if idx else {s: ([], [], [0, 0, 0]) for s in budgets}
-        for s in budgets:
-            got[s].update(zip(idx, zip(*res[s][:2])))
-            counts[s] += res[s][2]
-    found = [merge_shares(got[s], counts[s]) for s in budgets]
+    """The rows of MCTS's picks (most-visited, voted): one search by `scorer`, read at each N;
+    problem i's seeds from (run, stage, i)."""
+    stage, mine = f"mcts {name}", list(my_share(len(test)))
+    res = mcts(model, task, [test[i] for i in mine], scorer, budgets, args.mcts_children,
+               args.mcts_c, args.temperature, [seed_for(args.seed, stage, i) for i in mine],
+               TokenCount()) if mine else {s: ([], [], [0, 0, 0], []) for s in budgets}
+    found = [merge_shares(dict(zip(mine, zip(*res[s][:2], res[s][3]))), res[s][2])
+             for s in budgets]
     return search_result_rows(stage, ["MCTS most-visited", "MCTS weighted vote"], name,
                               budgets, task, test, found)
-
 
 def run(args, task, P, D, test, out, device, new_model):
     """The module docstring's stages in order, each committed at once; reruns skip finished ones."""
@@ -631,34 +649,34 @@ def run(args, task, P, D, test, out, device, new_model):
                       if name == "oracle" else scorers[name])
             stage(f"{how} {name}", evaluate, model, task, test, name, scorer, budgets, args)
 
-
 # -----------------------------------------------------------------------------
 # Report: the equal-compute comparisons, the table and the test-time-scaling plot
 
-def view(r, d=None, idx=None):
+def view(r, idx=None):
     """A method row's (tokens per problem at each budget, each budget's per-problem rightness):
-    over every test problem, or over those of number count d (their indices idx)."""
-    if d is None:
+    over every test problem, or over those of indices idx."""
+    if idx is None:
         return r["tokens"], r["right_by_budget"]
-    return r["tokens_by_count"][str(d)], [[x[i] for i in idx] for x in r["right_by_budget"]]
+    return ([sum(t[i] for i in idx) / len(idx) for t in r["tokens_by_problem"]],
+            [[x[i] for i in idx] for x in r["right_by_budget"]])
 
 
-def equal_compute_pairs(methods, d=None, idx=None, match="tokens"):
+def equal_compute_pairs(methods, idx=None, match="tokens"):
     """Each search at its largest budget, paired with best-of-N and the weighted vote by its
     scorer (an oracle-guided one: with pass@N, the pool's ceiling), over every problem or those
-    of number count d, at the pool budget N that matches it: match="tokens", the smallest N of
-    at least its total compute (the largest if none is: 'pool smaller'); "tokens below", the
-    largest N of at most it (the smallest if none is: 'pool larger'); "samples", its own N
-    (Snell et al.'s axis: the scorer's reads uncounted). Yields (search, pool row, N's index,
-    no N on the asked side, mean, CI)."""
+    of indices idx (their tokens), at the pool budget N that matches it: match="tokens", the
+    smallest N of at least its total compute (the largest if none is: 'pool smaller'); "tokens
+    below", the largest N of at most it (the smallest if none is: 'pool larger'); "samples", its
+    own N (Snell et al.'s axis: the scorer's reads uncounted). Yields (search, pool row, N's
+    index, no N on the asked side, mean, CI)."""
     pool = {(r["method"], r["scorer"]): r for r in methods if r["stage"] == "pool"}
     for r in [s for s in methods if s["stage"] != "pool"]:
-        tokens, right = view(r, d, idx)
+        tokens, right = view(r, idx)
         for m in ("best-of-N", "weighted vote"):
             b = pool.get(("pass@N" if r["scorer"] == "oracle" else m, r["scorer"]))
             if b is None or (r["scorer"] == "oracle" and m != "best-of-N"):
                 continue
-            b_tokens, b_right = view(b, d, idx)
+            b_tokens, b_right = view(b, idx)
             if match == "samples":
                 j = b["budget"].index(r["budget"][-1]) if r["budget"][-1] in b["budget"] else None
                 missing = j is None
@@ -673,18 +691,20 @@ def equal_compute_pairs(methods, d=None, idx=None, match="tokens"):
 
 
 def headline_differences(rows):
-    """A run's pairs, over every problem then per number count, at equal total compute (the
-    pool at or above the search's tokens, then at or below) and at equal samples: name ->
-    (mean difference, 95% paired CI) (tests/seeds.py)."""
-    methods, counts = [r for r in rows if r.get("kind") == "method"], number_counts(rows) or {}
-    out = {}
-    for d, idx in [(None, None), *counts.items()]:
-        where = "" if d is None else f", {d} numbers"
-        for match, axis in (("tokens", "equal total compute"), ("tokens below", "pool at most "
-                            "its tokens"), ("samples", "equal samples")):
-            out.update({f"{r['method']} - {b['method']} ({r['scorer']}), {axis}{where}":
-                        (mean, ci) for r, b, _, _, mean, ci in
-                        equal_compute_pairs(methods, d, idx, match)})
+    """A run's pairs: over every problem at equal total compute (the pool at or above the
+    search's tokens, then at or below) and at equal samples; then in each number count and
+    oracle level, against best-of-N (or pass@N) at or above its tokens there. name -> (mean
+    difference, 95% paired CI) (tests/seeds.py)."""
+    methods, out = [r for r in rows if r.get("kind") == "method"], {}
+    for match, axis in (("tokens", "equal total compute"), ("tokens below", "pool at most its "
+                        "tokens"), ("samples", "equal samples")):
+        out.update({f"{r['method']} - {b['method']} ({r['scorer']}), {axis}": (mean, ci)
+                    for r, b, _, _, mean, ci in equal_compute_pairs(methods, match=match)})
+    for title, groups in groupings(rows).items():
+        for label, idx in groups.items() if title != "predicted levels" else ():
+            out.update({f"{r['method']} - {b['method']} ({r['scorer']}), equal total compute, "
+                        f"{label}": (mean, ci) for r, b, _, _, mean, ci in
+                        equal_compute_pairs(methods, idx) if b["method"] != "weighted vote"})
     return out
 
 
@@ -741,124 +761,149 @@ def table(rows):
     return "\n".join(lines)
 
 
-def number_counts(rows):
-    """{number count: the test problems' indices}, from the greedy row (None: an older run)."""
-    greedy = next((r for r in rows if r.get("kind") == "greedy"), {})
-    if "difficulty" not in greedy:
-        return None
+def levels(values, n=5):
+    """Snell et al.'s difficulty levels: the problems ranked by value, highest first (ties by
+    index), cut into n quantiles: {level 1 (easiest) .. n: indices}."""
+    order = sorted(range(len(values)), key=lambda i: (-values[i], i))
     out = {}
+    for rank, i in enumerate(order):
+        out.setdefault(1 + rank * n // len(values), []).append(i)
+    return {level: sorted(idx) for level, idx in sorted(out.items())}
+
+
+def groupings(rows):
+    """The test problems' difficulty groups, {title: {label: indices}}: by number count (known
+    before sampling); by the generator's pass@1 on samples apart from the pool (oracle levels:
+    they read the answers); by learned recheck x generator's mean value on the same samples
+    (predicted levels: they read no answer). An older run's rows lack them: {}."""
+    greedy = next((r for r in rows if r.get("kind") == "greedy"), {})
+    quality = next((r for r in rows if r.get("kind") == "scorer quality"), {})
+    if "pass@1 on other samples" not in quality:
+        return {}
+    counts = {}
     for i, d in enumerate(greedy["difficulty"]):
-        out.setdefault(d, []).append(i)
-    return dict(sorted(out.items()))
+        counts.setdefault(f"{d} numbers", []).append(i)
+    return {"numbers": dict(sorted(counts.items())),
+            "oracle levels": {f"oracle level {k}": idx for k, idx in
+                              levels(quality["pass@1 on other samples"]).items()},
+            "predicted levels": {f"predicted level {k}": idx for k, idx in
+                                 levels(quality[f"mean score {PRODUCT} on other samples"]).items()}}
 
 
-def count_table(rows):
-    """Per number count (Snell et al.'s difficulty bins, known before sampling): each search at
-    its largest N against the pool's methods by its scorer at equal compute on those problems."""
+def group_table(rows, groups):
+    """Per group of problems ({label: indices}): each search at its largest N against the pool's
+    methods by its scorer at equal compute on those problems (their tokens per problem)."""
     methods, lines = [r for r in rows if r["kind"] == "method"], [
-        "| numbers | search (scorer) at its largest N | accuracy | tokens per problem | search - "
+        "| problems | search (scorer) at its largest N | accuracy | tokens per problem | search - "
         "best-of-N, same scorer (95% paired CI) | search - weighted vote, same scorer |",
         "|---" * 6 + "|"]
-    for d, idx in number_counts(rows).items():
+    for label, idx in groups.items():
         cells = {}  # a row per search, a cell per pool method at the smallest N of >= its tokens
-        for r, b, j, small, mean, c in equal_compute_pairs(methods, d, idx):
+        for r, b, j, small, mean, c in equal_compute_pairs(methods, idx):
             cells.setdefault(id(r), [r])
             cells[id(r)].append(f"{with_ci(mean, c)} at "
                                 f"{'pass@' if b['method'] == 'pass@N' else ''}N={b['budget'][j]}"
                                 f"{', pool smaller' if small else ''}")
         for r, *vs in cells.values():
-            tokens, right = view(r, d, idx)
-            lines.append(f"| {d} ({len(idx)}) | {row_name(r)} | {sum(right[-1]) / len(idx):.3f} "
-                         f"| {tokens[-1]:.0f} | " + " | ".join(vs + ["-"] * (2 - len(vs))) + " |")
+            tokens, right = view(r, idx)
+            lines.append(f"| {label} ({len(idx)}) | {row_name(r)} | {sum(right[-1]) / len(idx):.3f}"
+                         f" | {tokens[-1]:.0f} | " + " | ".join(vs + ["-"] * (2 - len(vs))) + " |")
     return lines
 
 
-def compute_optimal(rows, budgets):
-    """Snell et al.'s compute-optimal strategy: at each compute budget (tokens per problem), the
-    best method per number count against the best single method, each chosen on the other half
-    of the test problems (by index parity, both ways: no problem picks its own method). Methods:
-    every pool method and search but those that read the answer (pass@N, oracle-guided).
-    Returns {budget: (single's names, its rightness, optimal's names, its rightness)}."""
+def compute_optimal(rows, budgets, groups):
+    """Snell et al.'s compute-optimal strategy: at each compute budget B (tokens per problem),
+    the best method and N per group ({label: indices}, its tokens within B there) against the
+    best single method and N (within B over every problem), each chosen on the other half of
+    the problems (by index parity, both ways: no problem picks its own method). Methods: every
+    pool method and search but those that read the answer (pass@N, oracle-guided). Returns
+    {B: (single's names, its rightness, the groups' names, their rightness)}."""
     methods = [r for r in rows if r["kind"] == "method" and "oracle" not in r["scorer"]]
-    counts = number_counts(rows)
-    d_of = {i: d for d, idx in counts.items() for i in idx}
-    n, out = len(d_of), {}
+    n, out = len(methods[0]["right_by_budget"][0]), {}
     for B in budgets:
-        def right_at(r, i):  # r's rightness of problem i at its largest budget within B
-            tokens = r["tokens_by_count"][str(d_of[i])]
-            j = max((j for j, t in enumerate(tokens) if t <= B), default=None)
-            return None if j is None else r["right_by_budget"][j][i]
-
-        def best(idx):  # the method with the most right answers on idx, all of them within B
-            ok = [r for r in methods if all(right_at(r, i) is not None for i in idx)]
-            return max(ok, key=lambda r: sum(right_at(r, i) for i in idx), default=None)
+        def best(on, within):  # (method, N's index): most right on `on`, its tokens on `within`
+            fit = []
+            for r in methods:  # its largest N within B
+                j = max((j for j, t in enumerate(view(r, within)[0]) if t <= B), default=None)
+                fit += [] if j is None else [(r, j)]
+            return max(fit, key=lambda rj: sum(rj[0]["right_by_budget"][rj[1]][i] for i in on),
+                       default=(None, None))
         single, optimal, names = [None] * n, [None] * n, (set(), set())
         for fold in (0, 1):
-            test = [i for i in range(n) if i % 2 == fold]
-            pick = best([i for i in range(n) if i % 2 != fold])
-            for i in test:
-                single[i] = None if pick is None else right_at(pick, i)
-            names[0].add(row_name(pick) if pick else "none")
-            for d, idx in counts.items():
-                pick = best([i for i in idx if i % 2 != fold])
-                names[1].add(f"{d}: {row_name(pick) if pick else 'none'}")
-                for i in idx:
-                    if i % 2 == fold:
-                        optimal[i] = None if pick is None else right_at(pick, i)
+            other = [i for i in range(n) if i % 2 != fold]
+            r, j = best(other, range(n))
+            names[0].add(f"{row_name(r)}, N={r['budget'][j]}" if r else "none")
+            for i in range(fold, n, 2):
+                single[i] = r and r["right_by_budget"][j][i]
+            for label, idx in groups.items():
+                r, j = best([i for i in idx if i % 2 != fold], idx)
+                names[1].add(f"{label}: {row_name(r)}, N={r['budget'][j]}" if r else
+                             f"{label}: none")
+                for i in (i for i in idx if i % 2 == fold):
+                    optimal[i] = r and r["right_by_budget"][j][i]
         if None not in single and None not in optimal:
             out[B] = (sorted(names[0]), single, sorted(names[1]), optimal)
     return out
 
+
 def plot(path, task_name, rows, scorer):
-    """search.png: a panel for every problem, then one per number count; in each, accuracy
-    against total tokens per problem of those problems (log x), one colour per method, guided
-    or picked by `scorer` (solid) or by the exact check (dashed: oracle-guided, and pass@N)."""
+    """search.png: panels of accuracy against total tokens per problem (log x), one colour per
+    method, guided or picked by `scorer` (solid) or by the exact check (dashed: oracle-guided,
+    and pass@N): every problem and each number count in the top row, the oracle levels below."""
     from matplotlib import ticker
-    methods, counts = [r for r in rows if r["kind"] == "method"], number_counts(rows) or {}
+    methods, groups = [r for r in rows if r["kind"] == "method"], groupings(rows)
     colour = {"majority vote": "gray", "best-of-N": "C0", "weighted vote": "C1",
               "beam search": "C2", "MCTS most-visited": "C3", "pass@N": "black"}
     shown = [r for r in methods if r["method"] in colour and (
         r["scorer"] in (scorer, "-") or r["method"] == "pass@N" or
         (r["scorer"] == "oracle" and r["method"] == "beam search"))]
-    panels = [("all", None, None)] + [(f"{d} numbers ({len(idx)})", d, idx)
-                                      for d, idx in counts.items()]
-    with figure(path, ncols=len(panels), squeeze=False,
-                figsize=(3.4 * len(panels) + 2.2, 3.8)) as (fig, axes):
-        axes = axes[0]
-        for ax, (title, d, idx) in zip(axes, panels):
-            for r in shown:
-                tokens, right = view(r, d, idx)
-                oracle = r["scorer"] == "oracle"
-                ax.plot(tokens, [sum(x) / len(x) for x in right], color=colour[r["method"]],
-                        ls="--" if oracle else "-", marker="s" if oracle else "o", ms=3,
-                        label=row_name(r))
-            ax.set_xscale("log")
-            ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1, 2, 5)))
-            ax.xaxis.set_major_formatter(ticker.ScalarFormatter())
-            ax.xaxis.set_minor_formatter(ticker.NullFormatter())
-            ax.set(title=title, xlabel="tokens per problem (all networks)")
-            ax.grid(alpha=0.3)
-        axes[0].set_ylabel("test accuracy")
-        axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
-        fig.suptitle(f"test-time search on {task_name}, by {scorer} (dashed: the exact check)",
-                     fontsize=10)
+    panels = [[("all problems", None)] + list(groups.get("numbers", {}).items()),
+              list(groups.get("oracle levels", {}).items())]
+    panels = [row for row in panels if row]
+    ncols = max(map(len, panels))
+    with figure(path, nrows=len(panels), ncols=ncols, squeeze=False,
+                figsize=(3.2 * ncols + 2.2, 3.4 * len(panels))) as (fig, axes):
+        for ax_row, row in zip(axes, panels):
+            for ax in ax_row[len(row):]:
+                ax.axis("off")
+            for ax, (title, idx) in zip(ax_row, row):
+                for r in shown:
+                    tokens, right = view(r, idx)
+                    oracle = r["scorer"] == "oracle"
+                    ax.plot(tokens, [sum(x) / len(x) for x in right], color=colour[r["method"]],
+                            ls="--" if oracle else "-", marker="s" if oracle else "o", ms=3,
+                            label=row_name(r))
+                ax.set_xscale("log")
+                ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1, 2, 5)))
+                ax.xaxis.set_major_formatter(ticker.ScalarFormatter())
+                ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+                ax.set(title=f"{title} ({len(view(shown[0], idx)[1][0])})",
+                       xlabel="tokens per problem (all networks)")
+                ax.grid(alpha=0.3)
+            ax_row[0].set_ylabel("test accuracy")
+        axes[0][len(panels[0]) - 1].legend(fontsize=7, loc="center left",
+                                           bbox_to_anchor=(1.02, 0.5))
+        fig.suptitle(f"test-time search on {task_name}, by {scorer} (dashed: the exact check); "
+                     "oracle level 1: the easiest fifth by the generator's pass@1", fontsize=10)
 
 
 def report(args, rows):
-    """search.png, and the markdown report it returns: the table over every problem, then by
-    number count (an older run's rows lack the counts: the first alone)."""
+    """search.png, and the markdown report it returns: the table over every problem, then per
+    number count, oracle level and predicted level (an older run's rows lack them: the first)."""
     guides = [GUIDES[g] for g in args.guides.split(",") if g != "oracle"]
     plot(os.path.join(args.out, "search.png"), args.task, rows, (guides or [PRODUCT])[0])
-    lines = [table(rows)]
-    if number_counts(rows) is not None:
-        lines += ["", "by number count (each count's tokens per problem):", ""] + count_table(rows)
+    lines, groups = [table(rows)], groupings(rows)
+    for title, g in groups.items():
+        lines += ["", f"by {title} (their tokens per problem):", ""] + group_table(rows, g)
+    if groups:
         lines += ["", "compute-optimal (Snell et al.): at most B tokens per problem, the best "
-                  "method per number count against the best single method, each chosen on the "
-                  "other half of the test problems", "",
-                  "| B | best single method | accuracy | best per number count | accuracy | "
-                  "difference (95% paired CI) |", "|---" * 6 + "|"]
-        for B, (one, a, many, b) in compute_optimal(rows, COMPUTE_BUDGETS).items():
-            lines.append(f"| {B} | {' / '.join(one)} | {sum(a) / len(a):.3f} | "
-                         f"{'; '.join(many)} | {sum(b) / len(b):.3f} | "
-                         f"{with_ci(*paired_difference(b, a))} |")
+                  "method and N per group against the best single method and N, each chosen on "
+                  "the other half of the test problems", "",
+                  "| B | groups | best single method | accuracy | best per group | accuracy | "
+                  "difference (95% paired CI) |", "|---" * 7 + "|"]
+        for title, g in groups.items():
+            for B, (one, a, many, b) in compute_optimal(rows, COMPUTE_BUDGETS, g).items():
+                lines.append(f"| {B} | {title} | {' / '.join(one)} | {sum(a) / len(a):.3f} | "
+                             f"{'; '.join(many)} | {sum(b) / len(b):.3f} | "
+                             f"{with_ci(*paired_difference(b, a))} |")
     return "\n".join(lines)

@@ -235,11 +235,12 @@ def sample(model, task, problems, hint=False, n=1, temperature=0.0, batch_size=2
 
 
 def continue_prefixes(model, prefixes, copies, max_new, stop, temperature, seeds, cost,
-                      tool=None):
+                      tool=None, keys=None):
     """copies[u] continuations of each token list prefixes[u], each to a stop token (kept) or
-    max_new tokens, counted into `cost` (tokens a tool wrote included). Row r is drawn from
-    seeds[r] with all the room the block leaves its prefix (batched apart by room): it depends
-    on neither its batch nor its process. tool: row_tool over the prefixes, or None."""
+    max_new tokens, counted into `cost` (tokens a tool wrote included; with keys, prefix u's
+    under keys[u] too). Row r is drawn from seeds[r] with all the room the block leaves its
+    prefix (batched apart by room): it depends on neither its batch nor its process. tool:
+    row_tool over the prefixes, or None."""
     room = [min(max_new, model.config.block_size - len(x)) for x in prefixes]
     first, rows = [0, *accumulate(copies)], [None] * len(prefixes)  # prefix u's first row
     for r in sorted(set(room), reverse=True):
@@ -254,8 +255,9 @@ def continue_prefixes(model, prefixes, copies, max_new, stop, temperature, seeds
         sampled = iter(row[:n] for row, n in zip(tokens.tolist(), lengths.tolist()))
         for u in group:
             rows[u] = [next(sampled) for _ in range(copies[u])]
-    cost.sampled += sum(len(row) for rs in rows for row in rs)
-    cost.prompt += sum(map(len, prefixes))  # each prefix encoded once (its cache rows shared)
+    for u, rs in enumerate(rows):  # each prefix encoded once (its cache rows shared)
+        cost.add("sampled", sum(map(len, rs)), keys and keys[u])
+        cost.add("prompt", len(prefixes[u]), keys and keys[u])
     return [row for rs in rows for row in rs]
 
 

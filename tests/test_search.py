@@ -5,7 +5,8 @@ the path and nothing else; beam pruning keeps exactly the best distinct prefixes
 token count is exact, a scorer's forward passes included (both of a product's; a network of
 another size in proportion), and the pool charges N samples and N scorer passes; the oracle's
 ties break at random, the same in any batch; the equal-compute pairs pick the right pool budget,
-per number count by that count's tokens; the compute-optimal choice is made on the other half;
+per group by its problems' tokens; Snell et al.'s difficulty levels; the compute-optimal choice
+per group is made on the other half, within the budget on that group;
 the vote's tie rule and its treatment of unparsable answers (common.vote); the shared-prefix
 sampler (star.continue_prefixes) equals the naive one, and a seeded row depends on no other row
 (what torchrun needs); the run end to end, resumed without redoing a stage.
@@ -111,7 +112,7 @@ def test_mcts_finds_the_known_path():
     for seed in range(3):
         res = search.mcts(ToyLM(), TASK, [P0], search.oracle_scorer(TASK), [40], k=20, c=1.0,
                           temperature=1.0, seeds=[seed], cost=common.TokenCount())
-        most_visited, voted, _ = res[40]
+        most_visited, voted, *_ = res[40]
         assert most_visited == [RIGHT] and voted == [RIGHT]
 
 
@@ -217,6 +218,7 @@ def test_token_accounting_is_exact():
     res = search.mcts(model, TASK, [P0], search.oracle_scorer(TASK), [1, 5, 9], k, 1.0, 1.0,
                       [0], cost)
     assert res[9][2] == cost.counts() and 0 < res[1][2][0] < res[5][2][0] <= res[9][2][0]
+    assert res[9][3] == [sum(cost.counts())]  # the one problem's tokens: all of them
     assert all(res[s][2][1] > 0 for s in (1, 5, 9))  # every prefix re-read is counted
 
 
@@ -325,8 +327,10 @@ def test_pool_costs_the_prompt_once_and_n_samples_and_scorer_passes():
                                                                    "generator")}
     scorers[search.PRODUCT] = search.product_scorer(scorers["learned recheck"],
                                                     scorers["generator"])
-    args = argparse.Namespace(eval_samples=4, sample_batch_size=8, temperature=1.0, seed=0)
-    rows = search.evaluate_pool(ToyLM(), TASK, [P0, P0], scorers, [1, 2, 4], args)
+    args = argparse.Namespace(eval_samples=4, bin_samples=2, sample_batch_size=8, temperature=1.0,
+                              seed=0)
+    P1 = Problem(question="walk", answer="1", difficulty=1)  # the same prompt length as P0
+    rows = search.evaluate_pool(ToyLM(), TASK, [P0, P1], scorers, [1, 2, 4], args)
     row = {(r["method"], r["scorer"]): r for r in rows[1:]}
     for (method, scorer), r in row.items():
         reads = {"-": 0, "oracle": 0, "length": 0, "random": 0, search.PRODUCT: 2}.get(scorer, 1)
@@ -335,7 +339,8 @@ def test_pool_costs_the_prompt_once_and_n_samples_and_scorer_passes():
         assert r["tokens"] == [k * 11 + P + reads * k * (P + 11) for k in (1, 2, 4)], (method,
                                                                                         scorer)
         assert len(r["right_by_budget"]) == 3 and all(len(x) == 2 for x in r["right_by_budget"])
-        assert r["tokens_by_count"] == {"1": r["tokens"]}  # one number count: the same
+        assert r["tokens_by_problem"] == [[t, t] for t in r["tokens"]]  # each problem's apart
+    assert len(rows[0]["pass@1 on other samples"]) == 2  # the oracle levels' difficulty
     for name in search.LEARNED:  # the like-for-like baselines of every learned-guided search
         assert ("best-of-N", name) in row and ("weighted vote", name) in row
 
@@ -358,9 +363,8 @@ def test_oracle_ties_break_at_random_the_same_in_any_batch():
 
 def test_equal_compute_pairs_pick_the_smallest_pool_budget_at_or_above_the_search():
     def row(stage, method, scorer, tokens, right):
-        costs = [(t, 0, 0) for t in tokens]
-        return search.method_row(stage, method, scorer, [1, 2, 4][:len(tokens)], right, costs,
-                                 {1: costs})
+        return search.method_row(stage, method, scorer, [1, 2, 4][:len(tokens)], right,
+                                 [(t, 0, 0) for t in tokens], [[t, t] for t in tokens])
     pool = row("pool", "best-of-N", "PRM", [10, 20, 40], [[0, 0], [0, 1], [1, 1]])
     vote = row("pool", "weighted vote", "PRM", [10, 20, 40], [[0, 0], [0, 0], [0, 1]])
     beam = row("beam PRM", "beam search", "PRM", [8, 15], [[0, 0], [1, 1]])
@@ -395,11 +399,27 @@ def by_counts(stage, method, scorer, right, tokens):
     budgets = [1, 2, 4][:len(right)]
     mean = [(a + b) / 2 for a, b in zip(tokens[2], tokens[3])]
     return search.method_row(stage, method, scorer, budgets, right, [(t, 0, 0) for t in mean],
-                             {d: [(t, 0, 0) for t in ts] for d, ts in tokens.items()})
+                             [[a, a, b, b] for a, b in zip(tokens[2], tokens[3])])
 
 
 GREEDY = {"kind": "greedy", "accuracy": 0.0, "tokens": 1, "sampled_tokens": 1,
           "difficulty": [2, 2, 3, 3]}
+QUALITY = {"kind": "scorer quality", "pass@1 on other samples": [0.9, 0.1, 0.5, 0.0],
+           f"mean score {search.PRODUCT} on other samples": [0.2, 0.4, 0.3, 0.1]}
+COUNTS = {"2 numbers": [0, 1], "3 numbers": [2, 3]}
+
+
+def test_difficulty_levels_are_quantiles_of_pass_at_1_easiest_first():
+    assert search.levels([0.9, 0.1, 0.5, 0.0, 0.5], n=5) == {1: [0], 2: [2], 3: [4], 4: [1],
+                                                            5: [3]}  # ties: by index
+    assert search.levels([0.0] * 4 + [1.0] * 6, n=5) == {1: [4, 5], 2: [6, 7], 3: [8, 9],
+                                                        4: [0, 1], 5: [2, 3]}
+    groups = search.groupings([GREEDY, QUALITY])
+    assert groups["numbers"] == COUNTS
+    assert groups["oracle levels"] == {"oracle level 1": [0], "oracle level 2": [2],
+                                       "oracle level 3": [1], "oracle level 4": [3]}
+    assert list(groups["predicted levels"].values()) == [[1], [2], [0], [3]]  # no answer read
+    assert search.groupings([GREEDY]) == {}  # an older run's rows: no groups
 
 
 def test_equal_compute_pairs_by_number_count_use_that_counts_tokens():
@@ -408,15 +428,19 @@ def test_equal_compute_pairs_by_number_count_use_that_counts_tokens():
     pool = by_counts("pool", "best-of-N", "PRM", [[0, 0, 0, 0], [1, 0, 0, 0], [1, 1, 1, 0]],
                      {2: [20, 40, 80], 3: [40, 80, 160]})
     beam = by_counts("beam PRM", "beam search", "PRM", [[1, 1, 0, 0]], {2: [30], 3: [90]})
-    rows = [GREEDY, pool, beam]
-    assert search.number_counts(rows) == {2: [0, 1], 3: [2, 3]}
+    rows = [GREEDY, QUALITY, pool, beam]
     got = {d: [(b["budget"][j], mean) for _, b, j, _, mean, _ in
-               search.equal_compute_pairs([pool, beam], d, idx)]
-           for d, idx in search.number_counts(rows).items()}
-    assert got == {2: [(2, 0.5)], 3: [(4, -0.5)]}  # beam (1, 1) vs (1, 0); (0, 0) vs (1, 0)
-    lines = search.count_table(rows)
-    assert lines[2].startswith("| 2 (2) | beam search (PRM) | 1.000 | 30 | +0.500 (") and \
-        lines[2].endswith(") at N=2 | - |") and len(lines) == 4
+               search.equal_compute_pairs([pool, beam], idx)]
+           for d, idx in search.groupings(rows)["numbers"].items()}
+    assert got == {"2 numbers": [(2, 0.5)], "3 numbers": [(4, -0.5)]}  # (1, 1) vs (1, 0) etc.
+    lines = search.group_table(rows, COUNTS)
+    assert lines[2].startswith("| 2 numbers (2) | beam search (PRM) | 1.000 | 30 | +0.500 (") \
+        and lines[2].endswith(") at N=2 | - |") and len(lines) == 4
+    # one problem's group: its own tokens (problem 3 at 90, the pool's N=4 at 160)
+    assert [b["budget"][j] for _, b, j, *_ in search.equal_compute_pairs([pool, beam], [3])] == [4]
+    names = search.headline_differences(rows)
+    assert "beam search - best-of-N (PRM), equal total compute, 3 numbers" in names
+    assert "beam search - best-of-N (PRM), equal total compute, oracle level 4" in names
 
 
 def test_compute_optimal_picks_per_count_on_the_other_half():
@@ -427,16 +451,21 @@ def test_compute_optimal_picks_per_count_on_the_other_half():
     b = by_counts("pool", "weighted vote", "PRM", [[0, 0, 1, 1]], {2: [10], 3: [10]})
     c = by_counts("beam PRM", "beam search", "PRM", [[1, 1, 1, 1]], {2: [100], 3: [100]})
     oracle = by_counts("beam oracle", "beam search", "oracle", [[1, 1, 1, 1]], {2: [1], 3: [1]})
-    got = search.compute_optimal([GREEDY, a, b, c, oracle], (50, 200))
+    got = search.compute_optimal([GREEDY, a, b, c, oracle], (50, 200), COUNTS)
     one, single, many, optimal = got[50]
     assert sum(single) == 2 and optimal == [1, 1, 1, 1]  # the oracle-guided one never picked
-    assert many == ["2: best-of-N (PRM)", "3: weighted vote (PRM)"]
-    assert got[200][1] == [1, 1, 1, 1] and got[200][0] == ["beam search (PRM)"]
+    assert many == ["2 numbers: best-of-N (PRM), N=1", "3 numbers: weighted vote (PRM), N=1"]
+    assert got[200][1] == [1, 1, 1, 1] and got[200][0] == ["beam search (PRM), N=1"]
+    # a budget binds per group: D fits 50 on 2-number problems (30) but not on 3-number (90)
+    d = by_counts("beam PRM", "beam search", "PRM", [[1, 1, 1, 1]], {2: [30], 3: [90]})
+    one, single, many, optimal = search.compute_optimal([GREEDY, b, d], (50,), COUNTS)[50]
+    assert many == ["2 numbers: beam search (PRM), N=1", "3 numbers: weighted vote (PRM), N=1"]
+    assert optimal == [1, 1, 1, 1] and single == [0, 0, 1, 1]  # over all problems D costs 60
     # E is right on the even problems, O on the odd ones: a half picks the method best on the
     # other half, wrong on its own (chosen on the problems it is scored on, both would score 1)
     e = by_counts("pool", "majority vote", "-", [[1, 0, 1, 0]], {2: [5], 3: [5]})
     o = by_counts("pool", "best-of-N", "length", [[0, 1, 0, 1]], {2: [5], 3: [5]})
-    _, single, _, optimal = search.compute_optimal([GREEDY, e, o], (50,))[50]
+    _, single, _, optimal = search.compute_optimal([GREEDY, e, o], (50,), COUNTS)[50]
     assert single == optimal == [0, 0, 0, 0]
 
 def test_majority_vote_tie_rule_and_unparsable_answers():
@@ -542,9 +571,10 @@ def test_search_runs_end_to_end_and_resumes(tmp_path, monkeypatch, sampler_tools
     assert stages[:3] == ["generator", "labels", "scorers"]
     methods = {(r["method"], r["scorer"]) for r in rows if r["kind"] == "method"}
     assert ("beam search", "PRM") in methods and ("MCTS most-visited", "oracle") in methods
-    for r in rows:  # each number count's tokens: the overall is their mean by problem
+    for r in rows:  # each problem's tokens: the overall is their mean
         if r["kind"] == "method":
-            assert list(r["tokens_by_count"]) == ["2"] and r["tokens_by_count"]["2"] == r["tokens"]
+            assert all(abs(sum(t) / 3 - m) < 0.1 for t, m in zip(r["tokens_by_problem"],
+                                                                 r["tokens"])), r["method"]
     assert ("beam search", "generator") in methods and ("best-of-N", "generator") in methods
     for r in rows:  # each problem's rightness at every budget, whose mean is the accuracy
         if r["kind"] == "method":
