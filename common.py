@@ -139,6 +139,7 @@ class TokenCount:
 
     def __init__(self, sampled=0, prompt=0, scored=0):
         self.sampled, self.prompt, self.scored = sampled, prompt, scored
+        self.written = 0  # of sampled, those a tool wrote (the sampler's own count)
         self.by = {}  # key -> [sampled, prompt, scored]
 
     def add(self, kind, n, key=None):

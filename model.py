@@ -350,15 +350,22 @@ def finish(toks, seen, stop, pad_id, max_new_tokens):
 
 def use_tool(tool, tok, rows):
     """Tool use as Cobbe et al. 2021 gave GSM8K's models a calculator: a row that samples
-    tool.trigger (e.g. "=") gets tool(row, its tokens) queued as its next ids. Returns ids (B,)."""
+    tool.trigger (e.g. "=") gets tool(row, its tokens) queued as its next ids. rows[r]: row r's
+    (tokens, queue, written: which of its tokens the tool wrote). Returns ids (B,)."""
     ids = tok.tolist()
-    for r, (seq, queue) in enumerate(rows):
+    for r, (seq, queue, written) in enumerate(rows):
+        written.append(bool(queue))
         if queue:
             ids[r] = queue.pop(0)
-        elif ids[r] == tool.trigger:
+        elif ids[r] == tool.trigger:  # the model's trigger (one the tool writes is not)
             queue.extend(tool(r, seq + [ids[r]]))
         seq.append(ids[r])
     return torch.tensor(ids, dtype=tok.dtype, device=tok.device)
+
+
+def mark_written(tool, rows, lengths):
+    """After generate: tool.written[r], which of row r's kept tokens the tool wrote (bools)."""
+    tool.written = [w[:n] for (_, _, w), n in zip(rows, lengths.tolist())]
 
 
 @torch.inference_mode()
@@ -367,7 +374,8 @@ def generate(model, prompts, max_new_tokens, stop_tokens, pad_id, temperature=1.
              tool=None):
     """copies[u] continuations of ragged prompt u from one prefill (B = sum(copies)), up to a stop
     token (kept), banned_tokens never sampled; seeds: one per row, alike in any batch or process.
-    Returns tokens (B, max_new), pad_id after the stop; logp (temperature 1, no top-k); lengths."""
+    Returns tokens (B, max_new), pad_id after the stop; logp (temperature 1, no top-k); lengths.
+    tool: a calculator (use_tool); after the call tool.written marks the tokens it wrote."""
     # 1) prefill: each prompt once, its cache rows copied to its copies
     device = next(model.parameters()).device
     logits, cache, pos, valid = prefill(model, prompts, copies_of(prompts, copies),
@@ -378,7 +386,7 @@ def generate(model, prompts, max_new_tokens, stop_tokens, pad_id, temperature=1.
     ban = torch.zeros(V, device=device)  # added to the logits: -inf at the banned ids
     ban[list(banned_tokens)] = float("-inf")
     u = sampling_noise(B, max_new_tokens, V, temperature, generator, seeds, device)
-    rows = [([], []) for _ in range(B)] if tool else None  # each row's tokens and tool queue
+    rows = [([], [], []) for _ in range(B)] if tool else None  # tokens, tool queue, written
 
     def next_token(logits, t):  # (B,) ids, and the logits they were chosen from
         logits = logits.float() + ban
@@ -392,7 +400,10 @@ def generate(model, prompts, max_new_tokens, stop_tokens, pad_id, temperature=1.
         step = functools.partial(decode_one_token, model, cache=cache,
                                  valid=valid if bool((~valid).any()) else None)
     toks, seen = decode_n_tokens(step, next_token, logits, pos, max_new_tokens, stop)
-    return finish(toks, seen, stop, pad_id, max_new_tokens)
+    tokens, logp, lengths = finish(toks, seen, stop, pad_id, max_new_tokens)
+    if tool:
+        mark_written(tool, rows, lengths)
+    return tokens, logp, lengths
 
 
 @torch.no_grad()
@@ -412,7 +423,7 @@ def generate_naive(model, prompts, max_new_tokens, stop_tokens, pad_id, temperat
     logp = torch.zeros(B, max_new_tokens, device=device)
     lengths = torch.zeros(B, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    tool_rows = [([], []) for _ in range(B)]
+    tool_rows = [([], [], []) for _ in range(B)]
     # 2) each token from the whole sequence so far, appended to it; rows that stopped write pad_id
     for t in range(max_new_tokens):
         logits = model(idx, pos=pos, mask=padded_mask(valid, idx.size(1)))[:, -1].float()
@@ -429,6 +440,8 @@ def generate_naive(model, prompts, max_new_tokens, stop_tokens, pad_id, temperat
         idx = torch.cat([idx, tok[:, None]], 1)
         pos = torch.cat([pos, pos[:, -1:] + 1], 1)
         valid = torch.cat([valid, torch.ones_like(tok[:, None], dtype=torch.bool)], 1)
+    if tool:
+        mark_written(tool, tool_rows, lengths)
     return tokens, logp, lengths
 
 

@@ -693,7 +693,8 @@ def equal_compute_pairs(methods, idx=None, match="tokens"):
 def headline_differences(rows):
     """A run's pairs: over every problem at equal total compute (the pool at or above the
     search's tokens, then at or below) and at equal samples; then in each number count and
-    oracle level, against best-of-N (or pass@N) at or above its tokens there. name -> (mean
+    oracle level, against best-of-N (or pass@N) at or above its tokens there; the
+    compute-optimal choice per group against the best single one at each budget. name -> (mean
     difference, 95% paired CI) (tests/seeds.py)."""
     methods, out = [r for r in rows if r.get("kind") == "method"], {}
     for match, axis in (("tokens", "equal total compute"), ("tokens below", "pool at most its "
@@ -705,6 +706,9 @@ def headline_differences(rows):
             out.update({f"{r['method']} - {b['method']} ({r['scorer']}), equal total compute, "
                         f"{label}": (mean, ci) for r, b, _, _, mean, ci in
                         equal_compute_pairs(methods, idx) if b["method"] != "weighted vote"})
+        for B, (_, single, _, optimal) in compute_optimal(rows, COMPUTE_BUDGETS, groups).items():
+            out[f"compute-optimal by {title} - the best single method, B={B}"] = \
+                paired_difference(optimal, single)
     return out
 
 

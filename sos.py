@@ -89,22 +89,16 @@ def completion_task(args, task):
 # -----------------------------------------------------------------------------
 # Measuring a model: greedy results, and the paths model's best-of-k at equal tokens
 
-def tool_tokens(task, p, text):
-    """How many of a completion's tokens the task's tool wrote, replayed at each "=" (the tool
-    reads only the text before it); a row cut by the length cap mid-write counts it whole."""
-    return 0 if task.tool is None else sum(len(encode(task.tool(p, text[:i + 1])))
-                                           for i, ch in enumerate(text) if ch == task.tool.trigger)
-
-
 def greedy_results(model, task, test, args):
     """One model's greedy results: accuracy, per-problem rightness, tokens per problem (prompt,
     sampled, written by the tool) and, for traces, what the searches did. Returns (row, texts)."""
-    # 1) greedy accuracy, and the tokens per problem: prompt, sampled, written by the tool
+    # 1) greedy accuracy, and the tokens per problem: prompt, sampled, written by the tool (the
+    # sampler's count, held_out_results')
     row, texts = held_out_results(model, task, test, args)
     right, n = row["right"], len(test)
+    row.setdefault("written_tokens", 0.0)
     row.update({"prompt_tokens": sum(len(encode(task.prompt(p))) for p in test) / n,
-                "completion_tokens": sum(len(encode(t)) + 1 for t in texts) / n,
-                "written_tokens": sum(tool_tokens(task, p, t) for p, t in zip(test, texts)) / n})
+                "completion_tokens": sum(len(encode(t)) + 1 for t in texts) / n})
     # 2) what the searches did (traces), or the arithmetic slips (paths)
     if isinstance(task, CountdownTraces):
         st = [trace_stats(p, t) for p, t in zip(test, texts)]

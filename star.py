@@ -29,8 +29,8 @@ from tqdm import tqdm
 
 from common import (SWITCH, TokenCount, all_gather, autocast, commit, committed, figure, flag,
                     is_main, load_checkpoint, lr_at, my_share, non_negative, optimizer_step,
-                    positive, presets, read_jsonl, save_checkpoint, seed_for, setting,
-                    split_batch, wrap_ddp, write_atomic, write_jsonl)
+                    paired_difference, positive, presets, read_jsonl, save_checkpoint, seed_for,
+                    setting, split_batch, with_ci, wrap_ddp, write_atomic, write_jsonl)
 from model import generate, right_pad
 from tasks import EOT, NOT_TEXT, PAD, TOKENIZER, decode, encode
 
@@ -61,6 +61,8 @@ FLAGS = [
          "fine-tune from M(n-1) instead of restarting from M0", dest="restart"),
     flag("--direct-baseline", SWITCH, False,
          "also train the direct-answer baseline (no rationales, as many steps)"),
+    flag("--no-step-control", SWITCH, True, "skip the step-matched control (M0 trained on P "
+         "alone for as many more steps as the last STaR model)", dest="step_control"),
     # sampling
     flag("--sample-batch-size", positive(int), (300, 500, 2048), "prompts per sampling batch"),
     flag("--samples", positive(int), 1, "samples per problem per iteration (the paper: 1)"),
@@ -194,8 +196,9 @@ def completion_cap(task, difficulty):
 def sample(model, task, problems, hint=False, n=1, temperature=0.0, batch_size=256, seed=0,
            desc="sample"):
     """n completions per problem (end-of-text stripped), and a TokenCount of the tokens the
-    model processed: sampled (a tool's writes included) and prompt (encoded once per batch for
-    all of a problem's samples, whose cache rows share it). Sample j of problem i is drawn with
+    model processed: sampled (a tool's writes included, and counted as `written` by the
+    sampler) and prompt (encoded once per batch for all of a problem's samples, whose cache
+    rows share it). Sample j of problem i is drawn with
     seed_for(seed, i, j) in any batch; under torchrun each process samples its share, and
     every process gets all texts and the whole count."""
     # 1) this process's (difficulty, problem, sample) jobs, sorted so a batch has one length
@@ -211,26 +214,28 @@ def sample(model, task, problems, hint=False, n=1, temperature=0.0, batch_size=2
         prompts = [encode(task.prompt(problems[i], hint=hint)) for i in owners]
         max_new = min(max(completion_cap(task, d) for d, _, _ in chunk),
                       model.config.block_size - max(map(len, prompts)))
+        tool = task.tool and row_tool(task, [problems[i] for _, i, _ in chunk])
         with autocast(str(device)):
             tokens, _, lengths = generate(model, prompts, max_new, stop_tokens=(EOT,),
                                           pad_id=PAD, temperature=temperature,
                                           banned_tokens=NOT_TEXT,
                                           copies=[sum(i == u for _, i, _ in chunk) for u in owners],
                                           seeds=[seed_for(seed, i, j) for _, i, j in chunk],
-                                          tool=task.tool and row_tool(
-                                              task, [problems[i] for _, i, _ in chunk]))
+                                          tool=tool)
         tokens, lengths = tokens.tolist(), lengths.tolist()
         cost.sampled += sum(lengths)
         cost.prompt += sum(map(len, prompts))
-        for (d, i, j), row, n_tok in zip(chunk, tokens, lengths):
+        for r, ((d, i, j), row, n_tok) in enumerate(zip(chunk, tokens, lengths)):
             row = row[:min(n_tok, completion_cap(task, d))]  # its own cap, not its batch's
+            cost.written += sum(tool.written[r][:len(row)]) if tool else 0
             results.append((i, j, decode(row[:-1] if row and row[-1] == EOT else row)))
     # 3) every process's texts, in problem and sample order
     texts, total = [[None] * n for _ in problems], TokenCount()
-    for share, counts in all_gather((results, cost.counts())):  # torchrun: every process's
-        for i, j, text in share:
+    for share, counts, written in all_gather((results, cost.counts(), cost.written)):
+        for i, j, text in share:  # torchrun: every process's
             texts[i][j] = text
         total = TokenCount(*(a + b for a, b in zip(total.counts(), counts)))
+        total.written += written
     return texts, total
 
 
@@ -246,12 +251,14 @@ def continue_prefixes(model, prefixes, copies, max_new, stop, temperature, seeds
     for r in sorted(set(room), reverse=True):
         group = [u for u in range(len(prefixes)) if room[u] == r]
         owner = [u for u in group for _ in range(copies[u])]  # the prefix of each row
+        rows_tool = tool and tool.over(owner)
         with autocast(str(next(model.parameters()).device)):
             tokens, _, lengths = generate(
                 model, [prefixes[u] for u in group], r, stop, PAD, temperature,
                 banned_tokens=NOT_TEXT, copies=[copies[u] for u in group],
                 seeds=[seeds[first[u] + j] for u in group for j in range(copies[u])],
-                tool=tool and tool.over(owner))
+                tool=rows_tool)
+        cost.written += sum(map(sum, rows_tool.written)) if rows_tool else 0
         sampled = iter(row[:n] for row, n in zip(tokens.tolist(), lengths.tolist()))
         for u in group:
             rows[u] = [next(sampled) for _ in range(copies[u])]
@@ -291,15 +298,15 @@ def tool_written(task, p, text):
 
 
 def evaluate(model, task, problems, batch_size=256):
-    """Greedy accuracy per difficulty, overall accuracy, and the completions."""
-    texts, _ = sample(model, task, problems, temperature=0.0, batch_size=batch_size,
-                      desc="evaluate")
+    """Greedy accuracy per difficulty, overall accuracy, the completions and their TokenCount."""
+    texts, cost = sample(model, task, problems, temperature=0.0, batch_size=batch_size,
+                         desc="evaluate")
     texts = [t[0] for t in texts]
     right = [task.check(p, t) for p, t in zip(problems, texts)]
     by_diff = {d: [ok for p, ok in zip(problems, right) if p.difficulty == d]
                for d in sorted({p.difficulty for p in problems})}
     acc = {d: sum(v) / len(v) for d, v in by_diff.items()}
-    return acc, sum(right) / len(right), texts
+    return acc, sum(right) / len(right), texts, cost
 
 
 # -----------------------------------------------------------------------------
@@ -314,6 +321,12 @@ def train_start_model(model, task, P, args, desc="SFT on P"):
 def iteration_steps(args, n):
     """Fine-tuning steps of iteration n (1-based): they grow each iteration, as in the paper."""
     return int(round(args.star_steps * args.step_growth ** (n - 1)))
+
+
+def process_ok(task, problems, texts):
+    """How many completions that keep_verified keeps the process check accepts step by step."""
+    return sum(task.check(p, t) and all(task.check_steps(p, t))
+               for p, ts in zip(problems, texts) for t in ts)
 
 
 def keep_verified(task, problems, texts):
@@ -335,7 +348,7 @@ def star_iteration(prev, start_path, task, P, D, args, n, device):
                           batch_size=args.sample_batch_size,
                           seed=seed_for(args.seed, "generate", n), desc=f"iter {n}: generate")
     kept, solved = keep_verified(task, D, texts)
-    n_generated = len(kept)
+    n_generated, steps_ok = len(kept), process_ok(task, D, texts)
     # 2) rationalize: the failures again, with the answer as a hint (kept without it)
     failed = [p for i, p in enumerate(D) if i not in solved]
     if args.rationalize and failed:
@@ -345,6 +358,7 @@ def star_iteration(prev, start_path, task, P, D, args, n, device):
                                  desc=f"iter {n}: rationalize")
         kept += keep_verified(task, failed, hinted)[0]
         cost.sampled += cost_h.sampled
+        steps_ok += process_ok(task, failed, hinted)
     # 3) fine-tune M0 again (the paper restarts) on P and everything kept
     model = load_checkpoint(start_path, device)[0] if args.restart else prev
     steps = iteration_steps(args, n)
@@ -352,6 +366,7 @@ def star_iteration(prev, start_path, task, P, D, args, n, device):
                     seed=seed_for(args.seed, "fine-tune", n), desc=f"iter {n}: fine-tune",
                     compile=args.compile)
     stats = {"kept_generated": n_generated, "kept_rationalized": len(kept) - n_generated,
+             "kept_steps_ok": steps_ok / max(1, len(kept)),  # the rest: right answer, a wrong step
              "solved_D": len(solved) / len(D), "train_steps": steps, "train_loss": loss,
              "sampled_tokens": cost.sampled}
     return model, kept, stats
@@ -371,11 +386,15 @@ def model_path(out, n):
 
 
 def held_out_results(model, task, test, args):
-    """A model's greedy results on the test set: (its metrics, its completions)."""
-    acc, overall, texts = evaluate(model, task, test, args.sample_batch_size)
-    return {"accuracy": overall, "accuracy_by_difficulty": {str(d): a for d, a in acc.items()},
-            # each test problem's rightness, for paired intervals (tests/paired.py)
-            "right": [int(task.check(p, t)) for p, t in zip(test, texts)]}, texts
+    """A model's greedy results on the test set: (its metrics, its completions). With a tool,
+    the tokens it wrote per problem (the sampler's count) too."""
+    acc, overall, texts, cost = evaluate(model, task, test, args.sample_batch_size)
+    row = {"accuracy": overall, "accuracy_by_difficulty": {str(d): a for d, a in acc.items()},
+           # each test problem's rightness, for paired intervals (tests/paired.py)
+           "right": [int(task.check(p, t)) for p, t in zip(test, texts)]}
+    if task.tool is not None:
+        row["written_tokens"] = cost.written / len(test)
+    return row, texts
 
 
 def save_iteration(out, task, test, n, model, texts, kept=None):
@@ -428,10 +447,31 @@ def run(args, task, P, D, test, out, device, new_model):
             t0 = time.time()
             prev, kept, stats = star_iteration(prev, start_path, task, P, D, args, n, device)
             end_stage(n, prev, stats, t0, kept)
-    # 3) the paper's direct-answer baseline, when asked for
+    # 3) the step-matched control, and the paper's direct-answer baseline when asked for
+    if args.iterations and args.step_control:
+        run_step_control(args, task, P, test, out, start_path, device)
     if args.iterations and args.direct_baseline:
         run_direct_baseline(args, task, P, D, test, out, new_model)
     return prev
+
+
+def run_step_control(args, task, P, test, out, start_path, device):
+    """What more steps alone buy: M0 fine-tuned on P alone for as many steps as the last STaR
+    model had beyond M0 (its iteration's; every iteration's with --continue-training, in one
+    schedule). What the kept rationales add is M(N) minus this, on the same test problems."""
+    if committed(out, "kind", kind="control"):
+        return
+    t0, N = time.time(), args.iterations
+    steps = iteration_steps(args, N) if args.restart else \
+        sum(iteration_steps(args, n) for n in range(1, N + 1))
+    model = load_checkpoint(start_path, device)[0]
+    loss = finetune(model, gold_examples(task, P), steps, args.lr, args.batch_size,
+                    seed=seed_for(args.seed, "control"), desc="step-matched control",
+                    compile=args.compile)
+    row, _ = held_out_results(model.eval(), task, test, args)
+    commit(out, t0, {"kind": "control", **row, "train_steps": steps, "train_loss": loss})
+    tqdm.write(f"step-matched control (P alone, {steps} more steps): accuracy "
+               f"{row['accuracy']:.3f}")
 
 
 def run_direct_baseline(args, task, P, D, test, out, new_model):
@@ -449,7 +489,7 @@ def run_direct_baseline(args, task, P, D, test, out, new_model):
                     seed=seed_for(args.seed, "direct"), desc="direct-answer baseline",
                     compile=args.compile)
     # 2) tested greedily, committed
-    acc, overall, _ = evaluate(model, task, test, args.sample_batch_size)
+    acc, overall, *_ = evaluate(model, task, test, args.sample_batch_size)
     commit(out, t0, {"kind": "direct", "accuracy": overall,
                      "accuracy_by_difficulty": {str(d): a for d, a in acc.items()},
                      "train_steps": steps, "train_loss": loss})
@@ -461,18 +501,26 @@ def run_direct_baseline(args, task, P, D, test, out, new_model):
 # Report: plot and summary table
 
 def summary_table(rows, difficulties):
-    """Markdown: each iteration's (and the direct baseline's) accuracy per difficulty."""
-    lines = ["| model | " + " | ".join(f"d={d}" for d in difficulties) +
-             " | all | kept (gen+rat) | steps | wall s |", "|" + "---|" * (len(difficulties) + 5)]
+    """Markdown: each iteration's (the control's, the direct baseline's) accuracy per
+    difficulty, then the last iteration against the step-matched control, paired."""
+    lines = ["| model | " + " | ".join(f"d={d}" for d in difficulties) + " | all | kept "
+             "(gen+rat) | kept, every step right | steps | wall s |",
+             "|" + "---|" * (len(difficulties) + 6)]
     for r in rows:
         n = r.get("iteration")
-        name = "direct answer" if r["kind"] != "iteration" else \
-            "iteration 0 (P only)" if n == 0 else f"iteration {n}"
+        name = {"direct": "direct answer", "control": "step-matched control (P only)"}.get(
+            r["kind"], "iteration 0 (P only)" if n == 0 else f"iteration {n}")
         acc = r["accuracy_by_difficulty"]
         kept = f"{r['kept_generated']}+{r['kept_rationalized']}" if "kept_generated" in r else "-"
+        ok = f"{r['kept_steps_ok']:.3f}" if "kept_steps_ok" in r else "-"
         cells = " | ".join(f"{acc.get(str(d), float('nan')):.3f}" for d in difficulties)
-        lines.append(f"| {name} | {cells} | {r['accuracy']:.3f} | {kept} | {r['train_steps']} | "
-                     f"{r['wall_s']} |")
+        lines.append(f"| {name} | {cells} | {r['accuracy']:.3f} | {kept} | {ok} | "
+                     f"{r['train_steps']} | {r['wall_s']} |")
+    its = [r for r in rows if r["kind"] == "iteration"]
+    control = next((r for r in rows if r["kind"] == "control"), None)
+    if control and len(its) > 1:
+        lines += ["", f"iteration {its[-1]['iteration']} - the step-matched control (95% paired "
+                  f"CI): {with_ci(*paired_difference(its[-1]['right'], control['right']))}"]
     return "\n".join(lines)
 
 

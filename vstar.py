@@ -449,7 +449,7 @@ def generator_iteration(args, task, problems, test, gold, out, device, new_model
     loss = star.finetune(model, gold + right, args.steps, args.lr, args.batch_size,
                          seed=seed_for(args.seed, "generator", n), desc=f"generator {n}: SFT",
                          compile=args.compile)
-    acc, overall, _ = star.evaluate(model, task, test, args.sample_batch_size)
+    acc, overall, *_ = star.evaluate(model, task, test, args.sample_batch_size)
     save_checkpoint(generator_path(out, n), model, TOKENIZER, extra={"iteration": n})
     tqdm.write(f"generator {n}: greedy accuracy {overall:.3f}")
     return {"kind": "iteration", "iteration": n, "accuracy": overall,

@@ -6,7 +6,8 @@ run's test problems, and the count of seeds whose interval excludes 0 on the cla
   python tests/seeds.py star out/star-seed0 out/star-seed1 out/star-seed2
   python tests/seeds.py vstar RUN0 RUN1 RUN2        (likewise search, quiet_star)
 
-The comparisons: star, the last iteration against M0 (iteration 0); vstar, each verifier's
+The comparisons: star, the last iteration against the step-matched control (M0 trained on P
+alone as many more steps) and against M0; vstar, each verifier's
 best-of-n against the generator's own log-prob at the same n (the same compute) and against
 majority vote at equal total compute, the learned recheck against its own rule with the
 generator's log-prob (rule x generator), DPO against the strongest free signal at each number
@@ -35,8 +36,13 @@ def diff(a, b):
 
 def star_rows(rows):
     its = sorted((r for r in rows if r.get("kind") == "iteration"), key=lambda r: r["iteration"])
-    last = its[-1]
-    return {f"STaR iteration {last['iteration']} - M0": diff(last["right"], its[0]["right"])}
+    last, out = its[-1], {}
+    control = next((r for r in rows if r.get("kind") == "control"), None)
+    if control:  # what the kept rationales add beyond as many more steps on P alone
+        out[f"STaR iteration {last['iteration']} - step-matched control"] = diff(
+            last["right"], control["right"])
+    out[f"STaR iteration {last['iteration']} - M0"] = diff(last["right"], its[0]["right"])
+    return out
 
 
 def vstar_rows(rows):

@@ -155,6 +155,10 @@ def test_a_tool_writes_after_its_trigger_and_the_cached_sampler_agrees_with_naiv
         assert tokens[row, :t].tolist() == ids and ids[-1] == trigger
         assert tokens[row, t:t + 3].tolist() == [t % 50, 3, 3][:60 - t]
     assert not torch.equal(free, tokens)  # the tool changed what was written
+    written = [[False] * n for n in lengths.tolist()]  # the sampler marks what the tool wrote
+    for row, ids in fast_tool.calls:
+        written[row][len(ids):len(ids) + 3] = [True] * len(written[row][len(ids):len(ids) + 3])
+    assert fast_tool.written == slow_tool.written == written
 
 
 def test_same_seed_same_samples_other_seed_other_samples():

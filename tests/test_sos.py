@@ -5,6 +5,7 @@ writes, by hand and over sampled problems, and the exact checkers of such traces
 Run: python -m pytest tests/test_sos.py
 """
 
+import argparse
 import random
 import statistics
 from functools import lru_cache
@@ -353,8 +354,9 @@ def test_countdown_traces_task_checks_a_trace_by_the_path_it_ends_with():
     assert traces.tool is None and CountdownTraces("judge").tool.mode == "judge"
 
 
-def test_sos_counts_exactly_the_tokens_the_tool_forced():
-    import sos
+def test_the_sampler_counts_the_tokens_a_tool_wrote_its_own_trigger_included():
+    # the tool writes its trigger (then "7"): the count is what the sampler forced; a replay
+    # calling the tool at every trigger in the text would take the tool's for the model's
     import star
     from collections import Counter
     from model import GPT, get_config
@@ -364,26 +366,24 @@ def test_sos_counts_exactly_the_tokens_the_tool_forced():
     model = GPT(get_config("tiny", n_layer=1, n_embd=32, n_head=2)).eval()
     ps = sample_problems("countdown", 6, [3], seed=5)
     free, _ = star.sample(model, task, ps, n=2, temperature=1.0, seed=1)
-    calls = []
-    task.tool = CountingTool(Counter("".join(t for ts in free for t in ts)).most_common(1)[0][0],
-                             calls)
-    texts, _ = star.sample(model, task, ps, n=2, temperature=1.0, seed=1)
-    forced = sum(len(encode(out)) for out in calls)
-    assert forced > 0 and texts != free
-    calls.clear()  # the replay calls the tool again, on the text before each trigger
-    replayed = sum(sos.tool_tokens(task, p, t) for p, ts in zip(ps, texts) for t in ts)
-    assert replayed == forced
+    task.tool = TriggerTool(Counter("".join(t for ts in free for t in ts)).most_common(1)[0][0])
+    texts, cost = star.sample(model, task, ps, n=2, temperature=1.0, seed=1)
+    written = sum(sum(star.tool_written(task, p, t)) for p, ts in zip(ps, texts) for t in ts)
+    every_trigger = sum(2 for ts in texts for t in ts for ch in t if ch == task.tool.trigger)
+    assert cost.written == written > 0 and every_trigger > written
+    row, _ = star.held_out_results(model, task, ps, argparse.Namespace(sample_batch_size=4))
+    greedy, greedy_cost = star.sample(model, task, ps)
+    assert row["written_tokens"] == greedy_cost.written / len(ps)  # what sos reports
 
 
-class CountingTool:
-    """Writes "+<length of the text so far>" after its trigger; records what it wrote."""
+class TriggerTool:
+    """Writes its own trigger, then "7"."""
 
-    def __init__(self, trigger, calls):
-        self.trigger, self.calls = trigger, calls
+    def __init__(self, trigger):
+        self.trigger = trigger
 
     def __call__(self, p, text):
-        self.calls.append(f"+{len(text)}")
-        return self.calls[-1]
+        return self.trigger + "7"
 
 
 SOS_RUN = ["--method", "sos", "--n-train", "12", "--n-unlabeled", "6", "--n-test", "6",

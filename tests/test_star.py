@@ -40,6 +40,9 @@ def test_star_runs_end_to_end_and_writes_its_outputs(tmp_path):
     assert [r["iteration"] for r in rows if r["kind"] == "iteration"] == [0, 1, 2]
     assert [r["kind"] for r in rows].count("direct") == 1
     assert rows[2]["train_steps"] == round(8 * 1.2)  # steps grow per iteration
+    control = next(r for r in rows if r["kind"] == "control")  # as many more steps, P alone
+    assert control["train_steps"] == rows[2]["train_steps"] and len(control["right"]) == 12
+    assert "iteration 2 - the step-matched control" in open(os.path.join(out, "summary.md")).read()
     for name in ["config.json", "summary.md", "accuracy.png", "start.pt", "model_iter2.pt",
                  "kept_iter1.jsonl", "samples_iter2.txt"]:
         assert os.path.exists(os.path.join(out, name)), name
@@ -101,6 +104,23 @@ def test_rejected_samples_never_enter_the_training_set(loop_setup, monkeypatch):
     assert stats["kept_generated"] == 5  # D's even indices
     # rationalization only saw the 5 failures, and kept those at indices 0 and 3 of them
     assert stats["kept_rationalized"] == 2
+
+
+def test_kept_rationales_with_a_wrong_step_are_counted_apart(loop_setup, monkeypatch):
+    # every sample has the right answer; on even problems its first step is wrong
+    task, P, D, args, model, start = loop_setup
+
+    def sample(model, task_, problems, hint=False, n=1, **kw):
+        texts = []
+        for i, p in enumerate(problems):
+            steps = task.rationale(p)
+            steps = (["9+9+0=0 0 C0"] + steps[1:]) if i % 2 == 0 else steps
+            texts.append([task.completion(steps, p.answer)] * n)
+        return texts, TokenCount()
+    monkeypatch.setattr(star, "sample", sample)
+    monkeypatch.setattr(star, "finetune", lambda *a, **k: 0.0)
+    _, kept, stats = star.star_iteration(model, start, task, P, D, args, 1, "cpu")
+    assert len(kept) == len(D) and stats["kept_steps_ok"] == 0.5  # the answer check keeps all
 
 
 @pytest.mark.parametrize("restart", [True, False])
