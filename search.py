@@ -866,10 +866,11 @@ def plot(path, task_name, rows, scorer):
     panels = [row for row in panels if row]
     ncols = max(map(len, panels))
     with figure(path, nrows=len(panels), ncols=ncols, squeeze=False,
-                figsize=(3.2 * ncols + 2.2, 3.4 * len(panels))) as (fig, axes):
+                figsize=(3.2 * ncols + 0.6, 3.4 * len(panels))) as (fig, axes):
+        spare = [ax for ax_row, row in zip(axes, panels) for ax in ax_row[len(row):]]
+        for ax in spare:
+            ax.axis("off")
         for ax_row, row in zip(axes, panels):
-            for ax in ax_row[len(row):]:
-                ax.axis("off")
             for ax, (title, idx) in zip(ax_row, row):
                 for r in shown:
                     tokens, right = view(r, idx)
@@ -878,15 +879,17 @@ def plot(path, task_name, rows, scorer):
                             ls="--" if oracle else "-", marker="s" if oracle else "o", ms=3,
                             label=row_name(r))
                 ax.set_xscale("log")
-                ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1, 2, 5)))
+                ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1, 3)))
                 ax.xaxis.set_major_formatter(ticker.ScalarFormatter())
                 ax.xaxis.set_minor_formatter(ticker.NullFormatter())
                 ax.set(title=f"{title} ({len(view(shown[0], idx)[1][0])})",
                        xlabel="tokens per problem (all networks)")
                 ax.grid(alpha=0.3)
             ax_row[0].set_ylabel("test accuracy")
-        axes[0][len(panels[0]) - 1].legend(fontsize=7, loc="center left",
-                                           bbox_to_anchor=(1.02, 0.5))
+        if spare:  # the legend in an empty panel, else beside the last of the top row
+            spare[0].legend(*axes[0][0].get_legend_handles_labels(), fontsize=7, loc="center")
+        else:
+            axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
         fig.suptitle(f"test-time search on {task_name}, by {scorer} (dashed: the exact check); "
                      "oracle level 1: the easiest fifth by the generator's pass@1", fontsize=10)
 

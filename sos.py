@@ -10,7 +10,9 @@ it on the model's own traces.
     for n = 1..T:                                                  traces_stage(n)
         kept <- keep_verified(D, sample(traces n-1, D))             # STaR on its own searches
         traces n <- finetune(traces 0, P's traces + kept)
-    test: each model greedily; one trace against the paths model's best-of-k at equal tokens
+    test: each model greedily; one trace against the paths model's best-of-k and pass@k at
+      equal tokens (integer k), a uniformly random depth-first search and the teacher (the
+      symbolic search the traces come from) at the trace model's tokens   symbolic_rows
 
 Run: python train.py --method sos          (--calculator off | result | judge)
 Departures: 1) countdown with 3 numbers by default, not the paper's 4 (a 2-core CPU); 2) under
@@ -143,6 +145,14 @@ def best_of_n(model, task, test, args):
     return {"k": ks, "best": best, "pass": passes, "tokens": tokens}
 
 
+def pass_within(bon, tokens):
+    """The paths model's pass@k at the largest integer k (1 to N) whose tokens per problem are at
+    most `tokens`, each problem's from its share right of the N samples (pass@1): (k, rights)."""
+    N = bon["k"][-1]
+    k = max([1] + [k for k in range(1, N + 1) if paths_cost(bon, "pass", k) <= tokens])
+    return k, [pass_at_k(N, round(p1 * N), k) for p1 in bon["pass"][0]]
+
+
 def paths_cost(bon, key, k):
     """Tokens per problem of the paths model's best-of-k (key "best": with its scoring pass) or
     pass@k (key "pass": the exact check reads nothing)."""
@@ -217,8 +227,8 @@ def traces_stage(args, traces, P, D, test, out, device, new_model, n):
 
 
 def run(args, task, P, D, test, out, device, new_model):
-    """The paths model, the trace model and its STaR iterations, each a stage; a rerun on the
-    folder resumes after the last committed."""
+    """The paths model, the trace model and its STaR iterations, each a stage, then the symbolic
+    searches at their tokens; a rerun on the folder resumes after the last committed."""
     paths, traces = paths_and_traces(args, task)
     finished = committed(out, "model", kind="sos")
     if "paths" not in finished:
@@ -226,6 +236,35 @@ def run(args, task, P, D, test, out, device, new_model):
     for n in range(args.iterations + 1):
         if f"traces {n}" not in finished:
             traces_stage(args, traces, P, D, test, out, device, new_model, n)
+    if not committed(out, "kind", kind="symbolic"):
+        t0 = time.time()
+        commit(out, t0, *symbolic_rows(args, traces, test))
+
+
+def symbolic_rows(args, traces, test):
+    """What a program gets for tokens: the teacher (the symbolic search P's traces come from,
+    the same line budget) and a depth-first search trying legal moves in a uniformly random
+    order (no line budget; problem i's order from seed (run, i)). Both write the text a trace
+    has under the judge, so a token counts alike. A row per search: each problem's tokens to
+    its end (prompt, trace, found path and answer or FAILED, end-of-text), whether it found."""
+    searches = {"teacher": [search_trace(*p.data, strategy=traces.strategy(p),
+                                         budget=traces.budget) for p in test],
+                "random DFS": [search_trace(*p.data, strategy="dfs-random", budget=10 ** 6,
+                                            seed=seed_for(args.seed, "random dfs", i))
+                               for i, p in enumerate(test)]}
+    return [{"kind": "symbolic", "search": name,
+             "tokens": [len(encode(traces.prompt(p) + text)) + 1 for p, (text, _) in
+                        zip(test, found)], "found": [int(ok) for _, ok in found]}
+            for name, found in searches.items()]
+
+
+def solved_within(row, tokens):
+    """A symbolic search stopped after C tokens on every problem, C the largest at which its
+    mean tokens per problem (a stopped search spends C) are at most `tokens`, the trace models'
+    measure: (C, each problem solved by then)."""
+    mean_at = lambda C: sum(min(t, C) for t in row["tokens"]) / len(row["tokens"])  # noqa: E731
+    C = max([0] + [t for t in row["tokens"] if mean_at(t) <= tokens])
+    return C, [int(f and t <= C) for t, f in zip(row["tokens"], row["found"])]
 
 
 # -----------------------------------------------------------------------------
@@ -233,9 +272,10 @@ def run(args, task, P, D, test, out, device, new_model):
 
 def headline_differences(rows):
     """The headline differences, {name: (mean, 95% paired CI)}: the first and last trace models
-    against the paths model greedy and at equal tokens (the largest k that costs no more)
-    best-of-k and pass@k (the exact check, which "judge" gives the traces too); the last against
-    the first."""
+    against the paths model greedy and at equal tokens (the largest integer k that costs no
+    more) best-of-k and pass@k (sampling until the exact check, which "judge" gives the traces
+    too, accepts one), against a random depth-first search and the teacher at their tokens; the
+    last against the first."""
     by = {r["model"]: r for r in rows if r.get("kind") == "sos"}
     its = sorted((r for r in by.values() if r["model"].startswith("traces")),
                  key=lambda r: int(r["model"].split()[1]))
@@ -244,12 +284,18 @@ def headline_differences(rows):
     # the first and the last trace model against the paths model, then against each other
     paths, bon = by["paths"], by["paths"]["best_of_n"]
     out = {}
+    symbolic = {r["search"]: r for r in rows if r.get("kind") == "symbolic"}
     for m in dict.fromkeys([its[0]["model"], its[-1]["model"]]):
         t, cost = by[m], by[m]["prompt_tokens"] + by[m]["completion_tokens"]
-        for key, name in (("best", "best-of-"), ("pass", "pass@")):
-            j = max([0] + [j for j, k in enumerate(bon["k"]) if paths_cost(bon, key, k) <= cost])
-            out[f"{m} - paths {name}{bon['k'][j]} (equal tokens)"] = paired_difference(
-                t["right"], bon[key][j])
+        j = max([0] + [j for j, k in enumerate(bon["k"]) if paths_cost(bon, "best", k) <= cost])
+        out[f"{m} - paths best-of-{bon['k'][j]} (equal tokens)"] = paired_difference(
+            t["right"], bon["best"][j])
+        k, right = pass_within(bon, cost)
+        out[f"{m} - paths pass@{k} (equal tokens)"] = paired_difference(t["right"], right)
+        for name in ("random DFS", "teacher"):
+            if name in symbolic:
+                out[f"{m} - {name} (equal tokens)"] = paired_difference(
+                    t["right"], solved_within(symbolic[name], cost)[1])
         out[f"{m} - paths greedy"] = paired_difference(t["right"], paths["right"])
     if len(its) > 1:
         out[f"{its[-1]['model']} - {its[0]['model']}"] = paired_difference(
@@ -259,21 +305,27 @@ def headline_differences(rows):
 
 def plot(path, rows, calculator):
     """sos.png: accuracy against tokens per problem, the paths model's best-of-N and pass@N
-    curves and one point per trace model."""
+    curves, the symbolic searches' (solved within x tokens), one point per trace model."""
     sos = [r for r in rows if r.get("kind") == "sos"]
     bon = next(r for r in sos if r["model"] == "paths")["best_of_n"]
     with figure(path, figsize=(6.5, 4)) as (fig, ax):
-        # the paths model's curves against tokens, then a point per trace model
+        # the programs' and the paths model's curves against tokens, a point per trace model
+        for r in (r for r in rows if r.get("kind") == "symbolic"):  # stopped at C tokens
+            at = [(sum(min(t, C) for t in r["tokens"]) / len(r["tokens"]),
+                   sum(f and t <= C for t, f in zip(r["tokens"], r["found"])) / len(r["tokens"]))
+                  for C in sorted(set(r["tokens"]))]
+            ax.plot(*zip(*at), ls=":", color="black" if r["search"] == "teacher" else "gray",
+                    label=f"{r['search']} (a program, under the judge), stopped at a budget")
         ax.plot([paths_cost(bon, "best", k) for k in bon["k"]],
-                [sum(b) / len(b) for b in bon["best"]], marker="o",
+                [sum(b) / len(b) for b in bon["best"]], marker="o", color="C0",
                 label="optimal paths: best-of-N (own log-prob)")
         ax.plot([paths_cost(bon, "pass", k) for k in bon["k"]],
-                [sum(b) / len(b) for b in bon["pass"]], ls="--",
+                [sum(b) / len(b) for b in bon["pass"]], ls="--", color="C0",
                 marker=".", label="optimal paths: pass@N (exact check, no scoring pass)")
-        for r in sos:
-            if r["model"] != "paths":
-                ax.scatter([r["prompt_tokens"] + r["completion_tokens"]], [r["accuracy"]],
-                           marker="*", s=120, label=f"one search trace: {r['model']}")
+        for j, r in enumerate(r for r in sos if r["model"] != "paths"):
+            ax.scatter([r["prompt_tokens"] + r["completion_tokens"]], [r["accuracy"]],
+                       marker="*", s=120, color=f"C{j + 1}",
+                       label=f"one search trace: {r['model']}")
         ax.set_xscale("log", base=2)
         ax.set(xlabel="tokens processed per problem (prompt, sampled, written, scored)",
                ylabel="held-out accuracy",
@@ -298,7 +350,15 @@ def report(args, rows):
                      f"{f(r, 'right_after_dead_end')} | {f(r, 'line_errors')} | "
                      f"{f(r, 'false_goal_claims')} | {f(r, 'beyond_symbolic')} | "
                      f"{r['trained_tokens']} | {r['wall_s']} |")
-    # 2) the headline differences, and the picture
+    # 2) the symbolic searches, then the headline differences, and the picture
+    for r in (r for r in rows if r.get("kind") == "symbolic"):
+        n, last = len(r["found"]), sos[-1]
+        lines.append(f"| {r['search']} (a program, to its end) | {sum(r['found']) / n:.3f} | "
+                     f"{sum(r['tokens']) / n:.0f} | - | - | - | - | - | - | - |")
+        T = last["prompt_tokens"] + last["completion_tokens"]
+        C, right = solved_within(r, T)
+        lines.append(f"| {r['search']}, stopped at {C} tokens ({last['model']}'s mean) | "
+                     f"{sum(right) / n:.3f} | {T:.0f} | - | - | - | - | - | - | - |")
     lines += ["", "| comparison | difference (95% paired CI) |", "|---|---|"]
     lines += [f"| {k} | {with_ci(*d)} |" for k, d in headline_differences(rows).items()]
     if any(r["model"] == "paths" for r in sos):

@@ -38,6 +38,7 @@ Choices, on purpose:
 """
 
 import json
+import random
 import re
 from functools import lru_cache
 
@@ -393,7 +394,7 @@ def sum_near_target(after, target):
 
 
 HEURISTICS = {"near": near_target, "sum": sum_near_target}
-STRATEGIES = ("dfs-near", "dfs-sum", "bfs-2")  # "bfs-<k>" works for any beam width k >= 1
+STRATEGIES = ("dfs-near", "dfs-sum", "bfs-2", "dfs-random")  # and "bfs-<k>" for any width k >= 1
 
 
 def search_line(depth, step, after, target):
@@ -455,14 +456,18 @@ def _bfs(root, target, heuristic, width, out, budget):
     return None
 
 
-def search_trace(numbers, target, strategy="dfs-near", budget=DEFAULT_BUDGET):
+def search_trace(numbers, target, strategy="dfs-near", budget=DEFAULT_BUDGET, seed=0):
     """A symbolic search's trace as text, and whether it found the target: (text, found).
 
     strategy: "dfs-near" / "dfs-sum" (depth-first, children closest to the target first by
-    near_target / sum_near_target), or "bfs-<k>" (a beam of k states per level, near_target).
-    budget: the most trace lines before giving up. A failed trace ends with FAILED."""
+    near_target / sum_near_target), "dfs-random" (depth-first, the children in a uniformly
+    random order drawn from seed: the baseline a learned search must beat), or "bfs-<k>" (a
+    beam of k states per level, near_target). budget: the most trace lines before giving up. A
+    failed trace ends with FAILED."""
     kind, _, rest = strategy.partition("-")
-    if not (kind == "dfs" and rest in HEURISTICS
+    rng = random.Random(seed)
+    heuristics = {**HEURISTICS, "random": lambda after, target: rng.random()}
+    if not (kind == "dfs" and rest in heuristics
             or kind == "bfs" and rest.isdigit() and int(rest) >= 1):
         raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)} "
                          "(or bfs-<k>)")
@@ -470,7 +475,7 @@ def search_trace(numbers, target, strategy="dfs-near", budget=DEFAULT_BUDGET):
     if len(root) <= 1:
         path = [] if root == (target,) else None  # nothing to search
     elif kind == "dfs":
-        path = _dfs(root, target, HEURISTICS[rest], 0, [], out, budget)
+        path = _dfs(root, target, heuristics[rest], 0, [], out, budget)
     else:
         path = _bfs(root, target, near_target, int(rest), out, budget)
     if path is None:

@@ -283,8 +283,22 @@ def test_countdown_checkers_are_total():
 
 # Tokens (len(encode(text))) of the trace at DEFAULT_BUDGET = 24 lines, over 200 3-number
 # problems (sample_problems seed 0), as measured: dfs-near mean 109.5, max 357; dfs-sum mean
-# 104.4, max 359; bfs-2 mean 221.7, max 318. The bounds below leave a margin.
-LENGTH_BOUNDS = {"dfs-near": (130, 400), "dfs-sum": (130, 400), "bfs-2": (250, 400)}
+# 104.4, max 359; bfs-2 mean 221.7, max 318; dfs-random (seed 0) mean 177.2, max 360. The
+# bounds below leave a margin.
+LENGTH_BOUNDS = {"dfs-near": (130, 400), "dfs-sum": (130, 400), "bfs-2": (250, 400),
+                 "dfs-random": (210, 400)}
+
+
+def test_random_dfs_is_seeded_and_complete():
+    # the same seed the same trace, other seeds other move orders; with no line budget it finds
+    # every reachable target (it is exhaustive); its heuristic orders are no better than chance
+    ps = sample_problems("countdown", 60, [3, 4], seed=4)
+    for p in ps:
+        assert search_trace(*p.data, "dfs-random", seed=3) == search_trace(*p.data, "dfs-random",
+                                                                           seed=3)
+        assert search_trace(*p.data, "dfs-random", budget=10 ** 6)[1] == reachable(*p.data)
+    firsts = {search_trace(*ps[0].data, "dfs-random", seed=s)[0].split("\n")[0] for s in range(20)}
+    assert len(firsts) > 5  # the first move tried varies with the seed
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -391,15 +405,43 @@ SOS_RUN = ["--method", "sos", "--n-train", "12", "--n-unlabeled", "6", "--n-test
            "--train-difficulty", "2", "--test-difficulty", "2", "--batch-size", "4"]
 
 
+def test_sos_compares_at_equal_tokens_with_integer_k_and_the_programs():
+    # a sample costs 20 tokens and the prompt 10 once: a trace of 75 tokens matches k = 3
+    # (70 tokens), not the power of 2 below; a program is right where it answers within 75
+    import sos
+    pass1 = [0.0, 0.25, 0.5, 1.0]  # of N = 4 samples
+    bon = {"k": [1, 2, 4], "best": [pass1] * 3, "pass": [pass1] * 3,
+           "tokens": {"prompt": 10.0, "sampled": 20.0, "scored": 5.0}}
+    k, right = sos.pass_within(bon, 75)
+    assert k == 3 and right == [0.0, 0.75, 1.0, 1.0]  # 1 - C(4-c, 3) / C(4, 3)
+    rows = [{"kind": "sos", "model": "paths", "right": [0, 0, 1, 1], "best_of_n": bon},
+            {"kind": "sos", "model": "traces 0", "right": [1, 1, 1, 0], "prompt_tokens": 10,
+             "completion_tokens": 65},
+            {"kind": "symbolic", "search": "random DFS", "tokens": [60, 80, 90, 70],
+             "found": [1, 1, 0, 1]}]
+    # stopped at C = 80 the program spends (60 + 80 + 80 + 70) / 4 = 72.5 <= 75 (at 90: 75, and
+    # 90 is a failure's length: it stops there, not found)
+    assert sos.solved_within(rows[2], 75) == (90, [1, 1, 0, 1])
+    assert sos.solved_within(rows[2], 72.5) == (80, [1, 1, 0, 1])
+    assert sos.solved_within(rows[2], 70) == (70, [1, 0, 0, 1])  # 67.5
+    got = {name: d for name, (d, _) in sos.headline_differences(rows).items()}
+    assert got["traces 0 - paths pass@3 (equal tokens)"] == (1 + 0.25 + 0 - 1) / 4
+    assert got["traces 0 - random DFS (equal tokens)"] == (0 + 0 + 1 - 1) / 4
+    assert got["traces 0 - paths best-of-2 (equal tokens)"] == (1 + 0.75 + 0.5 - 1) / 4
+
+
 def test_sos_runs_end_to_end_and_resumes(tmp_path):
     import os
 
+    import sos
     import train
     from common import read_jsonl
     out = str(tmp_path / "run")
     train.main(SOS_RUN + ["--out", out])
     rows = read_jsonl(os.path.join(out, "metrics.jsonl"))
-    assert [r["model"] for r in rows] == ["paths", "traces 0", "traces 1"]
+    assert [r.get("model", r.get("search")) for r in rows] == ["paths", "traces 0", "traces 1",
+                                                             "teacher", "random DFS"]
+    assert "traces 1 - random DFS (equal tokens)" in sos.headline_differences(rows)
     assert rows[0]["best_of_n"]["k"] == [1, 2] and len(rows[0]["right"]) == 6
     assert rows[1]["trained_tokens"] > rows[0]["trained_tokens"]  # traces are longer
     for name in ["summary.md", "sos.png", "traces_iter1.pt", "samples_traces1.txt"]:
