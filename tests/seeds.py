@@ -102,8 +102,9 @@ def main():
     print("|---" * (len(args.runs) + 3) + "|")
     for name in per_run[0]:
         cells = [r.get(name) for r in per_run]
-        up = sum(c is not None and c[1][0] > 0 for c in cells)
-        down = sum(c is not None and c[1][1] < 0 for c in cells)
+        # above (below) 0 as printed: an interval bound of +0.000 to three places is not
+        up = sum(c is not None and round(c[1][0], 3) > 0 for c in cells)
+        down = sum(c is not None and round(c[1][1], 3) < 0 for c in cells)
         text = ["-" if c is None else with_ci(*c) for c in cells]
         print(f"| {name} | " + " | ".join(text) + f" | {up} | {down} |")
     if args.method == "vstar":  # the regime map, pooled over the runs
