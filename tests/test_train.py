@@ -206,5 +206,5 @@ def test_help_shows_the_values_the_run_uses(method, preset, capsys, monkeypatch)
     assert shown["--out"] == args.out and shown["--task"] == args.task
     for name, value in train.METHOD_DEFAULTS[method][preset].items():
         if train.FLAG_OF[name] not in ("--no-rationalize", "--continue-training", "--compile",
-                                       "--direct-baseline", "--controls"):
+                                       "--direct-baseline", "--controls", "--no-step-control"):
             assert shown[train.FLAG_OF[name]] == str(value), name
