@@ -198,9 +198,8 @@ def sample(model, task, problems, hint=False, n=1, temperature=0.0, batch_size=2
     """n completions per problem (end-of-text stripped), and a TokenCount of the tokens the
     model processed: sampled (a tool's writes included, and counted as `written` by the
     sampler) and prompt (encoded once per batch for all of a problem's samples, whose cache
-    rows share it). Sample j of problem i is drawn with
-    seed_for(seed, i, j) in any batch; under torchrun each process samples its share, and
-    every process gets all texts and the whole count."""
+    rows share it). Sample j of problem i is drawn with seed_for(seed, i, j) in any batch; under
+    torchrun each process samples its share, and every process gets all texts and the count."""
     # 1) this process's (difficulty, problem, sample) jobs, sorted so a batch has one length
     device = next(model.parameters()).device
     jobs = sorted((problems[i].difficulty, i, j) for i in my_share(len(problems))
