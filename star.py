@@ -455,18 +455,21 @@ def run(args, task, P, D, test, out, device, new_model):
 
 
 def run_step_control(args, task, P, test, out, start_path, device):
-    """What more steps alone buy: M0 fine-tuned on P alone for as many steps as the last STaR
-    model had beyond M0 (its iteration's; every iteration's with --continue-training, in one
-    schedule). What the kept rationales add is M(N) minus this, on the same test problems."""
+    """What more steps alone buy: M0 fine-tuned on P alone (its hinted copies too) as the last
+    STaR model was beyond M0: its iteration's steps, or with --continue-training every
+    iteration's, one schedule each, chained. What the kept rationales add is M(N) minus this,
+    on the same test problems."""
     if committed(out, "kind", kind="control"):
         return
     t0, N = time.time(), args.iterations
-    steps = iteration_steps(args, N) if args.restart else \
-        sum(iteration_steps(args, n) for n in range(1, N + 1))
     model = load_checkpoint(start_path, device)[0]
-    loss = finetune(model, gold_examples(task, P), steps, args.lr, args.batch_size,
-                    seed=seed_for(args.seed, "control"), desc="step-matched control",
-                    compile=args.compile)
+    runs = [N] if args.restart else range(1, N + 1)
+    for n in runs:
+        seed = seed_for(args.seed, "control") if n == N else seed_for(args.seed, "control", n)
+        loss = finetune(model, gold_examples(task, P), iteration_steps(args, n), args.lr,
+                        args.batch_size, seed=seed, desc="step-matched control",
+                        compile=args.compile)
+    steps = sum(iteration_steps(args, n) for n in runs)
     row, _ = held_out_results(model.eval(), task, test, args)
     commit(out, t0, {"kind": "control", **row, "train_steps": steps, "train_loss": loss})
     tqdm.write(f"step-matched control (P alone, {steps} more steps): accuracy "
@@ -503,7 +506,7 @@ def summary_table(rows, difficulties):
     """Markdown: each iteration's (the control's, the direct baseline's) accuracy per
     difficulty, then the last iteration against the step-matched control, paired."""
     lines = ["| model | " + " | ".join(f"d={d}" for d in difficulties) + " | all | kept "
-             "(gen+rat) | kept, every step right | steps | wall s |",
+             "(gen+rat) | share of kept, every step right | steps | wall s |",
              "|" + "---|" * (len(difficulties) + 6)]
     for r in rows:
         n = r.get("iteration")

@@ -123,6 +123,48 @@ def test_kept_rationales_with_a_wrong_step_are_counted_apart(loop_setup, monkeyp
     assert len(kept) == len(D) and stats["kept_steps_ok"] == 0.5  # the answer check keeps all
 
 
+def test_kept_share_counts_rationalized_samples_too(loop_setup, monkeypatch):
+    # odd problems fail alone and pass with the hint; every hinted sample has a wrong first step
+    task, P, D, args, model, start = loop_setup
+
+    def sample(model, task_, problems, hint=False, n=1, **kw):
+        texts = []
+        for i, p in enumerate(problems):
+            steps = task.rationale(p)
+            if hint:
+                steps = ["9+9+0=0 0 C0"] + steps[1:]
+            right = hint or D.index(p) % 2 == 0
+            texts.append([task.completion(steps, p.answer if right else "0")] * n)
+        return texts, TokenCount()
+    monkeypatch.setattr(star, "sample", sample)
+    monkeypatch.setattr(star, "finetune", lambda *a, **k: 0.0)
+    _, kept, stats = star.star_iteration(model, start, task, P, D, args, 1, "cpu")
+    assert stats["kept_generated"] == stats["kept_rationalized"] == 5
+    assert stats["kept_steps_ok"] == 0.5  # the 5 rationalized ones have a wrong step
+
+
+@pytest.mark.parametrize("restart", [True, False])
+def test_step_control_starts_at_m0_and_trains_the_last_models_steps(loop_setup, monkeypatch,
+                                                                    restart, tmp_path):
+    task, P, D, args, model, start = loop_setup
+    args.restart, args.iterations = restart, 2
+    m0 = model.transformer.wte.weight.detach().clone()
+    runs = []
+
+    def record(m, examples, steps, *a, **k):
+        runs.append((m.transformer.wte.weight.detach().clone(), len(examples), steps))
+        with torch.no_grad():
+            m.transformer.wte.weight.add_(1.0)  # training moves the weights
+        return 0.0
+    monkeypatch.setattr(star, "finetune", record)
+    monkeypatch.setattr(star, "held_out_results", lambda *a: ({"accuracy": 0.0, "right": []}, []))
+    star.run_step_control(args, task, P, [], str(tmp_path), start, "cpu")
+    assert torch.equal(runs[0][0], m0) and all(n == 2 * len(P) for _, n, _ in runs)  # P, hinted
+    assert [s for _, _, s in runs] == ([10] if restart else [8, 10])  # M2's steps beyond M0
+    row = read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))[0]
+    assert row["kind"] == "control" and row["train_steps"] == (10 if restart else 18)
+
+
 @pytest.mark.parametrize("restart", [True, False])
 def test_restart_and_continue_start_from_the_right_weights(loop_setup, monkeypatch, restart):
     task, P, D, args, model, start = loop_setup
