@@ -495,13 +495,8 @@ def evaluate_pool(model, task, test, scorers, budgets, args):
     n, learned, mine = args.eval_samples, ("learned recheck", *LEARNED), list(my_share(len(test)))
     # 1) the pool: sample j of problem i from seed_for(seed, "pool", i, j); the learned scorers'
     # values; each problem's tokens sampled, encoded and read; its difficulty on other samples
-    cost, spent, texts = TokenCount(), {name: TokenCount() for name in learned}, []
-    per_batch = max(1, args.sample_batch_size // n)
-    for c in tqdm(range(0, len(mine), per_batch), desc="pool of samples", leave=False):
-        chunk = mine[c:c + per_batch]
-        texts += rollouts(model, task, [(test[i], "") for i in chunk], [n] * len(chunk),
-                          args.temperature, [seed_for(args.seed, "pool", i, j) for i in chunk
-                                             for j in range(n)], cost)
+    cost, spent = TokenCount(), {name: TokenCount() for name in learned}
+    texts = samples_of(model, task, test, mine, n, "pool", args, cost)
     flat = [(test[i], t, True) for j, i in enumerate(mine) for t in texts[j * n:(j + 1) * n]]
     value = values_of(scorers, learned, flat, spent)
     probe = difficulty(model, task, test, mine, scorers, args)
@@ -549,17 +544,24 @@ def evaluate_pool(model, task, test, scorers, budgets, args):
                         for (m, s), r in by_method.items()]
 
 
+def samples_of(model, task, test, mine, n, stream, args, cost):
+    """n samples of each of this process's test problems (indices mine), in batches, counted
+    into cost: sample j of problem i from seed_for(run's seed, stream, i, j)."""
+    texts, per_batch = [], max(1, args.sample_batch_size // n)
+    for c in tqdm(range(0, len(mine), per_batch), desc=f"{stream} samples", leave=False):
+        chunk = mine[c:c + per_batch]
+        texts += rollouts(model, task, [(test[i], "") for i in chunk], [n] * len(chunk),
+                          args.temperature, [seed_for(args.seed, stream, i, j) for i in chunk
+                                             for j in range(n)], cost)
+    return texts
+
+
 def difficulty(model, task, test, mine, scorers, args):
     """Snell et al.'s difficulty of each of this process's test problems, on --bin-samples
     samples apart from the pool (uncharged, as theirs): {index: (the share right, its pass@1;
     the mean value by learned recheck x generator, which reads no answer)}."""
-    n, texts = args.bin_samples, []
-    per_batch = max(1, args.sample_batch_size // n)
-    for c in range(0, len(mine), per_batch):
-        chunk = mine[c:c + per_batch]
-        texts += rollouts(model, task, [(test[i], "") for i in chunk], [n] * len(chunk),
-                          args.temperature, [seed_for(args.seed, "difficulty", i, j)
-                                             for i in chunk for j in range(n)], TokenCount())
+    n = args.bin_samples
+    texts = samples_of(model, task, test, mine, n, "difficulty", args, TokenCount())
     items = [(test[i], t, True) for j, i in enumerate(mine) for t in texts[j * n:(j + 1) * n]]
     value = values_of(scorers, (*FACTORS, PRODUCT), items, defaultdict(TokenCount))[PRODUCT]
     return {i: (sum(rightness(task, [test[i]] * n, texts[j * n:(j + 1) * n])) / n,

@@ -106,18 +106,24 @@ def test_rejected_samples_never_enter_the_training_set(loop_setup, monkeypatch):
     assert stats["kept_rationalized"] == 2
 
 
+def step_sampler(task, D, wrong_step, right):
+    """Stand-in for star.sample on D's problems: the gold rationale, its first step wrong where
+    wrong_step(index in D, hint), ending in the right answer where right(index, hint), else 0."""
+    def sample(model, task_, problems, hint=False, n=1, **kw):
+        texts = []
+        for p in problems:
+            i, steps = D.index(p), task.rationale(p)
+            steps = ["9+9+0=0 0 C0"] + steps[1:] if wrong_step(i, hint) else steps
+            texts.append([task.completion(steps, p.answer if right(i, hint) else "0")] * n)
+        return texts, TokenCount()
+    return sample
+
+
 def test_kept_rationales_with_a_wrong_step_are_counted_apart(loop_setup, monkeypatch):
     # every sample has the right answer; on even problems its first step is wrong
     task, P, D, args, model, start = loop_setup
-
-    def sample(model, task_, problems, hint=False, n=1, **kw):
-        texts = []
-        for i, p in enumerate(problems):
-            steps = task.rationale(p)
-            steps = (["9+9+0=0 0 C0"] + steps[1:]) if i % 2 == 0 else steps
-            texts.append([task.completion(steps, p.answer)] * n)
-        return texts, TokenCount()
-    monkeypatch.setattr(star, "sample", sample)
+    monkeypatch.setattr(star, "sample", step_sampler(task, D, lambda i, hint: i % 2 == 0,
+                                                     lambda i, hint: True))
     monkeypatch.setattr(star, "finetune", lambda *a, **k: 0.0)
     _, kept, stats = star.star_iteration(model, start, task, P, D, args, 1, "cpu")
     assert len(kept) == len(D) and stats["kept_steps_ok"] == 0.5  # the answer check keeps all
@@ -126,17 +132,8 @@ def test_kept_rationales_with_a_wrong_step_are_counted_apart(loop_setup, monkeyp
 def test_kept_share_counts_rationalized_samples_too(loop_setup, monkeypatch):
     # odd problems fail alone and pass with the hint; every hinted sample has a wrong first step
     task, P, D, args, model, start = loop_setup
-
-    def sample(model, task_, problems, hint=False, n=1, **kw):
-        texts = []
-        for i, p in enumerate(problems):
-            steps = task.rationale(p)
-            if hint:
-                steps = ["9+9+0=0 0 C0"] + steps[1:]
-            right = hint or D.index(p) % 2 == 0
-            texts.append([task.completion(steps, p.answer if right else "0")] * n)
-        return texts, TokenCount()
-    monkeypatch.setattr(star, "sample", sample)
+    monkeypatch.setattr(star, "sample", step_sampler(task, D, lambda i, hint: hint,
+                                                     lambda i, hint: hint or i % 2 == 0))
     monkeypatch.setattr(star, "finetune", lambda *a, **k: 0.0)
     _, kept, stats = star.star_iteration(model, start, task, P, D, args, 1, "cpu")
     assert stats["kept_generated"] == stats["kept_rationalized"] == 5
