@@ -2,20 +2,23 @@
 Quiet-STaR (Zelikman et al. 2024, arXiv 2403.09629; Algorithm 1 and ezelikman/quiet-star): the
 model thinks after every token and learns which thoughts help it predict the text. Here a tiny GPT
 learns chain-task lines, half of which show their work ("8+8*8+5:(6,8,3)3"), and is measured on
-the answers of bare held-out lines ("8+8*8+5=3") against a plain continuation (same data and
-steps, not equal compute) and against the base's own thoughts before training.
+the answers of bare held-out lines ("8+8*8+5=3"). The thinking arm is compared with what the
+same steps give without Quiet-STaR: the plain arm (a continuation without thoughts), the plain
+arm's own greedy thoughts mixed in at a fixed w = 1, and a thinking arm without REINFORCE.
 
     base = base_stage(text)              # then the diagnostic: its own thoughts at w = 0 and 1
-    plain, quiet, head = load_arms(base)
-    for s in range(think_steps):         # think_training: both arms, the same batch and lr
+    arms = load_arms(base)               # plain; quiet + mixing head; no_reinforce + a copy
+    for s in range(think_steps):         # think_training: every arm, the same batch and lr
         lm_step(plain, batch)
         th = think(quiet, head, batch)   # a thought after every position, all in parallel
         quiet_star_step: quiet_star_loss(th) = NLL(base) + NLL(mixed) + REINFORCE(thoughts)
-        every eval_every steps: save_arms, then commit(evaluate_arms(plain, quiet))
+        the same step for no_reinforce, REINFORCE's weight 0
+        every eval_every steps: save_arms, then commit(evaluate_arms(arms))
 
 Run: python train.py --method quiet_star     (python train.py --method quiet_star --help: its flags)
 """
 
+import argparse
 import copy
 import math
 import os
@@ -26,18 +29,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (all_gather, autocast, bootstrap_ci, checked, commit, committed, figure, flag,
-                    is_main, load_checkpoint, lr_at, non_negative, optimizer_step, positive,
-                    presets, rank_world, read_jsonl, save_checkpoint, seed_for, setting, with_ci,
-                    wrap_ddp, write_atomic)
+from common import (SWITCH, all_gather, autocast, bootstrap_ci, checked, commit, committed,
+                    figure, flag, is_main, load_checkpoint, lr_at, non_negative, optimizer_step,
+                    positive, presets, rank_world, read_jsonl, save_checkpoint, seed_for, setting,
+                    with_ci, wrap_ddp, write_atomic)
 from model import GPT, ConcatCache, get_config, sample_token
 from tasks import EOT, EOTH, PAD, SOT, TOKENIZER, decode, encode, held_out, sample_problems
 from tasks.text import line, pack, scratch, show_work
 
 # Every flag quiet_star takes beyond train.py's own, with its value per preset (tiny, small, gpu).
-# The loss weights and the meta-token multiplier are the official code's; thoughts are as long as
-# the work at the training difficulty ("6,8,3": 5), and the base trains until its own thoughts are
-# that work; the tiny preset thinks at every second position to fit two CPU cores.
+# The loss weights, the meta-token multiplier and the neutral start are the official code's;
+# thoughts are as long as the work at the training difficulty ("6,8,3": 5); the tiny preset's
+# steps, and thinking at every third position, fit two CPU cores in 7 minutes.
 FLAGS = [
     setting("--task", "chain"),
     setting("--train-difficulty", ("3", "4", "6")),  # steps per line
@@ -49,16 +52,16 @@ FLAGS = [
          "share of text lines that show their work (0: none)"),
     flag("--seq-len", positive(int), (48, 64, 128), "tokens per sequence (whole lines, padded)"),
     # stage 1: the base language model, from scratch
-    flag("--base-steps", positive(int), (1500, 3000, 5000), "training steps of the base model"),
+    flag("--base-steps", positive(int), (1200, 3000, 5000), "training steps of the base model"),
     flag("--batch-size", positive(int), (32, 32, 64), "sequences per training step"),
     flag("--lr", positive(float), (2e-3, 1e-3, 1e-3), "peak learning rate of the base"),
     # stage 2: Quiet-STaR and the plain arm side by side
-    flag("--think-steps", positive(int), (200, 500, 2000), "steps after the base (both arms)"),
-    flag("--continue-lr", positive(float), (5e-4, 3e-4, 3e-4), "peak lr after the base, both arms"),
+    flag("--think-steps", positive(int), (120, 500, 2000), "steps after the base (every arm)"),
+    flag("--continue-lr", positive(float), (5e-4, 3e-4, 3e-4), "peak lr after the base, every arm"),
     flag("--thought-len", non_negative(int), (5, 7, 11), "sampled tokens between start and end"),
     flag("--n-true", positive(int), 2, "true tokens teacher-forced after a thought (reward, loss)"),
     flag("--n-thoughts", positive(int), 2, "thoughts sampled per position (the reward's baseline)"),
-    flag("--think-stride", positive(int), (2, 1, 1), "think every k-th training position (1: all)"),
+    flag("--think-stride", positive(int), (3, 1, 1), "think every k-th training position (1: all)"),
     flag("--thought-temperature", positive(float), 1.0, "temperature of sampled training thoughts"),
     flag("--base-weight", float, 0.5, "weight of the base next-token NLL (the official code: 0.5)"),
     flag("--mixed-weight", float, 0.5, "weight of the mixed NLL over the n_true tokens (0.5)"),
@@ -66,11 +69,14 @@ FLAGS = [
     flag("--meta-lr-mult", positive(float), 100.0, "meta-token embeddings learn this much faster"),
     flag("--meta-max-change", positive(float), 0.01,
          "largest meta-token row step, x the median row norm (inf: unbounded, the official code)"),
-    flag("--meta-init", ["paren", "dash"], "paren", "start as '(' and ')', or both '-' (paper)"),
+    flag("--meta-init", ["dash", "paren"], "dash",
+         "start both as '-' (the paper's neutral '---'), or as '(' and ')', the work's brackets"),
     flag("--mixing", ["tanh", "linear", "sigmoid"], "tanh",
          "mixing weight bound: tanh (-1..1), linear (none, the official code), sigmoid (0..1)"),
     flag("--head-lr-mult", positive(float), 20.0, "the mixing head learns this much faster"),
-    flag("--eval-every", positive(int), (50, 100, 200), "steps between evaluations (metrics rows)"),
+    flag("--no-control-arm", SWITCH, True, "skip the thinking arm trained without REINFORCE "
+         "(its weight 0) beside the others", dest="control_arm"),
+    flag("--eval-every", positive(int), (60, 100, 200), "steps between evaluations (metrics rows)"),
 ]
 DEFAULTS = presets(FLAGS)
 META = [SOT, EOTH]
@@ -136,9 +142,9 @@ def target_logp(logits, y):
 # think_naive() one position at a time (the reference)
 
 
-def init_meta_tokens(model, how="paren"):
-    """Start and end of thought start as "(" and ")", the brackets of the work (how="paren"), or
-    both as the pause "-" (how="dash": the paper's "---" in a character vocabulary)."""
+def init_meta_tokens(model, how="dash"):
+    """Start and end of thought start both as the pause "-" (how="dash": the paper's "---" in a
+    character vocabulary), or as "(" and ")", the brackets of the work (how="paren")."""
     start, end = "()" if how == "paren" else "--"
     with torch.no_grad():
         wte = model.transformer.wte.weight
@@ -472,82 +478,105 @@ def base_stage(args, task, cfg, data, test_keys, path, out, device):
     tqdm.write(diagnostic(row))
 
 
+ARMS = ("plain", "quiet", "no_reinforce")  # stage 2's arms, in the order they step
+
+
 def load_arms(args, cfg, path, start, device):
-    """Stage 2's arms (plain, opt_p, quiet, head, opt_q): the continuation, and the thinking arm
-    with its mixing head (head_lr_mult x faster); the base at start 0, else as committed then."""
-    plain, ck = load_checkpoint(path("base" if start == 0 else "plain", start), device)
-    quiet, ckq = load_checkpoint(path("base" if start == 0 else "quiet", start), device)
-    head = MixingHead(cfg.n_embd, args.mixing).to(device)
-    if start == 0:
-        init_meta_tokens(quiet, args.meta_init)
-    opt_p = plain.configure_optimizer(args.continue_lr)
-    opt_q = quiet.configure_optimizer(args.continue_lr)
-    opt_q.add_param_group({"params": list(head.parameters()), "weight_decay": 0.0,
-                           "lr_mult": args.head_lr_mult})
-    if start > 0:
-        head.load_state_dict(ckq["extra"]["head"])
-        opt_q.load_state_dict(ckq["extra"]["opt"])
-        opt_p.load_state_dict(ck["extra"]["opt"])
-    return plain, opt_p, quiet, head, opt_q
+    """Stage 2's arms, name -> (model, mixing head or None, optimiser): the plain continuation,
+    the thinking arm and (--control-arm) a thinking arm without REINFORCE from the same head; a
+    head learns head_lr_mult x faster. From the base at start 0, else as committed then."""
+    arms = {}
+    for name in ARMS if args.control_arm else ARMS[:2]:
+        model, ck = load_checkpoint(path("base" if start == 0 else name, start), device)
+        opt, head = model.configure_optimizer(args.continue_lr), None
+        if name != "plain":
+            head = copy.deepcopy(arms["quiet"][1]) if name != "quiet" else \
+                MixingHead(cfg.n_embd, args.mixing).to(device)
+            opt.add_param_group({"params": list(head.parameters()), "weight_decay": 0.0,
+                                 "lr_mult": args.head_lr_mult})
+            if start == 0:
+                init_meta_tokens(model, args.meta_init)
+        if start > 0:
+            opt.load_state_dict(ck["extra"]["opt"])
+            if head is not None:
+                head.load_state_dict(ck["extra"]["head"])
+        arms[name] = (model, head, opt)
+    return arms
 
 
 def save_arms(arms, path, step, task, bare, args, out):
-    """Both arms' checkpoints at step (a step in the name: one written just before an
-    interruption is never taken as committed), and a few thoughts to read."""
-    plain, opt_p, quiet, head, opt_q = arms
-    save_checkpoint(path("plain", step), plain, TOKENIZER, extra={"opt": opt_p.state_dict()})
-    save_checkpoint(path("quiet", step), quiet, TOKENIZER,
-                    extra={"head": head.state_dict(), "opt": opt_q.state_dict()})
+    """Every arm's checkpoint at step (a step in the name: one written just before an
+    interruption is never taken as committed), and a few of the thinking arm's thoughts."""
+    for name, (model, head, opt) in arms.items():
+        extra = {"opt": opt.state_dict()} | ({} if head is None else {"head": head.state_dict()})
+        save_checkpoint(path(name, step), model, TOKENIZER, extra=extra)
     write_atomic(os.path.join(out, f"samples_step{step}.txt"),
-                 thought_samples(quiet, head, task, bare, args.thought_len))
+                 thought_samples(*arms["quiet"][:2], task, bare, args.thought_len))
 
 
 def evaluate_arms(arms, data, args, step, stats, base_w1):
-    """The "eval" row at step: both arms, their paired change, the change over the base's own
-    thoughts at a fixed w = 1 (what training added), and the mean training stats since the last."""
-    plain, _, quiet, head, _ = arms
+    """The "eval" row at step: every arm, the plain arm's own greedy thoughts at a fixed w = 1
+    (its meta-tokens as they start), the thinking arm's paired change over each of them and over
+    the base's fixed w = 1 thoughts, and its mean training stats since the last row."""
     shares = all_gather({k: sum(d[k] for d in stats) / len(stats) for k in stats[0]})
     mean = {k: sum(m[k] for m in shares) / len(shares) for k in shares[0]}  # over processes
     row = {"kind": "eval", "step": step, "tokens_seen": step * args.batch_size * args.seq_len,
-           "plain": evaluate_answers(plain, None, data, args),
-           "quiet": evaluate_answers(quiet, head, data, args),
            "train": mean}
-    row["change"] = paired_change(row["quiet"], row["plain"])
+    for name, (model, head, _) in arms.items():
+        row[name] = evaluate_answers(model, head, data, args)
+    own = copy.deepcopy(arms["plain"][0])
+    init_meta_tokens(own, args.meta_init)
+    row["plain_w1"] = evaluate_answers(own, FixedHead(1.0), data, args)
+    for key, other in (("change", "plain"), ("vs_plain_w1", "plain_w1"),
+                       ("vs_no_reinforce", "no_reinforce")):
+        if other in row:
+            row[key] = paired_change(row["quiet"], row[other])
     row["vs_fixed"] = paired_change(row["quiet"], base_w1)
     return row
 
 
 def think_training(args, task, arms, data, bare, test_keys, path, out, start):
-    """Stage 2 from step start, both arms on the same batches and rates; returns nothing."""
-    # 1) both arms in training mode (DDP under torchrun), and the base's fixed w = 1 measures
-    plain, opt_p, quiet, head, opt_q = arms
-    device = next(plain.parameters()).device
-    plain.train(), quiet.train()
-    forward, thinker = wrap_ddp(plain), wrap_ddp(Thinker(quiet, head))  # torchrun: DDP
+    """Stage 2 from step start, every arm on the same batches and rates; returns nothing."""
+    # 1) the arms in training mode (DDP under torchrun), REINFORCE's weight per arm, and the
+    # base's fixed w = 1 measures
+    device = next(arms["plain"][0].parameters()).device
+    forward = {}
+    for name, (model, head, _) in arms.items():
+        model.train()
+        forward[name] = wrap_ddp(model if head is None else Thinker(model, head))  # torchrun: DDP
+    loss_args = {"quiet": args,
+                 "no_reinforce": argparse.Namespace(**{**vars(args), "reinforce_weight": 0.0})}
     metrics = os.path.join(out, "metrics.jsonl")
     base_w1 = next(r for r in read_jsonl(metrics) if r["kind"] == "base")["w=1"]
     t0, stats, prev = time.time(), [], start  # prev: the step of the newest committed models
     bar = tqdm(range(start, args.think_steps), desc="Quiet-STaR", leave=False, dynamic_ncols=True)
     for s in bar:
-        # 2) a step of each arm on this batch, at this learning rate
+        # 2) a step of each arm on this batch, at this learning rate (the thinking arm's stats)
         seqs = train_batch(task, args, s, test_keys).to(device)
         lr = lr_at(s, args.think_steps, args.continue_lr, warmup=args.think_steps // 10 + 1)
-        lm_step(forward, opt_p, seqs, lr)
-        stats.append(quiet_star_step(quiet, head, opt_q, seqs, lr, s, args, thinker))
+        for name, (model, head, opt) in arms.items():
+            if head is None:
+                lm_step(forward[name], opt, seqs, lr)
+                continue
+            st = quiet_star_step(model, head, opt, seqs, lr, s, loss_args[name], forward[name])
+            if name == "quiet":
+                stats.append(st)
         if s % 5 == 0:
             bar.set_postfix({k: f"{v:.3f}" for k, v in stats[-1].items()})
         if (s + 1) % args.eval_every and s + 1 != args.think_steps:
             continue
         # 3) every eval_every steps and the last: save, commit the "eval" row, drop older models
-        plain.eval(), quiet.eval()
+        for model, _, _ in arms.values():
+            model.eval()
         save_arms(arms, path, s + 1, task, bare, args, out)
         commit(out, t0, evaluate_arms(arms, data, args, s + 1, stats, base_w1))
-        for arm in ("plain", "quiet"):  # the older models (base's stay)
-            if prev > 0 and is_main() and os.path.exists(path(arm, prev)):
-                os.remove(path(arm, prev))
+        for name in arms:  # the older models (base's stay)
+            if prev > 0 and is_main() and os.path.exists(path(name, prev)):
+                os.remove(path(name, prev))
         prev = s + 1
         tqdm.write(table_row(read_jsonl(metrics)[-1]))  # the row just committed
-        plain.train(), quiet.train()
+        for model, _, _ in arms.values():
+            model.train()
         t0, stats = time.time(), []
 
 
@@ -571,7 +600,7 @@ def run(args, task, P, D, test, out, device, new_model):
         tqdm.write(f"resuming {out} after step {start}")
     arms = load_arms(args, cfg, path, start, device)
     think_training(args, task, arms, data, bare, test_keys, path, out, start)
-    return arms[2:4]  # quiet, head
+    return arms["quiet"][:2]  # quiet, head
 
 # -----------------------------------------------------------------------------
 # Report: the plot of both measures over training, and the table
@@ -586,42 +615,48 @@ def diagnostic(base):
             f"{w1['accuracy']:.3f}.")
 
 
-TABLE_HEAD = ("| step | NLL, thoughts | NLL, plain arm | NLL change (95% CI) | acc, thoughts | "
-              "acc, plain arm | acc change (95% CI) | acc over the base's fixed w = 1 thoughts "
-              "(95% CI) | mixing w | wall s |\n" + "|---" * 10 + "|")
+TABLE_HEAD = ("| step | acc, thinking | acc, plain arm | acc, plain arm's own thoughts (w = 1) | "
+              "acc, no REINFORCE | thinking - plain's own thoughts (95% CI) | thinking - no "
+              "REINFORCE (95% CI) | thinking - plain arm (95% CI) | answer NLL, thinking - plain "
+              "arm (95% CI) | mixing w, thinking / no REINFORCE | wall s |\n" + "|---" * 11 + "|")
 
 
 def table_row(r):
-    """An "eval" row as a line of the table under TABLE_HEAD."""
-    q, p, c, f = r["quiet"], r["plain"], r["change"], r.get("vs_fixed")
-    fixed = "-" if f is None else with_ci(f["acc"], f["acc_ci"])
-    return (f"| {r['step']} | {q['answer_nll']:.4f} | {p['answer_nll']:.4f} | "
-            f"{c['nll_pct']:+.1f}% ({c['nll_pct_ci'][0]:+.1f} to {c['nll_pct_ci'][1]:+.1f}) | "
-            f"{q['accuracy']:.3f} | {p['accuracy']:.3f} | {c['acc']:+.3f} ({c['acc_ci'][0]:+.3f}"
-            f" to {c['acc_ci'][1]:+.3f}) | {fixed} | {q['mixing_weight']:+.3f} | {r['wall_s']} |")
+    """An "eval" row as a line of the table under TABLE_HEAD ("-" where a run has no such arm)."""
+    def cell(key, field, fmt):
+        return format(r[key][field], fmt) if key in r else "-"
+    acc = lambda key: cell(key, "accuracy", ".3f")  # noqa: E731
+    diff = lambda key: with_ci(r[key]["acc"], r[key]["acc_ci"]) if key in r else "-"  # noqa: E731
+    w = lambda key: cell(key, "mixing_weight", "+.3f")  # noqa: E731
+    c = r["change"]
+    return (f"| {r['step']} | {acc('quiet')} | {acc('plain')} | {acc('plain_w1')} | "
+            f"{acc('no_reinforce')} | {diff('vs_plain_w1')} | {diff('vs_no_reinforce')} | "
+            f"{diff('change')} | {c['nll_pct']:+.1f}% ({c['nll_pct_ci'][0]:+.1f} to "
+            f"{c['nll_pct_ci'][1]:+.1f}) | {w('quiet')} / {w('no_reinforce')} | {r['wall_s']} |")
 
 
 def report(args, rows):
-    """Draws accuracy.png (both measures over training); returns the diagnostic and the table."""
-    # 1) each measure at step 0 (the base: both arms) and at every "eval" row
+    """Draws accuracy.png (every arm's measures over training); returns the diagnostic and the
+    table."""
+    # 1) each arm's measures at step 0 (the base: its w = 0, or its thoughts at w = 1 for the
+    # plain arm's own thoughts) and at every "eval" row
     base = next(r for r in rows if r["kind"] == "base")
     evals = sorted((r for r in rows if r["kind"] == "eval"), key=lambda r: r["step"])
     steps = [0] + [r["step"] for r in evals]
-    quiet = [base["w=0"]] + [r["quiet"] for r in evals]
-    plain = [base["plain"]] + [r["plain"] for r in evals]
-    # 2) a panel each: answer NLL and accuracy (both arms, the diagnostic), the mixing weight
+    arms = [("quiet", "w=0", "o", f"Quiet-STaR ({args.thought_len}-token thoughts)"),
+            ("no_reinforce", "w=0", "^", "thinking arm without REINFORCE"),
+            ("plain", "plain", "s", "plain arm: base continued, no thoughts (same data and steps)"),
+            ("plain_w1", "w=1", "x", "plain arm's own greedy thoughts, fixed w = 1")]
+    # 2) a panel each: answer NLL, accuracy, the mixing weight (the heads)
     with figure(os.path.join(args.out, "accuracy.png"), ncols=3, figsize=(15, 4)) as (fig, axes):
         for ax, key, label in zip(axes, ("answer_nll", "accuracy", "mixing_weight"),
                                   ("answer-token NLL (nats)", "greedy answer accuracy",
                                    "mixing weight w at the answer tokens")):
-            ax.plot(steps, [q[key] for q in quiet], marker="o",
-                    color="C0" if ax != axes[2] else "C2",
-                    label=f"Quiet-STaR ({args.thought_len}-token thoughts)")
-            if key != "mixing_weight":
-                ax.plot(steps, [p[key] for p in plain], marker="s",
-                        label="plain arm: base continued, no thoughts (same data and steps)")
-                ax.axhline(base["w=1"][key], color="gray", ls=":",
-                           label="base's own thoughts, fixed w = 1 (the diagnostic)")
+            for i, (arm, at0, marker, name) in enumerate(arms):
+                has_w = key != "mixing_weight" or not arm.startswith("plain")
+                if has_w and all(arm in r for r in evals):
+                    ax.plot(steps, [base[at0][key]] + [r[arm][key] for r in evals],
+                            marker=marker, color=f"C{i}", label=name)
             ax.set(xlabel="steps after the base model", ylabel=label)
             ax.grid(alpha=0.3)
         axes[1].set_ylim(0, 1.02)

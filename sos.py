@@ -45,18 +45,18 @@ FLAGS = [
     # data
     flag("--n-train", positive(int), (2000, 5000, 50000),
          "size of P, problems with an optimal path and a search trace"),
-    flag("--n-unlabeled", positive(int), (500, 3000, 20000),
+    flag("--n-unlabeled", positive(int), (400, 3000, 20000),
          "size of D, problems with answers only, searched by the model in STaR"),
     flag("--n-test", positive(int), (200, 500, 2000), "held-out test problems"),
     # training: both models from scratch on P, then STaR on the trace model
     flag("--checkpoint", str, None, "start both models from this model instead of a fresh one"),
     flag("--steps", positive(int), (1000, 3000, 3000),
          "fine-tuning steps of the paths model and of traces 0 on P"),
-    flag("--batch-size", positive(int), (32, 64, 256), "examples per training step"),
+    flag("--batch-size", positive(int), (16, 64, 256), "examples per training step"),
     flag("--lr", positive(float), (2e-3, 1e-3, 1e-3), "peak learning rate"),
     flag("--compile", SWITCH, False, "torch.compile the training forward"),
     flag("--iterations", non_negative(int), (2, 2, 3), "STaR iterations after traces 0"),
-    flag("--star-steps", positive(int), (300, 1000, 1000),
+    flag("--star-steps", positive(int), (200, 1000, 1000),
          "fine-tuning steps of the first STaR iteration on the traces"),
     flag("--step-growth", positive(float), 1.0, "STaR's steps multiply by this every iteration"),
     # sampling
@@ -151,6 +151,12 @@ def pass_within(bon, tokens):
     N = bon["k"][-1]
     k = max([1] + [k for k in range(1, N + 1) if paths_cost(bon, "pass", k) <= tokens])
     return k, [pass_at_k(N, round(p1 * N), k) for p1 in bon["pass"][0]]
+
+
+def best_within(bon, tokens):
+    """The index into bon["k"] of the largest k whose best-of-k costs at most `tokens` per
+    problem (0, k = 1, when none does)."""
+    return max([0] + [j for j, k in enumerate(bon["k"]) if paths_cost(bon, "best", k) <= tokens])
 
 
 def paths_cost(bon, key, k):
@@ -287,11 +293,11 @@ def headline_differences(rows):
     symbolic = {r["search"]: r for r in rows if r.get("kind") == "symbolic"}
     for m in dict.fromkeys([its[0]["model"], its[-1]["model"]]):
         t, cost = by[m], by[m]["prompt_tokens"] + by[m]["completion_tokens"]
-        j = max([0] + [j for j, k in enumerate(bon["k"]) if paths_cost(bon, "best", k) <= cost])
-        out[f"{m} - paths best-of-{bon['k'][j]} (equal tokens)"] = paired_difference(
+        j = best_within(bon, cost)
+        out[f"{m} - paths best-of-k (equal tokens)"] = paired_difference(
             t["right"], bon["best"][j])
         k, right = pass_within(bon, cost)
-        out[f"{m} - paths pass@{k} (equal tokens)"] = paired_difference(t["right"], right)
+        out[f"{m} - paths pass@k (equal tokens)"] = paired_difference(t["right"], right)
         for name in ("random DFS", "teacher"):
             if name in symbolic:
                 out[f"{m} - {name} (equal tokens)"] = paired_difference(
@@ -361,6 +367,12 @@ def report(args, rows):
                      f"{sum(right) / n:.3f} | {T:.0f} | - | - | - | - | - | - | - |")
     lines += ["", "| comparison | difference (95% paired CI) |", "|---|---|"]
     lines += [f"| {k} | {with_ci(*d)} |" for k, d in headline_differences(rows).items()]
+    bon = next((r["best_of_n"] for r in sos if r["model"] == "paths"), None)
+    for r in (r for r in sos if r["model"] != "paths" and bon):  # the k of "equal tokens"
+        cost = r["prompt_tokens"] + r["completion_tokens"]
+        k = bon["k"][best_within(bon, cost)]
+        lines.append(f"\nAt {r['model']}'s {cost:.0f} tokens: the paths model's best-of-{k}, "
+                     f"pass@{pass_within(bon, cost)[0]}.")
     if any(r["model"] == "paths" for r in sos):
         plot(os.path.join(args.out, "sos.png"), rows, args.calculator)
     return "\n".join(lines)

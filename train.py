@@ -1,5 +1,5 @@
 """
-The one command line: python train.py --method {sft,star,vstar,search,quiet_star,sos} [flags]
+The one command line: python train.py --method {sft,star,vstar,search,quiet_star,sos,rl} [flags]
 
   python train.py --method sft --task addition     # the model trained on worked examples P
   python train.py --method star                    # STaR on addition (the README's main command)
@@ -8,6 +8,7 @@ The one command line: python train.py --method {sft,star,vstar,search,quiet_star
   python train.py --method search                  # test-time search at equal compute
   python train.py --method quiet_star              # Quiet-STaR on arithmetic text
   python train.py --method sos                     # Stream of Search: learning to search
+  python train.py --method rl                      # policy gradient beside STaR, same M0
   python train.py --method star --preset gpu       # the GPU experiment (one H100)
   python train.py --method vstar --help            # vstar's flags and the values it uses
 
@@ -32,6 +33,7 @@ if int(os.environ.get("RANK", "0")) > 0:  # torchrun's other processes: no progr
 import torch
 
 import quiet_star
+import rl
 import search
 import sos
 import star
@@ -50,6 +52,7 @@ METHODS = {  # name: (its file, its flags beyond train.py's own)
     "search": (search, search.FLAGS),
     "quiet_star": (quiet_star, quiet_star.FLAGS),
     "sos": (sos, sos.FLAGS),
+    "rl": (rl, rl.FLAGS),
 }
 # {method: {preset: {flag: value}}}, each method's values at each preset
 METHOD_DEFAULTS = {name: presets(table) for name, (_, table) in METHODS.items()}
@@ -74,7 +77,8 @@ COMMON_FLAGS = [
         help="sft: train on the worked examples P only; star: STaR on top of it "
              "(the default); vstar: V-STaR (generator iterations, DPO verifier, "
              "best-of-k); search: test-time search at equal compute; quiet_star: "
-             "Quiet-STaR; sos: Stream of Search"),
+             "Quiet-STaR; sos: Stream of Search; rl: policy gradient with the checker "
+             "as the reward, beside STaR"),
     arg("--task", default=None, choices=sorted(TASKS),
         help="task family (each method has its own)"),
     arg("--preset", default="tiny", choices=list(PRESETS),

@@ -13,9 +13,10 @@ majority vote at equal total compute, the learned recheck against its own rule w
 generator's log-prob (rule x generator), DPO against the strongest free signal at each number
 count, then the regime map pooled over the runs (the share of pass@1 -> pass@n each signal
 closes); search, each learned-guided search against best-of-N and the weighted vote with the
-same scorer at equal total compute; quiet_star, the thinking arm against the plain arm and
-against the base's own thoughts at a fixed weight; sos, the trace models against the paths
-model (sos.headline_differences). Not collected by pytest (no test_ prefix).
+same scorer at equal total compute; quiet_star, the thinking arm against the plain arm's own
+thoughts at a fixed weight after the same steps, against the thinking arm without REINFORCE, the
+plain arm and the base's own thoughts; sos, the trace models against the paths model and the
+programs (sos.headline_differences). Not collected by pytest (no test_ prefix).
 """
 
 import argparse
@@ -76,9 +77,13 @@ def search_rows(rows):
 def quiet_star_rows(rows):
     last = max((r for r in rows if r.get("kind") == "eval"), key=lambda r: r["step"])
     out = {}
-    for name, key in (("thinking - plain arm", "change"), ("thinking - fixed w=1", "vs_fixed")):
-        c = last[key]
-        out[f"accuracy, {name}"] = (c["acc"], tuple(c["acc_ci"]))
+    for name, key in (("thinking - plain arm's own thoughts, w=1", "vs_plain_w1"),
+                      ("thinking - no REINFORCE", "vs_no_reinforce"),
+                      ("thinking - plain arm", "change"), ("thinking - the base's thoughts, w=1",
+                                                          "vs_fixed")):
+        if key in last:
+            c = last[key]
+            out[f"accuracy, {name}"] = (c["acc"], tuple(c["acc_ci"]))
     return out
 
 

@@ -102,7 +102,7 @@ def test_thought_mask_every_position():
 def test_zero_mixing_head_gives_the_base_models_predictions():
     model = tiny_model()
     head = qs.MixingHead(32)  # as initialised: last layer zero, so w = tanh(0) = 0
-    qs.init_meta_tokens(model)
+    qs.init_meta_tokens(model, "paren")
     seqs, _ = arithmetic_rows()
     T, n_true = seqs.size(1) - 1, 3
     gen = torch.Generator().manual_seed(0)
@@ -114,11 +114,11 @@ def test_zero_mixing_head_gives_the_base_models_predictions():
     for j in range(n_true):
         t = torch.arange(T - j)  # talk token j at position t predicts what base does at t + j
         assert torch.allclose(out["mixed_logits"][:, t, j], base[:, t + j], atol=1e-5)
-    # and the meta-tokens start as the embeddings of "(" and ")", or both of the pause "-"
+    # and the meta-tokens start as the embeddings of "(" and ")", or (the default) both of "-"
     wte = model.transformer.wte.weight
     assert torch.equal(wte[SOT], wte[encode("(")[0]])
     assert torch.equal(wte[EOTH], wte[encode(")")[0]])
-    qs.init_meta_tokens(model, "dash")
+    qs.init_meta_tokens(model)
     assert torch.equal(wte[SOT], wte[encode("-")[0]]) and torch.equal(wte[EOTH], wte[SOT])
 
 
@@ -208,11 +208,14 @@ def test_greedy_accuracy_equals_token_by_token_generation():
     assert EOT in qs.NOT_THOUGHT  # the text never ends inside a line
 
 
+SMALL = ["--method", "quiet_star", "--base-steps", "3", "--think-steps", "4", "--eval-every", "2",
+         "--n-test", "6", "--seq-len", "24", "--thought-len", "2", "--batch-size", "2",
+         "--train-difficulty", "1", "--test-difficulty", "1"]
+
+
 @pytest.mark.slow
 def test_run_resumes_after_an_interruption(tmp_path, monkeypatch):
-    small = ["--method", "quiet_star", "--base-steps", "3", "--think-steps", "4",
-             "--eval-every", "2", "--n-test", "6", "--seq-len", "24", "--thought-len", "2",
-             "--batch-size", "2", "--train-difficulty", "1", "--test-difficulty", "1"]
+    small = SMALL
     whole = str(tmp_path / "whole")
     train.main(small + ["--out", whole])
     rows = read_jsonl(os.path.join(whole, "metrics.jsonl"))
@@ -236,9 +239,25 @@ def test_run_resumes_after_an_interruption(tmp_path, monkeypatch):
     resumed = read_jsonl(os.path.join(cut, "metrics.jsonl"))
     assert [r["step"] for r in resumed] == [0, 2, 4]
     for a, b in zip(rows, resumed):
-        for arm in ("plain", "quiet") if a["kind"] == "eval" else ("plain", "w=0", "w=1"):
+        arms = ("plain", "quiet", "no_reinforce", "plain_w1")
+        for arm in arms if a["kind"] == "eval" else ("plain", "w=0", "w=1"):
             assert abs(a[arm]["answer_nll"] - b[arm]["answer_nll"]) < 1e-5, (a["step"], arm)
     assert json.load(open(os.path.join(cut, "config.json")))["thought_len"] == 2
+
+
+@pytest.mark.slow
+def test_the_arm_without_reinforce_is_the_thinking_arm_when_its_weight_is_0(tmp_path):
+    # the control arm starts from the same model and head and draws the same thoughts on the same
+    # batches: at REINFORCE's weight 0 for both, every measure is the same, to the last bit
+    out = str(tmp_path / "run")
+    train.main(SMALL + ["--out", out, "--reinforce-weight", "0", "--thought-len", "3"])
+    last = read_jsonl(os.path.join(out, "metrics.jsonl"))[-1]
+    assert last["quiet"] == last["no_reinforce"]
+    assert last["vs_no_reinforce"]["acc"] == 0
+    assert last["quiet"]["line_nll"] != last["plain"]["line_nll"]  # the arms did train apart
+    train.main(SMALL + ["--out", str(tmp_path / "beta"), "--think-steps", "2"])
+    row = read_jsonl(os.path.join(str(tmp_path / "beta"), "metrics.jsonl"))[-1]
+    assert row["quiet"]["line_nll"] != row["no_reinforce"]["line_nll"]  # REINFORCE does act
 
 
 def test_meta_tokens_move_meta_lr_mult_times_as_far():

@@ -425,9 +425,11 @@ def test_sos_compares_at_equal_tokens_with_integer_k_and_the_programs():
     assert sos.solved_within(rows[2], 72.5) == (80, [1, 1, 0, 1])
     assert sos.solved_within(rows[2], 70) == (70, [1, 0, 0, 1])  # 67.5
     got = {name: d for name, (d, _) in sos.headline_differences(rows).items()}
-    assert got["traces 0 - paths pass@3 (equal tokens)"] == (1 + 0.25 + 0 - 1) / 4
+    assert got["traces 0 - paths pass@k (equal tokens)"] == (1 + 0.25 + 0 - 1) / 4
     assert got["traces 0 - random DFS (equal tokens)"] == (0 + 0 + 1 - 1) / 4
-    assert got["traces 0 - paths best-of-2 (equal tokens)"] == (1 + 0.75 + 0.5 - 1) / 4
+    assert got["traces 0 - paths best-of-k (equal tokens)"] == (1 + 0.75 + 0.5 - 1) / 4
+    # best-of-2 costs 10 + 2 x 25 = 60 <= 75, best-of-4 110; below one sample's 35, k = 1
+    assert sos.best_within(bon, 75) == 1 and sos.best_within(bon, 20) == 0
 
 
 def test_sos_runs_end_to_end_and_resumes(tmp_path):

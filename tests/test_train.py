@@ -204,7 +204,10 @@ def test_help_shows_the_values_the_run_uses(method, preset, capsys, monkeypatch)
         flag = train.FLAG_OF[name]
         assert train.parse_difficulties(shown[flag], task, flag) == getattr(args, name)
     assert shown["--out"] == args.out and shown["--task"] == args.task
+    switches = {dest: kw["const"] for dest, _, kw, _ in train.METHODS[method][1]
+                if kw.get("action") == "store_const"}
     for name, value in train.METHOD_DEFAULTS[method][preset].items():
-        if train.FLAG_OF[name] not in ("--no-rationalize", "--continue-training", "--compile",
-                                       "--direct-baseline", "--controls", "--no-step-control"):
+        if name in switches:  # shown "on" where the flag, given, would change nothing
+            assert shown[train.FLAG_OF[name]] == ("on" if value == switches[name] else "off")
+        else:
             assert shown[train.FLAG_OF[name]] == str(value), name

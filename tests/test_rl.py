@@ -1,0 +1,111 @@
+"""
+Guards rl.py's policy gradient: the loss against a hand computation (its sign, the group
+baseline, only the sampled tokens), a group whose rewards are all equal teaches nothing, the
+log-probs are the sampler's distribution token by token, a tool's writes and a cut sample's
+missing end get no gradient, the KL term, and a tiny run of both arms that resumes.
+
+Run: python -m pytest tests/test_rl.py
+"""
+
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import rl
+from model import GPT, GPTConfig
+from tasks import EOT, NOT_TEXT, encode, get_task
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(block_size=64, vocab_size=100, n_layer=1, n_head=2, n_embd=16)).eval()
+
+
+def test_advantage_is_the_reward_minus_its_groups_mean_and_zero_for_equal_rewards():
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+    adv = rl.advantages(rewards)
+    assert adv[0].tolist() == [0.5, -0.5, -0.5, 0.5]
+    assert adv[1:].abs().sum() == 0  # all right or all wrong: no gradient at all
+    assert rl.advantages(rewards, "none").tolist() == rewards.tolist()  # STaR's reading
+    assert rl.advantages(rewards, negatives=False)[0].tolist() == [0.5, 0.0, 0.0, 0.5]
+
+
+def test_policy_gradient_loss_by_hand_on_two_samples():
+    # sample 0 right, sample 1 wrong: advantages +0.5 and -0.5; masked entries never count
+    logp = torch.tensor([[-9.0, -1.0, -2.0], [-9.0, -3.0, -0.5]], requires_grad=True)
+    mask = torch.tensor([[False, True, True], [False, True, False]])
+    adv = rl.advantages(torch.tensor([[1.0, 0.0]])).flatten()
+    loss = rl.policy_gradient_loss(logp, mask, adv)
+    assert math.isclose(loss.item(), -(0.5 * (-1 - 2) + -0.5 * (-3)) / 2)
+    loss.backward()
+    # descending the loss raises the right sample's log-probs and lowers the wrong one's
+    assert logp.grad.tolist() == [[0.0, -0.25, -0.25], [0.0, 0.25, 0.0]]
+
+
+def test_k3_is_zero_at_the_reference_and_positive_away_from_it():
+    logp = torch.tensor([[-1.0, -2.0]])
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    zero = torch.zeros(1)
+    assert rl.policy_gradient_loss(logp, mask, zero, logp.clone(), kl=1.0).item() == 0
+    away = rl.policy_gradient_loss(logp, mask, zero, logp - 0.3, kl=1.0).item()
+    assert math.isclose(away, 2 * (math.exp(-0.3) + 0.3 - 1), rel_tol=1e-6)
+
+
+def test_token_logps_are_the_samplers_distribution_on_the_completion_only():
+    model = tiny_model()
+    prompt, comp = encode("12+3="), encode("15") + [EOT]
+    logp, mask = rl.token_logps(model, [(prompt, comp)], [[True] * len(comp)], "cpu")
+    seq = torch.tensor([prompt + comp])
+    with torch.no_grad():
+        logits = model(seq[:, :-1])[0].float()
+    logits[:, list(NOT_TEXT)] = float("-inf")  # what the sampler never writes
+    by_hand = [F.log_softmax(logits[len(prompt) - 1 + t], -1)[tok].item()
+               for t, tok in enumerate(comp)]
+    got = logp[0][mask[0]].tolist()
+    assert mask[0].sum() == len(comp) and mask[0, :len(prompt) - 1].sum() == 0
+    assert all(math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6) for a, b in zip(got, by_hand))
+
+
+def test_a_tools_writes_and_a_cut_samples_missing_end_get_no_gradient():
+    task = get_task("countdown").with_calculator("result")
+    p = task.problem((3, 5), 8)
+    cap = rl.completion_cap(task, 2)
+    cut = "3+5=" + "1" * cap  # as long as the cap: the sampler stopped it
+    examples, masks = rl.sampled_examples(task, [p], [["3+5=8\nA: 8", cut]])
+    (_, ids), mask = examples[0], masks[0]
+    assert ids[-1] == EOT and mask[-1]  # a finished sample: its end was sampled
+    assert [i for i, m in enumerate(mask) if not m] == [4, 5]  # the calculator wrote "8\n"
+    assert examples[1][1][-1] != EOT and len(masks[1]) == len(examples[1][1])
+
+
+@pytest.mark.slow
+def test_a_tiny_run_trains_both_arms_from_the_same_m0_and_resumes(tmp_path, monkeypatch):
+    import train
+    from common import read_jsonl
+    small = ["--method", "rl", "--n-train", "8", "--n-unlabeled", "8", "--n-test", "6",
+             "--steps", "4", "--rounds", "2", "--round-steps", "2", "--problems", "2",
+             "--group", "2", "--train-difficulty", "1", "--test-difficulty", "1"]
+    whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
+    train.main(small + ["--out", whole])
+    rows = read_jsonl(os.path.join(whole, "metrics.jsonl"))
+    assert [(r["arm"], r["round"]) for r in rows] == [("m0", 0), ("rl", 1), ("star", 1),
+                                                      ("rl", 2), ("star", 2)]
+    assert all(r["samples"] == 2 * 2 * 2 and r["train_steps"] == 2 for r in rows[1:])
+    assert os.path.exists(os.path.join(whole, "accuracy.png"))
+    real_commit = rl.commit
+
+    def crash_at_round_2(out, t0, row):
+        if row["round"] == 2:
+            raise KeyboardInterrupt  # killed after round 2's checkpoint, before its commit
+        real_commit(out, t0, row)
+    monkeypatch.setattr(rl, "commit", crash_at_round_2)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(small + ["--out", cut])
+    monkeypatch.setattr(rl, "commit", real_commit)
+    train.main(small + ["--out", cut])
+    again = read_jsonl(os.path.join(cut, "metrics.jsonl"))
+    assert [(r["arm"], r["round"], r["right"]) for r in again] == \
+        [(r["arm"], r["round"], r["right"]) for r in rows]
