@@ -54,12 +54,12 @@ FLAGS = [
     flag("--lr", positive(float), (2e-3, 1e-3, 1e-3), "peak learning rate of M0"),
     flag("--compile", SWITCH, False, "torch.compile the training forward"),
     # the rounds, both arms
-    flag("--rounds", positive(int), (4, 6, 8), "rounds after M0, each arm"),
+    flag("--rounds", positive(int), (6, 8, 10), "rounds after M0, each arm"),
     flag("--round-steps", positive(int), (15, 30, 50), "gradient steps per round, each arm"),
     flag("--problems", positive(int), (16, 32, 64), "problems per step (B)"),
     flag("--group", positive(int), 8, "samples per problem (G): the group of the baseline"),
     flag("--temperature", positive(float), 1.0, "sampling temperature (1: the policy itself)"),
-    flag("--round-lr", positive(float), (5e-4, 3e-4, 1e-4), "peak learning rate of a round"),
+    flag("--round-lr", positive(float), (3e-5, 3e-5, 1e-5), "peak learning rate of a round"),
     # the policy gradient's ablations
     flag("--baseline", ["group", "none"], "group",
          "the advantage: reward - its group's mean, or the reward alone (STaR's reading)"),
@@ -193,7 +193,7 @@ def star_round(model, task, D, args, r):
 
 def run(args, task, P, D, test, out, device, new_model):
     """M0 (STaR's recipe, committed as round 0), then each arm's rounds; started again on the
-    folder, it resumes after the last committed round of each arm."""
+    folder, it resumes after the last committed round of each arm. Returns nothing."""
     path = lambda arm, r: os.path.join(out, f"{arm}_round{r}.pt")  # noqa: E731
     done = {(row["arm"], row["round"]) for row in committed_rows(out)}
     if ("m0", 0) not in done:
@@ -226,7 +226,6 @@ def run(args, task, P, D, test, out, device, new_model):
                 os.remove(path(arm, r - 1))
             tqdm.write(f"round {r} {arm}: accuracy {row['accuracy']:.3f} | train reward "
                        f"{stats['reward']:.3f}")
-    return model
 
 
 def committed_rows(out):
@@ -236,6 +235,18 @@ def committed_rows(out):
 
 # -----------------------------------------------------------------------------
 # Report: accuracy after every round for both arms, the last round paired
+
+
+def headline_differences(rows):
+    """{name: (mean, 95% paired CI)}: rl against star, and each against M0, after the last round
+    both arms have (tests/seeds.py reads these)."""
+    by = {(r["arm"], r["round"]): r for r in rows if r.get("kind") == "round"}
+    last, out = max((n for arm, n in by if arm == "rl"), default=0), {}
+    for a, b in (("rl", "star"), ("rl", "m0"), ("star", "m0")):
+        ra, rb = by.get((a, last)), by.get((b, 0 if b == "m0" else last))
+        if ra and rb and last:
+            out[f"{a} - {b}, round {last}"] = paired_difference(ra["right"], rb["right"])
+    return out
 
 
 def report(args, rows):
@@ -249,13 +260,9 @@ def report(args, rows):
                      f"{r.get('reward', float('nan')):.3f} | {r.get('kept', '-')} | "
                      f"{r.get('samples', 0) * r['round']} | {r.get('train_steps', 0)} | "
                      f"{r['wall_s']} |")
-    last = max((r["round"] for r in rows if r["arm"] == "rl"), default=0)
-    lines.append("")
-    for a, b in (("rl", "star"), ("rl", "m0"), ("star", "m0")):
-        ra, rb = by.get((a, last)), by.get((b, 0 if b == "m0" else last))
-        if ra and rb:
-            lines.append(f"{a} - {b} after round {last} (95% paired CI): "
-                         f"{with_ci(*paired_difference(ra['right'], rb['right']))}")
+    lines += ["", "| comparison (the same test problems) | difference (95% paired CI) |",
+              "|---|---|"]
+    lines += [f"| {k} | {with_ci(*d)} |" for k, d in headline_differences(rows).items()]
     with figure(os.path.join(args.out, "accuracy.png"), figsize=(6, 4)) as (fig, ax):
         m0 = by.get(("m0", 0))
         for i, arm in enumerate(("rl", "star")):

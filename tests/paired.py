@@ -6,6 +6,7 @@ same test problems, from each iteration row's per-problem rightness ("right" in 
   python tests/paired.py out/star-addition out/star-addition-norat
   python tests/paired.py RUN_A RUN_B --iteration 2      # compare iteration 2 of each
   python tests/paired.py SOS_A SOS_B --models "traces 0" paths   # two models of sos runs
+  python tests/paired.py RL_A RL_B --models rl rl       # rl arms after their last round
 
 Prints each run's accuracy, the difference A - B and its interval (common.bootstrap_ci over
 the per-problem differences). A difference whose interval holds 0 is no difference. Not
@@ -21,10 +22,16 @@ from common import bootstrap_ci, read_jsonl  # noqa: E402
 
 
 def model_row(run, name):
-    for r in read_jsonl(os.path.join(run, "metrics.jsonl")):
+    """A sos run's model, or an rl run's arm (rl, star, m0) after its last round."""
+    rows = read_jsonl(os.path.join(run, "metrics.jsonl"))
+    for r in rows:
         if r.get("kind") == "sos" and r["model"] == name:
             return dict(r, iteration=name)
-    sys.exit(f"paired.py: error: {run!r} has no sos row of model {name!r}")
+    arm = [r for r in rows if r.get("kind") == "round" and r["arm"] == name]
+    if arm:
+        r = max(arm, key=lambda r: r["round"])
+        return dict(r, iteration=f"{name}, round {r['round']}")
+    sys.exit(f"paired.py: error: {run!r} has no sos model or rl arm {name!r}")
 
 
 def right_of(run, iteration):
@@ -47,7 +54,7 @@ def main():
     ap.add_argument("run_b")
     ap.add_argument("--iteration", type=int, default=None, help="default: each run's last")
     ap.add_argument("--models", nargs=2, metavar=("A", "B"),
-                    help="--method sos runs: the model of each to compare")
+                    help="--method sos (rl) runs: the model (arm) of each to compare")
     args = ap.parse_args()
     if args.models:
         a, b = model_row(args.run_a, args.models[0]), model_row(args.run_b, args.models[1])

@@ -24,6 +24,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import rl  # noqa: E402
 import search  # noqa: E402
 import sos  # noqa: E402
 import vstar  # noqa: E402
@@ -91,9 +92,13 @@ def sos_rows(rows):
     return sos.headline_differences(rows)
 
 
+def rl_rows(rows):
+    return rl.headline_differences(rows)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
-    p.add_argument("method", choices=["star", "vstar", "search", "quiet_star", "sos"])
+    p.add_argument("method", choices=["star", "vstar", "search", "quiet_star", "sos", "rl"])
     p.add_argument("runs", nargs="+", help="run folders, one per seed")
     args = p.parse_args()
     per_run = []

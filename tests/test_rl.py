@@ -109,3 +109,32 @@ def test_a_tiny_run_trains_both_arms_from_the_same_m0_and_resumes(tmp_path, monk
     again = read_jsonl(os.path.join(cut, "metrics.jsonl"))
     assert [(r["arm"], r["round"], r["right"]) for r in again] == \
         [(r["arm"], r["round"], r["right"]) for r in rows]
+    train.main(small + ["--out", whole])  # a finished run started again: the report alone
+    assert read_jsonl(os.path.join(whole, "metrics.jsonl")) == rows
+
+
+def test_one_step_raises_the_right_samples_log_prob_and_lowers_the_wrong_ones():
+    model = tiny_model().train()
+    prompt = encode("Q: 2+2\n")
+    right, wrong = encode("4") + [EOT], encode("5") + [EOT]
+    examples, masks = [(prompt, right), (prompt, wrong)], [[True, True]] * 2
+    before = rl.token_logps(model, examples, masks, "cpu")[0].sum(1).tolist()
+    opt = model.configure_optimizer(1e-3)
+    logp, mask = rl.token_logps(model, examples, masks, "cpu")
+    adv = rl.advantages(torch.tensor([[1.0, 0.0]])).flatten()  # +0.5, -0.5
+    rl.policy_gradient_loss(logp, mask, adv).backward()
+    opt.step()
+    after = rl.token_logps(model, examples, masks, "cpu")[0].sum(1).tolist()
+    assert after[0] > before[0] and after[1] < before[1]
+
+
+def test_headline_compares_the_last_round_of_both_arms_and_m0():
+    rows = [{"kind": "round", "arm": "m0", "round": 0, "right": [0, 0, 1, 0]},
+            {"kind": "round", "arm": "rl", "round": 1, "right": [1, 1, 1, 1]},
+            {"kind": "round", "arm": "star", "round": 1, "right": [0, 0, 0, 0]},
+            {"kind": "round", "arm": "rl", "round": 2, "right": [1, 0, 1, 1]},
+            {"kind": "round", "arm": "star", "round": 2, "right": [0, 1, 1, 0]}]
+    got = {k: d for k, (d, _) in rl.headline_differences(rows).items()}
+    assert got == {"rl - star, round 2": 0.25, "rl - m0, round 2": 0.5, "star - m0, round 2": 0.25}
+    alone = {k for k in rl.headline_differences(rows[:2])}  # --no-star-arm: rl against M0 alone
+    assert alone == {"rl - m0, round 1"}
