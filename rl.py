@@ -22,7 +22,9 @@ Departures: 1) the advantage is not divided by the group's spread, and a sample'
 summed, not averaged over its length (Dr. GRPO: both bias the update toward short answers and
 toward the easiest and hardest problems); 2) both arms continue from their previous round
 (STaR's paper restarts from M0 each iteration), so that both take the same steps from M0;
-3) STaR here learns from its kept samples alone (star.py also mixes P's gold rationales back in).
+3) STaR here learns from its kept samples alone (star.py also mixes P's gold rationales back in);
+4) STaR's arm samples G per problem at temperature 1, as the policy gradient does (the paper
+samples once, greedily).
 """
 
 import os
@@ -113,8 +115,10 @@ def token_logps(model, examples, masks, device):
 
 def policy_gradient_loss(logp, mask, adv, ref_logp=None, kl=0.0):
     """-(1/N) sum_i adv_i sum_t logp_it over the N samples' sampled tokens, + kl (1/N) sum_i
-    sum_t k3_it, k3 = exp(r) - r - 1 with r = ref_logp - logp (Schulman's unbiased, non-negative
-    estimate of KL(policy || ref)). Per-sample sums over a constant N: no length normalisation."""
+    sum_t k3_it, k3 = exp(r) - r - 1 with r = ref_logp - logp: GRPO's KL term. Its value is an
+    unbiased, non-negative estimate of KL(policy || ref); its gradient, (1 - p_ref/p) grad log p
+    a token, is in expectation that of KL(ref || policy), token by token. Per-sample sums over a
+    constant N: no length normalisation."""
     n = logp.size(0)
     loss = -(adv[:, None] * logp * mask).sum() / n
     if kl:
@@ -137,7 +141,8 @@ def rl_round(model, ref, task, D, args, r):
     """S on-policy steps of the policy gradient; returns the round's stats."""
     device = next(model.parameters()).device
     opt = model.configure_optimizer(args.round_lr)
-    stats = {"reward": 0.0, "zero_advantage_groups": 0.0, "sampled_tokens": 0}
+    stats = {"reward": 0.0, "zero_advantage_groups": 0.0, "sampled_tokens": 0, "samples": 0,
+             "train_steps": 0}
     bar = tqdm(range(args.round_steps), desc=f"round {r}: rl", leave=False, dynamic_ncols=True)
     for j in bar:
         # 1) sample the group of each problem from the policy as it is now
@@ -165,6 +170,8 @@ def rl_round(model, ref, task, D, args, r):
         stats["zero_advantage_groups"] += (rewards.std(1) == 0).float().mean().item() / \
             args.round_steps
         stats["sampled_tokens"] += cost.sampled
+        stats["samples"] += sum(map(len, texts))
+        stats["train_steps"] += 1
         bar.set_postfix(reward=f"{rewards.mean().item():.3f}")
     model.eval()
     return stats
@@ -179,7 +186,8 @@ def star_round(model, task, D, args, r):
                          seed=seed_for(args.seed, "star sample", r), desc=f"round {r}: star")
     kept, _ = keep_verified(task, problems, texts)
     stats = {"reward": rewards_of(task, problems, texts).mean().item(), "kept": len(kept),
-             "sampled_tokens": cost.sampled}
+             "sampled_tokens": cost.sampled, "samples": sum(map(len, texts)),
+             "train_steps": args.round_steps if kept else 0}
     if kept:
         stats["train_loss"] = finetune(model, kept, args.round_steps, args.round_lr,
                                        args.problems * args.group,
@@ -219,9 +227,7 @@ def run(args, task, P, D, test, out, device, new_model):
             save_checkpoint(path(arm, r), model, TOKENIZER)
             write_atomic(os.path.join(out, f"samples_{arm}_round{r}.txt"),
                          "\n".join(sample_lines(task, test, texts)))
-            commit(out, t0, {"kind": "round", "arm": arm, "round": r, **row, **stats,
-                             "train_steps": args.round_steps,
-                             "samples": args.round_steps * args.problems * args.group})
+            commit(out, t0, {"kind": "round", "arm": arm, "round": r, **row, **stats})
             if r > 1 and os.path.exists(path(arm, r - 1)):
                 os.remove(path(arm, r - 1))
             tqdm.write(f"round {r} {arm}: accuracy {row['accuracy']:.3f} | train reward "

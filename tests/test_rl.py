@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 import rl
-from model import GPT, GPTConfig
-from tasks import EOT, NOT_TEXT, encode, get_task
+from model import GPT, GPTConfig, generate
+from tasks import EOT, NOT_TEXT, PAD, encode, get_task
 
 
 def tiny_model(seed=0):
@@ -46,12 +46,26 @@ def test_policy_gradient_loss_by_hand_on_two_samples():
 
 
 def test_k3_is_zero_at_the_reference_and_positive_away_from_it():
-    logp = torch.tensor([[-1.0, -2.0]])
+    logp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
     mask = torch.ones(1, 2, dtype=torch.bool)
     zero = torch.zeros(1)
-    assert rl.policy_gradient_loss(logp, mask, zero, logp.clone(), kl=1.0).item() == 0
-    away = rl.policy_gradient_loss(logp, mask, zero, logp - 0.3, kl=1.0).item()
-    assert math.isclose(away, 2 * (math.exp(-0.3) + 0.3 - 1), rel_tol=1e-6)
+    assert rl.policy_gradient_loss(logp, mask, zero, logp.detach(), kl=1.0).item() == 0
+    away = rl.policy_gradient_loss(logp, mask, zero, logp.detach() - 0.3, kl=0.5)
+    assert math.isclose(away.item(), 0.5 * 2 * (math.exp(-0.3) + 0.3 - 1), rel_tol=1e-6)
+    away.backward()  # d/dlogp of exp(r) - r - 1, r = ref - logp: 1 - exp(r), times kl / N
+    assert torch.allclose(logp.grad, torch.full((1, 2), 0.5 * (1 - math.exp(-0.3))))
+
+
+def test_token_logps_are_what_the_sampler_drew_with():
+    # the sampler's own log-probs (temperature 1, its banned tokens) of what it wrote
+    model = tiny_model(1)
+    prompt = encode("Q: 12+3\n")
+    tokens, logp_gen, lengths = generate(model, [prompt], 12, (EOT,), PAD, temperature=1.0,
+                                         banned_tokens=NOT_TEXT, seeds=[3])
+    n = int(lengths[0])
+    comp = tokens[0, :n].tolist()
+    logp, mask = rl.token_logps(model, [(prompt, comp)], [[True] * n], "cpu")
+    assert torch.allclose(logp[0][mask[0]], logp_gen[0, :n].float(), atol=1e-5)
 
 
 def test_token_logps_are_the_samplers_distribution_on_the_completion_only():
@@ -73,12 +87,13 @@ def test_a_tools_writes_and_a_cut_samples_missing_end_get_no_gradient():
     task = get_task("countdown").with_calculator("result")
     p = task.problem((3, 5), 8)
     cap = rl.completion_cap(task, 2)
-    cut = "3+5=" + "1" * cap  # as long as the cap: the sampler stopped it
-    examples, masks = rl.sampled_examples(task, [p], [["3+5=8\nA: 8", cut]])
+    at_cap, below = "1" * cap, "1" * (cap - 1)  # the sampler stopped the first, not the second
+    examples, masks = rl.sampled_examples(task, [p], [["3+5=8\nA: 8", at_cap, below]])
     (_, ids), mask = examples[0], masks[0]
     assert ids[-1] == EOT and mask[-1]  # a finished sample: its end was sampled
     assert [i for i, m in enumerate(mask) if not m] == [4, 5]  # the calculator wrote "8\n"
-    assert examples[1][1][-1] != EOT and len(masks[1]) == len(examples[1][1])
+    assert examples[1][1] == encode(at_cap) and len(masks[1]) == cap
+    assert examples[2][1] == encode(below) + [EOT] and len(masks[2]) == cap
 
 
 @pytest.mark.slow
@@ -93,7 +108,9 @@ def test_a_tiny_run_trains_both_arms_from_the_same_m0_and_resumes(tmp_path, monk
     rows = read_jsonl(os.path.join(whole, "metrics.jsonl"))
     assert [(r["arm"], r["round"]) for r in rows] == [("m0", 0), ("rl", 1), ("star", 1),
                                                       ("rl", 2), ("star", 2)]
-    assert all(r["samples"] == 2 * 2 * 2 and r["train_steps"] == 2 for r in rows[1:])
+    # each arm drew 2 problems x 2 samples on each of 2 steps, and took the steps it trained
+    assert all(r["samples"] == 2 * 2 * 2 for r in rows[1:])
+    assert all(r["train_steps"] == (2 if r["arm"] == "rl" or r["kept"] else 0) for r in rows[1:])
     assert os.path.exists(os.path.join(whole, "accuracy.png"))
     real_commit = rl.commit
 
