@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (SWITCH, autocast, commit, figure, flag, load_checkpoint, lr_at,
-                    optimizer_step, paired_difference, positive, presets, read_jsonl,
+                    non_negative, optimizer_step, paired_difference, positive, presets, read_jsonl,
                     save_checkpoint, seed_for, setting, with_ci, write_atomic)
 from star import (collate, completion_cap, finetune, held_out_results, keep_verified, sample,
                   sample_lines, tool_written, train_start_model)
@@ -66,7 +66,7 @@ FLAGS = [
     flag("--baseline", ["group", "none"], "group",
          "the advantage: reward - its group's mean, or the reward alone (STaR's reading)"),
     flag("--no-negatives", SWITCH, True, "advantages below 0 count as 0", dest="negatives"),
-    flag("--kl", float, 0.0, "weight of the k3 estimate of KL(policy || M0) per sampled token"),
+    flag("--kl", non_negative(float), 0.0, "weight of the k3 estimate of KL(policy || M0) per sampled token"),
     flag("--no-star-arm", SWITCH, True, "skip STaR beside it", dest="star_arm"),
     flag("--sample-batch-size", positive(int), (300, 500, 2048), "prompts per sampling batch"),
 ]
