@@ -66,7 +66,8 @@ FLAGS = [
     flag("--baseline", ["group", "none"], "group",
          "the advantage: reward - its group's mean, or the reward alone (STaR's reading)"),
     flag("--no-negatives", SWITCH, True, "advantages below 0 count as 0", dest="negatives"),
-    flag("--kl", non_negative(float), 0.0, "weight of the k3 estimate of KL(policy || M0) per sampled token"),
+    flag("--kl", non_negative(float), 0.0,
+         "weight of the k3 estimate of KL(policy || M0) per sampled token"),
     flag("--no-star-arm", SWITCH, True, "skip STaR beside it", dest="star_arm"),
     flag("--sample-batch-size", positive(int), (300, 500, 2048), "prompts per sampling batch"),
 ]
