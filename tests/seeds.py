@@ -4,7 +4,7 @@ Does a headline hold in every seed? Each method's headline comparisons, one row 
 run's test problems, and the count of seeds whose interval excludes 0 on the claimed side.
 
   python tests/seeds.py star out/star-seed0 out/star-seed1 out/star-seed2
-  python tests/seeds.py vstar RUN0 RUN1 RUN2        (likewise search, quiet_star)
+  python tests/seeds.py vstar RUN0 RUN1 RUN2        (likewise search, quiet_star, sos, rl)
 
 The comparisons: star, the last iteration against the step-matched control (M0 trained on P
 alone as many more steps) and against M0; vstar, each verifier's
