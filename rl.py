@@ -204,7 +204,8 @@ def run(args, task, P, D, test, out, device, new_model):
     """M0 (STaR's recipe, committed as round 0), then each arm's rounds; started again on the
     folder, it resumes after the last committed round of each arm. Returns nothing."""
     path = lambda arm, r: os.path.join(out, f"{arm}_round{r}.pt")  # noqa: E731
-    done = {(row["arm"], row["round"]) for row in committed_rows(out)}
+    done = {(row["arm"], row["round"]) for row in read_jsonl(os.path.join(out, "metrics.jsonl"))
+            if row.get("kind") == "round"}  # the committed rounds (none in a new folder)
     if ("m0", 0) not in done:
         t0 = time.time()
         torch.manual_seed(args.seed)
@@ -234,11 +235,6 @@ def run(args, task, P, D, test, out, device, new_model):
             tqdm.write(f"round {r} {arm}: accuracy {row['accuracy']:.3f} | train reward "
                        f"{stats['reward']:.3f}")
 
-
-def committed_rows(out):
-    """The run's committed "round" rows (none in a new folder)."""
-    path = os.path.join(out, "metrics.jsonl")
-    return [r for r in read_jsonl(path) if r.get("kind") == "round"] if os.path.exists(path) else []
 
 # -----------------------------------------------------------------------------
 # Report: accuracy after every round for both arms, the last round paired
