@@ -1,5 +1,6 @@
 """
-The one command line: python train.py --method {sft,star,vstar,search,quiet_star,sos,rl} [flags]
+The one command line:
+  python train.py --method {sft,star,vstar,search,quiet_star,sos,rl,score} [flags]
 
   python train.py --method sft --task addition     # the model trained on worked examples P
   python train.py --method star                    # STaR on addition (the README's main command)
@@ -9,6 +10,7 @@ The one command line: python train.py --method {sft,star,vstar,search,quiet_star
   python train.py --method quiet_star              # Quiet-STaR on arithmetic text
   python train.py --method sos                     # Stream of Search: learning to search
   python train.py --method rl                      # policy gradient beside STaR, same M0
+  python train.py --method score                   # SCoRe: learning to correct itself
   python train.py --method star --preset gpu       # the GPU experiment (one H100)
   python train.py --method vstar --help            # vstar's flags and the values it uses
 
@@ -34,6 +36,7 @@ import torch
 
 import quiet_star
 import rl
+import score
 import search
 import sos
 import star
@@ -53,6 +56,7 @@ METHODS = {  # name: (its file, its flags beyond train.py's own)
     "quiet_star": (quiet_star, quiet_star.FLAGS),
     "sos": (sos, sos.FLAGS),
     "rl": (rl, rl.FLAGS),
+    "score": (score, score.FLAGS),
 }
 # {method: {preset: {flag: value}}}, each method's values at each preset
 METHOD_DEFAULTS = {name: presets(table) for name, (_, table) in METHODS.items()}
@@ -78,7 +82,8 @@ COMMON_FLAGS = [
              "(the default); vstar: V-STaR (generator iterations, DPO verifier, "
              "best-of-k); search: test-time search at equal compute; quiet_star: "
              "Quiet-STaR; sos: Stream of Search; rl: policy gradient with the checker "
-             "as the reward, beside STaR"),
+             "as the reward, beside STaR; score: SCoRe, two attempts, learning to correct "
+             "itself"),
     arg("--task", default=None, choices=sorted(TASKS),
         help="task family (each method has its own)"),
     arg("--preset", default="tiny", choices=list(PRESETS),

@@ -115,17 +115,26 @@ def reachable(numbers, target):
     return len(nums) > 0 and _reachable(nums, target)
 
 
+def solutions(numbers, target):
+    """Every solution's step lines, one list per distinct path, in the solver's order."""
+    def paths(nums):
+        if len(nums) == 1:
+            if nums[0] == target:
+                yield []
+            return
+        for line, after in moves(nums):
+            if _reachable(after, target):
+                yield from ([line] + rest for rest in paths(after))
+    seen = set()  # (equal numbers give the same step line twice)
+    for path in paths(tuple(sorted(numbers))):
+        if tuple(path) not in seen:
+            seen.add(tuple(path))
+            yield path
+
+
 def solve(numbers, target):
     """The step lines of a solution (the first one in the solver's order), or None."""
-    nums = tuple(sorted(numbers))
-    if not reachable(nums, target):
-        return None
-    steps = []
-    while len(nums) > 1:
-        # Some move keeps the target reachable, because the current state reaches it.
-        line, nums = next((s, after) for s, after in moves(nums) if _reachable(after, target))
-        steps.append(line)
-    return steps
+    return next(solutions(numbers, target), None)
 
 
 def apply_step(pool, line):

@@ -4,7 +4,7 @@ Does a headline hold in every seed? Each method's headline comparisons, one row 
 run's test problems, and the count of seeds whose interval excludes 0 on the claimed side.
 
   python tests/seeds.py star out/star-seed0 out/star-seed1 out/star-seed2
-  python tests/seeds.py vstar RUN0 RUN1 RUN2        (likewise search, quiet_star, sos, rl)
+  python tests/seeds.py vstar RUN0 RUN1 RUN2        (likewise search, quiet_star, sos, rl, score)
 
 The comparisons: star, the last iteration against the step-matched control (M0 trained on P
 alone as many more steps) and against M0; vstar, each verifier's
@@ -16,7 +16,9 @@ closes); search, each learned-guided search against best-of-N and the weighted v
 same scorer at equal total compute; quiet_star, the thinking arm against the plain arm's own
 thoughts at a fixed weight after the same steps, against the thinking arm without REINFORCE, the
 plain arm and the base's own thoughts; sos, the trace models against the paths model and the
-programs (sos.headline_differences). Not collected by pytest (no test_ prefix).
+programs (sos.headline_differences); rl, the policy gradient against STaR and M0; score, each
+arm's attempt 2 against its attempt 1, and SCoRe's against the others and the parallel pick.
+Not collected by pytest (no test_ prefix).
 """
 
 import argparse
@@ -25,6 +27,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import rl  # noqa: E402
+import score  # noqa: E402
 import search  # noqa: E402
 import sos  # noqa: E402
 import vstar  # noqa: E402
@@ -96,9 +99,14 @@ def rl_rows(rows):
     return rl.headline_differences(rows)
 
 
+def score_rows(rows):
+    return score.headline_differences(rows)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
-    p.add_argument("method", choices=["star", "vstar", "search", "quiet_star", "sos", "rl"])
+    p.add_argument("method",
+                   choices=["star", "vstar", "search", "quiet_star", "sos", "rl", "score"])
     p.add_argument("runs", nargs="+", help="run folders, one per seed")
     args = p.parse_args()
     per_run = []

@@ -19,7 +19,8 @@ ALLOWED = {  # each file: the project files it may import
     "model": set(), "common": {"model"}, "tasks": set(),
     "star": BASE, "vstar": BASE | {"star"}, "search": BASE | {"star", "vstar"},
     "sos": BASE | {"star", "vstar"}, "quiet_star": BASE, "rl": BASE | {"star"},
-    "train": BASE | {"star", "vstar", "search", "sos", "quiet_star", "rl"},
+    "score": BASE | {"star", "rl"},
+    "train": BASE | {"star", "vstar", "search", "sos", "quiet_star", "rl", "score"},
 }
 
 
