@@ -141,14 +141,13 @@ def close(a, b):
     return a == b
 
 
-def test_tiny_quiet_star_run_rank0_writes_and_same_seed_same_metrics(tmp_path):
+def test_tiny_quiet_star_run_rank0_writes_and_matches_one_process(tmp_path):
     # 200 test lines, about 80 rows: two evaluation batches of 64, so both processes evaluate
-    a, b, one = tmp_path / "a", tmp_path / "b", tmp_path / "one"
+    # (that the same seed gives the same metrics under torchrun: the star test above)
+    a, one = tmp_path / "a", tmp_path / "one"
     torchrun("train", str(tmp_path), *QUIET, "--out", str(a))
     assert only_rank0_wrote(tmp_path)
     assert [json.loads(r)["step"] for r in metrics(a)] == [0, 2, 4]
-    torchrun("train", str(tmp_path), *QUIET, "--out", str(b))
-    assert metrics(a) == metrics(b)
     # DDP steps on shares of each batch are one process's steps on the whole batch, up to the
     # order of the gradient sums
     torchrun("train", str(tmp_path), *QUIET, "--out", str(one), alone=True)

@@ -33,7 +33,8 @@ COUNTS = {  # the smallest counts that exercise every stage of each method
                "--eval-samples", "2", "--verifier-steps", "1", "--rollouts", "1",
                "--budgets", "1,2"],
     "quiet_star": ["--base-steps", "2", "--think-steps", "2", "--eval-every", "2",
-                   "--n-test", "2", "--batch-size", "2", "--seq-len", "32"],
+                   "--n-test", "2", "--batch-size", "2", "--seq-len", "32",
+                   "--no-control-arm"],  # (the control arm: the same shapes, no REINFORCE)
 }
 
 

@@ -135,7 +135,12 @@ def test_a_tiny_run_trains_every_arm_from_m0_and_resumes_after_an_interruption(t
              "--steps", "4", "--stage1-steps", "1", "--stage2-steps", "1", "--problems", "2",
              "--group", "2", "--eval-every", "2", "--train-difficulty", "2",
              "--test-difficulty", "2", "--out", out]
-    real_commit = score.commit
+    real_commit, real_data = score.commit, score.sft_data
+
+    def gold_data(task, problems, y1, y2, seed):  # an untrained M0's chains are all wrong:
+        gold = score.two_attempt_examples(task, problems, seed)[1::2]  # every arm gets data
+        return {arm: gold for arm in real_data(task, problems, y1, y2, seed)}
+    monkeypatch.setattr(score, "sft_data", gold_data)
 
     def crash_at_score(out, t0, *rows):
         if rows[-1]["arm"] == "score":
