@@ -28,15 +28,19 @@ another after a wrong one. (On addition a wrong sum looks like a right one.)
     from itself, the others once from M0); A = the reward minus its group's mean (rl.advantages)
     metrics, greedy on the test set: accuracy at attempt 1 and 2, delta, wrong->right and
     right->wrong shares, edit distance between the attempts (a spike at 0: it copies itself)
-    at the same compute: two first attempts sampled in parallel, the generator's log-prob
+    in parallel instead: two first attempts at temperature 1, the generator's summed log-prob
     picking one (Snell et al. 2024's parallel against sequential); pass@2 is a perfect picker
 
 Run: python train.py --method score          (--no-baselines: M0 and SCoRe alone)
 Departures: 1) M0 learns the two-attempt format from P (a model trained from scratch has no
-instruction following to prompt); 2) the SFT baselines train y2's tokens only; 3) each attempt's
-tokens are credited with its own reward (y1 is not credited with y2's), as the paper's per-turn
-rewards; 4) REINFORCE with a group-mean baseline per step (rl.py); 5) the chains are sampled at
-temperature 0.7 and their log-probs taken at 1 (at 1 the second attempt fell further behind).
+instruction following to prompt), with y1 and y2 drawn independently: its second attempt does
+not copy the first by design; 2) the SFT baselines train y2's tokens only (a calculator's writes
+too), at a per-token mean loss; 3) each attempt's tokens get its own reward alone: y1 gets no
+reward gradient in stage I and r1's alone in stage II (the paper's objectives, read as REINFORCE,
+would credit y1 with r2, and with the whole return); 4) REINFORCE with a group-mean baseline per
+step (rl.py); 5) the chains are sampled at temperature 0.7 and their log-probs taken at 1, with
+no importance weight (off-policy; the k3 term then does not estimate the KL exactly); the KL is
+summed over character tokens, so beta1 and beta2 are the paper's numbers, not its strength.
 """
 
 import os
@@ -118,7 +122,8 @@ def two_attempts(model, task, problems, n=1, temperature=0.0, batch_size=512, se
 
 
 def edit_distance(a, b):
-    """Levenshtein distance between two texts, in characters (the tokens here)."""
+    """Levenshtein distance between two texts, in characters (the tokens here; the paper's is a
+    ratio)."""
     row = list(range(len(b) + 1))
     for i, x in enumerate(a, 1):
         prev, row[0] = row[0], i
@@ -135,10 +140,14 @@ def attempt_metrics(task, problems, y1, y2):
     r2 = [int(task.check(p, t)) for p, t in zip(problems, y2)]
     dist = [edit_distance(a, b) for a, b in zip(y1, y2)]
     n = len(problems)
+    # does it read its first attempt? the share it copies after a right one and after a wrong one
+    copied = lambda ok: [d == 0 for d, r in zip(dist, r1) if r == ok]  # noqa: E731
+    share = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
     return {"acc_t1": sum(r1) / n, "acc_t2": sum(r2) / n, "delta": (sum(r2) - sum(r1)) / n,
             "wrong_to_right": sum(b > a for a, b in zip(r1, r2)) / n,
             "right_to_wrong": sum(a > b for a, b in zip(r1, r2)) / n,
             "unchanged": sum(d == 0 for d in dist) / n, "edit_distance": sum(dist) / n,
+            "copies_right": share(copied(1)), "copies_wrong": share(copied(0)),
             "right_t1": r1, "right_t2": r2}
 
 
@@ -150,9 +159,9 @@ def held_out_attempts(model, task, test, args):
 
 
 def parallel_pick(model, task, test, args, n=8):
-    """Two first attempts per problem at temperature 1, the one with the higher log-prob (the
-    generator's own confidence) kept: its metrics, with pass@2 (a perfect picker) and pass@n of
-    n >= 2 samples (how many problems the model can solve at all by sampling)."""
+    """Two first attempts per problem at temperature 1, the one with the higher summed log-prob
+    (the generator's own confidence; it favours short answers) kept: its metrics, with pass@2
+    (a perfect picker) and pass@n of n >= 2 samples (what the model solves at all by sampling)."""
     device = next(model.parameters()).device
     texts, _ = sample(model, task, test, n=n, temperature=1.0,
                       batch_size=args.sample_batch_size, seed=seed_for(args.seed, "parallel"))
@@ -259,8 +268,9 @@ def score_step(model, ref, task, problems, args, stage, seed):
 
 
 def train_arm(arm, model, ref, task, D, data, args, evaluate):
-    """The arm's steps (SCoRe's on-policy stages, or SFT on its examples) with one optimizer
-    and schedule; evaluate(step) after every --eval-every steps. Returns the rows."""
+    """The arm's steps (SCoRe's two stages, or SFT on its examples) with one optimizer and
+    schedule; evaluate(step) every --eval-every steps, at the end of stage I and at the end
+    (every arm alike). Returns the rows."""
     steps = args.stage1_steps + args.stage2_steps
     opt, rng = model.configure_optimizer(args.arm_lr), random.Random(seed_for(args.seed, arm))
     device, rows, rewards = next(model.parameters()).device, [], []
@@ -277,7 +287,7 @@ def train_arm(arm, model, ref, task, D, data, args, evaluate):
             batch_backward(model, batch, device)
         optimizer_step(opt, model.parameters(), clip=1.0,
                        lr=lr_at(j, steps, args.arm_lr, warmup=min(100, steps // 10 + 1)))
-        if (j + 1) % args.eval_every == 0 or j + 1 == steps:
+        if (j + 1) % args.eval_every == 0 or j + 1 in (args.stage1_steps, steps):
             model.eval()
             rows.append(evaluate(j + 1))
             if rewards:  # the chains' mean rewards since the last evaluation (as sampled)

@@ -83,7 +83,10 @@ def test_attempt_metrics_count_the_changes_and_the_delta_is_their_difference():
     assert (m["acc_t1"], m["acc_t2"]) == (0.5, 0.5)
     assert (m["wrong_to_right"], m["right_to_wrong"], m["delta"]) == (0.25, 0.25, 0.0)
     assert m["unchanged"] == 0.5 and m["right_t1"] == [0, 1, 0, 1]
+    assert (m["copies_right"], m["copies_wrong"]) == (0.5, 0.5)  # right->right, wrong->wrong
     assert m["edit_distance"] == 2 * score.edit_distance(right, wrong) / 4
+    m = score.attempt_metrics(TASK, [p] * 3, [right, wrong, wrong], [right, wrong, right])
+    assert (m["copies_right"], m["copies_wrong"]) == (1.0, 0.5)
 
 
 def test_sft_data_keeps_what_each_baseline_keeps():
@@ -156,6 +159,7 @@ def test_a_tiny_run_trains_every_arm_from_m0_and_resumes_after_an_interruption(t
     rows = read_jsonl(os.path.join(out, "metrics.jsonl"))
     assert rows[:len(before)] == before
     assert [r["arm"] for r in rows if r["kind"] == "arm"] == list(score.ARMS)
+    # every arm tested at the end of stage I (step 1) and at its end (step 2)
     assert [(r["arm"], r["step"]) for r in rows if r["kind"] == "eval"] == \
-        [("base", 0)] + [(arm, 2) for arm in score.ARMS[1:]]  # each arm's 2 steps, then tested
+        [("base", 0)] + [(arm, s) for arm in score.ARMS[1:] for s in (1, 2)]
     assert os.path.exists(os.path.join(out, "score.png"))
