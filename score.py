@@ -28,8 +28,8 @@ another after a wrong one. (On addition a wrong sum looks like a right one.)
     from itself, the others once from M0); A = the reward minus its group's mean (rl.advantages)
     metrics, greedy on the test set: accuracy at attempt 1 and 2, delta, wrong->right and
     right->wrong shares, edit distance between the attempts (a spike at 0: it copies itself)
-    in parallel instead: two first attempts at temperature 1, the generator's summed log-prob
-    picking one (Snell et al. 2024's parallel against sequential); pass@2 is a perfect picker
+    in parallel instead: two first attempts at the same temperature, the generator's summed
+    log-prob picking one (Snell et al. 2024's parallel against sequential); pass@2: a perfect pick
 
 Run: python train.py --method score          (--no-baselines: M0 and SCoRe alone)
 Departures: 1) M0 learns the two-attempt format from P (a model trained from scratch has no
@@ -159,11 +159,11 @@ def held_out_attempts(model, task, test, args):
 
 
 def parallel_pick(model, task, test, args, n=8):
-    """Two first attempts per problem at temperature 1, the one with the higher summed log-prob
-    (the generator's own confidence; it favours short answers) kept: its metrics, with pass@2
-    (a perfect picker) and pass@n of n >= 2 samples (what the model solves at all by sampling)."""
+    """Two first attempts per problem at the arms' temperature, the one with the higher summed
+    log-prob (the generator's own confidence; it favours short answers) kept: its metrics, with
+    pass@2 (a perfect picker) and pass@n of n >= 2 samples (what the model solves by sampling)."""
     device = next(model.parameters()).device
-    texts, _ = sample(model, task, test, n=n, temperature=1.0,
+    texts, _ = sample(model, task, test, n=n, temperature=args.temperature,
                       batch_size=args.sample_batch_size, seed=seed_for(args.seed, "parallel"))
     two = [ts[:2] for ts in texts]
     with torch.no_grad():
